@@ -1,0 +1,1 @@
+"""Concept-coverage analytics over a run's tables."""

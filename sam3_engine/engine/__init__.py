@@ -1,0 +1,1 @@
+"""Run orchestration, storage, the DuckDB catalog and the CLI: everything that schedules or stores."""

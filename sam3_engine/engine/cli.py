@@ -1,0 +1,158 @@
+"""The ``sam3-engine`` command line."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sam3_engine.engine import catalog
+from sam3_engine.engine.config import ConfigError, StorageConfig, load_config
+from sam3_engine.engine.run import ReconciliationError, RunResult, run_pipeline
+from sam3_engine.engine.runner import default_progress
+from sam3_engine.schemas.tables import TABLES
+from sam3_engine.stages.inputs import InputError
+
+app = typer.Typer(help="SAM 3 data engine: build verified segmentation datasets from a pile of images.", no_args_is_help=True, add_completion=False)
+console = Console(stderr=True)
+out = Console()
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+@app.command()
+def run(
+    config: Annotated[Optional[Path], typer.Argument(help="YAML run configuration (optional: flags alone are enough).")] = None,
+    input: Annotated[Optional[str], typer.Option("--input", "-i", help="Images: folder, glob, manifest or COCO JSON; any fsspec URL.")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Run directory (any fsspec URL).")] = None,
+    stages: Annotated[Optional[str], typer.Option("--stages", help="Comma-separated stages to run, e.g. ingest.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="SAM 3 checkpoint id or directory (proposal stage).")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Decoding worker processes.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Run the pipeline; run it again with the same output to resume after a crash."""
+    overrides = {"input": input, "output": output, "stages": stages, "model.name": model, "ingest.workers": workers}
+    try:
+        resolved = load_config(config, overrides)
+        console.print(f"run directory: [bold]{resolved.output}[/]  stages: {', '.join(resolved.stages)}", highlight=False)
+        if quiet:
+            result = run_pipeline(resolved)
+        else:
+            with default_progress() as progress:
+                result = run_pipeline(resolved, progress)
+    except (ConfigError, InputError) as exc:
+        _fail(str(exc))
+    except ReconciliationError as exc:
+        _fail(str(exc), code=3)
+    _print_summary(result)
+
+
+def _print_summary(result: RunResult) -> None:
+    table = Table(title=f"run {result.run_id} (attempt {result.attempt_id[:8]}) in {result.seconds:.1f} s", title_justify="left")
+    for column in ("stage", "units done/skipped/total", "inputs", "result", "seconds"):
+        table.add_column(column)
+    for report in result.stages:
+        counts = dict(report.counts)
+        reasons = counts.pop("reject_reasons", {})
+        described = ", ".join(f"{k}={v}" for k, v in counts.items())
+        if reasons:
+            described += " (" + ", ".join(f"{k}: {v}" for k, v in reasons.items()) + ")"
+        if report.worker_crashes:
+            described += f", worker crashes={report.worker_crashes}"
+        table.add_row(
+            report.name,
+            f"{report.units_committed}/{report.units_skipped}/{report.units_total}",
+            str(report.items_total),
+            described,
+            f"{report.seconds:.1f}",
+        )
+    console.print(table)
+    for report in result.stages:
+        if {"images", "duplicates", "rejects"} <= report.counts.keys():
+            c = report.counts
+            console.print(
+                f"{report.name}: {report.items_total} inputs = {c['images']} images + {c['duplicates']} duplicates + {c['rejects']} rejects",
+                highlight=False,
+            )
+    console.print(f"query it: sam3-engine query {result.output} \"SELECT * FROM images LIMIT 5\"", highlight=False, soft_wrap=True)
+
+
+def _parse_param(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise typer.BadParameter(f"expected NAME=VALUE, got {text!r}")
+    name, value = text.split("=", 1)
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
+@app.command()
+def query(
+    run_dir: Annotated[str, typer.Argument(help="Run directory (any fsspec URL).")],
+    sql: Annotated[str, typer.Argument(help="DuckDB SQL over the run's tables (images, sources, rejects, units, runs).")],
+    format: Annotated[str, typer.Option("--format", "-f", help="table, csv or json.")] = "table",
+    param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="NAME=VALUE bound to $NAME in the SQL (JSON values are parsed).")] = None,
+    endpoint_url: Annotated[Optional[str], typer.Option("--endpoint-url", help="S3-compatible endpoint for s3:// run directories.")] = None,
+    max_rows: Annotated[int, typer.Option("--max-rows", help="Rows shown by --format table.")] = 100,
+) -> None:
+    """Run SQL over a run's committed tables and print the result."""
+    if format not in ("table", "csv", "json"):
+        _fail(f"--format must be table, csv or json, not {format!r}")
+    params = dict(_parse_param(p) for p in param or [])
+    try:
+        result = catalog.query(run_dir, sql, params, StorageConfig(endpoint_url=endpoint_url))
+    except Exception as exc:  # noqa: BLE001 - DuckDB's message is the useful part
+        _fail(f"{type(exc).__name__}: {exc}")
+    rows = result.to_pylist()
+    if format == "json":
+        out.print_json(json.dumps(rows, default=str))
+    elif format == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(result.column_names)
+        writer.writerows([[json.dumps(v, default=str) if isinstance(v, list | dict) else v for v in row.values()] for row in rows])
+        sys.stdout.write(buffer.getvalue())
+    else:
+        table = Table(*result.column_names)
+        for row in rows[:max_rows]:
+            table.add_row(*[str(v) for v in row.values()])
+        out.print(table)
+        if len(rows) > max_rows:
+            console.print(f"{len(rows)} rows, {max_rows} shown (--max-rows)")
+
+
+@app.command()
+def tables(name: Annotated[Optional[str], typer.Argument(help="One table to describe.")] = None) -> None:
+    """Describe the engine's tables: columns, types and what each means."""
+    if name is not None and name not in TABLES:
+        _fail(f"no table {name!r}; tables: {', '.join(TABLES)}")
+    for spec in [TABLES[name]] if name else TABLES.values():
+        table = Table("column", "type", "nullable", "meaning", title=f"{spec.name} (schema v{spec.version}): {spec.doc}", title_justify="left")
+        for column in spec.columns:
+            table.add_row(column.name, str(column.type), "yes" if column.nullable else "no", column.doc)
+        out.print(table)
+
+
+@app.command()
+def validate(config: Annotated[Path, typer.Argument(help="YAML run configuration.")]) -> None:
+    """Check a config file and print it with every default filled in."""
+    try:
+        resolved = load_config(config)
+    except ConfigError as exc:
+        _fail(str(exc))
+    out.print(resolved.to_yaml(), highlight=False)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,156 @@
+"""Run configuration: validated, immutable, with a default for every field that can have one.
+
+A config comes from a YAML file, CLI flags, or both (flags win). Unknown keys and wrong types are
+errors that name the key and the file. Relative local paths in a file are relative to that file;
+relative paths given as flags are relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+STAGE_NAMES = ("ingest",)
+"""Every stage the engine knows, in pipeline order."""
+
+DEFAULT_RUNS_DIR = "runs"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used, with a message that names the file and the key."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StorageConfig(_Frozen):
+    """How to reach object storage; credentials come from the standard AWS_* environment."""
+
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:9000 for MinIO.")
+    region: str | None = Field(None, description="S3 region.")
+    anonymous: bool = Field(False, description="Read public buckets without credentials.")
+    s3_single_writer: bool = Field(
+        True,
+        description="Commit Delta tables on S3 without a lock (safe: only the run's driver commits).",
+    )
+
+
+class IngestConfig(_Frozen):
+    input_format: Literal["auto", "files", "manifest", "coco"] = Field(
+        "auto", description="How to read `input`: auto picks by suffix (.jsonl/.csv/.parquet manifest, .json COCO, else files)."
+    )
+    unit_size: int = Field(256, ge=1, description="Average inputs per work unit (one atomic commit).")
+    workers: int | None = Field(None, ge=1, description="Decoding processes; default: the machine's CPU count.")
+    max_pixels: int = Field(100_000_000, ge=1, description="Images with more pixels are rejected as too_large (decompression bombs).")
+    max_bytes: int = Field(512 * 2**20, ge=1, description="Files larger than this are rejected as too_large without being read whole.")
+    formats: tuple[str, ...] = Field(
+        ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "MPO"),
+        description="Pillow formats accepted; others are rejected as unsupported_format.",
+    )
+
+    @field_validator("formats")
+    @classmethod
+    def _upper(cls, formats: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(f.upper() for f in formats)
+
+
+class ModelConfig(_Frozen):
+    name: str = Field("facebook/sam3", description="Hugging Face id or local directory of the SAM 3 checkpoint (used by the proposal stage).")
+    revision: str | None = Field(None, description="Pinned revision of the checkpoint.")
+
+
+class RunConfig(_Frozen):
+    input: str | None = Field(None, description="Images: a folder, a glob, a manifest (.jsonl/.csv/.parquet) or a COCO .json; any fsspec URL.")
+    output: str | None = Field(None, description="Run directory (any fsspec URL); default runs/<config or input name>.")
+    stages: tuple[str, ...] = Field(STAGE_NAMES, description="Stages to run, in pipeline order.")
+    model: ModelConfig = ModelConfig()
+    ingest: IngestConfig = IngestConfig()
+    storage: StorageConfig = StorageConfig()
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _split(cls, stages: Any) -> Any:
+        return [s.strip() for s in stages.split(",") if s.strip()] if isinstance(stages, str) else stages
+
+    @field_validator("stages")
+    @classmethod
+    def _known(cls, stages: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [s for s in stages if s not in STAGE_NAMES]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; known stages: {list(STAGE_NAMES)}")
+        if not stages:
+            raise ValueError("at least one stage is needed")
+        return tuple(sorted(set(stages), key=STAGE_NAMES.index))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def _rebase(url: str, base: Path) -> str:
+    path = url.removeprefix("file://")
+    return url if not _is_local(url) or os.path.isabs(path) else str((base / path).resolve())
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load a YAML file (optional), apply flag overrides, validate, and fill in the output default."""
+    data: dict[str, Any] = {}
+    source = "command-line flags"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read config file: {exc.strerror or exc}") from exc
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(loaded).__name__}")
+        data = loaded or {}
+        base = Path(path).resolve().parent
+        for key in ("input", "output"):
+            if isinstance(data.get(key), str):
+                data[key] = _rebase(data[key], base)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key in ("input", "output") and isinstance(value, str):
+            value = _rebase(value, Path.cwd())
+        _set_dotted(data, key, value)
+    try:
+        config = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+    if config.output is None:
+        name = Path(path).stem if path is not None else Path((config.input or "run").rstrip("/")).stem or "run"
+        config = config.model_copy(update={"output": str(Path(DEFAULT_RUNS_DIR, name).resolve())})
+    return config
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for error in exc.errors():
+        key = ".".join(str(p) for p in error["loc"]) or "(top level)"
+        if error["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {error['msg']} (got {error.get('input')!r})")
+    return "\n".join(lines)

@@ -1,0 +1,195 @@
+"""Runs a stage's work units on a pool of worker processes and commits each unit's rows.
+
+The driver is the only process that commits, so Delta commits never race. Workers run
+``Stage.process``; a worker that dies (segfault, OOM kill) breaks the pool, which is rebuilt. The
+units it held are retried one at a time, and a unit that still kills its worker is split into
+single items so that only the culprit is rejected.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from sam3_engine.engine.store import TableStore
+from sam3_engine.schemas.tables import UNITS
+from sam3_engine.stages.base import Derivation, Stage, WorkUnit
+
+KILL_AFTER_COMMITS_ENV = "SAM3_ENGINE_KILL_AFTER_COMMITS"
+"""Fault injection for tests: SIGKILL the driver right after this many Delta commits."""
+CRASH_ON_ENV = "SAM3_ENGINE_CRASH_WORKER_ON"
+"""Fault injection for tests: a worker exits abruptly on an item whose repr contains this text."""
+
+
+@dataclass
+class StageReport:
+    name: str
+    units_total: int = 0
+    units_skipped: int = 0
+    units_committed: int = 0
+    units_removed: int = 0
+    items_total: int = 0
+    worker_crashes: int = 0
+    seconds: float = 0.0
+    counts: dict = field(default_factory=dict)
+
+
+def _process(stage: Stage, unit: WorkUnit) -> dict[str, pa.Table]:
+    marker = os.environ.get(CRASH_ON_ENV)
+    if marker and any(marker in repr(item) for item in unit.items):
+        os._exit(70)
+    return stage.process(unit)
+
+
+class _Commits:
+    """Counts Delta commits so that tests can kill the driver between any two of them."""
+
+    def __init__(self):
+        limit = os.environ.get(KILL_AFTER_COMMITS_ENV)
+        self.remaining = int(limit) if limit else None
+
+    def tick(self) -> None:
+        if self.remaining is None:
+            return
+        self.remaining -= 1
+        if self.remaining <= 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class UnitRunner:
+    def __init__(self, store: TableStore, attempt_id: str, workers: int, progress: Progress | None = None):
+        self.store = store
+        self.attempt_id = attempt_id
+        self.workers = max(1, workers)
+        self.progress = progress
+        self._commits = _Commits()
+
+    def run(self, stage: Stage) -> StageReport:
+        started = time.monotonic()
+        report = StageReport(stage.name)
+        units = stage.plan(self.store)
+        report.units_total = len(units)
+        report.items_total = sum(u.size for u in units)
+        planned = {u.unit_id for u in units}
+        done = self.store.done_units(stage.name)
+        stale = done - planned
+        if stale:
+            # Rows of units that the current config and inputs no longer produce.
+            for spec in stage.outputs:
+                self.store.delete_units(spec, stale)
+            self.store.delete_units(UNITS, stale)
+            report.units_removed = len(stale)
+        todo = [u for u in units if u.unit_id not in done]
+        report.units_skipped = len(units) - len(todo)
+        task = None
+        if self.progress is not None:
+            task = self.progress.add_task(stage.name, total=report.items_total, completed=report.items_total - sum(u.size for u in todo))
+
+        def committed(unit: WorkUnit, tables: dict[str, pa.Table]) -> None:
+            self._commit(stage, unit, tables)
+            report.units_committed += 1
+            if task is not None:
+                self.progress.advance(task, unit.size)
+
+        suspects = self._run_pool(stage, todo, committed)
+        for unit in suspects:
+            report.worker_crashes += self._run_suspect(stage, unit, committed)
+        derivation = stage.derive(self.store, sorted(planned))
+        if derivation is not None:
+            self._derive(derivation, report.items_total)
+        report.seconds = time.monotonic() - started
+        return report
+
+    def _pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def _run_pool(self, stage: Stage, units: list[WorkUnit], committed) -> list[WorkUnit]:
+        """Run units with a bounded number in flight; return those lost to a broken pool."""
+        pending = deque(units)
+        suspects: list[WorkUnit] = []
+        pool = self._pool()
+        inflight: dict[Future, WorkUnit] = {}
+        try:
+            while pending or inflight:
+                while pending and len(inflight) < 2 * self.workers:
+                    unit = pending.popleft()
+                    inflight[pool.submit(_process, stage, unit)] = unit
+                finished, _ = wait(inflight, return_when=FIRST_COMPLETED)
+                broken = False
+                for future in finished:
+                    unit = inflight.pop(future)
+                    try:
+                        tables = future.result()
+                    except BrokenProcessPool:
+                        suspects.append(unit)
+                        broken = True
+                        continue
+                    committed(unit, tables)
+                if broken:
+                    suspects.extend(inflight.values())
+                    inflight.clear()
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    pool = self._pool()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        return suspects
+
+    def _run_suspect(self, stage: Stage, unit: WorkUnit, committed) -> int:
+        """Retry a unit alone; if it kills its worker again, run its items one by one. Returns crashes seen."""
+        with self._pool() as pool:
+            try:
+                committed(unit, pool.submit(_process, stage, unit).result())
+                return 0
+            except BrokenProcessPool:
+                pass
+        parts: list[dict[str, pa.Table]] = []
+        crashes = 1
+        for item in unit.items:
+            single = WorkUnit(unit.unit_id, (item,))
+            with self._pool() as pool:
+                try:
+                    parts.append(pool.submit(_process, stage, single).result())
+                except BrokenProcessPool as exc:
+                    crashes += 1
+                    parts.append(stage.process_isolated(unit, item, str(exc) or "worker process died"))
+        committed(unit, {spec.name: pa.concat_tables([p[spec.name] for p in parts]) for spec in stage.outputs})
+        return crashes
+
+    def _derive(self, derivation: Derivation, num_inputs: int) -> None:
+        """Rebuild a derived table unless the ledger holds exactly this derivation."""
+        ledger_stage = derivation.unit_id.split(":", 1)[0]
+        done = self.store.done_units(ledger_stage)
+        self.store.delete_units(UNITS, done - {derivation.unit_id})
+        if derivation.unit_id in done:
+            return
+        written = self.store.overwrite(derivation.table, derivation.rows)
+        self._commits.tick()
+        self.store.record_unit(ledger_stage, derivation.unit_id, self.attempt_id, num_inputs, {derivation.table.name: written})
+        self._commits.tick()
+
+    def _commit(self, stage: Stage, unit: WorkUnit, tables: dict[str, pa.Table]) -> None:
+        written = {}
+        for spec in stage.outputs:
+            written[spec.name] = self.store.replace(spec, unit.unit_id, tables[spec.name])
+            self._commits.tick()
+        self.store.record_unit(stage.name, unit.unit_id, self.attempt_id, unit.size, written)
+        self._commits.tick()
+
+
+def default_progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )

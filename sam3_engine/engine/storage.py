@@ -1,0 +1,70 @@
+"""Where bytes live: one place that turns a URL plus the storage config into fsspec and Delta options.
+
+Credentials never come from config files: both fsspec (s3fs/botocore) and deltalake read the
+standard AWS_* environment variables and credential files. The config only says where the
+endpoint is and how to talk to it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from sam3_engine.engine.config import StorageConfig
+
+
+def protocol_of(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else "file"
+
+
+def filesystem(url: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return the fsspec filesystem for ``url`` and the path within it."""
+    return url_to_fs(url, **fsspec_options(url, storage))
+
+
+def fsspec_options(url: str, storage: StorageConfig) -> dict[str, Any]:
+    if protocol_of(url) not in ("s3", "s3a"):
+        return {}
+    client_kwargs: dict[str, Any] = {}
+    if storage.endpoint_url:
+        client_kwargs["endpoint_url"] = storage.endpoint_url
+    if storage.region:
+        client_kwargs["region_name"] = storage.region
+    options: dict[str, Any] = {"client_kwargs": client_kwargs}
+    if storage.anonymous:
+        options["anon"] = True
+    return options
+
+
+def delta_options(url: str, storage: StorageConfig) -> dict[str, str] | None:
+    """Storage options for deltalake (delta-rs object_store keys)."""
+    if protocol_of(url) not in ("s3", "s3a"):
+        return None
+    options: dict[str, str] = {}
+    if storage.endpoint_url:
+        options["AWS_ENDPOINT_URL"] = storage.endpoint_url
+        if storage.endpoint_url.startswith("http://"):
+            options["AWS_ALLOW_HTTP"] = "true"
+    if storage.region:
+        options["AWS_REGION"] = storage.region
+    if storage.anonymous:
+        options["AWS_SKIP_SIGNATURE"] = "true"
+    if storage.s3_single_writer:
+        # The engine commits from one driver process only, so a rename without a lock is safe.
+        options["AWS_S3_ALLOW_UNSAFE_RENAME"] = "true"
+    return options
+
+
+def absolute_url(url: str) -> str:
+    """A URL with an absolute local path, so that it means the same from every worker."""
+    if protocol_of(url) == "file":
+        return os.path.abspath(url.removeprefix("file://"))
+    return url.rstrip("/")
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+

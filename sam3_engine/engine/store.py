@@ -1,0 +1,125 @@
+"""The run's tables: Delta Lake tables (Parquet files plus a transaction log) on any storage.
+
+Every write replaces the rows of one work unit in one Delta commit (``overwrite`` with a
+predicate on the unit column), so a commit is atomic and idempotent: a unit that is committed
+twice, for instance after a crash between its table commits, still has its rows exactly once.
+The ``units`` ledger is committed last; a unit in the ledger is done.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from datetime import datetime, timezone
+
+import pyarrow as pa
+from deltalake import DeltaTable, write_deltalake
+from deltalake.exceptions import TableNotFoundError
+
+from sam3_engine.engine import storage
+from sam3_engine.engine.config import StorageConfig
+from sam3_engine.schemas.tables import TABLES, UNITS, TableSpec, validate
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9_.:-]+$")
+
+
+def _literal(value: str) -> str:
+    """A SQL string literal for a Delta predicate; ids are engine-made, checked against a strict pattern."""
+    if not _SAFE_ID.match(value):
+        raise ValueError(f"not a valid unit or attempt id: {value!r}")
+    return f"'{value}'"
+
+
+class TableStore:
+    """Reads and writes the Delta tables under one run directory."""
+
+    def __init__(self, run_url: str, storage_config: StorageConfig | None = None):
+        self.run_url = storage.absolute_url(run_url)
+        self.storage_config = storage_config or StorageConfig()
+        self._delta_options = storage.delta_options(self.run_url, self.storage_config)
+
+    def table_url(self, name: str) -> str:
+        return storage.join(self.run_url, "tables", name)
+
+    def open(self, name: str) -> DeltaTable | None:
+        try:
+            return DeltaTable(self.table_url(name), storage_options=self._delta_options)
+        except TableNotFoundError:
+            return None
+
+    def dataset(self, name: str):
+        """The committed rows of a table as a pyarrow dataset (an empty table when never written)."""
+        table = self.open(name)
+        return TABLES[name].empty() if table is None else table.to_pyarrow_dataset()
+
+    def read(self, name: str, columns: list[str] | None = None) -> pa.Table:
+        table = self.open(name)
+        spec = TABLES[name]
+        if table is None:
+            empty = spec.empty()
+            return empty.select(columns) if columns else empty
+        return table.to_pyarrow_table(columns=columns)
+
+    def replace(self, spec: TableSpec, key: str, rows: pa.Table | pa.RecordBatchReader) -> int:
+        """Make ``rows`` the only rows of ``spec`` whose replace column equals ``key``; one commit."""
+        rows = rows.read_all() if isinstance(rows, pa.RecordBatchReader) else rows
+        rows = validate(spec, rows)
+        if rows.num_rows and set(rows.column(spec.replace_column).unique().to_pylist()) != {key}:
+            raise ValueError(f"rows for {spec.name!r} must all have {spec.replace_column} = {key!r}")
+        write_deltalake(
+            self.table_url(spec.name),
+            rows,
+            mode="overwrite",
+            predicate=f"{spec.replace_column} = {_literal(key)}",
+            storage_options=self._delta_options,
+        )
+        return rows.num_rows
+
+    def overwrite(self, spec: TableSpec, rows: pa.RecordBatchReader) -> int:
+        """Replace a whole table in one commit (for tables derived from all of another's rows)."""
+        checked = pa.RecordBatchReader.from_batches(spec.schema, _validated(spec, rows))
+        written = 0
+
+        def counted():
+            nonlocal written
+            for batch in checked:
+                written += batch.num_rows
+                yield batch
+
+        write_deltalake(
+            self.table_url(spec.name),
+            pa.RecordBatchReader.from_batches(spec.schema, counted()),
+            mode="overwrite",
+            schema_mode="overwrite",
+            storage_options=self._delta_options,
+        )
+        return written
+
+    def delete_units(self, spec: TableSpec, unit_ids: Iterable[str]) -> None:
+        ids = sorted(set(unit_ids))
+        table = self.open(spec.name)
+        if table is None or not ids:
+            return
+        table.delete(f"{spec.replace_column} IN ({', '.join(_literal(u) for u in ids)})")
+
+    def done_units(self, stage: str) -> set[str]:
+        ledger = self.read(UNITS.name, columns=["unit_id", "stage"])
+        return {u for u, s in zip(ledger["unit_id"].to_pylist(), ledger["stage"].to_pylist()) if s == stage}
+
+    def record_unit(self, stage: str, unit_id: str, attempt_id: str, num_inputs: int, rows_written: dict[str, int]) -> None:
+        row = pa.table(
+            {
+                "unit_id": [unit_id],
+                "stage": [stage],
+                "attempt_id": [attempt_id],
+                "num_inputs": [num_inputs],
+                "rows_written": pa.array([list(rows_written.items())], type=pa.map_(pa.string(), pa.int64())),
+                "committed_at": [datetime.now(timezone.utc)],
+            }
+        )
+        self.replace(UNITS, unit_id, row)
+
+
+def _validated(spec: TableSpec, reader: pa.RecordBatchReader):
+    for batch in reader:
+        yield from validate(spec, pa.Table.from_batches([batch])).to_batches()

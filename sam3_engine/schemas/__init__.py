@@ -1,0 +1,1 @@
+"""Arrow schemas of the engine's tables and the SQL queries over them."""

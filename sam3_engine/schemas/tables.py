@@ -1,0 +1,180 @@
+"""Arrow schemas of every table the engine writes: the contract between stages.
+
+Each table is declared once here, with a doc string per column and a schema version. Writers
+validate against these declarations (``validate``); the README's tables reference and
+``sam3-engine tables`` are generated from them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+DOC_KEY = b"doc"
+TABLE_KEY = b"sam3_engine.table"
+VERSION_KEY = b"sam3_engine.schema_version"
+
+
+class SchemaError(ValueError):
+    """Rows that do not match their table's declared schema."""
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: pa.DataType
+    doc: str
+    nullable: bool = False
+
+    def field(self) -> pa.Field:
+        return pa.field(self.name, self.type, nullable=self.nullable, metadata={DOC_KEY: self.doc})
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """A table: its columns, its version, and the column whose value a commit replaces."""
+
+    name: str
+    doc: str
+    version: int
+    columns: tuple[Column, ...]
+    key: tuple[str, ...]
+    replace_column: str = "unit_id"
+
+    @property
+    def schema(self) -> pa.Schema:
+        return pa.schema(
+            [c.field() for c in self.columns],
+            metadata={TABLE_KEY: self.name.encode(), VERSION_KEY: str(self.version).encode()},
+        )
+
+    def empty(self) -> pa.Table:
+        return self.schema.empty_table()
+
+
+def _unit_column() -> Column:
+    return Column("unit_id", pa.string(), "Work unit that wrote the row (stage:fingerprint); a re-run replaces a unit's rows whole.")
+
+
+_PROBE_COLUMNS = (
+    Column("width", pa.int32(), "Width in pixels after applying the EXIF orientation."),
+    Column("height", pa.int32(), "Height in pixels after applying the EXIF orientation."),
+    Column("format", pa.string(), "Container format as detected by Pillow (JPEG, PNG, WEBP, ...)."),
+    Column("mode", pa.string(), "Pillow pixel mode as stored (RGB, RGBA, L, P, CMYK, I;16, ...)."),
+    Column("num_bytes", pa.int64(), "File size in bytes."),
+    Column("exif_orientation", pa.int8(), "EXIF orientation tag 1-8 (1 when absent); 5-8 swap width and height."),
+)
+
+SOURCES = TableSpec(
+    name="sources",
+    doc="One row per input that decoded: where it came from and what the probe found. Duplicates of one photo share an image_id.",
+    version=1,
+    key=("input_id",),
+    columns=(
+        Column("input_id", pa.string(), "Hash of the input's URI and position in the input listing: unique per input."),
+        Column("uri", pa.string(), "Fully qualified URI the bytes were read from."),
+        Column("image_id", pa.string(), "SHA-256 of the file's bytes (hex): the same photo under two paths has one id."),
+        *_PROBE_COLUMNS,
+        Column("captions", pa.list_(pa.string()), "Captions given with this input (manifest or COCO captions)."),
+        Column("alt_text", pa.string(), "Alt text given with this input.", nullable=True),
+        Column("source", pa.string(), "Free-form provenance label given with this input.", nullable=True),
+        _unit_column(),
+    ),
+)
+
+IMAGES = TableSpec(
+    name="images",
+    doc="One row per distinct image (by content hash), with every URI it was found under.",
+    version=1,
+    key=("image_id",),
+    columns=(
+        Column("image_id", pa.string(), "SHA-256 of the file's bytes (hex)."),
+        Column("uri", pa.string(), "Canonical URI: the smallest of `uris`."),
+        Column("uris", pa.list_(pa.string()), "Every URI with these exact bytes, sorted."),
+        *_PROBE_COLUMNS,
+        Column("captions", pa.list_(pa.string()), "Distinct captions from all of the image's inputs, sorted."),
+        Column("alt_texts", pa.list_(pa.string()), "Distinct alt texts from all of the image's inputs, sorted."),
+        Column("sources", pa.list_(pa.string()), "Distinct provenance labels, sorted."),
+        _unit_column(),
+    ),
+)
+
+REJECTS = TableSpec(
+    name="rejects",
+    doc="One row per input a stage could not use, with a reason code and a human-readable detail.",
+    version=1,
+    key=("stage", "input_id"),
+    columns=(
+        Column("input_id", pa.string(), "Identifier of the rejected input within its stage (ingest: the input_id)."),
+        Column("stage", pa.string(), "Stage that rejected the input."),
+        Column("uri", pa.string(), "URI (or other locator) of the rejected input.", nullable=True),
+        Column("image_id", pa.string(), "SHA-256 of the bytes when they could be read.", nullable=True),
+        Column("reason", pa.string(), "Machine-readable reason code (see the README's reject reasons)."),
+        Column("detail", pa.string(), "Human-readable explanation."),
+        _unit_column(),
+    ),
+)
+
+UNITS = TableSpec(
+    name="units",
+    doc="The ledger of committed work units; a unit listed here is done and is skipped on restart.",
+    version=1,
+    key=("unit_id",),
+    columns=(
+        Column("unit_id", pa.string(), "stage:fingerprint of the stage's version, its config and the unit's inputs."),
+        Column("stage", pa.string(), "Stage that ran the unit."),
+        Column("attempt_id", pa.string(), "Run attempt (see `runs`) that committed the unit."),
+        Column("num_inputs", pa.int64(), "Inputs the unit covered."),
+        Column("rows_written", pa.map_(pa.string(), pa.int64()), "Rows committed per table."),
+        Column("committed_at", pa.timestamp("us", tz="UTC"), "When the unit's last table commit finished."),
+    ),
+)
+
+RUNS = TableSpec(
+    name="runs",
+    doc="One row per attempt at a run (a restart is a new attempt of the same run_id).",
+    version=1,
+    key=("attempt_id",),
+    replace_column="attempt_id",
+    columns=(
+        Column("attempt_id", pa.string(), "Unique id of this invocation."),
+        Column("run_id", pa.string(), "Id of the run directory, stable across restarts."),
+        Column("status", pa.string(), "running, finished or failed."),
+        Column("started_at", pa.timestamp("us", tz="UTC"), "Start of the attempt."),
+        Column("finished_at", pa.timestamp("us", tz="UTC"), "End of the attempt.", nullable=True),
+        Column("engine_version", pa.string(), "sam3-data-engine version."),
+        Column("git_commit", pa.string(), "Git commit of the engine's source, when known.", nullable=True),
+        Column("stages", pa.list_(pa.string()), "Stages this attempt ran, in order."),
+        Column("config_yaml", pa.string(), "The resolved configuration, as YAML."),
+        Column("summary_json", pa.string(), "Counts and timings of the attempt, as JSON.", nullable=True),
+        Column("error", pa.string(), "Error message of a failed attempt.", nullable=True),
+    ),
+)
+
+TABLES: dict[str, TableSpec] = {t.name: t for t in (IMAGES, SOURCES, REJECTS, UNITS, RUNS)}
+
+
+def validate(spec: TableSpec, table: pa.Table) -> pa.Table:
+    """Return ``table`` cast to ``spec``'s schema, or raise SchemaError naming the table and column.
+
+    Columns must match by name and order; types may differ only by a safe cast (int32 -> int64,
+    say). Non-nullable columns may hold no nulls and the key must be unique within the rows.
+    """
+    expected = spec.schema
+    if table.column_names != expected.names:
+        raise SchemaError(f"table {spec.name!r}: columns {table.column_names} do not match the schema's {expected.names}")
+    columns = []
+    for field, column in zip(expected, table.columns):
+        if field.nullable is False and column.null_count:
+            raise SchemaError(f"table {spec.name!r}: column {field.name!r} is not nullable but has {column.null_count} null(s)")
+        try:
+            columns.append(column.cast(field.type, safe=True))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise SchemaError(f"table {spec.name!r}: column {field.name!r} of type {column.type} does not cast to {field.type}: {exc}") from exc
+    result = pa.Table.from_arrays(columns, schema=expected)
+    if result.num_rows and len(spec.key):
+        distinct = result.group_by(list(spec.key)).aggregate([]).num_rows
+        if distinct != result.num_rows:
+            raise SchemaError(f"table {spec.name!r}: key {spec.key} has {result.num_rows - distinct} duplicate(s)")
+    return result

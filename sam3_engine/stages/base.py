@@ -1,0 +1,79 @@
+"""What a stage is: it plans work units from tables, turns one unit into rows, and derives tables at the end.
+
+A stage never schedules anything: ``engine.runner`` decides where ``process`` runs (a worker
+process, later a Ray actor), commits each unit's rows, and skips units already in the ledger.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import pyarrow as pa
+
+from sam3_engine.schemas.tables import TableSpec
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one worker of the stage needs; the executor sizes its pool from this."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """A shard of a stage's inputs whose rows are committed together or not at all."""
+
+    unit_id: str
+    items: tuple[Any, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.items)
+
+
+def fingerprint(stage: str, payload: Any) -> str:
+    """``stage:hash`` of everything that decides a unit's rows: stage version, config, inputs."""
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    return f"{stage}:{digest[:32]}"
+
+
+@dataclass(frozen=True)
+class Derivation:
+    """A table computed from all committed units at the end of a stage, replaced whole in one commit."""
+
+    unit_id: str
+    table: TableSpec
+    rows: pa.RecordBatchReader
+
+
+class Stage(ABC):
+    name: ClassVar[str]
+    outputs: ClassVar[tuple[TableSpec, ...]]
+    """Tables each unit writes; a unit's rows in each are replaced together."""
+    resources: ClassVar[Resources] = Resources()
+
+    @abstractmethod
+    def plan(self, store) -> list[WorkUnit]:
+        """Every unit of the stage for the current config and inputs, done or not."""
+
+    @abstractmethod
+    def process(self, unit: WorkUnit) -> dict[str, pa.Table]:
+        """The rows of one unit, per output table. Pure: may run in any process."""
+
+    def process_isolated(self, unit: WorkUnit, item: Any, error: str) -> dict[str, pa.Table]:
+        """Rows for an item whose processing crashed its worker; by default the unit fails."""
+        raise RuntimeError(f"stage {self.name}: a worker crashed on {item!r}: {error}")
+
+    def derive(self, store, done_units: list[str]) -> Derivation | None:
+        """A table built from all of the stage's committed rows, once every unit is done."""
+        return None
+
+    def summarize(self, con) -> dict[str, Any]:
+        """Counts for the run summary, from the run's DuckDB catalog."""
+        return {}

@@ -1,0 +1,233 @@
+"""Ingest: read every input's bytes, hash them, probe the image, and accept or reject it with a reason.
+
+Entry point: ``IngestStage``. ``probe`` is the per-input work; it is a plain function so that a
+worker process can run it and tests can call it directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from contextlib import contextmanager
+from typing import Any
+
+import pyarrow as pa
+from PIL import Image, UnidentifiedImageError
+
+from sam3_engine.engine import storage
+from sam3_engine.engine.catalog import connect, named_query
+from sam3_engine.engine.config import IngestConfig, StorageConfig
+from sam3_engine.schemas.tables import IMAGES, REJECTS, SOURCES
+from sam3_engine.stages.base import Derivation, Stage, WorkUnit, fingerprint
+from sam3_engine.stages.inputs import InputEntry, list_inputs
+
+VERSION = 1
+"""Bump when a change to this module changes the rows it writes: every unit then re-runs."""
+
+SWAPS_AXES = {5, 6, 7, 8}
+
+# Magic bytes of image formats that Pillow cannot decode out of the box.
+_KNOWN_UNDECODABLE = {
+    b"ftypheic": "HEIC",
+    b"ftypheix": "HEIC",
+    b"ftypmif1": "HEIF",
+    b"ftypavif": "AVIF",
+    b"ftypcrx ": "CR3",
+}
+
+
+class Reject(Exception):
+    def __init__(self, reason: str, detail: str, image_id: str | None = None):
+        super().__init__(detail)
+        self.reason, self.detail, self.image_id = reason, detail, image_id
+
+
+REASONS = {
+    "bad_manifest_row": "A manifest or COCO record without a usable URI.",
+    "missing": "No file at the URI.",
+    "unreadable": "The file exists but could not be read (permissions, I/O or network error).",
+    "empty_file": "Zero bytes.",
+    "file_too_large": "More bytes than ingest.max_bytes.",
+    "not_an_image": "Pillow does not recognise the bytes as an image.",
+    "unsupported_format": "A recognised image format that the engine does not accept (see ingest.formats).",
+    "too_large": "More pixels than ingest.max_pixels (a decompression-bomb guard).",
+    "truncated": "The image data ends early.",
+    "corrupt": "The image data is damaged and does not decode.",
+    "worker_crashed": "Decoding this input killed its worker process twice.",
+}
+
+
+@contextmanager
+def _pixel_limit_disabled():
+    """Pillow's own bomb check is replaced by ingest.max_pixels, checked before decoding."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _read_bytes(uri: str, config: IngestConfig, storage_config: StorageConfig) -> bytes:
+    try:
+        fs, path = storage.filesystem(uri, storage_config)
+        with fs.open(path, "rb") as f:
+            data = f.read(config.max_bytes + 1)
+    except FileNotFoundError as exc:
+        raise Reject("missing", f"no file at {uri}") from exc
+    except IsADirectoryError as exc:
+        raise Reject("unreadable", f"{uri} is a directory") from exc
+    except Exception as exc:  # noqa: BLE001 - any I/O failure is a reason, not a crash
+        raise Reject("unreadable", f"cannot read {uri}: {type(exc).__name__}: {exc}") from exc
+    if not data:
+        raise Reject("empty_file", f"{uri} has zero bytes")
+    if len(data) > config.max_bytes:
+        raise Reject("file_too_large", f"{uri} is larger than ingest.max_bytes = {config.max_bytes}")
+    return data
+
+
+def _decode_failure(exc: Exception, image_id: str, fmt: str) -> Reject:
+    message = f"{type(exc).__name__}: {exc}"
+    lowered = message.lower()
+    if "truncated" in lowered or isinstance(exc, EOFError) or "end of file" in lowered:
+        return Reject("truncated", f"{fmt} data ends early: {message}", image_id)
+    return Reject("corrupt", f"{fmt} data does not decode: {message}", image_id)
+
+
+def probe(entry: InputEntry, config: IngestConfig, storage_config: StorageConfig) -> dict[str, Any]:
+    """One input's ``sources`` row; raises ``Reject`` with a reason code when it cannot be used."""
+    if entry.problem:
+        raise Reject("bad_manifest_row", entry.problem)
+    data = _read_bytes(entry.uri, config, storage_config)
+    image_id = hashlib.sha256(data).hexdigest()
+    with _pixel_limit_disabled():
+        try:
+            image = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError as exc:
+            head = data[4:12]
+            if head in _KNOWN_UNDECODABLE:
+                raise Reject("unsupported_format", f"{_KNOWN_UNDECODABLE[head]} is not supported", image_id) from exc
+            if data.lstrip()[:5] in (b"<?xml", b"<svg ") or b"<svg" in data[:1024]:
+                raise Reject("unsupported_format", "SVG (vector) images are not supported", image_id) from exc
+            raise Reject("not_an_image", f"not a recognised image ({data[:8]!r}...)", image_id) from exc
+        except Exception as exc:  # noqa: BLE001 - a header Pillow chokes on is a damaged file
+            raise _decode_failure(exc, image_id, "image header") from exc
+        fmt = image.format or "unknown"
+        if fmt.upper() not in config.formats:
+            raise Reject("unsupported_format", f"{fmt} is not in ingest.formats {list(config.formats)}", image_id)
+        width, height = image.size
+        if width * height > config.max_pixels:
+            raise Reject("too_large", f"{width}x{height} = {width * height} pixels exceeds ingest.max_pixels = {config.max_pixels}", image_id)
+        try:
+            orientation = int(image.getexif().get(0x0112, 1))
+        except Exception:  # noqa: BLE001 - an unreadable EXIF block leaves the pixels usable
+            orientation = 1
+        try:
+            image.load()
+        except Exception as exc:  # noqa: BLE001 - every decoder error is a reason code
+            raise _decode_failure(exc, image_id, fmt) from exc
+    orientation = orientation if 1 <= orientation <= 8 else 1
+    if orientation in SWAPS_AXES:
+        width, height = height, width
+    return {
+        "input_id": entry.input_id,
+        "uri": entry.uri,
+        "image_id": image_id,
+        "width": width,
+        "height": height,
+        "format": fmt,
+        "mode": image.mode,
+        "num_bytes": len(data),
+        "exif_orientation": orientation,
+        "captions": list(entry.captions),
+        "alt_text": entry.alt_text,
+        "source": entry.source,
+    }
+
+
+def _reject_row(entry: InputEntry, reject: Reject) -> dict[str, Any]:
+    return {
+        "input_id": entry.input_id,
+        "stage": IngestStage.name,
+        "uri": entry.uri,
+        "image_id": reject.image_id,
+        "reason": reject.reason,
+        "detail": reject.detail,
+    }
+
+
+def _table(spec, rows: list[dict[str, Any]], unit_id: str) -> pa.Table:
+    return pa.Table.from_pylist([{**row, "unit_id": unit_id} for row in rows], schema=spec.schema)
+
+
+def chunk(entries: list[InputEntry], unit_size: int) -> list[list[InputEntry]]:
+    """Content-defined shards: a shard ends after an entry whose URI hash hits 0 mod unit_size.
+
+    Boundaries depend only on the URIs next to them, so adding files to a corpus changes only the
+    shards they land in, and a restart re-runs nothing else. Shards average ``unit_size`` and never
+    exceed four times that.
+    """
+    shards, current = [], []
+    for entry in entries:
+        current.append(entry)
+        hit = int(hashlib.sha256(entry.uri.encode()).hexdigest()[:12], 16) % unit_size == 0
+        if hit or len(current) >= 4 * unit_size:
+            shards.append(current)
+            current = []
+    if current:
+        shards.append(current)
+    return shards
+
+
+class IngestStage(Stage):
+    name = "ingest"
+    outputs = (SOURCES, REJECTS)
+
+    def __init__(self, input_url: str, config: IngestConfig, storage_config: StorageConfig):
+        self.input_url = input_url
+        self.config = config
+        self.storage_config = storage_config
+
+    def plan(self, store) -> list[WorkUnit]:
+        entries = list_inputs(self.input_url, self.config.input_format, self.storage_config)
+        settings = self.config.model_dump(mode="json", include={"max_pixels", "max_bytes", "formats"})
+        units = []
+        for shard in chunk(entries, self.config.unit_size):
+            described = [(e.input_id, e.uri, e.captions, e.alt_text, e.source, e.version, e.problem) for e in shard]
+            unit_id = fingerprint(self.name, {"version": VERSION, "settings": settings, "inputs": described})
+            units.append(WorkUnit(unit_id, tuple(shard)))
+        return units
+
+    def process(self, unit: WorkUnit) -> dict[str, pa.Table]:
+        accepted, rejected = [], []
+        for entry in unit.items:
+            try:
+                accepted.append(probe(entry, self.config, self.storage_config))
+            except Reject as reject:
+                rejected.append(_reject_row(entry, reject))
+        return {SOURCES.name: _table(SOURCES, accepted, unit.unit_id), REJECTS.name: _table(REJECTS, rejected, unit.unit_id)}
+
+    def process_isolated(self, unit: WorkUnit, item: InputEntry, error: str) -> dict[str, pa.Table]:
+        row = _reject_row(item, Reject("worker_crashed", f"decoding {item.uri} killed the worker: {error}"))
+        return {SOURCES.name: _table(SOURCES, [], unit.unit_id), REJECTS.name: _table(REJECTS, [row], unit.unit_id)}
+
+    def derive(self, store, done_units: list[str]) -> Derivation:
+        unit_id = fingerprint(f"{self.name}.images", {"version": VERSION, "units": sorted(done_units)})
+        con = connect(store)
+        reader = con.sql(named_query("images_from_sources"), params={"unit_id": unit_id}).to_arrow_reader()
+        return Derivation(unit_id, IMAGES, reader)
+
+    def summarize(self, con) -> dict[str, Any]:
+        (sources, images) = con.execute("SELECT (SELECT count(*) FROM sources), (SELECT count(*) FROM images)").fetchone()
+        reasons = dict(con.execute("SELECT reason, count(*) FROM rejects WHERE stage = $stage GROUP BY reason ORDER BY reason", {"stage": self.name}).fetchall())
+        rejects = sum(reasons.values())
+        return {
+            "accounted": sources + rejects,
+            "images": images,
+            "duplicates": sources - images,
+            "rejects": rejects,
+            "reject_reasons": reasons,
+        }
