@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -26,7 +27,7 @@ out = Console()
 
 
 def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -38,10 +39,12 @@ def run(
     stages: Annotated[Optional[str], typer.Option("--stages", help="Comma-separated stages to run, e.g. ingest.")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="SAM 3 checkpoint id or directory (proposal stage).")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Decoding worker processes.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="KEY=VALUE config override, e.g. ingest.unit_size=64 (YAML value).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Run the pipeline; run it again with the same output to resume after a crash."""
-    overrides = {"input": input, "output": output, "stages": stages, "model.name": model, "ingest.workers": workers}
+    overrides = dict(_parse_setting(s) for s in set_ or [])
+    overrides.update({"input": input, "output": output, "stages": stages, "model.name": model, "ingest.workers": workers})
     try:
         resolved = load_config(config, overrides)
         console.print(f"run directory: [bold]{resolved.output}[/]  stages: {', '.join(resolved.stages)}", highlight=False)
@@ -85,6 +88,13 @@ def _print_summary(result: RunResult) -> None:
                 highlight=False,
             )
     console.print(f"query it: sam3-engine query {result.output} \"SELECT * FROM images LIMIT 5\"", highlight=False, soft_wrap=True)
+
+
+def _parse_setting(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise typer.BadParameter(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value)
 
 
 def _parse_param(text: str) -> tuple[str, Any]:

@@ -47,7 +47,7 @@ class IngestConfig(_Frozen):
     unit_size: int = Field(256, ge=1, description="Average inputs per work unit (one atomic commit).")
     workers: int | None = Field(None, ge=1, description="Decoding processes; default: the machine's CPU count.")
     max_pixels: int = Field(100_000_000, ge=1, description="Images with more pixels are rejected as too_large (decompression bombs).")
-    max_bytes: int = Field(512 * 2**20, ge=1, description="Files larger than this are rejected as too_large without being read whole.")
+    max_bytes: int = Field(512 * 2**20, ge=1, description="Files with more bytes are rejected as file_too_large without being read whole.")
     formats: tuple[str, ...] = Field(
         ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "MPO"),
         description="Pillow formats accepted; others are rejected as unsupported_format.",

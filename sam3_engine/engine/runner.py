@@ -13,7 +13,7 @@ import os
 import signal
 import time
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
@@ -120,28 +120,39 @@ class UnitRunner:
         inflight: dict[Future, WorkUnit] = {}
         try:
             while pending or inflight:
-                while pending and len(inflight) < 2 * self.workers:
-                    unit = pending.popleft()
-                    inflight[pool.submit(_process, stage, unit)] = unit
-                finished, _ = wait(inflight, return_when=FIRST_COMPLETED)
                 broken = False
-                for future in finished:
-                    unit = inflight.pop(future)
+                while pending and len(inflight) < 2 * self.workers:
                     try:
-                        tables = future.result()
+                        future = pool.submit(_process, stage, pending[0])
                     except BrokenProcessPool:
-                        suspects.append(unit)
                         broken = True
-                        continue
-                    committed(unit, tables)
+                        break
+                    inflight[future] = pending.popleft()
+                # Once the pool is broken every future in flight completes, most with BrokenProcessPool.
+                finished, _ = wait(inflight, return_when=ALL_COMPLETED if broken else FIRST_COMPLETED)
+                broken = self._collect(finished, inflight, suspects, committed) or broken
                 if broken:
-                    suspects.extend(inflight.values())
-                    inflight.clear()
+                    self._collect(wait(inflight).done, inflight, suspects, committed)
                     pool.shutdown(wait=False, cancel_futures=True)
                     pool = self._pool()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         return suspects
+
+    @staticmethod
+    def _collect(finished, inflight: dict[Future, WorkUnit], suspects: list[WorkUnit], committed) -> bool:
+        """Commit finished units; those whose worker died become suspects. True if the pool broke."""
+        broken = False
+        for future in finished:
+            unit = inflight.pop(future)
+            try:
+                tables = future.result()
+            except BrokenProcessPool:
+                suspects.append(unit)
+                broken = True
+                continue
+            committed(unit, tables)
+        return broken
 
     def _run_suspect(self, stage: Stage, unit: WorkUnit, committed) -> int:
         """Retry a unit alone; if it kills its worker again, run its items one by one. Returns crashes seen."""

@@ -96,11 +96,11 @@ class TableStore:
         return written
 
     def delete_units(self, spec: TableSpec, unit_ids: Iterable[str]) -> None:
-        ids = sorted(set(unit_ids))
+        literals = [_literal(u) for u in sorted(set(unit_ids))]
         table = self.open(spec.name)
-        if table is None or not ids:
+        if table is None or not literals:
             return
-        table.delete(f"{spec.replace_column} IN ({', '.join(_literal(u) for u in ids)})")
+        table.delete(f"{spec.replace_column} IN ({', '.join(literals)})")
 
     def done_units(self, stage: str) -> set[str]:
         ledger = self.read(UNITS.name, columns=["unit_id", "stage"])

@@ -72,7 +72,7 @@ SOURCES = TableSpec(
     version=1,
     key=("input_id",),
     columns=(
-        Column("input_id", pa.string(), "Hash of the input's URI and position in the input listing: unique per input."),
+        Column("input_id", pa.string(), "Hash of the input's URI and its occurrence number among equal URIs: unique per input, stable when inputs are added."),
         Column("uri", pa.string(), "Fully qualified URI the bytes were read from."),
         Column("image_id", pa.string(), "SHA-256 of the file's bytes (hex): the same photo under two paths has one id."),
         *_PROBE_COLUMNS,

@@ -126,6 +126,7 @@ def probe(entry: InputEntry, config: IngestConfig, storage_config: StorageConfig
         except Exception:  # noqa: BLE001 - an unreadable EXIF block leaves the pixels usable
             orientation = 1
         try:
+            Image.open(io.BytesIO(data)).verify()  # checksums (PNG CRCs) that a plain decode ignores
             image.load()
         except Exception as exc:  # noqa: BLE001 - every decoder error is a reason code
             raise _decode_failure(exc, image_id, fmt) from exc

@@ -1,0 +1,5 @@
+"""``python -m sam3_engine`` is the ``sam3-engine`` command."""
+
+from sam3_engine.engine.cli import main
+
+main()

@@ -1,0 +1,146 @@
+"""Shared fixtures: the real example photos, a generated corpus of odd and broken files, an S3 server."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def photos_dir() -> Path:
+    """The real photos: ../shared/data when present (the developers' machines), else the bundled copies."""
+    shared = SHARED_DATA / "images"
+    return shared if shared.is_dir() else EXAMPLES / "images"
+
+
+def _save(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def _gradient(size: tuple[int, int], seed: int) -> Image.Image:
+    width, height = size
+    image = Image.new("RGB", size)
+    image.putdata([((x * 7 + seed * 31) % 256, (y * 5 + seed * 17) % 256, (x + y + seed) % 256) for y in range(height) for x in range(width)])
+    return image
+
+
+def odd_images() -> dict[str, tuple[bytes, dict]]:
+    """Valid images in unusual encodings, with the probe results they must give."""
+    rotated = _gradient((40, 20), 1)
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees: stored 40x20, displayed 20x40
+    return {
+        "cmyk.jpg": (_save(_gradient((32, 24), 2).convert("CMYK"), "JPEG"), {"mode": "CMYK", "width": 32, "height": 24, "format": "JPEG"}),
+        "gray16.png": (_save(Image.new("I;16", (30, 10), 40000), "PNG"), {"mode": "I;16", "width": 30, "height": 10, "format": "PNG"}),
+        "palette.png": (_save(_gradient((16, 16), 3).convert("P"), "PNG"), {"mode": "P", "width": 16, "height": 16, "format": "PNG"}),
+        "alpha.png": (_save(Image.new("RGBA", (12, 8), (255, 0, 0, 128)), "PNG"), {"mode": "RGBA", "width": 12, "height": 8, "format": "PNG"}),
+        "gray.jpg": (_save(_gradient((20, 30), 4).convert("L"), "JPEG"), {"mode": "L", "width": 20, "height": 30, "format": "JPEG"}),
+        "exif_rotated.jpg": (_save(rotated, "JPEG", exif=exif), {"mode": "RGB", "width": 20, "height": 40, "format": "JPEG", "exif_orientation": 6}),
+        "photo.webp": (_save(_gradient((24, 24), 5), "WEBP"), {"mode": "RGB", "width": 24, "height": 24, "format": "WEBP"}),
+    }
+
+
+def broken_files(photo: bytes) -> dict[str, tuple[bytes, str]]:
+    """Files that must be rejected, with the exact reason code each must get."""
+    png = _save(_gradient((64, 48), 6), "PNG")
+    corrupt_png = bytearray(png)
+    start = png.index(b"IDAT") + 8
+    corrupt_png[start : start + 16] = bytes(16)
+    corrupt_jpeg = bytearray(photo)
+    corrupt_jpeg[2000:6000] = b"\xff" * 4000
+    return {
+        "empty.jpg": (b"", "empty_file"),
+        "truncated.jpg": (photo[: len(photo) // 2], "truncated"),
+        "truncated.png": (png[: len(png) // 2], "truncated"),
+        "corrupt.png": (bytes(corrupt_png), "corrupt"),
+        "corrupt.jpg": (bytes(corrupt_jpeg), "corrupt"),
+        "notes.jpg": (b"this is a text file with an image suffix\n", "not_an_image"),
+        "readme.txt": (b"hello\n", "not_an_image"),
+        "picture.heic": (b"\x00\x00\x00\x18ftypheic" + bytes(64), "unsupported_format"),
+        "drawing.svg": (b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"></svg>', "unsupported_format"),
+        "portable.ppm": (_save(_gradient((8, 8), 7), "PPM"), "unsupported_format"),
+        # 144 megapixels of a 1-bit image: an 18 kB decompression bomb.
+        "bomb.png": (_save(Image.new("1", (12000, 12000)), "PNG"), "too_large"),
+    }
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory, photos_dir) -> Path:
+    """A folder of real photos, a duplicate under another name, odd valid images and broken files."""
+    root = tmp_path_factory.mktemp("corpus")
+    for photo in sorted(photos_dir.glob("*.jpg")):
+        shutil.copy(photo, root / photo.name)
+    (root / "nested").mkdir()
+    shutil.copy(photos_dir / "truck.jpg", root / "nested" / "truck-copy.jpg")
+    for name, (data, _) in odd_images().items():
+        (root / name).write_bytes(data)
+    for name, (data, _) in broken_files((photos_dir / "groceries.jpg").read_bytes()).items():
+        (root / name).write_bytes(data)
+    (root / ".hidden.jpg").write_bytes(b"not listed: hidden files are skipped")
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory) -> Path:
+    """Forty small distinct images, two duplicates and two broken files: enough units to kill a run midway."""
+    root = tmp_path_factory.mktemp("synthetic")
+    for i in range(40):
+        (root / f"img{i:03d}.png").write_bytes(_save(_gradient((16 + i % 5, 12 + i % 3), i), "PNG"))
+    (root / "dup-a.png").write_bytes((root / "img005.png").read_bytes())
+    (root / "dup-b.png").write_bytes((root / "img006.png").read_bytes())
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(20))
+    (root / "empty.png").write_bytes(b"")
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 protocol endpoint on loopback (moto in server mode), with credentials in the environment."""
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1", AWS_DEFAULT_REGION="us-east-1")
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                raise RuntimeError("moto server did not start")
+            time.sleep(0.2)
+    yield endpoint
+    process.terminate()
+    process.wait(10)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

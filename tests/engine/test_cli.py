@@ -1,0 +1,76 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import EXAMPLES, REPO
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "sam3_engine", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    """The README's quickstart, run from a scratch working directory."""
+    cwd = tmp_path_factory.mktemp("user")
+    done = cli("run", str(EXAMPLES / "quickstart.yaml"), cwd=cwd)
+    assert done.returncode == 0, done.stderr
+    return cwd / "runs" / "quickstart", done
+
+
+def test_quickstart_summary_reconciles(quickstart):
+    _, done = quickstart
+    assert "3 inputs = 3 images + 0 duplicates + 0 rejects" in done.stderr
+
+
+def test_query_formats_and_bound_parameters(quickstart):
+    run_dir, _ = quickstart
+    sql = "SELECT width, height FROM images WHERE width > $min_width ORDER BY width"
+    as_json = cli("query", str(run_dir), sql, "--format", "json", "--param", "min_width=900")
+    assert json.loads(as_json.stdout) == [{"width": 1280, "height": 720}, {"width": 1800, "height": 1200}]
+    as_csv = cli("query", str(run_dir), sql, "-f", "csv", "-p", "min_width=900")
+    assert as_csv.stdout.splitlines() == ["width,height", "1280,720", "1800,1200"]
+    as_table = cli("query", str(run_dir), sql, "-p", "min_width=900")
+    assert "1800" in as_table.stdout and "534" not in as_table.stdout
+    hostile = cli("query", str(run_dir), "SELECT count(*) AS n FROM images WHERE uri = $u", "-f", "json", "-p", "u=x' OR '1'='1")
+    assert json.loads(hostile.stdout) == [{"n": 0}]
+
+
+def test_query_errors_and_empty_tables(quickstart):
+    run_dir, _ = quickstart
+    bad = cli("query", str(run_dir), "SELECT nope FROM images")
+    assert bad.returncode == 2 and "nope" in bad.stderr
+    empty = cli("query", str(run_dir), "SELECT count(*) AS n FROM rejects", "-f", "json")
+    assert json.loads(empty.stdout) == [{"n": 0}]
+
+
+def test_run_without_a_config_file(tmp_path, photos_dir):
+    done = cli("run", "--input", str(photos_dir), "--output", str(tmp_path / "out"), "--stages", "ingest", "-q")
+    assert done.returncode == 0, done.stderr
+    meta = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert len(meta["run_id"]) == 32 and meta["engine_version"]
+    assert "stages:\n- ingest" in (tmp_path / "out" / "config.yaml").read_text()
+    runs = json.loads(cli("query", str(tmp_path / "out"), "SELECT run_id, status, summary_json FROM runs", "-f", "json").stdout)
+    assert runs[0]["run_id"] == meta["run_id"] and runs[0]["status"] == "finished"
+    assert json.loads(runs[0]["summary_json"])["stages"][0]["counts"]["images"] == 3
+
+
+def test_bad_config_is_reported_not_raised(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("ingest:\n  workerz: 2\n")
+    done = cli("run", str(path))
+    assert done.returncode == 2 and "ingest.workerz: unknown key" in done.stderr and "Traceback" not in done.stderr
+    done = cli("run", "--output", str(tmp_path / "o"))
+    assert done.returncode == 2 and "needs an input" in done.stderr
+    done = cli("run", "--input", str(tmp_path / "nothing-here"), "--output", str(tmp_path / "o"))
+    assert done.returncode == 2 and "does not exist" in done.stderr
+
+
+def test_every_command_has_help():
+    for command in ([], ["run"], ["query"], ["tables"], ["validate"]):
+        done = cli(*command, "--help")
+        assert done.returncode == 0 and "Usage" in done.stdout, command
+    assert "image_id" in cli("tables", "images").stdout
+    assert "unit_size: 2" in cli("validate", str(REPO / "examples" / "quickstart.yaml")).stdout

@@ -1,0 +1,105 @@
+"""Kill the run's process for real, at commit boundaries and at random moments, then resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sam3_engine.engine.runner import KILL_AFTER_COMMITS_ENV
+from tests.helpers import ingest, rows
+
+TABLES = {
+    "images": "SELECT * EXCLUDE (unit_id) FROM images ORDER BY image_id",
+    "sources": "SELECT * FROM sources ORDER BY input_id",
+    "rejects": "SELECT * FROM rejects ORDER BY input_id",
+    "units": "SELECT unit_id, stage, num_inputs, rows_written FROM units ORDER BY unit_id",
+}
+
+
+def _cli(input_dir, output, env_extra=None, **popen):
+    env = {**os.environ, **(env_extra or {})}
+    command = [sys.executable, "-m", "sam3_engine", "run", "-q", "--input", str(input_dir), "--output", str(output), "--workers", "1", "--set", "ingest.unit_size=2"]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **popen)
+
+
+def _snapshot(run_dir):
+    return {name: rows(run_dir, sql) for name, sql in TABLES.items()}
+
+
+@pytest.fixture(scope="module")
+def reference(synthetic_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    result = ingest(synthetic_dir, run_dir, **{"ingest.unit_size": 2, "ingest.workers": 1})
+    assert result.stages[0].units_total >= 10
+    return _snapshot(run_dir)
+
+
+@pytest.mark.parametrize("commits", [1, 2, 3, 4, 7, 11, 20])
+def test_killed_between_any_two_commits_then_resumed_gives_the_same_rows(synthetic_dir, tmp_path, reference, commits):
+    env = {KILL_AFTER_COMMITS_ENV: str(commits)}
+    killed = _cli(synthetic_dir, tmp_path / "run", env)
+    killed.wait(120)
+    assert killed.returncode == -signal.SIGKILL
+    resumed = _cli(synthetic_dir, tmp_path / "run")
+    output = resumed.communicate(timeout=120)[0].decode()
+    assert resumed.returncode == 0, output
+    assert _snapshot(tmp_path / "run") == reference
+    statuses = rows(tmp_path / "run", "SELECT status, count(*) AS n FROM runs GROUP BY status ORDER BY status")
+    assert statuses == [{"status": "finished", "n": 1}, {"status": "running", "n": 1}]
+
+
+def test_killed_at_random_moments_until_done(synthetic_dir, tmp_path, reference):
+    """SIGKILL the whole process group after a varying delay, resume each time, finish, compare."""
+    run_dir = tmp_path / "run"
+    delays = [1.6, 2.0, 2.4, 2.8]
+    kills = 0
+    for delay in delays:
+        process = _cli(synthetic_dir, run_dir)
+        time.sleep(delay)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(30)
+            kills += 1
+    final = _cli(synthetic_dir, run_dir)
+    output = final.communicate(timeout=120)[0].decode()
+    assert final.returncode == 0, output
+    assert kills >= 1
+    assert _snapshot(run_dir) == reference
+
+
+def test_a_finished_run_restarted_commits_nothing_new(synthetic_dir, tmp_path):
+    first = ingest(synthetic_dir, tmp_path / "run", **{"ingest.unit_size": 4})
+    again = ingest(synthetic_dir, tmp_path / "run", **{"ingest.unit_size": 4})
+    assert first.run_id == again.run_id and first.attempt_id != again.attempt_id
+    assert again.stages[0].units_committed == 0
+    assert again.stages[0].units_skipped == first.stages[0].units_total
+
+
+def test_a_changed_config_reruns_what_it_affects_and_drops_stale_rows(synthetic_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    ingest(synthetic_dir, run_dir, **{"ingest.unit_size": 4})
+    strict = ingest(synthetic_dir, run_dir, **{"ingest.unit_size": 4, "ingest.max_pixels": 250})
+    assert strict.stages[0].units_removed == strict.stages[0].units_committed > 0
+    too_large = rows(run_dir, "SELECT count(*) AS n FROM rejects WHERE reason = 'too_large'")[0]["n"]
+    assert too_large > 0
+    assert strict.stages[0].counts["images"] + strict.stages[0].counts["duplicates"] + strict.stages[0].counts["rejects"] == 44
+    assert rows(run_dir, "SELECT count(*) AS n FROM sources")[0]["n"] + rows(run_dir, "SELECT count(*) AS n FROM rejects")[0]["n"] == 44
+    relaxed = ingest(synthetic_dir, run_dir, **{"ingest.unit_size": 4})
+    assert relaxed.stages[0].counts["images"] == 40
+    assert rows(run_dir, "SELECT count(*) AS n FROM rejects WHERE reason = 'too_large'") == [{"n": 0}]
+
+
+def test_adding_files_runs_only_the_new_files_units(synthetic_dir, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for path in synthetic_dir.iterdir():
+        (corpus / path.name).write_bytes(path.read_bytes())
+    first = ingest(corpus, tmp_path / "run", **{"ingest.unit_size": 4})
+    (corpus / "img005-again.png").write_bytes((synthetic_dir / "img005.png").read_bytes())
+    second = ingest(corpus, tmp_path / "run", **{"ingest.unit_size": 4})
+    assert second.stages[0].units_committed == 1
+    assert second.stages[0].units_skipped == first.stages[0].units_total - 1
+    assert second.stages[0].counts["duplicates"] == first.stages[0].counts["duplicates"] + 1

@@ -1,0 +1,158 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from sam3_engine.engine.config import IngestConfig, StorageConfig
+from sam3_engine.stages.ingest import REASONS, Reject, chunk, probe
+from sam3_engine.stages.inputs import InputEntry, list_inputs
+from tests.conftest import broken_files, odd_images
+from tests.helpers import ingest, rows
+
+
+def test_real_photos_probe_to_their_true_size(photos_dir):
+    for name, size in {"groceries.jpg": (800, 534), "test_image.jpg": (1280, 720), "truck.jpg": (1800, 1200)}.items():
+        path = photos_dir / name
+        row = probe(InputEntry(uri=str(path), input_id="x"), IngestConfig(), StorageConfig())
+        with Image.open(path) as image:
+            assert (row["width"], row["height"]) == image.size == size
+        assert row["format"] == "JPEG" and row["mode"] == "RGB"
+        assert row["num_bytes"] == path.stat().st_size
+        assert len(row["image_id"]) == 64
+
+
+def test_quickstart_manifest_keeps_captions(tmp_path):
+    from tests.conftest import EXAMPLES
+
+    result = ingest(EXAMPLES / "manifest.jsonl", tmp_path / "run")
+    images = rows(tmp_path / "run", "SELECT uri, captions, sources FROM images ORDER BY uri")
+    assert [r["uri"].rsplit("/", 1)[1] for r in images] == ["groceries.jpg", "test_image.jpg", "truck.jpg"]
+    assert "four paper grocery bags" in images[0]["captions"][0]
+    assert all(r["sources"] == ["sam3-examples"] for r in images)
+    assert result.stages[0].counts == {"images": 3, "duplicates": 0, "rejects": 0, "reject_reasons": {}}
+
+
+def test_corpus_every_file_is_an_image_or_a_reject_with_the_exact_reason(corpus_dir, tmp_path):
+    result = ingest(corpus_dir, tmp_path / "run", **{"ingest.unit_size": 3})
+    run = tmp_path / "run"
+    expected_rejects = {name: reason for name, (_, reason) in broken_files(b"").items()}
+    got = {r["uri"].rsplit("/", 1)[1]: r for r in rows(run, "SELECT * FROM rejects")}
+    assert {name: r["reason"] for name, r in got.items()} == expected_rejects
+    assert all(r["detail"] and r["stage"] == "ingest" for r in got.values())
+    assert set(expected_rejects.values()) <= REASONS.keys()
+
+    sources = {r["uri"].rsplit("/", 1)[1]: r for r in rows(run, "SELECT * FROM sources")}
+    for name, (_, expected) in odd_images().items():
+        assert {k: sources[name][k] for k in expected} == expected, name
+    assert ".hidden.jpg" not in sources and ".hidden.jpg" not in got
+
+    listed = len([p for p in corpus_dir.rglob("*") if p.is_file() and not p.name.startswith(".")])
+    counts = result.stages[0].counts
+    assert result.stages[0].items_total == listed
+    assert counts["images"] + counts["duplicates"] + counts["rejects"] == listed
+    assert counts["duplicates"] == 1 and counts["rejects"] == len(expected_rejects)
+
+
+def test_the_same_photo_under_two_paths_is_one_image_with_both_uris(corpus_dir, tmp_path):
+    ingest(corpus_dir, tmp_path / "run")
+    (truck,) = rows(tmp_path / "run", "SELECT * FROM images WHERE list_contains(uris, $uri)", {"uri": str(corpus_dir / "truck.jpg")})
+    assert truck["uris"] == sorted([str(corpus_dir / "nested" / "truck-copy.jpg"), str(corpus_dir / "truck.jpg")])
+    assert truck["uri"] == min(truck["uris"])
+    assert rows(tmp_path / "run", "SELECT count(*) AS n FROM images WHERE image_id = $id", {"id": truck["image_id"]}) == [{"n": 1}]
+
+
+def test_pixel_limit_and_format_list_are_configurable(photos_dir):
+    entry = InputEntry(uri=str(photos_dir / "groceries.jpg"), input_id="x")
+    with pytest.raises(Reject) as rejected:
+        probe(entry, IngestConfig(max_pixels=800 * 534 - 1), StorageConfig())
+    assert rejected.value.reason == "too_large"
+    with pytest.raises(Reject) as rejected:
+        probe(entry, IngestConfig(formats=("PNG",)), StorageConfig())
+    assert rejected.value.reason == "unsupported_format"
+    with pytest.raises(Reject) as rejected:
+        probe(entry, IngestConfig(max_bytes=1000), StorageConfig())
+    assert rejected.value.reason == "file_too_large"
+    assert probe(entry, IngestConfig(max_pixels=800 * 534), StorageConfig())["width"] == 800
+
+
+def test_manifest_bad_rows_and_missing_files_are_rejected_not_lost(photos_dir, tmp_path):
+    manifest = tmp_path / "manifest.jsonl"
+    lines = [
+        json.dumps({"uri": str(photos_dir / "truck.jpg"), "caption": "a truck", "alt_text": "white truck"}),
+        json.dumps({"uri": str(photos_dir / "truck.jpg"), "caption": ["pickup", "canopy"]}),
+        json.dumps({"uri": "missing/photo.jpg"}),
+        json.dumps({"caption": "no uri here"}),
+        "{not json",
+        json.dumps(["a", "list"]),
+        "",
+    ]
+    manifest.write_text("\n".join(lines))
+    result = ingest(manifest, tmp_path / "run")
+    rejects = rows(tmp_path / "run", "SELECT uri, reason FROM rejects ORDER BY uri")
+    assert sorted(r["reason"] for r in rejects) == ["bad_manifest_row", "bad_manifest_row", "bad_manifest_row", "missing"]
+    assert any(r["uri"] == str(tmp_path / "missing" / "photo.jpg") for r in rejects)
+    (truck,) = rows(tmp_path / "run", "SELECT * FROM images")
+    assert truck["captions"] == ["a truck", "canopy", "pickup"] and truck["alt_texts"] == ["white truck"]
+    assert result.stages[0].items_total == 6
+    assert result.stages[0].counts["duplicates"] == 1
+
+
+def test_csv_and_parquet_manifests(photos_dir, tmp_path):
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text(f"uri,caption\n{photos_dir / 'groceries.jpg'},bags in a trunk\n")
+    pq.write_table(pa.table({"uri": [str(photos_dir / "truck.jpg")], "caption": ["a truck"]}), tmp_path / "m.parquet")
+    for manifest, caption in ((csv_path, "bags in a trunk"), (tmp_path / "m.parquet", "a truck")):
+        ingest(manifest, tmp_path / manifest.suffix[1:])
+        assert [r["captions"] for r in rows(tmp_path / manifest.suffix[1:], "SELECT captions FROM images")] == [[caption]]
+
+
+def test_coco_json_images_and_captions(photos_dir, tmp_path):
+    coco = {
+        "images": [{"id": 7, "file_name": "groceries.jpg"}, {"id": 8, "file_name": "truck.jpg"}, {"id": 9}],
+        "annotations": [{"image_id": 7, "caption": "grocery bags"}, {"image_id": 7, "caption": "a car trunk"}],
+    }
+    path = tmp_path / "images" / "coco.json"
+    path.parent.mkdir()
+    for name in ("groceries.jpg", "truck.jpg"):
+        (path.parent / name).write_bytes((photos_dir / name).read_bytes())
+    path.write_text(json.dumps(coco))
+    ingest(path, tmp_path / "run")
+    images = rows(tmp_path / "run", "SELECT uri, captions FROM images ORDER BY uri")
+    assert [(r["uri"].rsplit("/", 1)[1], r["captions"]) for r in images] == [("groceries.jpg", ["a car trunk", "grocery bags"]), ("truck.jpg", [])]
+    assert rows(tmp_path / "run", "SELECT reason FROM rejects") == [{"reason": "bad_manifest_row"}]
+
+
+def test_missing_input_is_a_clear_error(tmp_path):
+    from sam3_engine.stages.inputs import InputError
+
+    with pytest.raises(InputError, match="does not exist"):
+        list_inputs(str(tmp_path / "nowhere"), "auto", StorageConfig())
+    (tmp_path / "m.csv").write_text("path\nx.jpg\n")
+    with pytest.raises(InputError, match="no `uri` column"):
+        list_inputs(str(tmp_path / "m.csv"), "auto", StorageConfig())
+
+
+def test_chunks_are_stable_when_files_are_added():
+    entries = [InputEntry(uri=f"s3://b/img{i:05d}.jpg") for i in range(2000)]
+    before = chunk(entries, 16)
+    grown = sorted(entries + [InputEntry(uri="s3://b/img00999a.jpg")], key=lambda e: e.uri)
+    after = chunk(grown, 16)
+    assert sum(map(len, before)) == 2000 and max(map(len, before)) <= 64
+    assert 2000 / 16 * 0.7 < len(before) < 2000 / 16 * 1.3
+    changed = {tuple(e.uri for e in s) for s in after} - {tuple(e.uri for e in s) for s in before}
+    assert len(changed) == 1
+
+
+def test_a_worker_that_crashes_loses_only_its_input(synthetic_dir, tmp_path, monkeypatch):
+    from sam3_engine.engine.runner import CRASH_ON_ENV
+
+    monkeypatch.setenv(CRASH_ON_ENV, "img007.png")
+    result = ingest(synthetic_dir, tmp_path / "run", **{"ingest.unit_size": 4, "ingest.workers": 2})
+    (crashed,) = rows(tmp_path / "run", "SELECT uri, reason FROM rejects WHERE reason = 'worker_crashed'")
+    assert crashed["uri"].endswith("img007.png")
+    report = result.stages[0]
+    assert report.worker_crashes >= 2
+    assert report.counts["images"] + report.counts["duplicates"] + report.counts["rejects"] == report.items_total == 44
+    assert report.counts["images"] == 39

@@ -1,0 +1,30 @@
+"""The README documents what exists: every table column, config key and reject reason."""
+
+from sam3_engine.engine.config import IngestConfig, ModelConfig, RunConfig, StorageConfig
+from sam3_engine.schemas.tables import TABLES
+from sam3_engine.stages.ingest import REASONS
+from tests.conftest import REPO
+
+README = (REPO / "README.md").read_text()
+
+
+def test_every_table_and_column_is_documented():
+    for spec in TABLES.values():
+        assert f"### `{spec.name}` (schema v{spec.version})" in README
+        for column in spec.columns:
+            assert f"`{column.name}`" in README, (spec.name, column.name)
+
+
+def test_every_config_key_and_reject_reason_is_documented():
+    for prefix, model in (("", RunConfig), ("ingest.", IngestConfig), ("model.", ModelConfig), ("storage.", StorageConfig)):
+        for name, field in model.model_fields.items():
+            if field.description:
+                assert f"`{prefix}{name}`" in README, prefix + name
+    for reason in REASONS:
+        assert f"| `{reason}` |" in README, reason
+
+
+def test_the_two_setup_commands_are_there():
+    assert "pip install -e . && sam3-engine run examples/quickstart.yaml" in README
+    assert "pip install -e '.[test]' && pytest" in README
+    assert "pip install -e '.[test]' && pytest" in (REPO / ".ci" / "run").read_text()
