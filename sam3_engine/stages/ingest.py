@@ -167,15 +167,16 @@ def _table(spec, rows: list[dict[str, Any]], unit_id: str) -> pa.Table:
 def chunk(entries: list[InputEntry], unit_size: int) -> list[list[InputEntry]]:
     """Content-defined shards: a shard ends after an entry whose URI hash hits 0 mod unit_size.
 
-    Boundaries depend only on the URIs next to them, so adding files to a corpus changes only the
-    shards they land in, and a restart re-runs nothing else. Shards average ``unit_size`` and never
-    exceed four times that.
+    Boundaries depend only on the URIs near them, so adding files to a corpus changes only the
+    shard they land in (or splits it), and a restart re-runs nothing else. Past twice the average
+    size a shard also ends at any entry hitting 0 mod unit_size/8, which keeps shards short
+    without a fixed cap (a fixed cap would shift every later boundary after an insertion).
     """
     shards, current = [], []
     for entry in entries:
         current.append(entry)
-        hit = int(hashlib.sha256(entry.uri.encode()).hexdigest()[:12], 16) % unit_size == 0
-        if hit or len(current) >= 4 * unit_size:
+        digest = int(hashlib.sha256(entry.uri.encode()).hexdigest()[:12], 16)
+        if digest % unit_size == 0 or (len(current) >= 2 * unit_size and digest % max(1, unit_size // 8) == 0):
             shards.append(current)
             current = []
     if current:

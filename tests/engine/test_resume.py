@@ -100,6 +100,8 @@ def test_adding_files_runs_only_the_new_files_units(synthetic_dir, tmp_path):
     first = ingest(corpus, tmp_path / "run", **{"ingest.unit_size": 4})
     (corpus / "img005-again.png").write_bytes((synthetic_dir / "img005.png").read_bytes())
     second = ingest(corpus, tmp_path / "run", **{"ingest.unit_size": 4})
-    assert second.stages[0].units_committed == 1
-    assert second.stages[0].units_skipped == first.stages[0].units_total - 1
+    # Content-defined chunks: the new file changes the chunk it lands in (at most one neighbour
+    # more); every other unit is skipped.
+    assert 1 <= second.stages[0].units_committed <= 3
+    assert second.stages[0].units_skipped >= first.stages[0].units_total - 2
     assert second.stages[0].counts["duplicates"] == first.stages[0].counts["duplicates"] + 1
