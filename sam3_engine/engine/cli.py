@@ -14,7 +14,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from sam3_engine.engine import catalog
+from sam3_engine.engine import catalog, storage
 from sam3_engine.engine.config import ConfigError, StorageConfig, load_config
 from sam3_engine.engine.run import ReconciliationError, RunResult, run_pipeline
 from sam3_engine.engine.runner import default_progress
@@ -120,8 +120,12 @@ def query(
     if format not in ("table", "csv", "json"):
         _fail(f"--format must be table, csv or json, not {format!r}")
     params = dict(_parse_param(p) for p in param or [])
+    storage_config = StorageConfig(endpoint_url=endpoint_url)
+    fs, root = storage.filesystem(run_dir, storage_config)
+    if not fs.exists(storage.join(root, "run.json")):
+        _fail(f"{run_dir} is not a run directory (it has no run.json)")
     try:
-        result = catalog.query(run_dir, sql, params, StorageConfig(endpoint_url=endpoint_url))
+        result = catalog.query(run_dir, sql, params, storage_config)
     except Exception as exc:  # noqa: BLE001 - DuckDB's message is the useful part
         _fail(f"{type(exc).__name__}: {exc}")
     rows = result.to_pylist()

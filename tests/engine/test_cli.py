@@ -44,6 +44,8 @@ def test_query_errors_and_empty_tables(quickstart):
     assert bad.returncode == 2 and "nope" in bad.stderr
     empty = cli("query", str(run_dir), "SELECT count(*) AS n FROM rejects", "-f", "json")
     assert json.loads(empty.stdout) == [{"n": 0}]
+    nowhere = cli("query", str(run_dir.parent / "no-such-run"), "SELECT 1")
+    assert nowhere.returncode == 2 and "not a run directory" in nowhere.stderr
 
 
 def test_run_without_a_config_file(tmp_path, photos_dir):
