@@ -83,6 +83,7 @@ def test_manifest_bad_rows_and_missing_files_are_rejected_not_lost(photos_dir, t
         json.dumps({"uri": str(photos_dir / "truck.jpg"), "caption": "a truck", "alt_text": "white truck"}),
         json.dumps({"uri": str(photos_dir / "truck.jpg"), "caption": ["pickup", "canopy"]}),
         json.dumps({"uri": "missing/photo.jpg"}),
+        json.dumps({"uri": str(tmp_path)}),
         json.dumps({"caption": "no uri here"}),
         "{not json",
         json.dumps(["a", "list"]),
@@ -91,11 +92,11 @@ def test_manifest_bad_rows_and_missing_files_are_rejected_not_lost(photos_dir, t
     manifest.write_text("\n".join(lines))
     result = ingest(manifest, tmp_path / "run")
     rejects = rows(tmp_path / "run", "SELECT uri, reason FROM rejects ORDER BY uri")
-    assert sorted(r["reason"] for r in rejects) == ["bad_manifest_row", "bad_manifest_row", "bad_manifest_row", "missing"]
+    assert sorted(r["reason"] for r in rejects) == ["bad_manifest_row", "bad_manifest_row", "bad_manifest_row", "missing", "unreadable"]
     assert any(r["uri"] == str(tmp_path / "missing" / "photo.jpg") for r in rejects)
     (truck,) = rows(tmp_path / "run", "SELECT * FROM images")
     assert truck["captions"] == ["a truck", "canopy", "pickup"] and truck["alt_texts"] == ["white truck"]
-    assert result.stages[0].items_total == 6
+    assert result.stages[0].items_total == 7
     assert result.stages[0].counts["duplicates"] == 1
 
 
@@ -158,3 +159,10 @@ def test_a_worker_that_crashes_loses_only_its_input(synthetic_dir, tmp_path, mon
     assert report.worker_crashes >= 2
     assert report.counts["images"] + report.counts["duplicates"] + report.counts["rejects"] == report.items_total == 44
     assert report.counts["images"] == 39
+
+
+def test_glob_input_lists_only_matching_files(corpus_dir, tmp_path):
+    result = ingest(f"{corpus_dir}/**/*.png", tmp_path / "run")
+    names = sorted(r["uri"].rsplit("/", 1)[1] for r in rows(tmp_path / "run", "SELECT uri FROM sources UNION ALL SELECT uri FROM rejects"))
+    assert names == sorted(p.name for p in corpus_dir.rglob("*.png"))
+    assert result.stages[0].items_total == len(names) > 3
