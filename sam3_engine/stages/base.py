@@ -18,14 +18,6 @@ from sam3_engine.schemas.tables import TableSpec
 
 
 @dataclass(frozen=True)
-class Resources:
-    """What one worker of the stage needs; the executor sizes its pool from this."""
-
-    cpus: float = 1.0
-    gpus: float = 0.0
-
-
-@dataclass(frozen=True)
 class WorkUnit:
     """A shard of a stage's inputs whose rows are committed together or not at all."""
 
@@ -56,7 +48,6 @@ class Stage(ABC):
     name: ClassVar[str]
     outputs: ClassVar[tuple[TableSpec, ...]]
     """Tables each unit writes; a unit's rows in each are replaced together."""
-    resources: ClassVar[Resources] = Resources()
 
     @abstractmethod
     def plan(self, store) -> list[WorkUnit]:
