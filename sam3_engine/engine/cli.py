@@ -90,17 +90,22 @@ def _print_summary(result: RunResult) -> None:
     console.print(f"query it: sam3-engine query {result.output} \"SELECT * FROM images LIMIT 5\"", highlight=False, soft_wrap=True)
 
 
-def _parse_setting(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise typer.BadParameter(f"expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
-
-
-def _parse_param(text: str) -> tuple[str, Any]:
+def _split_assignment(text: str) -> tuple[str, str]:
     if "=" not in text:
         raise typer.BadParameter(f"expected NAME=VALUE, got {text!r}")
     name, value = text.split("=", 1)
+    return name.strip(), value
+
+
+def _parse_setting(text: str) -> tuple[str, Any]:
+    """A config override: the value is YAML, as in a config file."""
+    key, value = _split_assignment(text)
+    return key, yaml.safe_load(value)
+
+
+def _parse_param(text: str) -> tuple[str, Any]:
+    """A SQL parameter: JSON when it parses (numbers, lists), else the literal text."""
+    name, value = _split_assignment(text)
     try:
         return name, json.loads(value)
     except json.JSONDecodeError:
