@@ -1,0 +1,244 @@
+"""SAM 3 behind a narrow interface: images and phrases in; per pair a presence score, per instance a mask out.
+
+``Sam3Segmenter.load`` takes a Hugging Face id (``facebook/sam3``, gated), a local directory in
+``save_pretrained`` layout, or ``tiny-random``: a small ``Sam3Config`` with seeded random weights
+and an offline CLIP tokenizer, which runs exactly the code path of the real model.
+
+One vision pass per image: its cached features are expanded (a view, no copy) to a batch of
+phrases, so K phrases cost one encoder pass plus K text-conditioned heads. Only kept instances are
+upsampled to full resolution, on the model's device.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+TINY_RANDOM = "tiny-random"
+TINY_RANDOM_SEED = 0
+TINY_RANDOM_INIT_RANGE = 0.1
+TEXT_CONTEXT = 32
+STABILITY_OFFSET = 1.0
+"""Logit offset for the stability score: IoU of the masks at logit > +offset and logit > -offset."""
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message says what failed and what to do."""
+
+
+@dataclass(frozen=True)
+class Instance:
+    mask: np.ndarray
+    """Boolean mask at the image's original (EXIF-oriented) resolution, H x W."""
+    box_xyxy: tuple[float, float, float, float]
+    """The model's box in pixels."""
+    object_score: float
+    score: float
+    """object_score x presence score, as SAM 3 ranks instances."""
+    stability: float
+
+
+@dataclass(frozen=True)
+class PairPrediction:
+    presence_score: float
+    instances: tuple[Instance, ...]
+
+
+@dataclass(frozen=True)
+class Tokens:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    truncated: tuple[bool, ...]
+
+
+def offline_clip_tokenizer():
+    """SAM 3's text tokenizer built from the CLIP BPE file that ships inside open_clip_torch."""
+    from open_clip.tokenizer import SimpleTokenizer
+    from transformers import CLIPTokenizer
+
+    bpe = SimpleTokenizer()
+    folder = Path(tempfile.mkdtemp(prefix="sam3-clip-bpe-"))
+    (folder / "vocab.json").write_text(json.dumps(bpe.encoder))
+    merges = sorted(bpe.bpe_ranks.items(), key=lambda item: item[1])
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(pair) for pair, _ in merges) + "\n")
+    special = "<end_of_text>"
+    return CLIPTokenizer(
+        str(folder / "vocab.json"),
+        str(folder / "merges.txt"),
+        bos_token="<start_of_text>",
+        eos_token=special,
+        pad_token=special,
+        unk_token=special,
+        model_max_length=TEXT_CONTEXT,
+    )
+
+
+def tiny_random_config():
+    """A small SAM 3: ViT 32 wide and 2 deep at 224 px, 5 queries; every module of the real one."""
+    from transformers.models.sam3 import (
+        Sam3Config,
+        Sam3DETRDecoderConfig,
+        Sam3DETREncoderConfig,
+        Sam3GeometryEncoderConfig,
+        Sam3MaskDecoderConfig,
+        Sam3ViTConfig,
+        Sam3VisionConfig,
+    )
+
+    backbone = Sam3ViTConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=224, patch_size=14, window_size=8, global_attn_indexes=[1], pretrain_image_size=224,
+    )
+    config = Sam3Config(
+        vision_config=Sam3VisionConfig(backbone_config=backbone, fpn_hidden_size=32, backbone_feature_sizes=[[64, 64], [32, 32], [16, 16]]),
+        text_config=dict(hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=2, num_attention_heads=2),
+        geometry_encoder_config=Sam3GeometryEncoderConfig(hidden_size=32, num_layers=1, num_attention_heads=2, intermediate_size=64),
+        detr_encoder_config=Sam3DETREncoderConfig(hidden_size=32, num_layers=1, num_attention_heads=2, intermediate_size=64),
+        detr_decoder_config=Sam3DETRDecoderConfig(hidden_size=32, num_layers=1, num_queries=5, num_attention_heads=2, intermediate_size=64),
+        mask_decoder_config=Sam3MaskDecoderConfig(hidden_size=32, num_upsampling_stages=2, num_attention_heads=2),
+    )
+    # At the default init (0.02) a model this small outputs mask logits of ~1e-4, so float noise
+    # flips mask pixels and every score sits at 0.25. At 0.1, logits are ~0.1 and combined scores
+    # spread over ~0.2-0.35: the default keep-threshold of 0.3 keeps real, stable masks.
+    for part in (config, config.vision_config, config.vision_config.backbone_config, config.text_config,
+                 config.geometry_encoder_config, config.detr_encoder_config, config.detr_decoder_config, config.mask_decoder_config):
+        part.initializer_range = TINY_RANDOM_INIT_RANGE
+    return config
+
+
+def _load_error(name: str, revision: str | None, exc: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"could not load SAM 3 from {name!r}" + (f" at revision {revision!r}" if revision else "") + f": {type(exc).__name__}: {exc}\n"
+        "  - facebook/sam3 is gated: request access on its Hugging Face page, accept the licence, then run "
+        "`huggingface-cli login` (or set HF_TOKEN) on every machine that runs the model;\n"
+        "  - without network access, copy a checkpoint saved with save_pretrained and pass its directory "
+        "(--model /path/to/sam3), or pre-fill the Hugging Face cache and set HF_HUB_OFFLINE=1;\n"
+        "  - for a smoke run with random weights, use --model tiny-random."
+    )
+
+
+class Sam3Segmenter:
+    """SAM 3 on one device. ``predict`` is the whole interface."""
+
+    def __init__(self, model, processor, model_id: str, revision: str | None, random_weights: bool):
+        self.model = model.eval()
+        self.processor = processor
+        self.model_id = model_id
+        self.revision = revision
+        self.random_weights = random_weights
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+
+    @classmethod
+    def load(cls, name: str, revision: str | None = None, device: str | None = None, dtype: str | None = None) -> Sam3Segmenter:
+        """Load weights and processor; bf16 on CUDA and fp32 on CPU unless ``dtype`` says otherwise."""
+        from transformers.models.sam3 import Sam3ImageProcessor, Sam3Model, Sam3Processor
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+        if name == TINY_RANDOM:
+            config = tiny_random_config()
+            torch.manual_seed(TINY_RANDOM_SEED)
+            model = Sam3Model(config)
+            size = config.vision_config.backbone_config.image_size
+            processor = Sam3Processor(image_processor=Sam3ImageProcessor(size={"height": size, "width": size}), tokenizer=offline_clip_tokenizer())
+            return cls(model.to(device=device, dtype=torch_dtype), processor, TINY_RANDOM, None, random_weights=True)
+        try:
+            model = Sam3Model.from_pretrained(name, revision=revision, dtype=torch_dtype)
+            processor = Sam3Processor.from_pretrained(name, revision=revision)
+        except Exception as exc:  # noqa: BLE001 - gated, missing, offline: all become one actionable error
+            raise _load_error(name, revision, exc) from exc
+        return cls(model.to(device), processor, name, revision, random_weights=False)
+
+    def tokenize(self, phrases: list[str]) -> Tokens:
+        """Token ids padded to SAM 3's 32-token context; longer phrases are truncated and flagged."""
+        tokenizer = self.processor.tokenizer
+        lengths = [len(ids) for ids in tokenizer(phrases, truncation=False)["input_ids"]]
+        truncated = tuple(n > TEXT_CONTEXT for n in lengths)
+        if any(truncated):
+            warnings.warn(f"{sum(truncated)} phrase(s) exceed SAM 3's {TEXT_CONTEXT}-token context and were truncated", stacklevel=2)
+        encoded = tokenizer(phrases, padding="max_length", truncation=True, max_length=TEXT_CONTEXT, return_tensors="pt")
+        return Tokens(encoded["input_ids"], encoded["attention_mask"], truncated)
+
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        """Resized, normalised pixels on CPU; safe to run on a CPU worker apart from the model."""
+        return self.processor.image_processor([image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"]
+
+    @torch.inference_mode()
+    def encode_images(self, pixel_values: torch.Tensor):
+        return self.model.get_vision_features(pixel_values=pixel_values.to(self.device, self.dtype))
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        images: list[Image.Image],
+        phrases: list[list[str]],
+        threshold: float = 0.3,
+        phrase_batch: int = 16,
+        pixel_values: torch.Tensor | None = None,
+    ) -> list[list[PairPrediction]]:
+        """Per image, per phrase: the presence score and every instance whose score >= ``threshold``."""
+        if pixel_values is None:
+            pixel_values = self.preprocess(images)
+        vision = self.encode_images(pixel_values)
+        results = []
+        for index, (image, image_phrases) in enumerate(zip(images, phrases)):
+            size = (image.height, image.width)
+            predictions: list[PairPrediction] = []
+            for start in range(0, len(image_phrases), phrase_batch):
+                batch = image_phrases[start : start + phrase_batch]
+                predictions.extend(self._head(vision, index, batch, size, threshold))
+            results.append(predictions)
+        return results
+
+    def _expanded(self, vision, index: int, count: int):
+        """Image ``index``'s vision features as a batch of ``count`` views: no copy, no recompute."""
+        pick = lambda t: t[index : index + 1].expand(count, *t.shape[1:])  # noqa: E731
+        return type(vision)(
+            last_hidden_state=pick(vision.last_hidden_state),
+            fpn_hidden_states=tuple(pick(t) for t in vision.fpn_hidden_states),
+            fpn_position_encoding=tuple(pick(t) for t in vision.fpn_position_encoding),
+        )
+
+    def _head(self, vision, index: int, phrases: list[str], size: tuple[int, int], threshold: float) -> list[PairPrediction]:
+        tokens = self.tokenize(phrases)
+        out = self.model(
+            vision_embeds=self._expanded(vision, index, len(phrases)),
+            input_ids=tokens.input_ids.to(self.device),
+            attention_mask=tokens.attention_mask.to(self.device),
+        )
+        # Scores and boxes are small: one transfer, then only kept masks are touched on the device.
+        presence = out.presence_logits.float().sigmoid()[:, 0].cpu()
+        object_scores = out.pred_logits.float().sigmoid().cpu()
+        scores = object_scores * presence[:, None]
+        height, width = size
+        boxes = out.pred_boxes.float().cpu() * torch.tensor([width, height, width, height])
+        predictions = []
+        for row in range(len(phrases)):
+            keep = torch.nonzero(scores[row] >= threshold).flatten()
+            instances: tuple[Instance, ...] = ()
+            if len(keep):
+                logits = F.interpolate(out.pred_masks[row, keep.to(self.device)][:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+                high, low = logits > STABILITY_OFFSET, logits > -STABILITY_OFFSET
+                stability = (high.flatten(1).sum(1).float() / low.flatten(1).sum(1).clamp(min=1).float()).cpu()
+                masks = (logits > 0).cpu().numpy()
+                instances = tuple(
+                    Instance(
+                        mask=masks[j],
+                        box_xyxy=tuple(boxes[row, query].tolist()),
+                        object_score=float(object_scores[row, query]),
+                        score=float(scores[row, query]),
+                        stability=float(stability[j]),
+                    )
+                    for j, query in enumerate(keep.tolist())
+                )
+            predictions.append(PairPrediction(float(presence[row]), instances))
+        return predictions

@@ -1,0 +1,93 @@
+"""The SAM 3 wrapper on a tiny random-weight model: same classes and code path as the real one."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from sam3_engine.models.sam3 import TEXT_CONTEXT, ModelLoadError, Sam3Segmenter, offline_clip_tokenizer
+
+THRESHOLD = 0.3
+"""The default keep-threshold; tiny-random's init spreads scores around it (see tiny_random_config)."""
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    return Sam3Segmenter.load("tiny-random")
+
+
+@pytest.fixture(scope="module")
+def photos(photos_dir):
+    return [ImageOps.exif_transpose(Image.open(photos_dir / name)) for name in ("groceries.jpg", "truck.jpg")]
+
+
+def test_offline_tokenizer_matches_open_clip_ids():
+    from open_clip.tokenizer import SimpleTokenizer
+
+    reference = SimpleTokenizer()
+    tokenizer = offline_clip_tokenizer()
+    for phrase in ("grocery bag", "a white pickup truck", "children's sports bibs!", "café"):
+        assert tokenizer(phrase)["input_ids"] == [49406, *reference.encode(phrase), 49407]
+
+
+def test_batched_phrases_equal_the_one_phrase_loop(segmenter, photos):
+    phrases = [["grocery bag", "car", "vegetable", "paper bag", "trunk"], ["pickup truck", "wall", "stairs"]]
+    batched = segmenter.predict(photos, phrases, threshold=THRESHOLD, phrase_batch=4)
+    looped = [[segmenter.predict([image], [[p]], threshold=THRESHOLD)[0][0] for p in image_phrases] for image, image_phrases in zip(photos, phrases)]
+    total = identical = 0
+    for image_batched, image_looped in zip(batched, looped):
+        for a, b in zip(image_batched, image_looped, strict=True):
+            assert abs(a.presence_score - b.presence_score) < 1e-5
+            assert len(a.instances) == len(b.instances)
+            for x, y in zip(a.instances, b.instances):
+                assert abs(x.score - y.score) < 1e-5 and abs(x.object_score - y.object_score) < 1e-5
+                # Batch size changes float reduction order (logits differ by ~1e-9), which can flip a
+                # pixel whose upsampled logit is within 1e-9 of zero: at most one in a million.
+                assert x.mask.shape == y.mask.shape
+                assert np.count_nonzero(x.mask != y.mask) <= x.mask.size // 1_000_000
+                identical += np.array_equal(x.mask, y.mask)
+                total += 1
+    assert total > 0, "the threshold must keep real instances"
+    assert identical >= total - 1
+
+
+def test_masks_are_at_the_oriented_original_resolution(segmenter, photos):
+    rotated = photos[1].transpose(Image.Transpose.ROTATE_90)
+    (pair,) = segmenter.predict([rotated], [["truck"]], threshold=THRESHOLD)[0]
+    assert pair.instances and all(i.mask.shape == (rotated.height, rotated.width) and i.mask.dtype == bool for i in pair.instances)
+    assert any(i.mask.any() for i in pair.instances)
+    assert all(0.0 <= i.stability <= 1.0 for i in pair.instances)
+
+
+def test_long_phrases_are_truncated_and_flagged(segmenter):
+    long_phrase = " ".join(["very"] * 60) + " long truck"
+    with pytest.warns(UserWarning, match="truncated"):
+        tokens = segmenter.tokenize(["truck", long_phrase])
+    assert tokens.truncated == (False, True)
+    assert tokens.input_ids.shape == (2, TEXT_CONTEXT)
+
+
+def test_save_pretrained_directory_round_trip(segmenter, photos, tmp_path):
+    segmenter.model.save_pretrained(tmp_path)
+    segmenter.processor.save_pretrained(tmp_path)
+    loaded = Sam3Segmenter.load(str(tmp_path))
+    assert not loaded.random_weights and loaded.model_id == str(tmp_path)
+    a = segmenter.predict(photos[:1], [["bag"]], threshold=THRESHOLD)[0][0]
+    b = loaded.predict(photos[:1], [["bag"]], threshold=THRESHOLD)[0][0]
+    assert abs(a.presence_score - b.presence_score) < 1e-6 and len(a.instances) == len(b.instances)
+
+
+def test_gated_or_unreachable_weights_give_an_actionable_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError) as error:
+        Sam3Segmenter.load("facebook/sam3", revision="main")
+    message = str(error.value)
+    for hint in ("facebook/sam3", "huggingface-cli login", "licence", "save_pretrained", "--model tiny-random"):
+        assert hint in message
+
+
+def test_tiny_random_is_deterministic(photos):
+    a = Sam3Segmenter.load("tiny-random").predict(photos[:1], [["bag"]], threshold=THRESHOLD)[0][0]
+    b = Sam3Segmenter.load("tiny-random").predict(photos[:1], [["bag"]], threshold=THRESHOLD)[0][0]
+    assert [i.score for i in a.instances] == [i.score for i in b.instances]
+    assert torch.get_default_dtype() == torch.float32
