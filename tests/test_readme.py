@@ -1,8 +1,9 @@
 """The README documents what exists: every table column, config key and reject reason."""
 
-from sam3_engine.engine.config import IngestConfig, ModelConfig, RunConfig, StorageConfig
+from sam3_engine.engine.config import IngestConfig, ModelConfig, ProposeConfig, RunConfig, StorageConfig
 from sam3_engine.schemas.tables import TABLES
 from sam3_engine.stages.ingest import REASONS
+from sam3_engine.stages.propose import REASONS as PROPOSE_REASONS
 from tests.conftest import REPO
 
 README = (REPO / "README.md").read_text()
@@ -16,11 +17,11 @@ def test_every_table_and_column_is_documented():
 
 
 def test_every_config_key_and_reject_reason_is_documented():
-    for prefix, model in (("", RunConfig), ("ingest.", IngestConfig), ("model.", ModelConfig), ("storage.", StorageConfig)):
+    for prefix, model in (("", RunConfig), ("ingest.", IngestConfig), ("model.", ModelConfig), ("propose.", ProposeConfig), ("storage.", StorageConfig)):
         for name, field in model.model_fields.items():
             if field.description:
                 assert f"`{prefix}{name}`" in README, prefix + name
-    for reason in REASONS:
+    for reason in {**REASONS, **PROPOSE_REASONS}:
         assert f"| `{reason}` |" in README, reason
 
 

@@ -18,6 +18,7 @@ from sam3_engine.engine import catalog, storage
 from sam3_engine.engine.config import ConfigError, StorageConfig, load_config
 from sam3_engine.engine.run import ReconciliationError, RunResult, run_pipeline
 from sam3_engine.engine.runner import default_progress
+from sam3_engine.models.sam3 import ModelLoadError
 from sam3_engine.schemas.tables import TABLES
 from sam3_engine.stages.inputs import InputError
 
@@ -49,15 +50,20 @@ def run(
         resolved = load_config(config, overrides)
         console.print(f"run directory: [bold]{resolved.output}[/]  stages: {', '.join(resolved.stages)}", highlight=False)
         if quiet:
-            result = run_pipeline(resolved)
+            result = run_pipeline(resolved, announce=_announce)
         else:
             with default_progress() as progress:
-                result = run_pipeline(resolved, progress)
-    except (ConfigError, InputError) as exc:
+                result = run_pipeline(resolved, progress, announce=_announce)
+    except (ConfigError, InputError, ModelLoadError) as exc:
         _fail(str(exc))
     except ReconciliationError as exc:
         _fail(str(exc), code=3)
     _print_summary(result)
+
+
+def _announce(notices: list[str]) -> None:
+    for notice in notices:
+        console.print(f"[bold yellow on red] WARNING [/] [bold]{notice}[/]", highlight=False, soft_wrap=True)
 
 
 def _print_summary(result: RunResult) -> None:
@@ -87,6 +93,7 @@ def _print_summary(result: RunResult) -> None:
                 f"{report.name}: {report.items_total} inputs = {c['images']} images + {c['duplicates']} duplicates + {c['rejects']} rejects",
                 highlight=False,
             )
+    _announce(result.notices)
     console.print(f"query it: sam3-engine query {result.output} \"SELECT * FROM images LIMIT 5\"", highlight=False, soft_wrap=True)
 
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-STAGE_NAMES = ("ingest",)
+STAGE_NAMES = ("ingest", "propose")
 """Every stage the engine knows, in pipeline order."""
 
 DEFAULT_RUNS_DIR = "runs"
@@ -60,8 +60,23 @@ class IngestConfig(_Frozen):
 
 
 class ModelConfig(_Frozen):
-    name: str = Field("facebook/sam3", description="Hugging Face id or local directory of the SAM 3 checkpoint (used by the proposal stage).")
+    name: str = Field("facebook/sam3", description="Hugging Face id or local directory of the SAM 3 checkpoint, or tiny-random (random weights, for smoke runs).")
     revision: str | None = Field(None, description="Pinned revision of the checkpoint.")
+    device: str | None = Field(None, description="Torch device for the model; default: cuda when the worker has a GPU, else cpu.")
+    dtype: Literal["bfloat16", "float16", "float32"] | None = Field(None, description="Weights and activations; default: bfloat16 on CUDA, float32 on CPU.")
+    fallback_to_tiny_random: bool = Field(
+        False, description="When the checkpoint cannot be reached, run tiny-random instead of failing (the quickstart only; announced loudly)."
+    )
+
+
+class ProposeConfig(_Frozen):
+    phrases: tuple[str, ...] = Field((), description="Phrases to ask SAM 3 about on every image (until concept mining supplies them).")
+    vocabulary: str | None = Field(None, description="A text file of phrases, one per line, added to `phrases`.")
+    threshold: float = Field(0.3, ge=0.0, le=1.0, description="Keep instances whose combined score (object x presence) is at least this.")
+    unit_size: int = Field(16, ge=1, description="Images per work unit (one atomic commit).")
+    image_batch: int = Field(4, ge=1, description="Images per vision-encoder batch.")
+    phrase_batch: int = Field(16, ge=1, description="Phrases per text-conditioned head batch, against one image's cached features.")
+    workers: int = Field(1, ge=1, description="Model workers (one per GPU on a GPU machine).")
 
 
 class RunConfig(_Frozen):
@@ -70,6 +85,7 @@ class RunConfig(_Frozen):
     stages: tuple[str, ...] = Field(STAGE_NAMES, description="Stages to run, in pipeline order.")
     model: ModelConfig = ModelConfig()
     ingest: IngestConfig = IngestConfig()
+    propose: ProposeConfig = ProposeConfig()
     storage: StorageConfig = StorageConfig()
 
     @field_validator("stages", mode="before")
@@ -121,10 +137,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
         for key in ("input", "output"):
             if isinstance(data.get(key), str):
                 data[key] = _rebase(data[key], base)
+        propose = data.get("propose")
+        if isinstance(propose, dict) and isinstance(propose.get("vocabulary"), str):
+            propose["vocabulary"] = _rebase(propose["vocabulary"], base)
     for key, value in (overrides or {}).items():
         if value is None:
             continue
-        if key in ("input", "output") and isinstance(value, str):
+        if key in ("input", "output", "propose.vocabulary") and isinstance(value, str):
             value = _rebase(value, Path.cwd())
         _set_dotted(data, key, value)
     try:

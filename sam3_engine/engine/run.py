@@ -12,6 +12,7 @@ import os
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,7 +27,9 @@ from sam3_engine.engine.runner import StageReport, UnitRunner
 from sam3_engine.engine.store import TableStore
 from sam3_engine.schemas.tables import RUNS
 from sam3_engine.stages.base import Stage
+from sam3_engine.models.sam3 import choose_model
 from sam3_engine.stages.ingest import IngestStage
+from sam3_engine.stages.propose import ProposeStage
 
 
 class ReconciliationError(RuntimeError):
@@ -42,14 +45,41 @@ class RunResult:
     git_commit: str | None
     seconds: float
     stages: list[StageReport]
+    notices: list[str]
 
 
-def build_stage(name: str, config: RunConfig) -> Stage:
-    if name == "ingest":
-        if not config.input:
-            raise ConfigError("the ingest stage needs an input: set `input:` in the config or pass --input")
-        return IngestStage(storage.absolute_url(config.input), config.ingest, config.storage)
-    raise ConfigError(f"unknown stage {name!r}")
+def build_stages(config: RunConfig, run_id: str) -> list[Stage]:
+    """The configured stages, checked up front: a missing input or unreachable model fails before any work."""
+    stages: list[Stage] = []
+    for name in config.stages:
+        if name == "ingest":
+            if not config.input:
+                raise ConfigError("the ingest stage needs an input: set `input:` in the config or pass --input")
+            stages.append(IngestStage(storage.absolute_url(config.input), config.ingest, config.storage))
+        elif name == "propose":
+            choice = choose_model(config.model.name, config.model.revision, config.model.fallback_to_tiny_random)
+            stages.append(ProposeStage(config.propose, config.model, choice, config.storage, run_id))
+        else:
+            raise ConfigError(f"unknown stage {name!r}")
+    return stages
+
+
+def notices(stages: list[Stage]) -> list[str]:
+    """What a user must not miss, printed at the start and the end of a run."""
+    found = []
+    for stage in stages:
+        choice = getattr(stage, "choice", None)
+        if choice is not None and choice.fallback_reason:
+            found.append(f"NOT REAL SAM 3: {choice.fallback_reason}; running tiny-random (random weights): masks are meaningless")
+        elif choice is not None and choice.random_weights:
+            found.append("model tiny-random: random weights, masks are meaningless (a smoke run)")
+    return found
+
+
+def _workers(stage: Stage, config: RunConfig) -> int:
+    if stage.name == "propose":
+        return config.propose.workers
+    return config.ingest.workers or os.cpu_count() or 1
 
 
 def git_commit() -> str | None:
@@ -64,22 +94,26 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def _run_metadata(config: RunConfig) -> dict:
-    """Read the run's ``run.json``, creating it on the first attempt; rewrite ``config.yaml``."""
+def _read_run_metadata(config: RunConfig) -> dict:
+    """The run's ``run.json`` as it stands, or fresh metadata for a first attempt; writes nothing."""
     fs, root = storage.filesystem(config.output, config.storage)
-    fs.makedirs(root, exist_ok=True)
     meta_path = storage.join(root, "run.json")
     if fs.exists(meta_path):
         with fs.open(meta_path, "r") as f:
             meta = json.load(f)
     else:
         meta = {"run_id": uuid.uuid4().hex, "created_at": datetime.now(timezone.utc).isoformat()}
-    meta.update(engine_version=sam3_engine.__version__, git_commit=git_commit())
-    with fs.open(meta_path, "w") as f:
+    return {**meta, "engine_version": sam3_engine.__version__, "git_commit": git_commit()}
+
+
+def _write_run_metadata(config: RunConfig, meta: dict) -> None:
+    """Write ``run.json`` and the resolved ``config.yaml`` of this attempt."""
+    fs, root = storage.filesystem(config.output, config.storage)
+    fs.makedirs(root, exist_ok=True)
+    with fs.open(storage.join(root, "run.json"), "w") as f:
         json.dump(meta, f, indent=2)
     with fs.open(storage.join(root, "config.yaml"), "w") as f:
         f.write(config.to_yaml())
-    return meta
 
 
 def _runs_row(meta: dict, attempt_id: str, config: RunConfig, started: datetime, status: str, summary=None, error=None) -> pa.Table:
@@ -103,20 +137,26 @@ def _runs_row(meta: dict, attempt_id: str, config: RunConfig, started: datetime,
     )
 
 
-def run_pipeline(config: RunConfig, progress=None) -> RunResult:
-    """Run ``config.stages`` in order into ``config.output``; safe to call again after a crash."""
+def run_pipeline(config: RunConfig, progress=None, announce: Callable[[list[str]], None] | None = None) -> RunResult:
+    """Run ``config.stages`` in order into ``config.output``; safe to call again after a crash.
+
+    ``announce`` receives the run's notices (such as a model fallback) before any work starts.
+    """
     clock = time.monotonic()
-    stages = [build_stage(name, config) for name in config.stages]
-    meta = _run_metadata(config)
+    meta = _read_run_metadata(config)
+    stages = build_stages(config, meta["run_id"])
+    _write_run_metadata(config, meta)
+    if announce is not None:
+        announce(notices(stages))
     store = TableStore(config.output, config.storage)
     attempt_id = uuid.uuid4().hex
     started = datetime.now(timezone.utc)
     store.replace(RUNS, attempt_id, _runs_row(meta, attempt_id, config, started, "running"))
-    runner = UnitRunner(store, attempt_id, config.ingest.workers or os.cpu_count() or 1, progress)
+    runner = UnitRunner(store, attempt_id, progress)
     reports: list[StageReport] = []
     try:
         for stage in stages:
-            report = runner.run(stage)
+            report = runner.run(stage, _workers(stage, config))
             con = connect(store)
             report.counts = stage.summarize(con)
             con.close()
@@ -130,7 +170,7 @@ def run_pipeline(config: RunConfig, progress=None) -> RunResult:
         summary = {"stages": [asdict(r) for r in reports]}
         store.replace(RUNS, attempt_id, _runs_row(meta, attempt_id, config, started, "failed", summary, f"{type(exc).__name__}: {exc}"))
         raise
-    result = RunResult(meta["run_id"], attempt_id, store.run_url, meta["engine_version"], meta["git_commit"], time.monotonic() - clock, reports)
-    summary = {"seconds": result.seconds, "stages": [asdict(r) for r in reports]}
+    result = RunResult(meta["run_id"], attempt_id, store.run_url, meta["engine_version"], meta["git_commit"], time.monotonic() - clock, reports, notices(stages))
+    summary = {"seconds": result.seconds, "notices": result.notices, "stages": [asdict(r) for r in reports]}
     store.replace(RUNS, attempt_id, _runs_row(meta, attempt_id, config, started, "finished", summary))
     return result

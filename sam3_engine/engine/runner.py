@@ -66,14 +66,15 @@ class _Commits:
 
 
 class UnitRunner:
-    def __init__(self, store: TableStore, attempt_id: str, workers: int, progress: Progress | None = None):
+    def __init__(self, store: TableStore, attempt_id: str, progress: Progress | None = None):
         self.store = store
         self.attempt_id = attempt_id
-        self.workers = max(1, workers)
+        self.workers = 1
         self.progress = progress
         self._commits = _Commits()
 
-    def run(self, stage: Stage) -> StageReport:
+    def run(self, stage: Stage, workers: int) -> StageReport:
+        self.workers = max(1, workers)
         started = time.monotonic()
         report = StageReport(stage.name)
         units = stage.plan(self.store)

@@ -12,10 +12,12 @@ upsampled to full resolution, on the model's device.
 from __future__ import annotations
 
 import json
+import socket
 import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
@@ -36,6 +38,8 @@ class ModelLoadError(RuntimeError):
 
 @dataclass(frozen=True)
 class Instance:
+    query: int
+    """Index of the DETR query that produced the instance: stable for a given model and input."""
     mask: np.ndarray
     """Boolean mask at the image's original (EXIF-oriented) resolution, H x W."""
     box_xyxy: tuple[float, float, float, float]
@@ -123,6 +127,50 @@ def _load_error(name: str, revision: str | None, exc: Exception) -> ModelLoadErr
         "(--model /path/to/sam3), or pre-fill the Hugging Face cache and set HF_HUB_OFFLINE=1;\n"
         "  - for a smoke run with random weights, use --model tiny-random."
     )
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which checkpoint a run uses, decided once on the driver before any worker loads it."""
+
+    name: str
+    revision: str | None
+    fallback_reason: str | None = None
+    """Why tiny-random replaced the configured checkpoint, when it did."""
+
+    @property
+    def random_weights(self) -> bool:
+        return self.name == TINY_RANDOM
+
+
+def _check_hub_reachable(timeout: float = 3.0) -> None:
+    """Fail in seconds, not after the hub client's minute of retries, when the hub is unreachable."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise ConnectionError("HF_HUB_OFFLINE is set and the checkpoint is not in the local cache")
+    url = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConnectionError(f"cannot reach {constants.ENDPOINT}: {exc}") from exc
+
+
+def choose_model(name: str, revision: str | None, fallback_to_tiny_random: bool) -> ModelChoice:
+    """Check that the checkpoint is reachable (its config.json, not its weights); fall back only if asked."""
+    if name == TINY_RANDOM or Path(name).is_dir():
+        return ModelChoice(name, revision)
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    try:
+        if not isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+            _check_hub_reachable()
+            hf_hub_download(name, "config.json", revision=revision)
+    except Exception as exc:  # noqa: BLE001 - gated, missing, offline
+        if not fallback_to_tiny_random:
+            raise _load_error(name, revision, exc) from exc
+        return ModelChoice(TINY_RANDOM, None, fallback_reason=f"{name} is not reachable ({type(exc).__name__})")
+    return ModelChoice(name, revision)
 
 
 class Sam3Segmenter:
@@ -232,6 +280,7 @@ class Sam3Segmenter:
                 masks = (logits > 0).cpu().numpy()
                 instances = tuple(
                     Instance(
+                        query=query,
                         mask=masks[j],
                         box_xyxy=tuple(boxes[row, query].tolist()),
                         object_score=float(object_scores[row, query]),

@@ -152,7 +152,65 @@ RUNS = TableSpec(
     ),
 )
 
-TABLES: dict[str, TableSpec] = {t.name: t for t in (IMAGES, SOURCES, REJECTS, UNITS, RUNS)}
+CONCEPTS = TableSpec(
+    name="concepts",
+    doc="One row per distinct phrase the engine asks SAM 3 about.",
+    version=1,
+    key=("concept_id",),
+    columns=(
+        Column("concept_id", pa.string(), "Hash of the normalised phrase: the same phrase has the same id in every run."),
+        Column("phrase", pa.string(), "The phrase as given to the model."),
+        _unit_column(),
+    ),
+)
+
+PAIRS = TableSpec(
+    name="pairs",
+    doc="One row per (image, concept) the proposal stage ran, with SAM 3's presence score and instance count.",
+    version=1,
+    key=("pair_id",),
+    columns=(
+        Column("pair_id", pa.string(), "Hash of image_id and concept_id: stable across runs."),
+        Column("image_id", pa.string(), "The image (see `images`)."),
+        Column("concept_id", pa.string(), "The concept (see `concepts`)."),
+        Column("phrase", pa.string(), "The phrase, for convenience."),
+        Column("presence_score", pa.float32(), "sigmoid(presence logit): is the concept in the image at all."),
+        Column("instance_count", pa.int32(), "Instances kept at `propose.threshold`."),
+        Column("phrase_truncated", pa.bool_(), "The phrase exceeded SAM 3's 32-token context and was truncated."),
+        Column("model_id", pa.string(), "Checkpoint id or directory, or tiny-random."),
+        Column("model_revision", pa.string(), "Checkpoint revision, when pinned.", nullable=True),
+        Column("random_weights", pa.bool_(), "True when the model had random weights (tiny-random): not a real prediction."),
+        Column("run_id", pa.string(), "Run that produced the pair."),
+        _unit_column(),
+    ),
+)
+
+MASKS = TableSpec(
+    name="masks",
+    doc="One row per proposed instance: a COCO RLE mask at the image's original (EXIF-oriented) resolution with its scores.",
+    version=1,
+    key=("mask_id",),
+    columns=(
+        Column("mask_id", pa.string(), "Hash of pair_id and the model's query index: deterministic."),
+        Column("pair_id", pa.string(), "The (image, concept) pair (see `pairs`)."),
+        Column("image_id", pa.string(), "The image."),
+        Column("concept_id", pa.string(), "The concept."),
+        Column("query_index", pa.int32(), "Index of the DETR query that produced the instance."),
+        Column("height", pa.int32(), "Mask height: the image's height after EXIF orientation."),
+        Column("width", pa.int32(), "Mask width: the image's width after EXIF orientation."),
+        Column("rle_counts", pa.string(), "COCO compressed RLE counts (pycocotools string form) of the mask."),
+        Column("bbox", pa.list_(pa.float64(), 4), "Box of the mask, [x, y, w, h] in pixels (pycocotools toBbox)."),
+        Column("area", pa.int64(), "Mask area in pixels (pycocotools area)."),
+        Column("model_box", pa.list_(pa.float32(), 4), "The model's own box, [x0, y0, x1, y1] in pixels."),
+        Column("object_score", pa.float32(), "sigmoid(object logit) of the query."),
+        Column("presence_score", pa.float32(), "The pair's presence score."),
+        Column("score", pa.float32(), "object_score x presence_score, as SAM 3 ranks instances."),
+        Column("stability_score", pa.float32(), "IoU of the mask at logit > +1 and logit > -1: how crisp its boundary is."),
+        _unit_column(),
+    ),
+)
+
+TABLES: dict[str, TableSpec] = {t.name: t for t in (IMAGES, SOURCES, REJECTS, CONCEPTS, PAIRS, MASKS, UNITS, RUNS)}
 
 
 def validate(spec: TableSpec, table: pa.Table) -> pa.Table:

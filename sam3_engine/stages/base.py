@@ -10,11 +10,14 @@ import hashlib
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
 
 import pyarrow as pa
 
 from sam3_engine.schemas.tables import TableSpec
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,31 @@ def fingerprint(stage: str, payload: Any) -> str:
     """``stage:hash`` of everything that decides a unit's rows: stage version, config, inputs."""
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
     return f"{stage}:{digest[:32]}"
+
+
+def content_defined_chunks(items: list[T], key: Callable[[T], str], unit_size: int) -> list[list[T]]:
+    """Shards of sorted ``items`` that end after an item whose key hashes to 0 mod ``unit_size``.
+
+    Boundaries depend only on the keys near them, so adding items changes only the shard they land
+    in (or splits it), and a restart re-runs nothing else. Past twice the average size a shard also
+    ends at any key hitting 0 mod unit_size/8, which keeps shards short without a fixed cap (a fixed
+    cap would shift every later boundary after an insertion).
+    """
+    shards, current = [], []
+    for item in items:
+        current.append(item)
+        digest = int(hashlib.sha256(key(item).encode()).hexdigest()[:12], 16)
+        if digest % unit_size == 0 or (len(current) >= 2 * unit_size and digest % max(1, unit_size // 8) == 0):
+            shards.append(current)
+            current = []
+    if current:
+        shards.append(current)
+    return shards
+
+
+def rows_table(spec: TableSpec, rows: list[dict[str, Any]], unit_id: str) -> pa.Table:
+    """A unit's rows as an Arrow table of ``spec``'s schema, each stamped with the unit id."""
+    return pa.Table.from_pylist([{**row, "unit_id": unit_id} for row in rows], schema=spec.schema)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from sam3_engine.engine import storage
 from sam3_engine.engine.catalog import connect, named_query
 from sam3_engine.engine.config import IngestConfig, StorageConfig
 from sam3_engine.schemas.tables import IMAGES, REJECTS, SOURCES
-from sam3_engine.stages.base import Derivation, Stage, WorkUnit, fingerprint
+from sam3_engine.stages.base import Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, rows_table
 from sam3_engine.stages.inputs import InputEntry, list_inputs
 
 VERSION = 1
@@ -160,30 +160,6 @@ def _reject_row(entry: InputEntry, reject: Reject) -> dict[str, Any]:
     }
 
 
-def _table(spec, rows: list[dict[str, Any]], unit_id: str) -> pa.Table:
-    return pa.Table.from_pylist([{**row, "unit_id": unit_id} for row in rows], schema=spec.schema)
-
-
-def chunk(entries: list[InputEntry], unit_size: int) -> list[list[InputEntry]]:
-    """Content-defined shards: a shard ends after an entry whose URI hash hits 0 mod unit_size.
-
-    Boundaries depend only on the URIs near them, so adding files to a corpus changes only the
-    shard they land in (or splits it), and a restart re-runs nothing else. Past twice the average
-    size a shard also ends at any entry hitting 0 mod unit_size/8, which keeps shards short
-    without a fixed cap (a fixed cap would shift every later boundary after an insertion).
-    """
-    shards, current = [], []
-    for entry in entries:
-        current.append(entry)
-        digest = int(hashlib.sha256(entry.uri.encode()).hexdigest()[:12], 16)
-        if digest % unit_size == 0 or (len(current) >= 2 * unit_size and digest % max(1, unit_size // 8) == 0):
-            shards.append(current)
-            current = []
-    if current:
-        shards.append(current)
-    return shards
-
-
 class IngestStage(Stage):
     name = "ingest"
     outputs = (SOURCES, REJECTS)
@@ -197,7 +173,7 @@ class IngestStage(Stage):
         entries = list_inputs(self.input_url, self.config.input_format, self.storage_config)
         settings = self.config.model_dump(mode="json", include={"max_pixels", "max_bytes", "formats"})
         units = []
-        for shard in chunk(entries, self.config.unit_size):
+        for shard in content_defined_chunks(entries, lambda e: e.uri, self.config.unit_size):
             described = [(e.input_id, e.uri, e.captions, e.alt_text, e.source, e.version, e.problem) for e in shard]
             unit_id = fingerprint(self.name, {"version": VERSION, "settings": settings, "inputs": described})
             units.append(WorkUnit(unit_id, tuple(shard)))
@@ -210,11 +186,11 @@ class IngestStage(Stage):
                 accepted.append(probe(entry, self.config, self.storage_config))
             except Reject as reject:
                 rejected.append(_reject_row(entry, reject))
-        return {SOURCES.name: _table(SOURCES, accepted, unit.unit_id), REJECTS.name: _table(REJECTS, rejected, unit.unit_id)}
+        return {SOURCES.name: rows_table(SOURCES, accepted, unit.unit_id), REJECTS.name: rows_table(REJECTS, rejected, unit.unit_id)}
 
     def process_isolated(self, unit: WorkUnit, item: InputEntry, error: str) -> dict[str, pa.Table]:
         row = _reject_row(item, Reject("worker_crashed", f"decoding {item.uri} killed the worker: {error}"))
-        return {SOURCES.name: _table(SOURCES, [], unit.unit_id), REJECTS.name: _table(REJECTS, [row], unit.unit_id)}
+        return {SOURCES.name: rows_table(SOURCES, [], unit.unit_id), REJECTS.name: rows_table(REJECTS, [row], unit.unit_id)}
 
     def derive(self, store, done_units: list[str]) -> Derivation:
         unit_id = fingerprint(f"{self.name}.images", {"version": VERSION, "units": sorted(done_units)})

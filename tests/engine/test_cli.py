@@ -66,8 +66,11 @@ def test_bad_config_is_reported_not_raised(tmp_path):
     assert done.returncode == 2 and "ingest.workerz: unknown key" in done.stderr and "Traceback" not in done.stderr
     done = cli("run", "--output", str(tmp_path / "o"))
     assert done.returncode == 2 and "needs an input" in done.stderr
-    done = cli("run", "--input", str(tmp_path / "nothing-here"), "--output", str(tmp_path / "o"))
+    done = cli("run", "--input", str(tmp_path / "nothing-here"), "--output", str(tmp_path / "o"), "--stages", "ingest")
     assert done.returncode == 2 and "does not exist" in done.stderr
+    done = cli("run", "--input", str(tmp_path), "--output", str(tmp_path / "p"), "--model", "tiny-random")
+    assert done.returncode == 2 and "needs phrases" in done.stderr
+    assert not (tmp_path / "p").exists(), "a config error must not leave a run directory behind"
 
 
 def test_every_command_has_help():

@@ -21,7 +21,7 @@ TABLES = {
 
 def _cli(input_dir, output, env_extra=None, **popen):
     env = {**os.environ, **(env_extra or {})}
-    command = [sys.executable, "-m", "sam3_engine", "run", "-q", "--input", str(input_dir), "--output", str(output), "--workers", "1", "--set", "ingest.unit_size=2"]
+    command = [sys.executable, "-m", "sam3_engine", "run", "-q", "--input", str(input_dir), "--output", str(output), "--workers", "1", "--stages", "ingest", "--set", "ingest.unit_size=2"]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **popen)
 
 

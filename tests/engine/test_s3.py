@@ -27,7 +27,7 @@ def bucket(s3_server, photos_dir, request):
 
 
 def test_s3_folder_in_s3_run_directory_out(bucket, s3_server):
-    config = load_config(None, {"input": f"s3://{bucket}/photos/", "output": f"s3://{bucket}/runs/one", "storage.endpoint_url": s3_server})
+    config = load_config(None, {"input": f"s3://{bucket}/photos/", "output": f"s3://{bucket}/runs/one", "storage.endpoint_url": s3_server, "stages": "ingest"})
     result = run_pipeline(config)
     storage = StorageConfig(endpoint_url=s3_server)
     images = rows(f"s3://{bucket}/runs/one", "SELECT uris, width, height FROM images ORDER BY width", storage_config=storage)
@@ -46,7 +46,7 @@ def test_s3_folder_in_s3_run_directory_out(bucket, s3_server):
 
 
 def test_s3_manifest_and_query_cli(bucket, s3_server):
-    config = load_config(None, {"input": f"s3://{bucket}/manifest.jsonl", "output": f"s3://{bucket}/runs/two", "storage.endpoint_url": s3_server})
+    config = load_config(None, {"input": f"s3://{bucket}/manifest.jsonl", "output": f"s3://{bucket}/runs/two", "storage.endpoint_url": s3_server, "stages": "ingest"})
     run_pipeline(config)
     out = subprocess.run(
         [sys.executable, "-m", "sam3_engine", "query", f"s3://{bucket}/runs/two", "SELECT uri, captions FROM images ORDER BY uri", "--format", "json", "--endpoint-url", s3_server],

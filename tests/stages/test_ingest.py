@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from sam3_engine.engine.config import IngestConfig, StorageConfig
-from sam3_engine.stages.ingest import REASONS, Reject, chunk, probe
+from sam3_engine.stages.base import content_defined_chunks
+from sam3_engine.stages.ingest import REASONS, Reject, probe
 from sam3_engine.stages.inputs import InputEntry, list_inputs
 from tests.conftest import broken_files, odd_images
 from tests.helpers import ingest, rows
@@ -137,14 +138,14 @@ def test_missing_input_is_a_clear_error(tmp_path):
 
 def test_chunks_are_stable_when_files_are_added():
     entries = [InputEntry(uri=f"s3://b/img{i:05d}.jpg") for i in range(2000)]
-    before = chunk(entries, 16)
+    before = content_defined_chunks(entries, lambda e: e.uri, 16)
     assert [e for shard in before for e in shard] == entries
     assert max(map(len, before)) <= 4 * 16
     assert 2000 / 16 * 0.7 < len(before) < 2000 / 16 * 1.3
     shards = {tuple(e.uri for e in s) for s in before}
     for i in range(0, 2000, 97):
         grown = sorted(entries + [InputEntry(uri=f"s3://b/img{i:05d}-new.jpg")], key=lambda e: e.uri)
-        changed = {tuple(e.uri for e in s) for s in chunk(grown, 16)} - shards
+        changed = {tuple(e.uri for e in s) for s in content_defined_chunks(grown, lambda e: e.uri, 16)} - shards
         assert 1 <= len(changed) <= 3, i
 
 

@@ -1,0 +1,242 @@
+"""Propose: every instance mask SAM 3 finds for every (image, phrase) pair.
+
+Entry point: ``ProposeStage``. A unit is a shard of images; each image gets one vision pass and
+all phrases run against its cached features (``models.sam3``). Masks are stored as COCO RLE at
+the image's EXIF-oriented resolution. The model is loaded once per worker process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image, ImageOps
+from pycocotools import mask as mask_utils
+
+from sam3_engine.engine import storage
+from sam3_engine.engine.config import ConfigError, ModelConfig, ProposeConfig, StorageConfig
+from sam3_engine.models.sam3 import ModelChoice, PairPrediction, Sam3Segmenter
+from sam3_engine.schemas.tables import CONCEPTS, IMAGES, MASKS, PAIRS, REJECTS
+from sam3_engine.stages.base import Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, rows_table
+
+VERSION = 1
+"""Bump when a change to this module changes the rows it writes: every unit then re-runs."""
+
+REASONS = {
+    "image_unreadable": "The image could not be read or decoded at proposal time.",
+    "model_error": "The model failed on this image alone (after its batch failed).",
+    "out_of_memory": "The device ran out of memory even with a batch of one.",
+}
+
+
+def normalise_phrase(phrase: str) -> str:
+    return re.sub(r"\s+", " ", phrase.strip().lower())
+
+
+def concept_id(phrase: str) -> str:
+    return hashlib.sha256(normalise_phrase(phrase).encode()).hexdigest()[:16]
+
+
+def _hash(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
+
+
+def load_phrases(config: ProposeConfig, storage_config: StorageConfig) -> tuple[str, ...]:
+    """Phrases from the config and the vocabulary file, first spelling kept, duplicates dropped."""
+    phrases = list(config.phrases)
+    if config.vocabulary:
+        fs, path = storage.filesystem(config.vocabulary, storage_config)
+        if not fs.exists(path):
+            raise ConfigError(f"propose.vocabulary: no file at {config.vocabulary}")
+        with fs.open(path, "r") as f:
+            phrases += [line for line in f.read().splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if any(not normalise_phrase(p) for p in phrases):
+        raise ConfigError("propose.phrases: empty phrases are not allowed")
+    unique: dict[str, str] = {}
+    for phrase in phrases:
+        unique.setdefault(concept_id(phrase), phrase.strip())
+    if not unique:
+        raise ConfigError("the propose stage needs phrases: set propose.phrases or propose.vocabulary")
+    return tuple(unique.values())
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    image_id: str
+    uri: str
+
+
+_SEGMENTERS: dict[tuple, Sam3Segmenter] = {}
+
+
+def _segmenter(choice: ModelChoice, model: ModelConfig) -> Sam3Segmenter:
+    """The worker's model, loaded on first use and kept for every later unit."""
+    key = (choice.name, choice.revision, model.device, model.dtype)
+    if key not in _SEGMENTERS:
+        _SEGMENTERS[key] = Sam3Segmenter.load(choice.name, choice.revision, device=model.device, dtype=model.dtype)
+    return _SEGMENTERS[key]
+
+
+def _is_out_of_memory(exc: Exception) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+class ProposeStage(Stage):
+    name = "propose"
+    outputs = (PAIRS, MASKS, REJECTS)
+
+    def __init__(self, config: ProposeConfig, model: ModelConfig, choice: ModelChoice, storage_config: StorageConfig, run_id: str):
+        self.config = config
+        self.model = model
+        self.choice = choice
+        self.storage_config = storage_config
+        self.run_id = run_id
+        self.phrases = load_phrases(config, storage_config)
+
+    def plan(self, store) -> list[WorkUnit]:
+        images = store.read(IMAGES.name, columns=["image_id", "uri"]).sort_by("image_id").to_pylist()
+        refs = [ImageRef(**row) for row in images]
+        settings = {
+            "version": VERSION,
+            "model": [self.choice.name, self.choice.revision, self.model.dtype],
+            "threshold": self.config.threshold,
+            "phrases": list(self.phrases),
+        }
+        return [
+            WorkUnit(fingerprint(self.name, {**settings, "images": [r.image_id for r in shard]}), tuple(shard))
+            for shard in content_defined_chunks(refs, lambda r: r.image_id, self.config.unit_size)
+        ]
+
+    def process(self, unit: WorkUnit) -> dict[str, pa.Table]:
+        segmenter = _segmenter(self.choice, self.model)
+        tokens = segmenter.tokenize(list(self.phrases))
+        pairs, masks, rejects = [], [], []
+        loaded: list[tuple[ImageRef, Image.Image]] = []
+        for ref in unit.items:
+            try:
+                loaded.append((ref, self._load(ref)))
+            except Exception as exc:  # noqa: BLE001 - a bad file is a reject, not a crash
+                rejects.append(self._reject(ref, "image_unreadable", f"{type(exc).__name__}: {exc}"))
+        for start in range(0, len(loaded), self.config.image_batch):
+            batch = loaded[start : start + self.config.image_batch]
+            for ref, image, outcome in self._predict(segmenter, batch, self.config.image_batch, self.config.phrase_batch):
+                if isinstance(outcome, tuple):
+                    rejects.append(self._reject(ref, *outcome))
+                    continue
+                for phrase, truncated, prediction in zip(self.phrases, tokens.truncated, outcome):
+                    pair = self._pair_row(ref, phrase, truncated, prediction)
+                    pairs.append(pair)
+                    masks.extend(self._mask_rows(pair, image, prediction))
+        return {
+            PAIRS.name: rows_table(PAIRS, pairs, unit.unit_id),
+            MASKS.name: rows_table(MASKS, masks, unit.unit_id),
+            REJECTS.name: rows_table(REJECTS, rejects, unit.unit_id),
+        }
+
+    def _predict(self, segmenter: Sam3Segmenter, batch, image_batch: int, phrase_batch: int):
+        """Yield (ref, image, predictions or (reason, detail)); a failing batch is split until the culprit is alone."""
+        images = [image for _, image in batch]
+        try:
+            results = segmenter.predict(images, [list(self.phrases)] * len(images), self.config.threshold, phrase_batch)
+        except Exception as exc:  # noqa: BLE001 - decide below: split, shrink, or reject
+            oom = _is_out_of_memory(exc)
+            if oom:
+                import torch
+
+                torch.cuda.empty_cache()
+            if len(batch) > 1:
+                half = len(batch) // 2
+                for part in (batch[:half], batch[half:]):
+                    yield from self._predict(segmenter, part, half, phrase_batch)
+                return
+            if oom and phrase_batch > 1:
+                yield from self._predict(segmenter, batch, 1, phrase_batch // 2)
+                return
+            ref, image = batch[0]
+            yield ref, image, ("out_of_memory" if oom else "model_error", f"{type(exc).__name__}: {exc}")
+            return
+        for (ref, image), predictions in zip(batch, results):
+            yield ref, image, predictions
+
+    def _load(self, ref: ImageRef) -> Image.Image:
+        fs, path = storage.filesystem(ref.uri, self.storage_config)
+        with fs.open(path, "rb") as f:
+            image = Image.open(f)
+            image.load()
+        return ImageOps.exif_transpose(image).convert("RGB")
+
+    def _reject(self, ref: ImageRef, reason: str, detail: str) -> dict[str, Any]:
+        return {"input_id": ref.image_id, "stage": self.name, "uri": ref.uri, "image_id": ref.image_id, "reason": reason, "detail": detail}
+
+    def _pair_row(self, ref: ImageRef, phrase: str, truncated: bool, prediction: PairPrediction) -> dict[str, Any]:
+        cid = concept_id(phrase)
+        return {
+            "pair_id": _hash(ref.image_id, cid),
+            "image_id": ref.image_id,
+            "concept_id": cid,
+            "phrase": phrase,
+            "presence_score": prediction.presence_score,
+            "instance_count": len(prediction.instances),
+            "phrase_truncated": truncated,
+            "model_id": self.choice.name,
+            "model_revision": self.choice.revision,
+            "random_weights": self.choice.random_weights,
+            "run_id": self.run_id,
+        }
+
+    def _mask_rows(self, pair: dict[str, Any], image: Image.Image, prediction: PairPrediction) -> list[dict[str, Any]]:
+        rows = []
+        for instance in prediction.instances:
+            rle = mask_utils.encode(np.asfortranarray(instance.mask, dtype=np.uint8))
+            rows.append(
+                {
+                    "mask_id": _hash(pair["pair_id"], str(instance.query)),
+                    "pair_id": pair["pair_id"],
+                    "image_id": pair["image_id"],
+                    "concept_id": pair["concept_id"],
+                    "query_index": instance.query,
+                    "height": image.height,
+                    "width": image.width,
+                    "rle_counts": rle["counts"].decode("ascii"),
+                    "bbox": mask_utils.toBbox(rle).tolist(),
+                    "area": int(mask_utils.area(rle)),
+                    "model_box": list(instance.box_xyxy),
+                    "object_score": instance.object_score,
+                    "presence_score": prediction.presence_score,
+                    "score": instance.score,
+                    "stability_score": instance.stability,
+                }
+            )
+        return rows
+
+    def derive(self, store, done_units: list[str]) -> Derivation:
+        rows = [{"concept_id": concept_id(p), "phrase": p} for p in self.phrases]
+        unit_id = fingerprint(f"{self.name}.concepts", {"version": VERSION, "phrases": list(self.phrases)})
+        table = rows_table(CONCEPTS, rows, unit_id)
+        return Derivation(unit_id, CONCEPTS, pa.RecordBatchReader.from_batches(CONCEPTS.schema, table.to_batches()))
+
+    def summarize(self, con) -> dict[str, Any]:
+        images, pairs, with_masks, masks = con.execute(
+            "SELECT (SELECT count(DISTINCT image_id) FROM pairs), (SELECT count(*) FROM pairs), "
+            "(SELECT count(*) FROM pairs WHERE instance_count > 0), (SELECT count(*) FROM masks)"
+        ).fetchone()
+        reasons = dict(con.execute("SELECT reason, count(*) FROM rejects WHERE stage = $stage GROUP BY reason ORDER BY reason", {"stage": self.name}).fetchall())
+        counts = {
+            "accounted": images + sum(reasons.values()),
+            "phrases": len(self.phrases),
+            "pairs": pairs,
+            "pairs_with_masks": with_masks,
+            "masks": masks,
+            "rejects": sum(reasons.values()),
+            "reject_reasons": reasons,
+            "model": self.choice.name,
+        }
+        if self.choice.random_weights:
+            counts["random_weights"] = True
+        return counts
