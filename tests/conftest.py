@@ -144,3 +144,19 @@ def s3_server():
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One two-node local Ray cluster shared by every test that runs model actors."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    loopback = {"node_ip_address": "127.0.0.1"}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False, **loopback})
+    cluster.add_node(num_cpus=2, **loopback)
+    ray.init(address=cluster.address)
+    cluster.wait_for_nodes()
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()

@@ -76,7 +76,12 @@ class ProposeConfig(_Frozen):
     unit_size: int = Field(16, ge=1, description="Images per work unit (one atomic commit).")
     image_batch: int = Field(4, ge=1, description="Images per vision-encoder batch.")
     phrase_batch: int = Field(16, ge=1, description="Phrases per text-conditioned head batch, against one image's cached features.")
-    workers: int = Field(1, ge=1, description="Model workers (one per GPU on a GPU machine).")
+    workers: int | None = Field(None, ge=1, description="Model actors; default: one per GPU in the Ray cluster, or one CPU actor without GPUs.")
+    gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per model actor; default: 1 when the cluster has GPUs, else 0 (CPU actors).")
+
+
+class RayConfig(_Frozen):
+    address: str | None = Field(None, description="Ray cluster to join (else RAY_ADDRESS; else a local Ray is started).")
 
 
 class RunConfig(_Frozen):
@@ -86,6 +91,7 @@ class RunConfig(_Frozen):
     model: ModelConfig = ModelConfig()
     ingest: IngestConfig = IngestConfig()
     propose: ProposeConfig = ProposeConfig()
+    ray: RayConfig = RayConfig()
     storage: StorageConfig = StorageConfig()
 
     @field_validator("stages", mode="before")

@@ -23,7 +23,8 @@ import sam3_engine
 from sam3_engine.engine import storage
 from sam3_engine.engine.catalog import connect
 from sam3_engine.engine.config import ConfigError, RunConfig
-from sam3_engine.engine.runner import StageReport, UnitRunner
+from sam3_engine.engine.ray_executor import RayExecutor
+from sam3_engine.engine.runner import Executor, ProcessExecutor, StageReport, UnitRunner
 from sam3_engine.engine.store import TableStore
 from sam3_engine.schemas.tables import RUNS
 from sam3_engine.stages.base import Stage
@@ -76,10 +77,11 @@ def notices(stages: list[Stage]) -> list[str]:
     return found
 
 
-def _workers(stage: Stage, config: RunConfig) -> int:
-    if stage.name == "propose":
-        return config.propose.workers
-    return config.ingest.workers or os.cpu_count() or 1
+def _executor(stage: Stage, config: RunConfig) -> Executor:
+    """Model stages run on Ray actors (GPUs where the cluster has them); the rest on local processes."""
+    if stage.uses_model:
+        return RayExecutor(config.propose.workers, config.propose.gpus_per_worker, config.ray.address)
+    return ProcessExecutor(config.ingest.workers or os.cpu_count() or 1)
 
 
 def git_commit() -> str | None:
@@ -156,7 +158,7 @@ def run_pipeline(config: RunConfig, progress=None, announce: Callable[[list[str]
     reports: list[StageReport] = []
     try:
         for stage in stages:
-            report = runner.run(stage, _workers(stage, config))
+            report = runner.run(stage, _executor(stage, config))
             con = connect(store)
             report.counts = stage.summarize(con)
             con.close()

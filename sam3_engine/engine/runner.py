@@ -15,14 +15,18 @@ import time
 from collections import deque
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import pyarrow as pa
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from sam3_engine.engine.store import TableStore
 from sam3_engine.schemas.tables import UNITS
 from sam3_engine.stages.base import Derivation, Stage, WorkUnit
+
+if TYPE_CHECKING:
+    from sam3_engine.engine.store import TableStore
 
 KILL_AFTER_COMMITS_ENV = "SAM3_ENGINE_KILL_AFTER_COMMITS"
 """Fault injection for tests: SIGKILL the driver right after this many Delta commits."""
@@ -43,11 +47,16 @@ class StageReport:
     counts: dict = field(default_factory=dict)
 
 
-def _process(stage: Stage, unit: WorkUnit) -> dict[str, pa.Table]:
+def crash_if_asked(unit: WorkUnit) -> None:
+    """Fault injection (see CRASH_ON_ENV): exit abruptly, as a segfault or an OOM kill would."""
     marker = os.environ.get(CRASH_ON_ENV)
     if marker and any(marker in repr(item) for item in unit.items):
         os._exit(70)
-    return stage.process(unit)
+
+
+def _process(stage: Stage, unit: WorkUnit) -> dict[str, pa.Table]:
+    crash_if_asked(unit)
+    return stage.process(unit, stage.prepare(unit))
 
 
 class _Commits:
@@ -65,16 +74,22 @@ class _Commits:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class Executor(Protocol):
+    """Where units run. ``execute`` calls ``committed(unit, tables)`` for every unit and returns the worker crashes it saw."""
+
+    def execute(self, stage: Stage, units: list[WorkUnit], committed: Callable[[WorkUnit, dict[str, pa.Table]], None]) -> int: ...
+
+
 class UnitRunner:
+    """Plans a stage, skips done units, drops stale ones, commits each unit's rows, derives tables."""
+
     def __init__(self, store: TableStore, attempt_id: str, progress: Progress | None = None):
         self.store = store
         self.attempt_id = attempt_id
-        self.workers = 1
         self.progress = progress
         self._commits = _Commits()
 
-    def run(self, stage: Stage, workers: int) -> StageReport:
-        self.workers = max(1, workers)
+    def run(self, stage: Stage, executor: Executor) -> StageReport:
         started = time.monotonic()
         report = StageReport(stage.name)
         units = stage.plan(self.store)
@@ -101,14 +116,43 @@ class UnitRunner:
             if task is not None:
                 self.progress.advance(task, unit.size)
 
-        suspects = self._run_pool(stage, todo, committed)
-        for unit in suspects:
-            report.worker_crashes += self._run_suspect(stage, unit, committed)
+        report.worker_crashes = executor.execute(stage, todo, committed)
         derivation = stage.derive(self.store, sorted(planned))
         if derivation is not None:
             self._derive(derivation, report.items_total)
         report.seconds = time.monotonic() - started
         return report
+
+    def _derive(self, derivation: Derivation, num_inputs: int) -> None:
+        """Rebuild a derived table unless the ledger holds exactly this derivation."""
+        ledger_stage = derivation.unit_id.split(":", 1)[0]
+        done = self.store.done_units(ledger_stage)
+        self.store.delete_units(UNITS, done - {derivation.unit_id})
+        if derivation.unit_id in done:
+            return
+        written = self.store.overwrite(derivation.table, derivation.rows)
+        self._commits.tick()
+        self.store.record_unit(ledger_stage, derivation.unit_id, self.attempt_id, num_inputs, {derivation.table.name: written})
+        self._commits.tick()
+
+    def _commit(self, stage: Stage, unit: WorkUnit, tables: dict[str, pa.Table]) -> None:
+        written = {}
+        for spec in stage.outputs:
+            written[spec.name] = self.store.replace(spec, unit.unit_id, tables[spec.name])
+            self._commits.tick()
+        self.store.record_unit(stage.name, unit.unit_id, self.attempt_id, unit.size, written)
+        self._commits.tick()
+
+
+class ProcessExecutor:
+    """A pool of local worker processes, at most two units in flight per worker."""
+
+    def __init__(self, workers: int):
+        self.workers = max(1, workers)
+
+    def execute(self, stage: Stage, units: list[WorkUnit], committed) -> int:
+        suspects = self._run_pool(stage, units, committed)
+        return sum(self._run_suspect(stage, unit, committed) for unit in suspects)
 
     def _pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
@@ -175,26 +219,6 @@ class UnitRunner:
                     parts.append(stage.process_isolated(unit, item, str(exc) or "worker process died"))
         committed(unit, {spec.name: pa.concat_tables([p[spec.name] for p in parts]) for spec in stage.outputs})
         return crashes
-
-    def _derive(self, derivation: Derivation, num_inputs: int) -> None:
-        """Rebuild a derived table unless the ledger holds exactly this derivation."""
-        ledger_stage = derivation.unit_id.split(":", 1)[0]
-        done = self.store.done_units(ledger_stage)
-        self.store.delete_units(UNITS, done - {derivation.unit_id})
-        if derivation.unit_id in done:
-            return
-        written = self.store.overwrite(derivation.table, derivation.rows)
-        self._commits.tick()
-        self.store.record_unit(ledger_stage, derivation.unit_id, self.attempt_id, num_inputs, {derivation.table.name: written})
-        self._commits.tick()
-
-    def _commit(self, stage: Stage, unit: WorkUnit, tables: dict[str, pa.Table]) -> None:
-        written = {}
-        for spec in stage.outputs:
-            written[spec.name] = self.store.replace(spec, unit.unit_id, tables[spec.name])
-            self._commits.tick()
-        self.store.record_unit(stage.name, unit.unit_id, self.attempt_id, unit.size, written)
-        self._commits.tick()
 
 
 def default_progress() -> Progress:

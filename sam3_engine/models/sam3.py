@@ -173,6 +173,24 @@ def choose_model(name: str, revision: str | None, fallback_to_tiny_random: bool)
     return ModelChoice(name, revision)
 
 
+def load_image_processor(choice: ModelChoice):
+    """The checkpoint's image processor alone (a small JSON, no weights): for CPU preprocessing workers."""
+    from transformers.models.sam3 import Sam3ImageProcessor
+
+    if choice.random_weights:
+        size = tiny_random_config().vision_config.backbone_config.image_size
+        return Sam3ImageProcessor(size={"height": size, "width": size})
+    try:
+        return Sam3ImageProcessor.from_pretrained(choice.name, revision=choice.revision)
+    except Exception as exc:  # noqa: BLE001
+        raise _load_error(choice.name, choice.revision, exc) from exc
+
+
+def preprocess(image_processor, images: list[Image.Image]) -> torch.Tensor:
+    """Resized, normalised pixels on CPU: the model's input, made apart from the model."""
+    return image_processor([image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"]
+
+
 class Sam3Segmenter:
     """SAM 3 on one device. ``predict`` is the whole interface."""
 
@@ -188,7 +206,7 @@ class Sam3Segmenter:
     @classmethod
     def load(cls, name: str, revision: str | None = None, device: str | None = None, dtype: str | None = None) -> Sam3Segmenter:
         """Load weights and processor; bf16 on CUDA and fp32 on CPU unless ``dtype`` says otherwise."""
-        from transformers.models.sam3 import Sam3ImageProcessor, Sam3Model, Sam3Processor
+        from transformers.models.sam3 import Sam3Model, Sam3Processor
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
@@ -196,8 +214,7 @@ class Sam3Segmenter:
             config = tiny_random_config()
             torch.manual_seed(TINY_RANDOM_SEED)
             model = Sam3Model(config)
-            size = config.vision_config.backbone_config.image_size
-            processor = Sam3Processor(image_processor=Sam3ImageProcessor(size={"height": size, "width": size}), tokenizer=offline_clip_tokenizer())
+            processor = Sam3Processor(image_processor=load_image_processor(ModelChoice(TINY_RANDOM, None)), tokenizer=offline_clip_tokenizer())
             return cls(model.to(device=device, dtype=torch_dtype), processor, TINY_RANDOM, None, random_weights=True)
         try:
             model = Sam3Model.from_pretrained(name, revision=revision, dtype=torch_dtype)
@@ -217,29 +234,32 @@ class Sam3Segmenter:
         return Tokens(encoded["input_ids"], encoded["attention_mask"], truncated)
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
-        """Resized, normalised pixels on CPU; safe to run on a CPU worker apart from the model."""
-        return self.processor.image_processor([image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"]
+        return preprocess(self.processor.image_processor, images)
 
     @torch.inference_mode()
     def encode_images(self, pixel_values: torch.Tensor):
         return self.model.get_vision_features(pixel_values=pixel_values.to(self.device, self.dtype))
 
-    @torch.inference_mode()
     def predict(
+        self, images: list[Image.Image], phrases: list[list[str]], threshold: float = 0.3, phrase_batch: int = 16
+    ) -> list[list[PairPrediction]]:
+        """Per image, per phrase: the presence score and every instance whose score >= ``threshold``."""
+        sizes = [(image.height, image.width) for image in images]
+        return self.predict_pixels(self.preprocess(images), sizes, phrases, threshold, phrase_batch)
+
+    @torch.inference_mode()
+    def predict_pixels(
         self,
-        images: list[Image.Image],
+        pixel_values: torch.Tensor,
+        sizes: list[tuple[int, int]],
         phrases: list[list[str]],
         threshold: float = 0.3,
         phrase_batch: int = 16,
-        pixel_values: torch.Tensor | None = None,
     ) -> list[list[PairPrediction]]:
-        """Per image, per phrase: the presence score and every instance whose score >= ``threshold``."""
-        if pixel_values is None:
-            pixel_values = self.preprocess(images)
+        """``predict`` on pixels from ``preprocess`` (made elsewhere, e.g. on a CPU worker); sizes are (H, W)."""
         vision = self.encode_images(pixel_values)
         results = []
-        for index, (image, image_phrases) in enumerate(zip(images, phrases)):
-            size = (image.height, image.width)
+        for index, (size, image_phrases) in enumerate(zip(sizes, phrases)):
             predictions: list[PairPrediction] = []
             for start in range(0, len(image_phrases), phrase_batch):
                 batch = image_phrases[start : start + phrase_batch]
@@ -263,6 +283,10 @@ class Sam3Segmenter:
             input_ids=tokens.input_ids.to(self.device),
             attention_mask=tokens.attention_mask.to(self.device),
         )
+        return self._postprocess(out, phrases, size, threshold)
+
+    def _postprocess(self, out, phrases: list[str], size: tuple[int, int], threshold: float) -> list[PairPrediction]:
+        """Scores for every query; full-resolution masks, on the device, only for kept instances."""
         # Scores and boxes are small: one transfer, then only kept masks are touched on the device.
         presence = out.presence_logits.float().sigmoid()[:, 0].cpu()
         object_scores = out.pred_logits.float().sigmoid().cpu()

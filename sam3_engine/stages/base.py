@@ -81,9 +81,16 @@ class Stage(ABC):
     def plan(self, store) -> list[WorkUnit]:
         """Every unit of the stage for the current config and inputs, done or not."""
 
+    uses_model: ClassVar[bool] = False
+    """True for stages whose ``process`` needs a model: the engine runs them on model actors."""
+
+    def prepare(self, unit: WorkUnit) -> Any:
+        """CPU work for a unit (decoding, resizing), run apart from ``process`` so a GPU never waits on it."""
+        return None
+
     @abstractmethod
-    def process(self, unit: WorkUnit) -> dict[str, pa.Table]:
-        """The rows of one unit, per output table. Pure: may run in any process."""
+    def process(self, unit: WorkUnit, prepared: Any = None) -> dict[str, pa.Table]:
+        """The rows of one unit, per output table, from ``prepare``'s result. Pure: may run in any process."""
 
     def process_isolated(self, unit: WorkUnit, item: Any, error: str) -> dict[str, pa.Table]:
         """Rows for an item whose processing crashed its worker; by default the unit fails."""

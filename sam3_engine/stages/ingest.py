@@ -179,7 +179,7 @@ class IngestStage(Stage):
             units.append(WorkUnit(unit_id, tuple(shard)))
         return units
 
-    def process(self, unit: WorkUnit) -> dict[str, pa.Table]:
+    def process(self, unit: WorkUnit, prepared: Any = None) -> dict[str, pa.Table]:
         accepted, rejected = [], []
         for entry in unit.items:
             try:

@@ -19,7 +19,7 @@ from pycocotools import mask as mask_utils
 
 from sam3_engine.engine import storage
 from sam3_engine.engine.config import ConfigError, ModelConfig, ProposeConfig, StorageConfig
-from sam3_engine.models.sam3 import ModelChoice, PairPrediction, Sam3Segmenter
+from sam3_engine.models.sam3 import ModelChoice, PairPrediction, Sam3Segmenter, load_image_processor, preprocess
 from sam3_engine.schemas.tables import CONCEPTS, IMAGES, MASKS, PAIRS, REJECTS
 from sam3_engine.stages.base import Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, rows_table
 
@@ -27,6 +27,7 @@ VERSION = 1
 """Bump when a change to this module changes the rows it writes: every unit then re-runs."""
 
 REASONS = {
+    "worker_crashed": "The model worker died on this image twice (a crash, not an exception).",
     "image_unreadable": "The image could not be read or decoded at proposal time.",
     "model_error": "The model failed on this image alone (after its batch failed).",
     "out_of_memory": "The device ran out of memory even with a batch of one.",
@@ -70,7 +71,25 @@ class ImageRef:
     uri: str
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A unit after CPU preprocessing: what the model worker needs and nothing more."""
+
+    refs: tuple[ImageRef, ...]
+    sizes: tuple[tuple[int, int], ...]
+    """(height, width) of each image after EXIF orientation."""
+    pixels: np.ndarray | None
+    rejects: tuple[dict[str, Any], ...]
+
+
 _SEGMENTERS: dict[tuple, Sam3Segmenter] = {}
+_IMAGE_PROCESSORS: dict[ModelChoice, Any] = {}
+
+
+def _image_processor(choice: ModelChoice):
+    if choice not in _IMAGE_PROCESSORS:
+        _IMAGE_PROCESSORS[choice] = load_image_processor(choice)
+    return _IMAGE_PROCESSORS[choice]
 
 
 def _segmenter(choice: ModelChoice, model: ModelConfig) -> Sam3Segmenter:
@@ -90,6 +109,7 @@ def _is_out_of_memory(exc: Exception) -> bool:
 class ProposeStage(Stage):
     name = "propose"
     outputs = (PAIRS, MASKS, REJECTS)
+    uses_model = True
 
     def __init__(self, config: ProposeConfig, model: ModelConfig, choice: ModelChoice, storage_config: StorageConfig, run_id: str):
         self.config = config
@@ -113,56 +133,75 @@ class ProposeStage(Stage):
             for shard in content_defined_chunks(refs, lambda r: r.image_id, self.config.unit_size)
         ]
 
-    def process(self, unit: WorkUnit) -> dict[str, pa.Table]:
-        segmenter = _segmenter(self.choice, self.model)
-        tokens = segmenter.tokenize(list(self.phrases))
-        pairs, masks, rejects = [], [], []
-        loaded: list[tuple[ImageRef, Image.Image]] = []
+    def prepare(self, unit: WorkUnit) -> Prepared:
+        """Decode, orient and resize the unit's images on a CPU worker; unreadable ones become rejects."""
+        ready, sizes, images, rejects = [], [], [], []
         for ref in unit.items:
             try:
-                loaded.append((ref, self._load(ref)))
+                image = self._load(ref)
             except Exception as exc:  # noqa: BLE001 - a bad file is a reject, not a crash
                 rejects.append(self._reject(ref, "image_unreadable", f"{type(exc).__name__}: {exc}"))
-        for start in range(0, len(loaded), self.config.image_batch):
-            batch = loaded[start : start + self.config.image_batch]
-            for ref, image, outcome in self._predict(segmenter, batch, self.config.image_batch, self.config.phrase_batch):
+                continue
+            ready.append(ref)
+            sizes.append((image.height, image.width))
+            images.append(image)
+        pixels = preprocess(_image_processor(self.choice), images).numpy() if images else None
+        return Prepared(tuple(ready), tuple(sizes), pixels, tuple(rejects))
+
+    def process(self, unit: WorkUnit, prepared: Prepared | None = None) -> dict[str, pa.Table]:
+        prepared = prepared if prepared is not None else self.prepare(unit)
+        segmenter = _segmenter(self.choice, self.model)
+        truncated = segmenter.tokenize(list(self.phrases)).truncated
+        pairs, masks, rejects = [], [], list(prepared.rejects)
+        indices = list(range(len(prepared.refs)))
+        for start in range(0, len(indices), self.config.image_batch):
+            batch = indices[start : start + self.config.image_batch]
+            for i, outcome in self._predict(segmenter, prepared, batch, self.config.phrase_batch):
+                ref = prepared.refs[i]
                 if isinstance(outcome, tuple):
                     rejects.append(self._reject(ref, *outcome))
                     continue
-                for phrase, truncated, prediction in zip(self.phrases, tokens.truncated, outcome):
-                    pair = self._pair_row(ref, phrase, truncated, prediction)
+                for phrase, was_truncated, prediction in zip(self.phrases, truncated, outcome):
+                    pair = self._pair_row(ref, phrase, was_truncated, prediction)
                     pairs.append(pair)
-                    masks.extend(self._mask_rows(pair, image, prediction))
+                    masks.extend(self._mask_rows(pair, prepared.sizes[i], prediction))
         return {
             PAIRS.name: rows_table(PAIRS, pairs, unit.unit_id),
             MASKS.name: rows_table(MASKS, masks, unit.unit_id),
             REJECTS.name: rows_table(REJECTS, rejects, unit.unit_id),
         }
 
-    def _predict(self, segmenter: Sam3Segmenter, batch, image_batch: int, phrase_batch: int):
-        """Yield (ref, image, predictions or (reason, detail)); a failing batch is split until the culprit is alone."""
-        images = [image for _, image in batch]
+    def process_isolated(self, unit: WorkUnit, item: ImageRef, error: str) -> dict[str, pa.Table]:
+        rejects = [self._reject(item, "worker_crashed", f"the model worker died on this image: {error}")]
+        return {PAIRS.name: rows_table(PAIRS, [], unit.unit_id), MASKS.name: rows_table(MASKS, [], unit.unit_id), REJECTS.name: rows_table(REJECTS, rejects, unit.unit_id)}
+
+    def _predict(self, segmenter: Sam3Segmenter, prepared: Prepared, batch: list[int], phrase_batch: int):
+        """Yield (index, predictions or (reason, detail)); a failing batch is split until the culprit is alone."""
+        import torch
+
         try:
-            results = segmenter.predict(images, [list(self.phrases)] * len(images), self.config.threshold, phrase_batch)
+            results = segmenter.predict_pixels(
+                torch.from_numpy(prepared.pixels[batch[0] : batch[-1] + 1]),
+                [prepared.sizes[i] for i in batch],
+                [list(self.phrases)] * len(batch),
+                self.config.threshold,
+                phrase_batch,
+            )
         except Exception as exc:  # noqa: BLE001 - decide below: split, shrink, or reject
             oom = _is_out_of_memory(exc)
-            if oom:
-                import torch
-
+            if oom and torch.cuda.is_available():
                 torch.cuda.empty_cache()
             if len(batch) > 1:
                 half = len(batch) // 2
                 for part in (batch[:half], batch[half:]):
-                    yield from self._predict(segmenter, part, half, phrase_batch)
+                    yield from self._predict(segmenter, prepared, part, phrase_batch)
                 return
             if oom and phrase_batch > 1:
-                yield from self._predict(segmenter, batch, 1, phrase_batch // 2)
+                yield from self._predict(segmenter, prepared, batch, phrase_batch // 2)
                 return
-            ref, image = batch[0]
-            yield ref, image, ("out_of_memory" if oom else "model_error", f"{type(exc).__name__}: {exc}")
+            yield batch[0], ("out_of_memory" if oom else "model_error", f"{type(exc).__name__}: {exc}")
             return
-        for (ref, image), predictions in zip(batch, results):
-            yield ref, image, predictions
+        yield from zip(batch, results)
 
     def _load(self, ref: ImageRef) -> Image.Image:
         fs, path = storage.filesystem(ref.uri, self.storage_config)
@@ -190,7 +229,7 @@ class ProposeStage(Stage):
             "run_id": self.run_id,
         }
 
-    def _mask_rows(self, pair: dict[str, Any], image: Image.Image, prediction: PairPrediction) -> list[dict[str, Any]]:
+    def _mask_rows(self, pair: dict[str, Any], size: tuple[int, int], prediction: PairPrediction) -> list[dict[str, Any]]:
         rows = []
         for instance in prediction.instances:
             rle = mask_utils.encode(np.asfortranarray(instance.mask, dtype=np.uint8))
@@ -201,8 +240,8 @@ class ProposeStage(Stage):
                     "image_id": pair["image_id"],
                     "concept_id": pair["concept_id"],
                     "query_index": instance.query,
-                    "height": image.height,
-                    "width": image.width,
+                    "height": size[0],
+                    "width": size[1],
                     "rle_counts": rle["counts"].decode("ascii"),
                     "bbox": mask_utils.toBbox(rle).tolist(),
                     "area": int(mask_utils.area(rle)),

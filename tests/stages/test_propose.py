@@ -19,6 +19,11 @@ from tests.helpers import rows
 PHRASES = ["grocery bag", "pickup truck", "child", "Pickup  Truck"]
 
 
+@pytest.fixture(autouse=True)
+def _shared_ray(ray_cluster):
+    """In-process runs use the session's Ray cluster instead of starting their own."""
+
+
 def _run(input_dir, run_dir, **overrides):
     settings = {
         "input": str(input_dir),

@@ -1,0 +1,188 @@
+"""Proposal speed: encode-once phrase batching against the naive per-pair forward, and Ray pipeline efficiency.
+
+    python benchmarks/propose_speed.py encode-once --image-size 336            # CPU: reduced input size
+    python benchmarks/propose_speed.py encode-once --image-size 1008 --device cuda
+    python benchmarks/propose_speed.py pipeline --image-size 1008 --images 64 --phrases 16
+
+The model is the full-size SAM 3 architecture (default ``Sam3Config``) with random weights, saved
+once in ``save_pretrained`` layout and loaded through the engine's normal path (``--model DIR``).
+Random weights cost exactly what real ones cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+PHRASES = ["grocery bag", "car", "vegetable", "pickup truck", "child", "basketball court", "wall", "stairs",
+           "building", "bib", "tree", "window", "door", "person", "wheel", "bag", "box", "road", "sky", "shoe"]
+
+
+def full_size_checkpoint(image_size: int, folder: Path) -> Path:
+    """The default Sam3Config at ``image_size`` with seeded random weights, saved with its processor."""
+    from transformers.models.sam3 import Sam3Config, Sam3ImageProcessor, Sam3Model, Sam3Processor
+
+    from sam3_engine.models.sam3 import offline_clip_tokenizer
+
+    config = Sam3Config()
+    backbone = config.vision_config.backbone_config
+    backbone.image_size = image_size
+    side = image_size // backbone.patch_size
+    config.vision_config.backbone_feature_sizes = [[side * 4, side * 4], [side * 2, side * 2], [side, side]]
+    torch.manual_seed(0)
+    model = Sam3Model(config)
+    model.save_pretrained(folder)
+    Sam3Processor(image_processor=Sam3ImageProcessor(size={"height": image_size, "width": image_size}), tokenizer=offline_clip_tokenizer()).save_pretrained(folder)
+    return folder
+
+
+def photos(count: int) -> list[Image.Image]:
+    base = [ImageOps.exif_transpose(Image.open(p)).convert("RGB") for p in sorted((EXAMPLES / "images").glob("*.jpg"))]
+    return [(ImageOps.mirror(base[i % 3]) if (i // 3) % 2 else base[i % 3]) for i in range(count)]
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def encode_once(args, checkpoint: Path) -> dict:
+    from sam3_engine.models.sam3 import Sam3Segmenter
+
+    segmenter = Sam3Segmenter.load(str(checkpoint), device=args.device)
+    image = photos(1)
+    pixels = segmenter.preprocess(image)
+    size = [(image[0].height, image[0].width)]
+    results = {}
+
+    def timed(fn, repeats: int = 3) -> float:
+        fn()  # warm-up: kernels and allocator for this shape
+        _sync(args.device)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            _sync(args.device)
+            times.append(time.perf_counter() - start)
+        return sorted(times)[len(times) // 2]
+
+    with torch.inference_mode():
+        vision_s = timed(lambda: segmenter.encode_images(pixels))
+        vision = segmenter.encode_images(pixels)
+        head_s = timed(lambda: segmenter._head(vision, 0, PHRASES[:1], size[0], args.threshold))
+
+        def naive(phrases):
+            for phrase in phrases:
+                tokens = segmenter.tokenize([phrase])
+                out = segmenter.model(pixel_values=pixels.to(segmenter.device, segmenter.dtype), input_ids=tokens.input_ids.to(segmenter.device), attention_mask=tokens.attention_mask.to(segmenter.device))
+                segmenter._postprocess(out, [phrase], size[0], args.threshold)
+
+        for k in args.k:
+            phrases = (PHRASES * 4)[:k]
+            batched = timed(lambda: segmenter.predict_pixels(pixels, size, [phrases], args.threshold, phrase_batch=k))
+            looped = timed(lambda: naive(phrases))
+            ideal = k * (vision_s + head_s) / (vision_s + k * head_s)
+            results[k] = {"encode_once_s": round(batched, 4), "naive_s": round(looped, 4), "speedup": round(looped / batched, 2), "ideal_from_measured_parts": round(ideal, 2)}
+    return {"vision_pass_s": round(vision_s, 4), "head_per_phrase_s": round(head_s, 4), "by_k": results}
+
+
+def pipeline(args, checkpoint: Path) -> dict:
+    """Images/s through the Ray executor (CPU prepare tasks + model actors), against a bare loop over the same model and images.
+
+    The executor's results are collected rather than committed, so that this measures scheduling and
+    data movement; a Delta commit costs the driver a few milliseconds per unit (see BENCHMARKS.md).
+    """
+    from sam3_engine.engine.config import ModelConfig, ProposeConfig, StorageConfig
+    from sam3_engine.engine.ray_executor import RayExecutor, ensure_ray
+    from sam3_engine.models.sam3 import ModelChoice, Sam3Segmenter
+    from sam3_engine.stages.base import WorkUnit
+    from sam3_engine.stages.propose import ImageRef, ProposeStage
+
+    phrases = (PHRASES * 4)[: args.phrases]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp, "images")
+        folder.mkdir()
+        refs = []
+        for i, image in enumerate(photos(args.images)):
+            path = folder / f"img{i:04d}.jpg"
+            image.crop((i % 7, 0, image.width, image.height)).save(path, quality=92)
+            refs.append(ImageRef(image_id=f"{i:064d}", uri=str(path)))
+        loaded = [ImageOps.exif_transpose(Image.open(r.uri)).convert("RGB") for r in refs]
+
+        segmenter = Sam3Segmenter.load(str(checkpoint), device=args.device)
+        segmenter.predict(loaded[:1], [phrases], args.threshold, args.phrases)  # warm-up
+        _sync(args.device)
+        start = time.perf_counter()
+        for i in range(0, len(loaded), args.image_batch):
+            batch = loaded[i : i + args.image_batch]
+            segmenter.predict(batch, [phrases] * len(batch), args.threshold, args.phrases)
+        _sync(args.device)
+        bare = time.perf_counter() - start
+        peak_gpu = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
+        del segmenter
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+        ensure_ray()
+        config = ProposeConfig(phrases=tuple(phrases), threshold=args.threshold, image_batch=args.image_batch, phrase_batch=args.phrases)
+        stage = ProposeStage(config, ModelConfig(name=str(checkpoint), device=args.device), ModelChoice(str(checkpoint), None), StorageConfig(), "bench")
+        units = [WorkUnit(f"propose:{i:08d}", tuple(refs[i : i + args.unit_size])) for i in range(0, len(refs), args.unit_size)]
+        collected = []
+        start = time.perf_counter()
+        RayExecutor(actors=args.actors).execute(stage, units, lambda unit, tables: collected.append((time.perf_counter(), unit.size, tables)))
+        total = time.perf_counter() - start
+        masks = sum(t["masks"].num_rows for _, _, t in collected)
+    # Steady state: from the first unit's result (actors started, model loaded) to the last.
+    steady_images = sum(size for _, size, _ in collected[1:])
+    steady = collected[-1][0] - collected[0][0]
+    n = len(loaded)
+    return {
+        "images": n,
+        "phrases": len(phrases),
+        "masks": masks,
+        "bare_loop_images_per_s": round(n / bare, 3),
+        "engine_images_per_s": round(steady_images / steady, 3),
+        "engine_pairs_per_s": round(steady_images * len(phrases) / steady, 2),
+        "efficiency": round((steady_images / steady) / (n / bare), 3),
+        "engine_total_s_with_actor_start_and_model_load": round(total, 1),
+        "peak_gpu_memory_gib_bare_loop": peak_gpu,
+        "peak_rss_driver_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["encode-once", "pipeline"])
+    parser.add_argument("--image-size", type=int, default=336)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--k", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--images", type=int, default=12)
+    parser.add_argument("--phrases", type=int, default=4)
+    parser.add_argument("--image-batch", type=int, default=4)
+    parser.add_argument("--unit-size", type=int, default=8)
+    parser.add_argument("--actors", type=int, default=None)
+    parser.add_argument("--threshold", type=float, default=0.3)
+    parser.add_argument("--checkpoint", type=Path, default=None, help="Reuse a saved random checkpoint folder.")
+    args = parser.parse_args()
+    folder = args.checkpoint or Path(tempfile.mkdtemp(prefix="sam3-full-random-"))
+    if not (folder / "config.json").exists():
+        full_size_checkpoint(args.image_size, folder)
+    try:
+        result = encode_once(args, folder) if args.what == "encode-once" else pipeline(args, folder)
+    finally:
+        if args.checkpoint is None:
+            shutil.rmtree(folder, ignore_errors=True)
+    print(json.dumps({"what": args.what, "image_size": args.image_size, "device": args.device, **result}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Runs a model stage on Ray: CPU tasks prepare units, model actors process them, the driver commits.
+
+Each model actor is pinned to one GPU by Ray (``num_gpus=1``) and loads the model once; on a
+cluster without GPUs the actors are CPU actors. Preparation (decode, orient, resize) runs as Ray
+CPU tasks apart from the actors. Every actor holds at most two units: while it runs one, the next
+one's inputs are being prepared, so the GPU does not wait, and memory stays bounded at any corpus
+size. An actor that dies has its units redone on a fresh actor; only the driver commits, so no
+row is written twice. A unit that kills actors twice is split into single items so that only the
+culprit is rejected.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from dataclasses import dataclass
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError
+
+from sam3_engine.engine.runner import CRASH_ON_ENV, crash_if_asked
+from sam3_engine.stages.base import Stage, WorkUnit
+
+KILL_ACTOR_ONCE_ENV = "SAM3_ENGINE_KILL_MODEL_ACTOR_ONCE"
+"""Fault injection for tests: a path; the first actor to create it SIGKILLs itself mid-unit."""
+
+_DEATHS = (RayActorError, ActorDiedError, ActorUnavailableError, WorkerCrashedError)
+IN_FLIGHT_PER_ACTOR = 2
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to ``address`` (or RAY_ADDRESS) when given, else start a local Ray; reuse a live session."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # A private local Ray on loopback: never join some other cluster that happens to run here.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
+
+
+class _ModelWorker:
+    """One model actor: the stage's model is loaded by its first unit and kept."""
+
+    def __init__(self, stage: Stage):
+        self.stage = stage
+
+    def process(self, unit: WorkUnit, prepared):
+        crash_if_asked(unit)
+        tables = self.stage.process(unit, prepared)
+        marker = os.environ.get(KILL_ACTOR_ONCE_ENV)
+        if marker:
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                pass
+            else:
+                os.kill(os.getpid(), 9)
+        return tables
+
+
+def _prepare(stage: Stage, unit: WorkUnit):
+    return stage.prepare(unit)
+
+
+@dataclass
+class RayExecutor:
+    """Model actors: ``actors`` of them (default: one per GPU in the cluster, else one CPU actor)."""
+
+    actors: int | None = None
+    gpus_per_actor: float | None = None
+    address: str | None = None
+
+    def execute(self, stage: Stage, units: list[WorkUnit], committed) -> int:
+        ensure_ray(self.address)
+        cluster_gpus = ray.cluster_resources().get("GPU", 0)
+        gpus = self.gpus_per_actor if self.gpus_per_actor is not None else (1.0 if cluster_gpus >= 1 else 0.0)
+        count = self.actors or max(1, int(cluster_gpus // gpus) if gpus else 1)
+        # Named after the stage, so that the Ray dashboard shows what each actor does.
+        worker_class = type(f"{stage.name.title()}ModelWorker", (_ModelWorker,), {})
+        # Fault-injection switches reach the actors' processes, which do not inherit the driver's environment.
+        injected = {k: os.environ[k] for k in (KILL_ACTOR_ONCE_ENV, CRASH_ON_ENV) if k in os.environ}
+        options = {"runtime_env": {"env_vars": injected}} if injected else {}
+        actor_class = ray.remote(num_gpus=gpus, num_cpus=0 if gpus else 1, max_restarts=0, **options)(worker_class)
+        prepare = ray.remote(num_cpus=1, max_retries=3)(_prepare)
+        stage_ref = ray.put(stage)
+        actors = [actor_class.remote(stage_ref) for _ in range(count)]
+        pending = deque(units)
+        strikes: dict[str, int] = {}
+        inflight: dict[ray.ObjectRef, tuple[WorkUnit, object]] = {}
+        load = {actor: 0 for actor in actors}
+        crashes = 0
+        try:
+            while pending or inflight:
+                for actor in list(load):
+                    while pending and load[actor] < IN_FLIGHT_PER_ACTOR:
+                        unit = pending.popleft()
+                        inflight[actor.process.remote(unit, prepare.remote(stage_ref, unit))] = (unit, actor)
+                        load[actor] += 1
+                ready, _ = ray.wait(list(inflight), num_returns=1)
+                unit, actor = inflight.pop(ready[0])
+                if actor in load:
+                    load[actor] -= 1
+                try:
+                    tables = ray.get(ready[0])
+                except _DEATHS as exc:
+                    crashes += actor in load
+                    if actor in load:
+                        del load[actor]
+                        ray.kill(actor, no_restart=True)
+                        load[actor_class.remote(stage_ref)] = 0
+                    strikes[unit.unit_id] = strikes.get(unit.unit_id, 0) + 1
+                    if strikes[unit.unit_id] < 2:
+                        pending.appendleft(unit)
+                    else:
+                        crashes += self._isolate(stage, stage_ref, actor_class, prepare, unit, committed, str(exc))
+                    continue
+                committed(unit, tables)
+        finally:
+            for actor in load:
+                ray.kill(actor, no_restart=True)
+        return crashes
+
+    def _isolate(self, stage: Stage, stage_ref, actor_class, prepare, unit: WorkUnit, committed, error: str) -> int:
+        """Run a unit's items one by one, each on a fresh actor; an item that kills its actor is rejected."""
+        import pyarrow as pa
+
+        parts, crashes = [], 0
+        for item in unit.items:
+            single = WorkUnit(unit.unit_id, (item,))
+            actor = actor_class.remote(stage_ref)
+            try:
+                parts.append(ray.get(actor.process.remote(single, prepare.remote(stage_ref, single))))
+            except _DEATHS as exc:
+                crashes += 1
+                parts.append(stage.process_isolated(unit, item, str(exc).splitlines()[0] if str(exc) else error))
+            finally:
+                ray.kill(actor, no_restart=True)
+        committed(unit, {spec.name: pa.concat_tables([p[spec.name] for p in parts]) for spec in stage.outputs})
+        return crashes
