@@ -181,7 +181,7 @@ class ProposeStage(Stage):
 
         try:
             results = segmenter.predict_pixels(
-                torch.from_numpy(prepared.pixels[batch[0] : batch[-1] + 1]),
+                torch.from_numpy(prepared.pixels[batch[0] : batch[-1] + 1].copy()),  # Ray hands out read-only arrays
                 [prepared.sizes[i] for i in batch],
                 [list(self.phrases)] * len(batch),
                 self.config.threshold,
