@@ -152,9 +152,8 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    loopback = {"node_ip_address": "127.0.0.1"}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False, **loopback})
-    cluster.add_node(num_cpus=2, **loopback)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    cluster.add_node(num_cpus=2)
     ray.init(address=cluster.address)
     cluster.wait_for_nodes()
     yield cluster

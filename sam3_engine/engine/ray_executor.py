@@ -15,6 +15,7 @@ import os
 from collections import deque
 from dataclasses import dataclass
 
+import pyarrow as pa
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError
 
@@ -124,8 +125,6 @@ class RayExecutor:
 
     def _isolate(self, stage: Stage, stage_ref, actor_class, prepare, unit: WorkUnit, committed, error: str) -> int:
         """Run a unit's items one by one, each on a fresh actor; an item that kills its actor is rejected."""
-        import pyarrow as pa
-
         parts, crashes = [], 0
         for item in unit.items:
             single = WorkUnit(unit.unit_id, (item,))
