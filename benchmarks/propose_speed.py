@@ -2,6 +2,7 @@
 
     python benchmarks/propose_speed.py encode-once --image-size 336            # CPU: reduced input size
     python benchmarks/propose_speed.py encode-once --image-size 1008 --device cuda
+    python benchmarks/propose_speed.py negatives --image-size 112 --positives 5 --negatives 30
     python benchmarks/propose_speed.py pipeline --image-size 1008 --images 64 --phrases 16
 
 The model is the full-size SAM 3 architecture (default ``Sam3Config``) with random weights, saved
@@ -55,6 +56,19 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _timed(fn, device: str, repeats: int = 3) -> float:
+    """Median seconds of ``repeats`` calls after one warm-up call (kernels, allocator)."""
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
 def encode_once(args, checkpoint: Path) -> dict:
     from sam3_engine.models.sam3 import Sam3Segmenter
 
@@ -64,16 +78,7 @@ def encode_once(args, checkpoint: Path) -> dict:
     size = [(image[0].height, image[0].width)]
     results = {}
 
-    def timed(fn, repeats: int = 3) -> float:
-        fn()  # warm-up: kernels and allocator for this shape
-        _sync(args.device)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            _sync(args.device)
-            times.append(time.perf_counter() - start)
-        return sorted(times)[len(times) // 2]
+    timed = lambda fn: _timed(fn, args.device)  # noqa: E731
 
     with torch.inference_mode():
         vision_s = timed(lambda: segmenter.encode_images(pixels))
@@ -81,10 +86,8 @@ def encode_once(args, checkpoint: Path) -> dict:
         head_s = timed(lambda: segmenter._head(vision, 0, PHRASES[:1], size[0], args.threshold))
 
         def naive(phrases):
-            for phrase in phrases:
-                tokens = segmenter.tokenize([phrase])
-                out = segmenter.model(pixel_values=pixels.to(segmenter.device, segmenter.dtype), input_ids=tokens.input_ids.to(segmenter.device), attention_mask=tokens.attention_mask.to(segmenter.device))
-                segmenter._postprocess(out, [phrase], size[0], args.threshold)
+            for phrase in phrases:  # the vision pass is recomputed for every phrase
+                segmenter.predict_pixels(pixels, size, [[phrase]], args.threshold, phrase_batch=1)
 
         for k in args.k:
             phrases = (PHRASES * 4)[:k]
@@ -93,6 +96,41 @@ def encode_once(args, checkpoint: Path) -> dict:
             ideal = k * (vision_s + head_s) / (vision_s + k * head_s)
             results[k] = {"encode_once_s": round(batched, 4), "naive_s": round(looped, 4), "speedup": round(looped / batched, 2), "ideal_from_measured_parts": round(ideal, 2)}
     return {"vision_pass_s": round(vision_s, 4), "head_per_phrase_s": round(head_s, 4), "by_k": results}
+
+
+def negatives(args, checkpoint: Path) -> dict:
+    """A SA-Co-like mix: P phrases with instances and N without, with and without skipping the negatives' mask decoding.
+
+    The threshold is set between the P-th and (P+1)-th phrase's best instance score on this image,
+    so that exactly P phrases keep instances: the split is the model's own, not made up.
+    """
+    from sam3_engine.models.sam3 import Sam3Segmenter
+
+    segmenter = Sam3Segmenter.load(str(checkpoint), device=args.device)
+    image = photos(1)
+    pixels = segmenter.preprocess(image)
+    size = [(image[0].height, image[0].width)]
+    phrases = [f"{p} {i}" if i else p for i in range(4) for p in PHRASES][: args.positives + args.negatives]
+    (pairs,) = segmenter.predict_pixels(pixels, size, [phrases], threshold=2.0, phrase_batch=args.phrase_batch)
+    best = sorted((pair.max_score for pair in pairs), reverse=True)
+    threshold = (best[args.positives - 1] + best[args.positives]) / 2
+    run = lambda: segmenter.predict_pixels(pixels, size, [phrases], threshold, args.phrase_batch)  # noqa: E731
+    (kept,) = run()
+    segmenter.decode_all_masks = True
+    every_s = _timed(run, args.device)
+    segmenter.decode_all_masks = False
+    gated_s = _timed(run, args.device)
+    vision_s = _timed(lambda: segmenter.encode_images(pixels), args.device)
+    return {
+        "phrases": len(phrases),
+        "phrases_with_instances": sum(bool(p.instances) for p in kept),
+        "instances": sum(len(p.instances) for p in kept),
+        "decode_every_mask_s": round(every_s, 3),
+        "skip_negatives_s": round(gated_s, 3),
+        "speedup": round(every_s / gated_s, 3),
+        "vision_pass_s": round(vision_s, 3),
+        "heads_speedup": round((every_s - vision_s) / (gated_s - vision_s), 3),
+    }
 
 
 def pipeline(args, checkpoint: Path) -> dict:
@@ -141,6 +179,7 @@ def pipeline(args, checkpoint: Path) -> dict:
         RayExecutor(actors=args.actors).execute(stage, units, lambda unit, tables: collected.append((time.perf_counter(), unit.size, tables)))
         total = time.perf_counter() - start
         masks = sum(t["masks"].num_rows for _, _, t in collected)
+        actor_peaks = [t["stats"] for _, _, t in collected]
     # Steady state: from the first unit's result (actors started, model loaded) to the last.
     steady_images = sum(size for _, size, _ in collected[1:])
     steady = collected[-1][0] - collected[0][0]
@@ -155,13 +194,15 @@ def pipeline(args, checkpoint: Path) -> dict:
         "efficiency": round((steady_images / steady) / (n / bare), 3),
         "engine_total_s_with_actor_start_and_model_load": round(total, 1),
         "peak_gpu_memory_gib_bare_loop": peak_gpu,
+        "peak_rss_mib_model_actor": round(max(p["peak_rss_mib"] for p in actor_peaks)),
+        "peak_gpu_mib_model_actor": round(max(p["peak_gpu_mib"] for p in actor_peaks)) if "peak_gpu_mib" in actor_peaks[0] else None,
         "peak_rss_driver_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["encode-once", "pipeline"])
+    parser.add_argument("what", choices=["encode-once", "negatives", "pipeline"])
     parser.add_argument("--image-size", type=int, default=336)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--k", type=int, nargs="+", default=[1, 4, 16])
@@ -171,13 +212,16 @@ def main() -> None:
     parser.add_argument("--unit-size", type=int, default=8)
     parser.add_argument("--actors", type=int, default=None)
     parser.add_argument("--threshold", type=float, default=0.3)
+    parser.add_argument("--positives", type=int, default=5)
+    parser.add_argument("--negatives", type=int, default=30)
+    parser.add_argument("--phrase-batch", type=int, default=16)
     parser.add_argument("--checkpoint", type=Path, default=None, help="Reuse a saved random checkpoint folder.")
     args = parser.parse_args()
     folder = args.checkpoint or Path(tempfile.mkdtemp(prefix="sam3-full-random-"))
     if not (folder / "config.json").exists():
         full_size_checkpoint(args.image_size, folder)
     try:
-        result = encode_once(args, folder) if args.what == "encode-once" else pipeline(args, folder)
+        result = {"encode-once": encode_once, "negatives": negatives, "pipeline": pipeline}[args.what](args, folder)
     finally:
         if args.checkpoint is None:
             shutil.rmtree(folder, ignore_errors=True)

@@ -78,6 +78,8 @@ def _print_summary(result: RunResult) -> None:
             described += " (" + ", ".join(f"{k}: {v}" for k, v in reasons.items()) + ")"
         if report.worker_crashes:
             described += f", worker crashes={report.worker_crashes}"
+        if report.executor:
+            described += " [" + ", ".join(f"{k}={v}" for k, v in report.executor.items()) + "]"
         table.add_row(
             report.name,
             f"{report.units_committed}/{report.units_skipped}/{report.units_total}",

@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError
 
-from sam3_engine.engine.runner import CRASH_ON_ENV, crash_if_asked
+from sam3_engine.engine.runner import crash_if_asked
 from sam3_engine.stages.base import Stage, WorkUnit
 
 KILL_ACTOR_ONCE_ENV = "SAM3_ENGINE_KILL_MODEL_ACTOR_ONCE"
 """Fault injection for tests: a path; the first actor to create it SIGKILLs itself mid-unit."""
 
+FAULT_ENV_PREFIX = "SAM3_ENGINE_"
 _DEATHS = (RayActorError, ActorDiedError, ActorUnavailableError, WorkerCrashedError)
 IN_FLIGHT_PER_ACTOR = 2
 
@@ -44,8 +45,12 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 class _ModelWorker:
     """One model actor: the stage's model is loaded by its first unit and kept."""
 
-    def __init__(self, stage: Stage):
+    def __init__(self, stage: Stage, torch_threads: int | None):
         self.stage = stage
+        if torch_threads:
+            import torch
+
+            torch.set_num_threads(torch_threads)
 
     def process(self, unit: WorkUnit, prepared):
         crash_if_asked(unit)
@@ -61,6 +66,20 @@ class _ModelWorker:
         return tables
 
 
+def _cpu_actor_threads(actors: int) -> int:
+    """Torch threads for a CPU model actor: its share of a node's cores.
+
+    Ray limits an actor's thread pools to its ``num_cpus`` (one, so that preparation tasks can be
+    scheduled beside it); a CPU model then runs at a fraction of the node's speed. Model compute
+    dominates preparation, so each CPU actor takes its share of the cores instead.
+    """
+    cpus = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]]
+    if not cpus:
+        return 1
+    actors_per_node = -(-actors // len(cpus))
+    return max(1, int(min(cpus)) // actors_per_node)
+
+
 def _prepare(stage: Stage, unit: WorkUnit):
     return stage.prepare(unit)
 
@@ -72,6 +91,11 @@ class RayExecutor:
     actors: int | None = None
     gpus_per_actor: float | None = None
     address: str | None = None
+    placement: dict = field(default_factory=dict)
+    """What the last ``execute`` used: the cluster it joined, its nodes, the actors and their GPUs."""
+
+    def describe(self) -> dict:
+        return self.placement
 
     def execute(self, stage: Stage, units: list[WorkUnit], committed) -> int:
         ensure_ray(self.address)
@@ -81,12 +105,21 @@ class RayExecutor:
         # Named after the stage, so that the Ray dashboard shows what each actor does.
         worker_class = type(f"{stage.name.title()}ModelWorker", (_ModelWorker,), {})
         # Fault-injection switches reach the actors' processes, which do not inherit the driver's environment.
-        injected = {k: os.environ[k] for k in (KILL_ACTOR_ONCE_ENV, CRASH_ON_ENV) if k in os.environ}
+        injected = {k: v for k, v in os.environ.items() if k.startswith(FAULT_ENV_PREFIX)}
         options = {"runtime_env": {"env_vars": injected}} if injected else {}
+        self.placement = {
+            "executor": "ray",
+            "ray_address": ray.get_runtime_context().gcs_address,
+            "ray_nodes": sum(node["Alive"] for node in ray.nodes()),
+            "model_actors": count,
+            "gpus_per_actor": gpus,
+        }
         actor_class = ray.remote(num_gpus=gpus, num_cpus=0 if gpus else 1, max_restarts=0, **options)(worker_class)
         prepare = ray.remote(num_cpus=1, max_retries=3)(_prepare)
         stage_ref = ray.put(stage)
-        actors = [actor_class.remote(stage_ref) for _ in range(count)]
+        threads = None if gpus else _cpu_actor_threads(count)
+        new_actor = lambda: actor_class.remote(stage_ref, threads)  # noqa: E731
+        actors = [new_actor() for _ in range(count)]
         pending = deque(units)
         strikes: dict[str, int] = {}
         inflight: dict[ray.ObjectRef, tuple[WorkUnit, object]] = {}
@@ -110,12 +143,12 @@ class RayExecutor:
                     if actor in load:
                         del load[actor]
                         ray.kill(actor, no_restart=True)
-                        load[actor_class.remote(stage_ref)] = 0
+                        load[new_actor()] = 0
                     strikes[unit.unit_id] = strikes.get(unit.unit_id, 0) + 1
                     if strikes[unit.unit_id] < 2:
                         pending.appendleft(unit)
                     else:
-                        crashes += self._isolate(stage, stage_ref, actor_class, prepare, unit, committed, str(exc))
+                        crashes += self._isolate(stage, stage_ref, new_actor, prepare, unit, committed, str(exc))
                     continue
                 committed(unit, tables)
         finally:
@@ -123,12 +156,12 @@ class RayExecutor:
                 ray.kill(actor, no_restart=True)
         return crashes
 
-    def _isolate(self, stage: Stage, stage_ref, actor_class, prepare, unit: WorkUnit, committed, error: str) -> int:
+    def _isolate(self, stage: Stage, stage_ref, new_actor, prepare, unit: WorkUnit, committed, error: str) -> int:
         """Run a unit's items one by one, each on a fresh actor; an item that kills its actor is rejected."""
         parts, crashes = [], 0
         for item in unit.items:
             single = WorkUnit(unit.unit_id, (item,))
-            actor = actor_class.remote(stage_ref)
+            actor = new_actor()
             try:
                 parts.append(ray.get(actor.process.remote(single, prepare.remote(stage_ref, single))))
             except _DEATHS as exc:

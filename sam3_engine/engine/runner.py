@@ -23,7 +23,7 @@ import pyarrow as pa
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from sam3_engine.schemas.tables import UNITS
-from sam3_engine.stages.base import Derivation, Stage, WorkUnit
+from sam3_engine.stages.base import STATS_KEY, Derivation, Stage, WorkUnit
 
 if TYPE_CHECKING:
     from sam3_engine.engine.store import TableStore
@@ -45,6 +45,8 @@ class StageReport:
     worker_crashes: int = 0
     seconds: float = 0.0
     counts: dict = field(default_factory=dict)
+    executor: dict = field(default_factory=dict)
+    """Where the units ran (see ``Executor.describe``)."""
 
 
 def crash_if_asked(unit: WorkUnit) -> None:
@@ -78,6 +80,9 @@ class Executor(Protocol):
     """Where units run. ``execute`` calls ``committed(unit, tables)`` for every unit and returns the worker crashes it saw."""
 
     def execute(self, stage: Stage, units: list[WorkUnit], committed: Callable[[WorkUnit, dict[str, pa.Table]], None]) -> int: ...
+
+    def describe(self) -> dict:
+        """Where the last ``execute`` ran its units, for the run summary."""
 
 
 class UnitRunner:
@@ -117,6 +122,7 @@ class UnitRunner:
                 self.progress.advance(task, unit.size)
 
         report.worker_crashes = executor.execute(stage, todo, committed)
+        report.executor = executor.describe()
         derivation = stage.derive(self.store, sorted(planned))
         if derivation is not None:
             self._derive(derivation, report.items_total)
@@ -140,7 +146,7 @@ class UnitRunner:
         for spec in stage.outputs:
             written[spec.name] = self.store.replace(spec, unit.unit_id, tables[spec.name])
             self._commits.tick()
-        self.store.record_unit(stage.name, unit.unit_id, self.attempt_id, unit.size, written)
+        self.store.record_unit(stage.name, unit.unit_id, self.attempt_id, unit.size, written, tables.get(STATS_KEY))
         self._commits.tick()
 
 
@@ -149,6 +155,9 @@ class ProcessExecutor:
 
     def __init__(self, workers: int):
         self.workers = max(1, workers)
+
+    def describe(self) -> dict:
+        return {"executor": "processes", "workers": self.workers}
 
     def execute(self, stage: Stage, units: list[WorkUnit], committed) -> int:
         suspects = self._run_pool(stage, units, committed)

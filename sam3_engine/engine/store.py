@@ -106,7 +106,7 @@ class TableStore:
         ledger = self.read(UNITS.name, columns=["unit_id", "stage"])
         return {u for u, s in zip(ledger["unit_id"].to_pylist(), ledger["stage"].to_pylist()) if s == stage}
 
-    def record_unit(self, stage: str, unit_id: str, attempt_id: str, num_inputs: int, rows_written: dict[str, int]) -> None:
+    def record_unit(self, stage: str, unit_id: str, attempt_id: str, num_inputs: int, rows_written: dict[str, int], stats: dict[str, float] | None = None) -> None:
         row = pa.table(
             {
                 "unit_id": [unit_id],
@@ -114,6 +114,7 @@ class TableStore:
                 "attempt_id": [attempt_id],
                 "num_inputs": [num_inputs],
                 "rows_written": pa.array([list(rows_written.items())], type=pa.map_(pa.string(), pa.int64())),
+                "stats": pa.array([list((stats or {}).items())], type=pa.map_(pa.string(), pa.float64())),
                 "committed_at": [datetime.now(timezone.utc)],
             }
         )

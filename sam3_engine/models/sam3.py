@@ -5,8 +5,10 @@
 and an offline CLIP tokenizer, which runs exactly the code path of the real model.
 
 One vision pass per image: its cached features are expanded (a view, no copy) to a batch of
-phrases, so K phrases cost one encoder pass plus K text-conditioned heads. Only kept instances are
-upsampled to full resolution, on the model's device.
+phrases, so K phrases cost one encoder pass plus K text-conditioned heads. The mask decoder (a
+third of a head) runs only for phrases with an instance above the threshold: most mined phrases
+are absent. Kept instances are upsampled to full resolution and run-length encoded on the model's
+device, so only run lengths, not full-resolution masks, cross to the host.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import json
 import socket
 import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -23,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 TINY_RANDOM = "tiny-random"
 TINY_RANDOM_SEED = 0
@@ -40,8 +45,9 @@ class ModelLoadError(RuntimeError):
 class Instance:
     query: int
     """Index of the DETR query that produced the instance: stable for a given model and input."""
-    mask: np.ndarray
-    """Boolean mask at the image's original (EXIF-oriented) resolution, H x W."""
+    rle: dict
+    """The mask as COCO compressed RLE (``size`` [H, W], ``counts`` bytes) at the image's original
+    (EXIF-oriented) resolution; ``pycocotools.mask`` reads it as is."""
     box_xyxy: tuple[float, float, float, float]
     """The model's box in pixels."""
     object_score: float
@@ -49,10 +55,17 @@ class Instance:
     """object_score x presence score, as SAM 3 ranks instances."""
     stability: float
 
+    @cached_property
+    def mask(self) -> np.ndarray:
+        """The decoded boolean mask, H x W."""
+        return mask_utils.decode(self.rle).astype(bool)
+
 
 @dataclass(frozen=True)
 class PairPrediction:
     presence_score: float
+    max_score: float
+    """The best combined score over all queries, kept or not."""
     instances: tuple[Instance, ...]
 
 
@@ -61,6 +74,29 @@ class Tokens:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     truncated: tuple[bool, ...]
+
+
+def rle_encode(masks: torch.Tensor) -> list[dict]:
+    """COCO compressed RLE of boolean masks (N x H x W), run lengths found on the masks' device.
+
+    COCO RLE runs down columns (Fortran order), starting with a run of zeros. Only the positions
+    where a column-major scan changes value leave the device; pycocotools compresses the counts.
+    """
+    count, height, width = masks.shape
+    if count == 0:
+        return []
+    flat = masks.transpose(1, 2).reshape(count, height * width)
+    rows, cols = torch.nonzero(flat[:, 1:] != flat[:, :-1], as_tuple=True)
+    rows, cols, first = rows.cpu().numpy(), cols.cpu().numpy() + 1, flat[:, 0].cpu().numpy()
+    splits = np.searchsorted(rows, np.arange(1, count))
+    encoded = []
+    for i, changes in enumerate(np.split(cols, splits)):
+        edges = np.concatenate(([0], changes, [height * width]))
+        counts = np.diff(edges)
+        if first[i]:
+            counts = np.concatenate(([0], counts))
+        encoded.append(mask_utils.frPyObjects({"size": [height, width], "counts": counts.tolist()}, height, width))
+    return encoded
 
 
 def offline_clip_tokenizer():
@@ -202,6 +238,8 @@ class Sam3Segmenter:
         self.random_weights = random_weights
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        self.decode_all_masks = False
+        """Decode masks for every phrase, as the plain forward does; for benchmarks and tests only."""
 
     @classmethod
     def load(cls, name: str, revision: str | None = None, device: str | None = None, dtype: str | None = None) -> Sam3Segmenter:
@@ -278,19 +316,19 @@ class Sam3Segmenter:
 
     def _head(self, vision, index: int, phrases: list[str], size: tuple[int, int], threshold: float) -> list[PairPrediction]:
         tokens = self.tokenize(phrases)
-        out = self.model(
-            vision_embeds=self._expanded(vision, index, len(phrases)),
-            input_ids=tokens.input_ids.to(self.device),
-            attention_mask=tokens.attention_mask.to(self.device),
-        )
-        return self._postprocess(out, phrases, size, threshold)
-
-    def _postprocess(self, out, phrases: list[str], size: tuple[int, int], threshold: float) -> list[PairPrediction]:
-        """Scores for every query; full-resolution masks, on the device, only for kept instances."""
-        # Scores and boxes are small: one transfer, then only kept masks are touched on the device.
-        presence = out.presence_logits.float().sigmoid()[:, 0].cpu()
-        object_scores = out.pred_logits.float().sigmoid().cpu()
+        with self._deferred_mask_decoder() as mask_inputs:
+            out = self.model(
+                vision_embeds=self._expanded(vision, index, len(phrases)),
+                input_ids=tokens.input_ids.to(self.device),
+                attention_mask=tokens.attention_mask.to(self.device),
+            )
+        presence = out.presence_logits.float().sigmoid()[:, 0]
+        object_scores = out.pred_logits.float().sigmoid()
         scores = object_scores * presence[:, None]
+        # One small transfer of every score; masks are decoded only for rows with a kept instance.
+        presence, object_scores, scores = presence.cpu(), object_scores.cpu(), scores.cpu()
+        rows = [row for row in range(len(phrases)) if self.decode_all_masks or bool((scores[row] >= threshold).any())]
+        pred_masks = self._decode_masks(mask_inputs, rows) if rows else None
         height, width = size
         boxes = out.pred_boxes.float().cpu() * torch.tensor([width, height, width, height])
         predictions = []
@@ -298,20 +336,55 @@ class Sam3Segmenter:
             keep = torch.nonzero(scores[row] >= threshold).flatten()
             instances: tuple[Instance, ...] = ()
             if len(keep):
-                logits = F.interpolate(out.pred_masks[row, keep.to(self.device)][:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+                logits = F.interpolate(pred_masks[rows.index(row), keep.to(self.device)][:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
                 high, low = logits > STABILITY_OFFSET, logits > -STABILITY_OFFSET
                 stability = (high.flatten(1).sum(1).float() / low.flatten(1).sum(1).clamp(min=1).float()).cpu()
-                masks = (logits > 0).cpu().numpy()
                 instances = tuple(
                     Instance(
                         query=query,
-                        mask=masks[j],
+                        rle=rle,
                         box_xyxy=tuple(boxes[row, query].tolist()),
                         object_score=float(object_scores[row, query]),
                         score=float(scores[row, query]),
                         stability=float(stability[j]),
                     )
-                    for j, query in enumerate(keep.tolist())
+                    for j, (query, rle) in enumerate(zip(keep.tolist(), rle_encode(logits > 0)))
                 )
-            predictions.append(PairPrediction(float(presence[row]), instances))
+            predictions.append(PairPrediction(float(presence[row]), float(scores[row].max()), instances))
         return predictions
+
+    @contextmanager
+    def _deferred_mask_decoder(self):
+        """Run the model's forward with its mask decoder swapped for a stub that records its inputs.
+
+        The forward computes presence, scores and boxes before it calls the mask decoder, and
+        nothing after it depends on the masks; so the real decoder can then run on the rows that
+        need masks only, with the exact inputs the forward would have given it.
+        """
+        decoder = self.model.mask_decoder
+        recorder = _MaskDecoderInputs()
+        self.model.mask_decoder = recorder
+        try:
+            yield recorder.inputs
+        finally:
+            self.model.mask_decoder = decoder
+
+    def _decode_masks(self, inputs: dict, rows: list[int]) -> torch.Tensor:
+        index = torch.tensor(rows, device=self.device)
+        pick = lambda value: value.index_select(0, index) if isinstance(value, torch.Tensor) else value  # noqa: E731
+        sliced = {key: [pick(v) for v in value] if isinstance(value, list) else pick(value) for key, value in inputs.items()}
+        return self.model.mask_decoder(**sliced).pred_masks
+
+
+class _MaskDecoderInputs(torch.nn.Module):
+    """Stands in for the mask decoder during a forward: keeps its keyword inputs, returns no masks."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs: dict = {}
+
+    def forward(self, **inputs):
+        from transformers.models.sam3.modeling_sam3 import Sam3MaskDecoderOutput
+
+        self.inputs.update(inputs)
+        return Sam3MaskDecoderOutput(pred_masks=None, semantic_seg=None)

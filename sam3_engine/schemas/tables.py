@@ -119,7 +119,7 @@ REJECTS = TableSpec(
 UNITS = TableSpec(
     name="units",
     doc="The ledger of committed work units; a unit listed here is done and is skipped on restart.",
-    version=1,
+    version=2,
     key=("unit_id",),
     columns=(
         Column("unit_id", pa.string(), "stage:fingerprint of the stage's version, its config and the unit's inputs."),
@@ -127,6 +127,7 @@ UNITS = TableSpec(
         Column("attempt_id", pa.string(), "Run attempt (see `runs`) that committed the unit."),
         Column("num_inputs", pa.int64(), "Inputs the unit covered."),
         Column("rows_written", pa.map_(pa.string(), pa.int64()), "Rows committed per table."),
+        Column("stats", pa.map_(pa.string(), pa.float64()), "What the stage measured on the unit (OOM retries, batch splits, peak memory, seconds); see each stage."),
         Column("committed_at", pa.timestamp("us", tz="UTC"), "When the unit's last table commit finished."),
     ),
 )
@@ -167,7 +168,7 @@ CONCEPTS = TableSpec(
 PAIRS = TableSpec(
     name="pairs",
     doc="One row per (image, concept) the proposal stage ran, with SAM 3's presence score and instance count.",
-    version=1,
+    version=2,
     key=("pair_id",),
     columns=(
         Column("pair_id", pa.string(), "Hash of image_id and concept_id: stable across runs."),
@@ -176,6 +177,7 @@ PAIRS = TableSpec(
         Column("phrase", pa.string(), "The phrase, for convenience."),
         Column("presence_score", pa.float32(), "sigmoid(presence logit): is the concept in the image at all."),
         Column("instance_count", pa.int32(), "Instances kept at `propose.threshold`."),
+        Column("max_score", pa.float32(), "Best combined score over all of SAM 3's queries, kept or not: how close a negative came."),
         Column("phrase_truncated", pa.bool_(), "The phrase exceeded SAM 3's 32-token context and was truncated."),
         Column("model_id", pa.string(), "Checkpoint id or directory, or tiny-random."),
         Column("model_revision", pa.string(), "Checkpoint revision, when pinned.", nullable=True),

@@ -19,6 +19,9 @@ from sam3_engine.schemas.tables import TableSpec
 
 T = TypeVar("T")
 
+STATS_KEY = "stats"
+"""Optional entry of a unit's result next to its tables: counters (``dict[str, float]``) that go to the unit's ledger row."""
+
 
 @dataclass(frozen=True)
 class WorkUnit:
@@ -90,7 +93,10 @@ class Stage(ABC):
 
     @abstractmethod
     def process(self, unit: WorkUnit, prepared: Any = None) -> dict[str, pa.Table]:
-        """The rows of one unit, per output table, from ``prepare``'s result. Pure: may run in any process."""
+        """The rows of one unit, per output table, from ``prepare``'s result. Pure: may run in any process.
+
+        The result may also hold counters under ``STATS_KEY``; they are recorded in the ledger.
+        """
 
     def process_isolated(self, unit: WorkUnit, item: Any, error: str) -> dict[str, pa.Table]:
         """Rows for an item whose processing crashed its worker; by default the unit fails."""

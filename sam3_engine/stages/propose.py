@@ -8,7 +8,10 @@ the image's EXIF-oriented resolution. The model is loaded once per worker proces
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import resource
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,10 +24,13 @@ from sam3_engine.engine import storage
 from sam3_engine.engine.config import ConfigError, ModelConfig, ProposeConfig, StorageConfig
 from sam3_engine.models.sam3 import ModelChoice, PairPrediction, Sam3Segmenter, load_image_processor, preprocess
 from sam3_engine.schemas.tables import CONCEPTS, IMAGES, MASKS, PAIRS, REJECTS
-from sam3_engine.stages.base import Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, rows_table
+from sam3_engine.stages.base import STATS_KEY, Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, rows_table
 
-VERSION = 1
+VERSION = 2
 """Bump when a change to this module changes the rows it writes: every unit then re-runs."""
+
+OOM_ABOVE_ENV = "SAM3_ENGINE_OOM_ABOVE"
+"""Fault injection for tests: a batch of more than this many (image, phrase) pairs raises CUDA out-of-memory."""
 
 REASONS = {
     "worker_crashed": "The model worker died on this image twice (a crash, not an exception).",
@@ -100,6 +106,25 @@ def _segmenter(choice: ModelChoice, model: ModelConfig) -> Sam3Segmenter:
     return _SEGMENTERS[key]
 
 
+def _oom_if_asked(images: int, phrases: int) -> None:
+    """Fault injection (see OOM_ABOVE_ENV): the error a too-large batch raises on a real GPU."""
+    import torch
+
+    limit = os.environ.get(OOM_ABOVE_ENV)
+    if limit is not None and images * phrases > int(limit):
+        raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected: {images} images x {phrases} phrases > {limit})")
+
+
+def _peak_memory_mib() -> dict[str, float]:
+    """The worker process's peak resident memory, and its peak GPU memory when on CUDA."""
+    import torch
+
+    peak = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak
+
+
 def _is_out_of_memory(exc: Exception) -> bool:
     import torch
 
@@ -153,10 +178,12 @@ class ProposeStage(Stage):
         segmenter = _segmenter(self.choice, self.model)
         truncated = segmenter.tokenize(list(self.phrases)).truncated
         pairs, masks, rejects = [], [], list(prepared.rejects)
+        stats = {"images": float(len(prepared.refs)), "oom_retries": 0.0, "batch_splits": 0.0}
+        started = time.perf_counter()
         indices = list(range(len(prepared.refs)))
         for start in range(0, len(indices), self.config.image_batch):
             batch = indices[start : start + self.config.image_batch]
-            for i, outcome in self._predict(segmenter, prepared, batch, self.config.phrase_batch):
+            for i, outcome in self._predict(segmenter, prepared, batch, self.config.phrase_batch, stats):
                 ref = prepared.refs[i]
                 if isinstance(outcome, tuple):
                     rejects.append(self._reject(ref, *outcome))
@@ -165,21 +192,28 @@ class ProposeStage(Stage):
                     pair = self._pair_row(ref, phrase, was_truncated, prediction)
                     pairs.append(pair)
                     masks.extend(self._mask_rows(pair, prepared.sizes[i], prediction))
+        stats["model_seconds"] = time.perf_counter() - started
         return {
             PAIRS.name: rows_table(PAIRS, pairs, unit.unit_id),
             MASKS.name: rows_table(MASKS, masks, unit.unit_id),
             REJECTS.name: rows_table(REJECTS, rejects, unit.unit_id),
+            STATS_KEY: {**stats, **_peak_memory_mib()},
         }
 
     def process_isolated(self, unit: WorkUnit, item: ImageRef, error: str) -> dict[str, pa.Table]:
         rejects = [self._reject(item, "worker_crashed", f"the model worker died on this image: {error}")]
         return {PAIRS.name: rows_table(PAIRS, [], unit.unit_id), MASKS.name: rows_table(MASKS, [], unit.unit_id), REJECTS.name: rows_table(REJECTS, rejects, unit.unit_id)}
 
-    def _predict(self, segmenter: Sam3Segmenter, prepared: Prepared, batch: list[int], phrase_batch: int):
-        """Yield (index, predictions or (reason, detail)); a failing batch is split until the culprit is alone."""
+    def _predict(self, segmenter: Sam3Segmenter, prepared: Prepared, batch: list[int], phrase_batch: int, stats: dict[str, float]):
+        """Yield (index, predictions or (reason, detail)).
+
+        A failing batch is split in halves until the culprit is alone; out-of-memory then halves
+        the phrase batch. ``stats`` counts both.
+        """
         import torch
 
         try:
+            _oom_if_asked(len(batch), min(phrase_batch, len(self.phrases)))
             results = segmenter.predict_pixels(
                 torch.from_numpy(prepared.pixels[batch[0] : batch[-1] + 1].copy()),  # Ray hands out read-only arrays
                 [prepared.sizes[i] for i in batch],
@@ -192,12 +226,14 @@ class ProposeStage(Stage):
             if oom and torch.cuda.is_available():
                 torch.cuda.empty_cache()
             if len(batch) > 1:
+                stats["oom_retries" if oom else "batch_splits"] += 1
                 half = len(batch) // 2
                 for part in (batch[:half], batch[half:]):
-                    yield from self._predict(segmenter, prepared, part, phrase_batch)
+                    yield from self._predict(segmenter, prepared, part, phrase_batch, stats)
                 return
             if oom and phrase_batch > 1:
-                yield from self._predict(segmenter, prepared, batch, phrase_batch // 2)
+                stats["oom_retries"] += 1
+                yield from self._predict(segmenter, prepared, batch, phrase_batch // 2, stats)
                 return
             yield batch[0], ("out_of_memory" if oom else "model_error", f"{type(exc).__name__}: {exc}")
             return
@@ -222,6 +258,7 @@ class ProposeStage(Stage):
             "phrase": phrase,
             "presence_score": prediction.presence_score,
             "instance_count": len(prediction.instances),
+            "max_score": prediction.max_score,
             "phrase_truncated": truncated,
             "model_id": self.choice.name,
             "model_revision": self.choice.revision,
@@ -232,7 +269,7 @@ class ProposeStage(Stage):
     def _mask_rows(self, pair: dict[str, Any], size: tuple[int, int], prediction: PairPrediction) -> list[dict[str, Any]]:
         rows = []
         for instance in prediction.instances:
-            rle = mask_utils.encode(np.asfortranarray(instance.mask, dtype=np.uint8))
+            rle = instance.rle
             rows.append(
                 {
                     "mask_id": _hash(pair["pair_id"], str(instance.query)),
@@ -266,6 +303,11 @@ class ProposeStage(Stage):
             "(SELECT count(*) FROM pairs WHERE instance_count > 0), (SELECT count(*) FROM masks)"
         ).fetchone()
         reasons = dict(con.execute("SELECT reason, count(*) FROM rejects WHERE stage = $stage GROUP BY reason ORDER BY reason", {"stage": self.name}).fetchall())
+        oom_retries, batch_splits, peak_rss, peak_gpu = con.execute(
+            "SELECT coalesce(sum(stats['oom_retries']), 0), coalesce(sum(stats['batch_splits']), 0), max(stats['peak_rss_mib']), max(stats['peak_gpu_mib']) "
+            "FROM units WHERE stage = $stage",
+            {"stage": self.name},
+        ).fetchone()
         counts = {
             "accounted": images + sum(reasons.values()),
             "phrases": len(self.phrases),
@@ -274,6 +316,10 @@ class ProposeStage(Stage):
             "masks": masks,
             "rejects": sum(reasons.values()),
             "reject_reasons": reasons,
+            "oom_retries": int(oom_retries),
+            "batch_splits": int(batch_splits),
+            "peak_worker_rss_mib": None if peak_rss is None else round(peak_rss),
+            "peak_worker_gpu_mib": None if peak_gpu is None else round(peak_gpu),
             "model": self.choice.name,
         }
         if self.choice.random_weights:

@@ -1,14 +1,20 @@
-"""Model stages on Ray: a two-node local cluster, a killed actor, an item that crashes its actor."""
+"""Model stages on Ray: a two-node local cluster, a killed actor, an item that crashes its actor, out-of-memory."""
 
-import pyarrow as pa
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import ray
 
+from sam3_engine.engine.catalog import connect
 from sam3_engine.engine.config import load_config
 from sam3_engine.engine.ray_executor import KILL_ACTOR_ONCE_ENV, RayExecutor
 from sam3_engine.engine.run import build_stages
 from sam3_engine.engine.runner import CRASH_ON_ENV, ProcessExecutor, UnitRunner
 from sam3_engine.engine.store import TableStore
+from sam3_engine.stages.propose import OOM_ABOVE_ENV
 from tests.helpers import ingest, rows
 
 SNAPSHOT = {
@@ -38,7 +44,11 @@ def _propose(run_dir, executor, **overrides):
                                 "propose.phrases": ["car", "truck", "child"], "propose.unit_size": 1, "propose.image_batch": 2, **overrides})
     (stage,) = build_stages(config, "test-run")
     store = TableStore(str(run_dir))
-    return UnitRunner(store, "attempt", None).run(stage, executor)
+    report = UnitRunner(store, "attempt", None).run(stage, executor)
+    con = connect(store)
+    report.counts = stage.summarize(con)
+    con.close()
+    return report
 
 
 def _copy(run_dir, tmp_path):
@@ -70,6 +80,19 @@ def test_two_node_cluster_gives_the_rows_of_a_local_run(ray_cluster, images_run,
     assert len(reference["masks"]) > 0
 
 
+def test_the_cli_joins_a_running_cluster_through_ray_address(ray_cluster, images_run, reference, tmp_path):
+    run_dir = _copy(images_run, tmp_path)
+    command = [sys.executable, "-m", "sam3_engine", "run", "-q", "--output", str(run_dir), "--stages", "propose", "--model", "tiny-random",
+               "--set", "propose.phrases=[car, truck, child]", "--set", "propose.unit_size=1", "--set", "propose.image_batch=2"]
+    done = subprocess.run(command, env={**os.environ, "RAY_ADDRESS": ray_cluster.address}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (summary,) = rows(run_dir, "SELECT summary_json FROM runs WHERE status = 'finished' AND 'propose' IN stages")
+    placement = json.loads(summary["summary_json"])["stages"][0]["executor"]
+    assert placement["ray_address"] == ray_cluster.address and placement["ray_nodes"] == 2
+    without_run_id = lambda snapshot: {t: [{k: v for k, v in r.items() if k != "run_id"} for r in snapshot[t]] for t in snapshot}  # noqa: E731
+    _assert_same_rows_up_to_float_noise(without_run_id(_snapshot(run_dir)), without_run_id(reference))
+
+
 def test_a_killed_model_actor_loses_and_duplicates_nothing(ray_cluster, images_run, reference, tmp_path, monkeypatch):
     monkeypatch.setenv(KILL_ACTOR_ONCE_ENV, str(tmp_path / "killed-once"))
     run_dir = _copy(images_run, tmp_path)
@@ -85,7 +108,53 @@ def test_an_image_that_kills_its_actor_is_rejected_alone(ray_cluster, images_run
     report = _propose(run_dir, RayExecutor(actors=1), **{"propose.unit_size": 3})
     (reject,) = rows(run_dir, "SELECT uri, reason FROM rejects WHERE stage = 'propose'")
     assert reject["uri"].endswith("mirror-truck.jpg") and reject["reason"] == "worker_crashed"
-    got = _snapshot(run_dir)
     crashed_image = rows(run_dir, "SELECT image_id FROM images WHERE uri LIKE '%mirror-truck.jpg'")[0]["image_id"]
-    assert got["pairs"] == [p for p in reference["pairs"] if p["image_id"] != crashed_image]
+    others = {t: [r for r in reference[t] if r["image_id"] != crashed_image] for t in ("pairs", "masks")}
+    _assert_same_rows_up_to_float_noise({**_snapshot(run_dir), "rejects": []}, {**others, "rejects": []})
     assert report.worker_crashes >= 2
+
+
+def _assert_same_rows_up_to_float_noise(got, expected):
+    """Batch size and thread count change float reduction order: scores move by ~1e-7, and mask
+    pixels whose logits are within rounding of zero may flip; nothing else may differ."""
+    from pycocotools import mask as mask_utils
+
+    for table in ("pairs", "masks", "rejects"):
+        assert len(got[table]) == len(expected[table]), table
+        for a, b in zip(got[table], expected[table]):
+            assert a.keys() == b.keys()
+            for key in a:
+                if isinstance(a[key], float):
+                    assert abs(a[key] - b[key]) < 1e-5, (table, key)
+                elif key == "rle_counts":
+                    x, y = ({"size": [r["height"], r["width"]], "counts": r["rle_counts"].encode()} for r in (a, b))
+                    differing = int(mask_utils.area(mask_utils.merge([x, y], intersect=False))) - int(mask_utils.area(mask_utils.merge([x, y], intersect=True)))
+                    # tiny-random's mask logits are flat (~0.1), so more pixels than a real model's sit near zero
+                    assert differing <= a["height"] * a["width"] // 100_000, differing
+                elif key in ("area", "bbox"):
+                    assert a[key] == pytest.approx(b[key], abs=a["height"] * a["width"] // 100_000), (table, key)
+                elif key == "model_box":  # pixels: a 1e-7 relative change of a normalised box
+                    assert a[key] == pytest.approx(b[key], abs=1e-2), (table, key)
+                else:
+                    assert a[key] == b[key], (table, key)
+
+
+def test_out_of_memory_halves_the_batch_and_loses_nothing(images_run, reference, tmp_path, monkeypatch):
+    monkeypatch.setenv(OOM_ABOVE_ENV, "2")  # 2 images x 3 phrases fails, then 1 x 3, then 1 x 2 fits
+    run_dir = _copy(images_run, tmp_path)
+    report = _propose(run_dir, ProcessExecutor(1), **{"propose.unit_size": 1000})  # one unit, batches of two images
+    _assert_same_rows_up_to_float_noise(_snapshot(run_dir), reference)
+    images = len({p["image_id"] for p in reference["pairs"]})
+    # The two-image batches halve once each; then per image the phrase batch halves 16 -> 8 -> 4 -> 2.
+    assert report.counts["oom_retries"] == images // 2 + 3 * images
+    assert report.counts["reject_reasons"] == {}
+    assert report.counts["peak_worker_rss_mib"] > 100
+
+
+def test_out_of_memory_at_one_image_and_one_phrase_is_a_reject(images_run, tmp_path, monkeypatch):
+    monkeypatch.setenv(OOM_ABOVE_ENV, "0")
+    run_dir = _copy(images_run, tmp_path)
+    report = _propose(run_dir, ProcessExecutor(1))
+    images = rows(run_dir, "SELECT count(*) AS n FROM images")[0]["n"]
+    assert report.counts["pairs"] == 0 and report.counts["reject_reasons"] == {"out_of_memory": images}
+    assert report.counts["accounted"] == images

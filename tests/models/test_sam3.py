@@ -5,7 +5,9 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from sam3_engine.models.sam3 import TEXT_CONTEXT, ModelLoadError, Sam3Segmenter, offline_clip_tokenizer
+from pycocotools import mask as mask_utils
+
+from sam3_engine.models.sam3 import TEXT_CONTEXT, ModelLoadError, Sam3Segmenter, offline_clip_tokenizer, rle_encode
 
 THRESHOLD = 0.3
 """The default keep-threshold; tiny-random's init spreads scores around it (see tiny_random_config)."""
@@ -91,3 +93,45 @@ def test_tiny_random_is_deterministic(photos):
     b = Sam3Segmenter.load("tiny-random").predict(photos[:1], [["bag"]], threshold=THRESHOLD)[0][0]
     assert [i.score for i in a.instances] == [i.score for i in b.instances]
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_device_rle_equals_pycocotools_encode():
+    rng = np.random.default_rng(0)
+    masks = [
+        np.zeros((5, 7), bool),
+        np.ones((5, 7), bool),
+        rng.random((5, 7)) > 0.5,
+        np.eye(6, 4, dtype=bool),  # first pixel set: the RLE starts with an empty run of zeros
+        np.ones((1, 1), bool),
+        rng.random((240, 320)) > 0.97,
+    ]
+    for mask in masks:
+        (ours,) = rle_encode(torch.from_numpy(mask)[None])
+        reference = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
+        assert ours == reference, mask.shape
+    batch = np.stack([rng.random((9, 11)) > t for t in (0.0, 0.5, 1.0)])  # all ones, random, all zeros
+    assert rle_encode(torch.from_numpy(batch)) == [mask_utils.encode(np.asfortranarray(m, dtype=np.uint8)) for m in batch]
+    assert rle_encode(torch.zeros((0, 3, 3), dtype=torch.bool)) == []
+
+
+def test_skipping_masks_of_phrases_without_instances_changes_nothing(segmenter, photos):
+    phrases = [["grocery bag", "car", "vegetable", "paper bag", "trunk", "sky"], ["pickup truck", "wall", "stairs", "dog"]]
+    best = segmenter.predict(photos, phrases, threshold=2.0)
+    assert not any(pair.instances for image in best for pair in image)
+    # A threshold between the phrases' best scores, so that some phrases keep instances and some do not.
+    threshold = float(np.median([pair.max_score for image in best for pair in image]))
+    gated = segmenter.predict(photos, phrases, threshold=threshold)
+    segmenter.decode_all_masks = True
+    try:
+        full = segmenter.predict(photos, phrases, threshold=threshold)
+    finally:
+        segmenter.decode_all_masks = False
+    flat_gated = [p for image in gated for p in image]
+    flat_full = [p for image in full for p in image]
+    assert any(p.instances for p in flat_gated) and any(not p.instances for p in flat_gated), "the test needs both kinds of phrases"
+    for a, b in zip(flat_gated, flat_full, strict=True):
+        assert a.presence_score == b.presence_score
+        assert [(i.query, i.score, i.box_xyxy) for i in a.instances] == [(i.query, i.score, i.box_xyxy) for i in b.instances]
+        for x, y in zip(a.instances, b.instances):
+            assert np.count_nonzero(x.mask != y.mask) <= x.mask.size // 1_000_000
+            assert abs(x.stability - y.stability) < 1e-4
