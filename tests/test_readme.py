@@ -1,8 +1,12 @@
 """The README documents what exists: every table column, config key and reject reason."""
 
-from sam3_engine.engine.config import IngestConfig, ModelConfig, ProposeConfig, RunConfig, StorageConfig
+from sam3_engine.engine.config import (
+    ClipConfig, IngestConfig, MineConfig, ModelConfig, NegativesConfig, ProposeConfig, RetrieveConfig, RunConfig, StorageConfig,
+)
 from sam3_engine.schemas.tables import TABLES
 from sam3_engine.stages.ingest import REASONS
+from sam3_engine.stages.embed import REASONS as EMBED_REASONS
+from sam3_engine.stages.mine import REASONS as MINE_REASONS
 from sam3_engine.stages.propose import REASONS as PROPOSE_REASONS
 from tests.conftest import REPO
 
@@ -17,11 +21,11 @@ def test_every_table_and_column_is_documented():
 
 
 def test_every_config_key_and_reject_reason_is_documented():
-    for prefix, model in (("", RunConfig), ("ingest.", IngestConfig), ("model.", ModelConfig), ("propose.", ProposeConfig), ("storage.", StorageConfig)):
+    for prefix, model in (("", RunConfig), ("ingest.", IngestConfig), ("model.", ModelConfig), ("mine.", MineConfig), ("clip.", ClipConfig), ("retrieve.", RetrieveConfig), ("negatives.", NegativesConfig), ("propose.", ProposeConfig), ("storage.", StorageConfig)):
         for name, field in model.model_fields.items():
             if field.description:
                 assert f"`{prefix}{name}`" in README, prefix + name
-    for reason in {**REASONS, **PROPOSE_REASONS}:
+    for reason in {**REASONS, **MINE_REASONS, **EMBED_REASONS, **PROPOSE_REASONS}:
         assert f"| `{reason}` |" in README, reason
 
 

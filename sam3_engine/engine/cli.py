@@ -71,7 +71,7 @@ def _print_summary(result: RunResult) -> None:
     for column in ("stage", "units done/skipped/total", "inputs", "result", "seconds"):
         table.add_column(column)
     for report in result.stages:
-        counts = dict(report.counts)
+        counts = {k: v for k, v in report.counts.items() if not isinstance(v, list)}
         reasons = counts.pop("reject_reasons", {})
         described = ", ".join(f"{k}={v}" for k, v in counts.items())
         if reasons:
@@ -89,6 +89,9 @@ def _print_summary(result: RunResult) -> None:
         )
     console.print(table)
     for report in result.stages:
+        for key, values in report.counts.items():
+            if isinstance(values, list) and values:
+                console.print(f"{report.name}: {key.replace('_', ' ')}: {', '.join(map(str, values))}", highlight=False, soft_wrap=True)
         if {"images", "duplicates", "rejects"} <= report.counts.keys():
             c = report.counts
             console.print(

@@ -14,10 +14,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-STAGE_NAMES = ("ingest", "propose")
+STAGE_NAMES = ("ingest", "mine", "embed", "retrieve", "negatives", "propose")
 """Every stage the engine knows, in pipeline order."""
 
 DEFAULT_RUNS_DIR = "runs"
+_PATH_KEYS = (("propose", "vocabulary"), ("mine", "vocabulary"), ("mine", "ontology"))
+"""Config keys holding file paths: relative ones are relative to the config file (or to the working directory for flags)."""
 
 
 class ConfigError(ValueError):
@@ -69,8 +71,46 @@ class ModelConfig(_Frozen):
     )
 
 
+class MineConfig(_Frozen):
+    captions: bool = Field(True, description="Mine noun phrases from the images' captions and alt texts.")
+    phrases: tuple[str, ...] = Field((), description="Phrases asked on every image (origin user). Per-image phrases come from the manifest's `phrases`.")
+    vocabulary: str | None = Field(
+        None, description="A vocabulary asked on every image (origin vocabulary): a text file, one phrase per line, or a YAML/JSON tree of concepts (name, synonyms, parent, children)."
+    )
+    ontology: str | None = Field(
+        "builtin", description="Synonyms and parents: builtin (COCO's 80 and LVIS's 1,203 categories with WordNet parents), a YAML/JSON file, or null."
+    )
+    unit_size: int = Field(1024, ge=1, description="Images per work unit.")
+
+
+class ClipConfig(_Frozen):
+    model: str = Field("ViT-B-32", description="open_clip architecture, or tiny-random (random weights, for smoke runs).")
+    pretrained: str | None = Field("laion2b_s34b_b79k", description="open_clip pretrained tag (weights from the Hugging Face hub) or a local weights file.")
+    device: str | None = Field(None, description="Torch device; default: cuda when the worker has a GPU, else cpu.")
+    fallback_to_tiny_random: bool = Field(False, description="When the weights cannot be reached, run tiny-random instead of failing (announced loudly).")
+    batch_size: int = Field(64, ge=1, description="Images or phrases per forward pass.")
+    unit_size: int = Field(256, ge=1, description="Images (or 4x as many phrases) per work unit.")
+    workers: int | None = Field(None, ge=1, description="Model actors; default: one per GPU in the Ray cluster, or one CPU actor without GPUs.")
+    gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per model actor; default: 1 when the cluster has GPUs, else 0.")
+
+
+class RetrieveConfig(_Frozen):
+    top_k: int = Field(10, ge=0, description="At most this many concepts per image from CLIP retrieval (origin clip).")
+    min_similarity: float = Field(0.25, ge=-1.0, le=1.0, description="CLIP cosine similarity a retrieved concept needs (ViT-B-32: present concepts score about 0.25-0.35).")
+    unit_size: int = Field(1024, ge=1, description="Images per work unit.")
+
+
+class NegativesConfig(_Frozen):
+    max_per_image: int = Field(30, ge=0, description="At most this many hard negatives per image: absent concepts easy to confuse with present ones.")
+    clip_neighbours: int = Field(5, ge=0, description="Per present concept, this many nearest concepts by CLIP text similarity are candidate negatives (needs the embed stage).")
+    max_image_similarity: float = Field(
+        0.2, ge=-1.0, le=1.0, description="A candidate negative whose CLIP similarity to the image is above this may be present: it is dropped (needs the embed stage)."
+    )
+    unit_size: int = Field(1024, ge=1, description="Images per work unit.")
+
+
 class ProposeConfig(_Frozen):
-    phrases: tuple[str, ...] = Field((), description="Phrases to ask SAM 3 about on every image (until concept mining supplies them).")
+    phrases: tuple[str, ...] = Field((), description="Phrases to ask SAM 3 about on every image, instead of the mined candidates.")
     vocabulary: str | None = Field(None, description="A text file of phrases, one per line, added to `phrases`.")
     threshold: float = Field(0.3, ge=0.0, le=1.0, description="Keep instances whose combined score (object x presence) is at least this.")
     unit_size: int = Field(16, ge=1, description="Images per work unit (one atomic commit).")
@@ -90,6 +130,10 @@ class RunConfig(_Frozen):
     stages: tuple[str, ...] = Field(STAGE_NAMES, description="Stages to run, in pipeline order.")
     model: ModelConfig = ModelConfig()
     ingest: IngestConfig = IngestConfig()
+    mine: MineConfig = MineConfig()
+    clip: ClipConfig = ClipConfig()
+    retrieve: RetrieveConfig = RetrieveConfig()
+    negatives: NegativesConfig = NegativesConfig()
     propose: ProposeConfig = ProposeConfig()
     ray: RayConfig = RayConfig()
     storage: StorageConfig = StorageConfig()
@@ -143,13 +187,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
         for key in ("input", "output"):
             if isinstance(data.get(key), str):
                 data[key] = _rebase(data[key], base)
-        propose = data.get("propose")
-        if isinstance(propose, dict) and isinstance(propose.get("vocabulary"), str):
-            propose["vocabulary"] = _rebase(propose["vocabulary"], base)
+        for section, key in _PATH_KEYS:
+            values = data.get(section)
+            if isinstance(values, dict) and isinstance(values.get(key), str) and values[key] != "builtin":
+                values[key] = _rebase(values[key], base)
     for key, value in (overrides or {}).items():
         if value is None:
             continue
-        if key in ("input", "output", "propose.vocabulary") and isinstance(value, str):
+        if (key in ("input", "output") or tuple(key.split(".")) in _PATH_KEYS) and isinstance(value, str) and value != "builtin":
             value = _rebase(value, Path.cwd())
         _set_dotted(data, key, value)
     try:

@@ -30,6 +30,12 @@ from sam3_engine.schemas.tables import RUNS
 from sam3_engine.stages.base import Stage
 from sam3_engine.models.sam3 import choose_model
 from sam3_engine.stages.ingest import IngestStage
+from sam3_engine.models.clip import choose_clip
+from sam3_engine.stages.embed import EmbedStage
+from sam3_engine.stages.embeddings import EmbeddingStore
+from sam3_engine.stages.mine import MineStage, run_ontology
+from sam3_engine.stages.retrieve import RetrieveStage
+from sam3_engine.stages.negatives import NegativesStage
 from sam3_engine.stages.propose import ProposeStage
 
 
@@ -52,11 +58,23 @@ class RunResult:
 def build_stages(config: RunConfig, run_id: str) -> list[Stage]:
     """The configured stages, checked up front: a missing input or unreachable model fails before any work."""
     stages: list[Stage] = []
+    run_url = storage.absolute_url(config.output)
     for name in config.stages:
         if name == "ingest":
             if not config.input:
                 raise ConfigError("the ingest stage needs an input: set `input:` in the config or pass --input")
             stages.append(IngestStage(storage.absolute_url(config.input), config.ingest, config.storage))
+        elif name == "mine":
+            stages.append(MineStage(config.mine, config.storage))
+        elif name == "embed":
+            choice = choose_clip(config.clip.model, config.clip.pretrained, config.clip.fallback_to_tiny_random)
+            stages.append(EmbedStage(config.clip, choice, config.storage))
+        elif name == "retrieve":
+            stages.append(RetrieveStage(config.retrieve, run_url, config.storage))
+        elif name == "negatives":
+            mine = next((s for s in stages if isinstance(s, MineStage)), None)
+            ontology = mine.ontology if mine is not None else run_ontology(config.mine, config.storage)
+            stages.append(NegativesStage(config.negatives, ontology, EmbeddingStore(run_url, config.storage)))
         elif name == "propose":
             choice = choose_model(config.model.name, config.model.revision, config.model.fallback_to_tiny_random)
             stages.append(ProposeStage(config.propose, config.model, choice, config.storage, run_id))
@@ -70,17 +88,19 @@ def notices(stages: list[Stage]) -> list[str]:
     found = []
     for stage in stages:
         choice = getattr(stage, "choice", None)
+        model = "CLIP" if isinstance(stage, EmbedStage) else "SAM 3"
+        output = "embeddings and retrievals are" if isinstance(stage, EmbedStage) else "masks are"
         if choice is not None and choice.fallback_reason:
-            found.append(f"NOT REAL SAM 3: {choice.fallback_reason}; running tiny-random (random weights): masks are meaningless")
+            found.append(f"NOT REAL {model}: {choice.fallback_reason}; running tiny-random (random weights): {output} meaningless")
         elif choice is not None and choice.random_weights:
-            found.append("model tiny-random: random weights, masks are meaningless (a smoke run)")
+            found.append(f"{model} tiny-random: random weights, {output} meaningless (a smoke run)")
     return found
 
 
 def _executor(stage: Stage, config: RunConfig) -> Executor:
     """Model stages run on Ray actors (GPUs where the cluster has them); the rest on local processes."""
     if stage.uses_model:
-        return RayExecutor(config.propose.workers, config.propose.gpus_per_worker, config.ray.address)
+        return RayExecutor(stage.actors, stage.gpus_per_actor, config.ray.address)
     return ProcessExecutor(config.ingest.workers or os.cpu_count() or 1)
 
 

@@ -69,7 +69,7 @@ _PROBE_COLUMNS = (
 SOURCES = TableSpec(
     name="sources",
     doc="One row per input that decoded: where it came from and what the probe found. Duplicates of one photo share an image_id.",
-    version=1,
+    version=2,
     key=("input_id",),
     columns=(
         Column("input_id", pa.string(), "Hash of the input's URI and its occurrence number among equal URIs: unique per input, stable when inputs are added."),
@@ -79,6 +79,7 @@ SOURCES = TableSpec(
         Column("captions", pa.list_(pa.string()), "Captions given with this input (manifest or COCO captions)."),
         Column("alt_text", pa.string(), "Alt text given with this input.", nullable=True),
         Column("source", pa.string(), "Free-form provenance label given with this input.", nullable=True),
+        Column("phrases", pa.list_(pa.string()), "Phrases the user asked for on this input (the manifest's `phrases`)."),
         _unit_column(),
     ),
 )
@@ -86,7 +87,7 @@ SOURCES = TableSpec(
 IMAGES = TableSpec(
     name="images",
     doc="One row per distinct image (by content hash), with every URI it was found under.",
-    version=1,
+    version=2,
     key=("image_id",),
     columns=(
         Column("image_id", pa.string(), "SHA-256 of the file's bytes (hex)."),
@@ -96,6 +97,7 @@ IMAGES = TableSpec(
         Column("captions", pa.list_(pa.string()), "Distinct captions from all of the image's inputs, sorted."),
         Column("alt_texts", pa.list_(pa.string()), "Distinct alt texts from all of the image's inputs, sorted."),
         Column("sources", pa.list_(pa.string()), "Distinct provenance labels, sorted."),
+        Column("phrases", pa.list_(pa.string()), "Distinct user phrases from all of the image's inputs, sorted."),
         _unit_column(),
     ),
 )
@@ -155,12 +157,62 @@ RUNS = TableSpec(
 
 CONCEPTS = TableSpec(
     name="concepts",
-    doc="One row per distinct phrase the engine asks SAM 3 about.",
+    doc="One row per concept: every mined phrase and every concept of the ontology and vocabulary.",
+    version=2,
+    key=("concept_id",),
+    columns=(
+        Column("concept_id", pa.string(), "Hash of the normal form: the same concept has the same id in every run."),
+        Column("phrase", pa.string(), "The normal form (lower case, no articles or punctuation, head noun singular, synonyms collapsed): the phrase given to the model."),
+        Column("spellings", pa.list_(pa.string()), "Distinct raw spellings mined for it (captions, user phrases), sorted."),
+        Column("parent", pa.string(), "Parent concept in the ontology (LVIS: WordNet hypernym; COCO: supercategory).", nullable=True),
+        Column("synonyms", pa.list_(pa.string()), "Synonyms that collapse to this concept."),
+        Column("sources", pa.list_(pa.string()), "Where it came from: ontology sources (lvis, coco, user_ontology) and mining origins (caption, user, vocabulary)."),
+        _unit_column(),
+    ),
+)
+
+CANDIDATES = TableSpec(
+    name="candidates",
+    doc="Mined (image, concept) pairs to ask SAM 3 about, one row per origin; hard negatives are expected absent.",
+    version=1,
+    key=("pair_id", "origin"),
+    columns=(
+        Column("pair_id", pa.string(), "Hash of image_id and concept_id: the `pairs` row the proposal stage writes for it."),
+        Column("image_id", pa.string(), "The image."),
+        Column("concept_id", pa.string(), "The concept (see `concepts`)."),
+        Column("phrase", pa.string(), "The concept's normal form."),
+        Column("origin", pa.string(), "caption, user, vocabulary, clip or hard_negative."),
+        Column("raw_phrase", pa.string(), "The phrase as found (caption text, user spelling).", nullable=True),
+        Column("score", pa.float32(), "Mining score: 1 for text origins; clip: the CLIP similarity; hard negatives: how confusable (1 sibling, 0.5 cousin, CLIP text similarity for a neighbour)."),
+        Column("related_concept_id", pa.string(), "Hard negatives: the present concept it is confusable with.", nullable=True),
+        Column("relation", pa.string(), "Hard negatives: sibling or cousin (in the ontology) or clip_neighbour (by CLIP text similarity) of the related concept.", nullable=True),
+        _unit_column(),
+    ),
+)
+
+IMAGE_EMBEDDINGS = TableSpec(
+    name="image_embeddings",
+    doc="CLIP embedding of each image (unit length), reused by retrieval, negatives and later stages.",
+    version=1,
+    key=("image_id",),
+    columns=(
+        Column("image_id", pa.string(), "The image."),
+        Column("model", pa.string(), "CLIP architecture/pretrained tag, or tiny-random."),
+        Column("embedding", pa.list_(pa.float32()), "Unit-length image embedding."),
+        _unit_column(),
+    ),
+)
+
+PHRASE_EMBEDDINGS = TableSpec(
+    name="phrase_embeddings",
+    doc="CLIP text embedding of each concept's phrase (unit length, prompt 'a photo of a {phrase}.').",
     version=1,
     key=("concept_id",),
     columns=(
-        Column("concept_id", pa.string(), "Hash of the normalised phrase: the same phrase has the same id in every run."),
-        Column("phrase", pa.string(), "The phrase as given to the model."),
+        Column("concept_id", pa.string(), "The concept (see `concepts`)."),
+        Column("phrase", pa.string(), "The phrase embedded."),
+        Column("model", pa.string(), "CLIP architecture/pretrained tag, or tiny-random."),
+        Column("embedding", pa.list_(pa.float32()), "Unit-length text embedding."),
         _unit_column(),
     ),
 )
@@ -212,7 +264,7 @@ MASKS = TableSpec(
     ),
 )
 
-TABLES: dict[str, TableSpec] = {t.name: t for t in (IMAGES, SOURCES, REJECTS, CONCEPTS, PAIRS, MASKS, UNITS, RUNS)}
+TABLES: dict[str, TableSpec] = {t.name: t for t in (IMAGES, SOURCES, REJECTS, CONCEPTS, CANDIDATES, IMAGE_EMBEDDINGS, PHRASE_EMBEDDINGS, PAIRS, MASKS, UNITS, RUNS)}
 
 
 def validate(spec: TableSpec, table: pa.Table) -> pa.Table:

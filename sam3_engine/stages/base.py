@@ -86,6 +86,10 @@ class Stage(ABC):
 
     uses_model: ClassVar[bool] = False
     """True for stages whose ``process`` needs a model: the engine runs them on model actors."""
+    actors: int | None = None
+    """Model actors the stage asks for (default: one per GPU, or one CPU actor)."""
+    gpus_per_actor: float | None = None
+    """GPUs per model actor (default: 1 when the cluster has GPUs, else 0)."""
 
     def prepare(self, unit: WorkUnit) -> Any:
         """CPU work for a unit (decoding, resizing), run apart from ``process`` so a GPU never waits on it."""

@@ -146,6 +146,7 @@ def probe(entry: InputEntry, config: IngestConfig, storage_config: StorageConfig
         "captions": list(entry.captions),
         "alt_text": entry.alt_text,
         "source": entry.source,
+        "phrases": list(entry.phrases),
     }
 
 
@@ -174,7 +175,7 @@ class IngestStage(Stage):
         settings = self.config.model_dump(mode="json", include={"max_pixels", "max_bytes", "formats"})
         units = []
         for shard in content_defined_chunks(entries, lambda e: e.uri, self.config.unit_size):
-            described = [(e.input_id, e.uri, e.captions, e.alt_text, e.source, e.version, e.problem) for e in shard]
+            described = [(e.input_id, e.uri, e.captions, e.alt_text, e.source, e.phrases, e.version, e.problem) for e in shard]
             unit_id = fingerprint(self.name, {"version": VERSION, "settings": settings, "inputs": described})
             units.append(WorkUnit(unit_id, tuple(shard)))
         return units

@@ -32,6 +32,8 @@ class InputEntry:
     captions: tuple[str, ...] = ()
     alt_text: str | None = None
     source: str | None = None
+    phrases: tuple[str, ...] = ()
+    """Phrases the user wants asked about this image (the manifest's `phrases`: a list, or text split at ";")."""
     version: str | None = field(default=None, compare=False)
     """Size and modification stamp from the listing, so a changed file is probed again."""
     problem: str | None = None
@@ -100,6 +102,12 @@ def _captions(value) -> tuple[str, ...]:
     return tuple(str(v).strip() for v in values if v is not None and str(v).strip())
 
 
+def _phrases(value) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = value.split(";")
+    return _captions(value)
+
+
 def _text(value) -> str | None:
     return None if value is None or not str(value).strip() else str(value).strip()
 
@@ -113,6 +121,7 @@ def _entry(url: str, record: dict, where: str) -> InputEntry:
         captions=_captions(record.get("caption", record.get("captions"))),
         alt_text=_text(record.get("alt_text")),
         source=_text(record.get("source")),
+        phrases=_phrases(record.get("phrases")),
     )
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import resource
 import time
 from dataclasses import dataclass
@@ -24,6 +23,8 @@ from sam3_engine.engine import storage
 from sam3_engine.engine.config import ConfigError, ModelConfig, ProposeConfig, StorageConfig
 from sam3_engine.models.sam3 import ModelChoice, PairPrediction, Sam3Segmenter, load_image_processor, preprocess
 from sam3_engine.schemas.tables import CONCEPTS, IMAGES, MASKS, PAIRS, REJECTS
+from sam3_engine.engine.catalog import connect, named_query
+from sam3_engine.stages.concepts import concept_id, normal_form, pair_id
 from sam3_engine.stages.base import STATS_KEY, Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, rows_table
 
 VERSION = 2
@@ -40,20 +41,12 @@ REASONS = {
 }
 
 
-def normalise_phrase(phrase: str) -> str:
-    return re.sub(r"\s+", " ", phrase.strip().lower())
-
-
-def concept_id(phrase: str) -> str:
-    return hashlib.sha256(normalise_phrase(phrase).encode()).hexdigest()[:16]
-
-
 def _hash(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
 
 
 def load_phrases(config: ProposeConfig, storage_config: StorageConfig) -> tuple[str, ...]:
-    """Phrases from the config and the vocabulary file, first spelling kept, duplicates dropped."""
+    """Normal forms of the config's phrases and vocabulary file, duplicates dropped; empty when mining supplies them."""
     phrases = list(config.phrases)
     if config.vocabulary:
         fs, path = storage.filesystem(config.vocabulary, storage_config)
@@ -61,20 +54,18 @@ def load_phrases(config: ProposeConfig, storage_config: StorageConfig) -> tuple[
             raise ConfigError(f"propose.vocabulary: no file at {config.vocabulary}")
         with fs.open(path, "r") as f:
             phrases += [line for line in f.read().splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    if any(not normalise_phrase(p) for p in phrases):
+    normal = [normal_form(p) for p in phrases]
+    if not all(normal):
         raise ConfigError("propose.phrases: empty phrases are not allowed")
-    unique: dict[str, str] = {}
-    for phrase in phrases:
-        unique.setdefault(concept_id(phrase), phrase.strip())
-    if not unique:
-        raise ConfigError("the propose stage needs phrases: set propose.phrases or propose.vocabulary")
-    return tuple(unique.values())
+    return tuple(dict.fromkeys(normal))
 
 
 @dataclass(frozen=True)
 class ImageRef:
     image_id: str
     uri: str
+    phrases: tuple[str, ...]
+    """Normal forms of the concepts to ask about on this image."""
 
 
 @dataclass(frozen=True)
@@ -143,18 +134,26 @@ class ProposeStage(Stage):
         self.storage_config = storage_config
         self.run_id = run_id
         self.phrases = load_phrases(config, storage_config)
+        self.actors = config.workers
+        self.gpus_per_actor = config.gpus_per_worker
 
     def plan(self, store) -> list[WorkUnit]:
-        images = store.read(IMAGES.name, columns=["image_id", "uri"]).sort_by("image_id").to_pylist()
-        refs = [ImageRef(**row) for row in images]
-        settings = {
-            "version": VERSION,
-            "model": [self.choice.name, self.choice.revision, self.model.dtype],
-            "threshold": self.config.threshold,
-            "phrases": list(self.phrases),
-        }
+        """One item per image with its phrases: the config's on every image, else the mined candidates."""
+        if self.phrases:
+            images = store.read(IMAGES.name, columns=["image_id", "uri"]).sort_by("image_id").to_pylist()
+            refs = [ImageRef(row["image_id"], row["uri"], self.phrases) for row in images]
+        else:
+            con = connect(store)
+            refs = [ImageRef(image_id, uri, tuple(phrases)) for image_id, uri, phrases in con.sql(named_query("phrases_per_image")).fetchall()]
+            con.close()
+            if not refs and store.read(IMAGES.name, columns=["image_id"]).num_rows:
+                raise ConfigError(
+                    "the propose stage has no phrases for any image: run the mine stage on images with captions, "
+                    "or set mine.phrases, mine.vocabulary, or propose.phrases"
+                )
+        settings = {"version": VERSION, "model": [self.choice.name, self.choice.revision, self.model.dtype], "threshold": self.config.threshold}
         return [
-            WorkUnit(fingerprint(self.name, {**settings, "images": [r.image_id for r in shard]}), tuple(shard))
+            WorkUnit(fingerprint(self.name, {**settings, "images": [(r.image_id, r.phrases) for r in shard]}), tuple(shard))
             for shard in content_defined_chunks(refs, lambda r: r.image_id, self.config.unit_size)
         ]
 
@@ -176,7 +175,8 @@ class ProposeStage(Stage):
     def process(self, unit: WorkUnit, prepared: Prepared | None = None) -> dict[str, pa.Table]:
         prepared = prepared if prepared is not None else self.prepare(unit)
         segmenter = _segmenter(self.choice, self.model)
-        truncated = segmenter.tokenize(list(self.phrases)).truncated
+        distinct = sorted({p for ref in prepared.refs for p in ref.phrases})
+        truncated = dict(zip(distinct, segmenter.tokenize(distinct).truncated if distinct else ()))
         pairs, masks, rejects = [], [], list(prepared.rejects)
         stats = {"images": float(len(prepared.refs)), "oom_retries": 0.0, "batch_splits": 0.0}
         started = time.perf_counter()
@@ -188,8 +188,8 @@ class ProposeStage(Stage):
                 if isinstance(outcome, tuple):
                     rejects.append(self._reject(ref, *outcome))
                     continue
-                for phrase, was_truncated, prediction in zip(self.phrases, truncated, outcome):
-                    pair = self._pair_row(ref, phrase, was_truncated, prediction)
+                for phrase, prediction in zip(ref.phrases, outcome, strict=True):
+                    pair = self._pair_row(ref, phrase, truncated[phrase], prediction)
                     pairs.append(pair)
                     masks.extend(self._mask_rows(pair, prepared.sizes[i], prediction))
         stats["model_seconds"] = time.perf_counter() - started
@@ -213,11 +213,12 @@ class ProposeStage(Stage):
         import torch
 
         try:
-            _oom_if_asked(len(batch), min(phrase_batch, len(self.phrases)))
+            phrases = [list(prepared.refs[i].phrases) for i in batch]
+            _oom_if_asked(len(batch), min(phrase_batch, max(map(len, phrases))))
             results = segmenter.predict_pixels(
                 torch.from_numpy(prepared.pixels[batch[0] : batch[-1] + 1].copy()),  # Ray hands out read-only arrays
                 [prepared.sizes[i] for i in batch],
-                [list(self.phrases)] * len(batch),
+                phrases,
                 self.config.threshold,
                 phrase_batch,
             )
@@ -252,7 +253,7 @@ class ProposeStage(Stage):
     def _pair_row(self, ref: ImageRef, phrase: str, truncated: bool, prediction: PairPrediction) -> dict[str, Any]:
         cid = concept_id(phrase)
         return {
-            "pair_id": _hash(ref.image_id, cid),
+            "pair_id": pair_id(ref.image_id, cid),
             "image_id": ref.image_id,
             "concept_id": cid,
             "phrase": phrase,
@@ -291,8 +292,11 @@ class ProposeStage(Stage):
             )
         return rows
 
-    def derive(self, store, done_units: list[str]) -> Derivation:
-        rows = [{"concept_id": concept_id(p), "phrase": p} for p in self.phrases]
+    def derive(self, store, done_units: list[str]) -> Derivation | None:
+        """The concepts of the config's phrases; mined concepts are the mine stage's to write."""
+        if not self.phrases:
+            return None
+        rows = [{"concept_id": concept_id(p), "phrase": p, "spellings": [], "parent": None, "synonyms": [], "sources": ["propose.phrases"]} for p in self.phrases]
         unit_id = fingerprint(f"{self.name}.concepts", {"version": VERSION, "phrases": list(self.phrases)})
         table = rows_table(CONCEPTS, rows, unit_id)
         return Derivation(unit_id, CONCEPTS, pa.RecordBatchReader.from_batches(CONCEPTS.schema, table.to_batches()))
@@ -308,12 +312,16 @@ class ProposeStage(Stage):
             "FROM units WHERE stage = $stage",
             {"stage": self.name},
         ).fetchone()
+        negatives = con.execute("SELECT count(*) FROM pairs JOIN candidates USING (pair_id) WHERE origin = 'hard_negative'").fetchone()[0]
+        fired = con.execute(f"SELECT count(*) FROM ({named_query('hard_negatives_fired')})").fetchone()[0]
         counts = {
             "accounted": images + sum(reasons.values()),
-            "phrases": len(self.phrases),
+            "phrases": con.execute("SELECT count(DISTINCT concept_id) FROM pairs").fetchone()[0],
             "pairs": pairs,
             "pairs_with_masks": with_masks,
             "masks": masks,
+            "hard_negative_pairs": negatives,
+            "hard_negatives_fired": fired,
             "rejects": sum(reasons.values()),
             "reject_reasons": reasons,
             "oom_retries": int(oom_retries),

@@ -25,6 +25,19 @@ def test_quickstart_summary_reconciles(quickstart):
     assert "3 inputs = 3 images + 0 duplicates + 0 rejects" in done.stderr
 
 
+def test_quickstart_proposes_masks_for_the_mined_concepts_and_hard_negatives(quickstart):
+    run_dir, _ = quickstart
+    sql = ("SELECT c.origin, count(DISTINCT c.pair_id) AS candidates, count(DISTINCT p.pair_id) AS proposed, sum(p.instance_count)::BIGINT AS instances "
+           "FROM candidates c LEFT JOIN pairs p USING (pair_id) GROUP BY c.origin ORDER BY c.origin")
+    by_origin = {r["origin"]: r for r in json.loads(cli("query", str(run_dir), sql, "-f", "json").stdout)}
+    assert {"caption", "hard_negative"} <= set(by_origin) <= {"caption", "clip", "hard_negative"}
+    assert all(r["candidates"] == r["proposed"] > 0 for r in by_origin.values())
+    assert by_origin["caption"]["instances"] > 0
+    assert by_origin["hard_negative"]["candidates"] <= 3 * 8
+    phrases = json.loads(cli("query", str(run_dir), "SELECT list(DISTINCT phrase) AS p FROM candidates WHERE origin = 'caption'", "-f", "json").stdout)[0]["p"]
+    assert {"grocery bag", "car", "pickup truck", "child", "basketball court"} <= set(phrases)
+
+
 def test_query_formats_and_bound_parameters(quickstart):
     run_dir, _ = quickstart
     sql = "SELECT width, height FROM images WHERE width > $min_width ORDER BY width"
@@ -59,18 +72,19 @@ def test_run_without_a_config_file(tmp_path, photos_dir):
     assert json.loads(runs[0]["summary_json"])["stages"][0]["counts"]["images"] == 3
 
 
-def test_bad_config_is_reported_not_raised(tmp_path):
+def test_bad_config_is_reported_not_raised(tmp_path, photos_dir):
     path = tmp_path / "c.yaml"
     path.write_text("ingest:\n  workerz: 2\n")
     done = cli("run", str(path))
     assert done.returncode == 2 and "ingest.workerz: unknown key" in done.stderr and "Traceback" not in done.stderr
     done = cli("run", "--output", str(tmp_path / "o"))
     assert done.returncode == 2 and "needs an input" in done.stderr
+    assert not (tmp_path / "o").exists(), "a config error must not leave a run directory behind"
     done = cli("run", "--input", str(tmp_path / "nothing-here"), "--output", str(tmp_path / "o"), "--stages", "ingest")
     assert done.returncode == 2 and "does not exist" in done.stderr
-    done = cli("run", "--input", str(tmp_path), "--output", str(tmp_path / "p"), "--model", "tiny-random")
-    assert done.returncode == 2 and "needs phrases" in done.stderr
-    assert not (tmp_path / "p").exists(), "a config error must not leave a run directory behind"
+    # A folder has no captions: with no phrases configured either, there is nothing to ask SAM 3.
+    done = cli("run", "--input", str(photos_dir), "--output", str(tmp_path / "p"), "--model", "tiny-random", "--stages", "ingest,mine,negatives,propose")
+    assert done.returncode == 2 and "has no phrases" in done.stderr and "mine.phrases" in done.stderr
 
 
 def test_every_command_has_help():

@@ -81,8 +81,8 @@ def test_pixel_limit_and_format_list_are_configurable(photos_dir):
 def test_manifest_bad_rows_and_missing_files_are_rejected_not_lost(photos_dir, tmp_path):
     manifest = tmp_path / "manifest.jsonl"
     lines = [
-        json.dumps({"uri": str(photos_dir / "truck.jpg"), "caption": "a truck", "alt_text": "white truck"}),
-        json.dumps({"uri": str(photos_dir / "truck.jpg"), "caption": ["pickup", "canopy"]}),
+        json.dumps({"uri": str(photos_dir / "truck.jpg"), "caption": "a truck", "alt_text": "white truck", "phrases": "wheel; license plate"}),
+        json.dumps({"uri": str(photos_dir / "truck.jpg"), "caption": ["pickup", "canopy"], "phrases": ["wheel", "stairs"]}),
         json.dumps({"uri": "missing/photo.jpg"}),
         json.dumps({"uri": str(tmp_path)}),
         json.dumps({"caption": "no uri here"}),
@@ -97,6 +97,7 @@ def test_manifest_bad_rows_and_missing_files_are_rejected_not_lost(photos_dir, t
     assert any(r["uri"] == str(tmp_path / "missing" / "photo.jpg") for r in rejects)
     (truck,) = rows(tmp_path / "run", "SELECT * FROM images")
     assert truck["captions"] == ["a truck", "canopy", "pickup"] and truck["alt_texts"] == ["white truck"]
+    assert truck["phrases"] == ["license plate", "stairs", "wheel"]
     assert result.stages[0].items_total == 7
     assert result.stages[0].counts["duplicates"] == 1
 

@@ -13,7 +13,8 @@ from pycocotools import mask as mask_utils
 
 from sam3_engine.engine.config import ConfigError, ProposeConfig, StorageConfig, load_config
 from sam3_engine.engine.run import run_pipeline
-from sam3_engine.stages.propose import concept_id, load_phrases
+from sam3_engine.stages.concepts import concept_id
+from sam3_engine.stages.propose import load_phrases
 from tests.helpers import rows
 
 PHRASES = ["grocery bag", "pickup truck", "child", "Pickup  Truck"]
@@ -123,12 +124,12 @@ def test_phrases_from_a_vocabulary_file(tmp_path):
     assert load_phrases(ProposeConfig(phrases=("bird",), vocabulary=str(vocabulary)), StorageConfig()) == ("bird", "cat", "dog")
     with pytest.raises(ConfigError, match="empty"):
         load_phrases(ProposeConfig(phrases=("cat", "  ")), StorageConfig())
-    with pytest.raises(ConfigError, match="needs phrases"):
-        load_phrases(ProposeConfig(), StorageConfig())
+    assert load_phrases(ProposeConfig(), StorageConfig()) == ()  # then the mined candidates are asked
 
 
 def test_an_unreachable_checkpoint_fails_unless_fallback_is_asked_for(photos_dir, tmp_path):
-    command = [sys.executable, "-m", "sam3_engine", "run", "-q", "--input", str(photos_dir), "--output", str(tmp_path / "run"), "--set", "propose.phrases=[car]"]
+    command = [sys.executable, "-m", "sam3_engine", "run", "-q", "--input", str(photos_dir), "--output", str(tmp_path / "run"),
+               "--stages", "ingest,propose", "--set", "propose.phrases=[car]"]
     failed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert failed.returncode == 2 and "huggingface-cli login" in failed.stderr and "--model tiny-random" in failed.stderr
     fallback = subprocess.run([*command, "--set", "model.fallback_to_tiny_random=true"], capture_output=True, text=True)

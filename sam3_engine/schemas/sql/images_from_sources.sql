@@ -14,6 +14,7 @@ SELECT
     list_sort(list_distinct(flatten(list(captions))))          AS captions,
     coalesce(list_sort(list_distinct(list(alt_text) FILTER (alt_text IS NOT NULL))), []) AS alt_texts,
     coalesce(list_sort(list_distinct(list(source) FILTER (source IS NOT NULL))), [])     AS sources,
+    list_sort(list_distinct(flatten(list(phrases))))           AS phrases,
     $unit_id                                                   AS unit_id
 FROM sources
 GROUP BY image_id

@@ -1,0 +1,147 @@
+"""Embed: CLIP embeddings of every image and every concept, stored for retrieval, negatives and later stages.
+
+Entry point: ``EmbedStage``. Two kinds of unit: shards of images (decoded and transformed by CPU
+preparation tasks, embedded by the model actors) and shards of concepts (the ontology's,
+vocabulary's and mined ones from ``concepts``). An image that can no longer be read is rejected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image, ImageOps
+
+from sam3_engine.engine import storage
+from sam3_engine.engine.config import ClipConfig, StorageConfig
+from sam3_engine.models.clip import ClipChoice, ClipEmbedder, image_transform
+from sam3_engine.schemas.tables import CONCEPTS, IMAGE_EMBEDDINGS, IMAGES, PHRASE_EMBEDDINGS, REJECTS
+from sam3_engine.stages.base import Stage, WorkUnit, content_defined_chunks, fingerprint, rows_table
+
+VERSION = 1
+"""Bump when a change to this module changes the rows it writes: every unit then re-runs."""
+
+REASONS = {
+    "image_unreadable": "The image could not be read or decoded when it was embedded.",
+    "worker_crashed": "The model worker died on this image twice (a crash, not an exception).",
+}
+PHRASES_PER_IMAGE_UNIT = 4
+"""Concept units hold this many times ``clip.unit_size`` phrases: a phrase costs a fraction of an image."""
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    image_id: str
+    uri: str
+
+
+@dataclass(frozen=True)
+class ConceptItem:
+    concept_id: str
+    phrase: str
+
+
+@dataclass(frozen=True)
+class PreparedImages:
+    items: tuple[ImageItem, ...]
+    pixels: np.ndarray | None
+    rejects: tuple[dict[str, Any], ...]
+
+
+_EMBEDDERS: dict[tuple, ClipEmbedder] = {}
+
+
+def _embedder(choice: ClipChoice, device: str | None) -> ClipEmbedder:
+    """The worker's model, loaded on first use and kept for every later unit."""
+    key = (choice, device)
+    if key not in _EMBEDDERS:
+        _EMBEDDERS[key] = ClipEmbedder.load(choice, device)
+    return _EMBEDDERS[key]
+
+
+class EmbedStage(Stage):
+    name = "embed"
+    outputs = (IMAGE_EMBEDDINGS, PHRASE_EMBEDDINGS, REJECTS)
+    uses_model = True
+
+    def __init__(self, config: ClipConfig, choice: ClipChoice, storage_config: StorageConfig):
+        self.config = config
+        self.choice = choice
+        self.storage_config = storage_config
+        self.actors = config.workers
+        self.gpus_per_actor = config.gpus_per_worker
+
+    def plan(self, store) -> list[WorkUnit]:
+        settings = {"version": VERSION, "model": self.choice.label}
+        images = [ImageItem(**r) for r in store.read(IMAGES.name, columns=["image_id", "uri"]).sort_by("image_id").to_pylist()]
+        concepts = [ConceptItem(**r) for r in store.read(CONCEPTS.name, columns=["concept_id", "phrase"]).sort_by("concept_id").to_pylist()]
+        units = [
+            WorkUnit(fingerprint(self.name, {**settings, "images": [i.image_id for i in shard]}), tuple(shard))
+            for shard in content_defined_chunks(images, lambda i: i.image_id, self.config.unit_size)
+        ]
+        units += [
+            WorkUnit(fingerprint(self.name, {**settings, "concepts": [(c.concept_id, c.phrase) for c in shard]}), tuple(shard))
+            for shard in content_defined_chunks(concepts, lambda c: c.concept_id, self.config.unit_size * PHRASES_PER_IMAGE_UNIT)
+        ]
+        return units
+
+    def prepare(self, unit: WorkUnit) -> PreparedImages | None:
+        """Decode, orient and transform a unit's images on a CPU worker; unreadable ones become rejects."""
+        if not isinstance(unit.items[0], ImageItem):
+            return None
+        transform = image_transform(self.choice)
+        ready, pixels, rejects = [], [], []
+        for item in unit.items:
+            try:
+                fs, path = storage.filesystem(item.uri, self.storage_config)
+                with fs.open(path, "rb") as f:
+                    image = Image.open(f)
+                    image.load()
+                pixels.append(transform(ImageOps.exif_transpose(image).convert("RGB")).numpy())
+            except Exception as exc:  # noqa: BLE001 - a bad file is a reject, not a crash
+                rejects.append({"input_id": item.image_id, "stage": self.name, "uri": item.uri, "image_id": item.image_id,
+                                "reason": "image_unreadable", "detail": f"{type(exc).__name__}: {exc}"})
+                continue
+            ready.append(item)
+        return PreparedImages(tuple(ready), np.stack(pixels) if pixels else None, tuple(rejects))
+
+    def process(self, unit: WorkUnit, prepared: PreparedImages | None = None) -> dict[str, pa.Table]:
+        import torch
+
+        embedder = _embedder(self.choice, self.config.device)
+        images, phrases, rejects = [], [], []
+        if isinstance(unit.items[0], ImageItem):
+            prepared = prepared if prepared is not None else self.prepare(unit)
+            rejects = list(prepared.rejects)
+            for start in range(0, len(prepared.items), self.config.batch_size):
+                batch = torch.from_numpy(prepared.pixels[start : start + self.config.batch_size].copy())
+                for item, vector in zip(prepared.items[start : start + self.config.batch_size], embedder.embed_pixels(batch)):
+                    images.append({"image_id": item.image_id, "model": self.choice.label, "embedding": vector})
+        else:
+            for start in range(0, len(unit.items), self.config.batch_size):
+                batch = unit.items[start : start + self.config.batch_size]
+                for item, vector in zip(batch, embedder.embed_phrases([c.phrase for c in batch])):
+                    phrases.append({"concept_id": item.concept_id, "phrase": item.phrase, "model": self.choice.label, "embedding": vector})
+        return {
+            IMAGE_EMBEDDINGS.name: rows_table(IMAGE_EMBEDDINGS, images, unit.unit_id),
+            PHRASE_EMBEDDINGS.name: rows_table(PHRASE_EMBEDDINGS, phrases, unit.unit_id),
+            REJECTS.name: rows_table(REJECTS, rejects, unit.unit_id),
+        }
+
+    def process_isolated(self, unit: WorkUnit, item, error: str) -> dict[str, pa.Table]:
+        rejects = []
+        if isinstance(item, ImageItem):
+            rejects.append({"input_id": item.image_id, "stage": self.name, "uri": item.uri, "image_id": item.image_id,
+                            "reason": "worker_crashed", "detail": f"the model worker died on this image: {error}"})
+        return {IMAGE_EMBEDDINGS.name: rows_table(IMAGE_EMBEDDINGS, [], unit.unit_id),
+                PHRASE_EMBEDDINGS.name: rows_table(PHRASE_EMBEDDINGS, [], unit.unit_id), REJECTS.name: rows_table(REJECTS, rejects, unit.unit_id)}
+
+    def summarize(self, con) -> dict[str, Any]:
+        images, phrases = con.execute("SELECT (SELECT count(*) FROM image_embeddings), (SELECT count(*) FROM phrase_embeddings)").fetchone()
+        reasons = dict(con.execute("SELECT reason, count(*) FROM rejects WHERE stage = $stage GROUP BY reason ORDER BY reason", {"stage": self.name}).fetchall())
+        counts = {"images": images, "phrases": phrases, "rejects": sum(reasons.values()), "reject_reasons": reasons, "model": self.choice.label}
+        if self.choice.random_weights:
+            counts["random_weights"] = True
+        return counts

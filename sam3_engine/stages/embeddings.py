@@ -1,0 +1,65 @@
+"""Reading the embed stage's tables from any worker: all phrase embeddings (kept per process), a unit's image embeddings."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from sam3_engine.engine.config import StorageConfig
+from sam3_engine.engine.store import TableStore
+from sam3_engine.schemas.tables import IMAGE_EMBEDDINGS, PHRASE_EMBEDDINGS
+
+
+@dataclass(frozen=True)
+class PhraseVectors:
+    ids: list[str]
+    phrases: list[str]
+    vectors: np.ndarray
+    """Unit-length rows, one per concept, float32."""
+    index: dict[str, int]
+
+
+def _matrix(column) -> np.ndarray:
+    values = column.combine_chunks()
+    if len(values) == 0:
+        return np.zeros((0, 0), np.float32)
+    return values.flatten().to_numpy(zero_copy_only=False).reshape(len(values), -1).astype(np.float32, copy=False)
+
+
+class EmbeddingStore:
+    """Picklable: a stage holds one and workers open the run's tables themselves."""
+
+    def __init__(self, run_url: str, storage_config: StorageConfig):
+        self.run_url = run_url
+        self.storage_config = storage_config
+        self._phrases: PhraseVectors | None = None
+
+    def __getstate__(self):
+        return {"run_url": self.run_url, "storage_config": self.storage_config, "_phrases": None}
+
+    def _store(self) -> TableStore:
+        return TableStore(self.run_url, self.storage_config)
+
+    def phrase_digest(self, store: TableStore) -> str:
+        """Changes when any phrase embedding changes: part of the fingerprints of units that use them."""
+        table = store.read(PHRASE_EMBEDDINGS.name, columns=["concept_id", "model"]).sort_by("concept_id")
+        text = "\n".join(f"{c}\t{m}" for c, m in zip(table.column("concept_id").to_pylist(), table.column("model").to_pylist()))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def phrases(self) -> PhraseVectors:
+        if self._phrases is None:
+            table = self._store().read(PHRASE_EMBEDDINGS.name, columns=["concept_id", "phrase", "embedding"]).sort_by("concept_id")
+            ids = table.column("concept_id").to_pylist()
+            self._phrases = PhraseVectors(ids, table.column("phrase").to_pylist(), _matrix(table.column("embedding")), {c: i for i, c in enumerate(ids)})
+        return self._phrases
+
+    def images(self, image_ids: list[str]) -> tuple[list[str], np.ndarray]:
+        dataset = self._store().dataset(IMAGE_EMBEDDINGS.name)
+        dataset = ds.dataset(dataset) if isinstance(dataset, pa.Table) else dataset
+        table = dataset.to_table(columns=["image_id", "embedding"], filter=pc.field("image_id").isin(image_ids)).sort_by("image_id")
+        return table.column("image_id").to_pylist(), _matrix(table.column("embedding"))

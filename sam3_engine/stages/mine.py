@@ -1,0 +1,176 @@
+"""Mine: which concepts to ask SAM 3 about on each image, from its captions, the user's phrases and a vocabulary.
+
+Entry point: ``MineStage``. A unit is a shard of images; every phrase found is brought to its
+normal form (``stages.concepts``) and becomes a candidate (image, concept, origin). Phrases that
+are empty once normalised, or longer than SAM 3's 32-token context, are rejected with a reason.
+At the end the ``concepts`` table is rebuilt: the ontology's and vocabulary's concepts plus every
+mined one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from sam3_engine.engine import storage
+from sam3_engine.engine.catalog import connect, named_query
+from sam3_engine.engine.config import ConfigError, MineConfig, StorageConfig
+from sam3_engine.schemas.tables import CANDIDATES, CONCEPTS, IMAGES, REJECTS
+from sam3_engine.stages.base import Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, rows_table
+from sam3_engine.stages.concepts import TEXT_CONTEXT, Ontology, concept_id, load_ontology, noun_phrases, pair_id, token_count
+
+VERSION = 1
+"""Bump when a change to this module changes the rows it writes: every unit then re-runs."""
+
+FREQUENCY_LIST = 5
+"""Concepts listed as most and least frequent in the run summary."""
+
+REASONS = {
+    "empty_phrase": "A user phrase with no words left once articles and punctuation are removed.",
+    "phrase_too_long": f"A phrase longer than SAM 3's {TEXT_CONTEXT}-token text context.",
+}
+
+
+def read_text(url: str, storage_config: StorageConfig) -> str:
+    fs, path = storage.filesystem(url, storage_config)
+    if not fs.exists(path):
+        raise ConfigError(f"no file at {url}")
+    with fs.open(path, "r") as f:
+        return f.read()
+
+
+def load_vocabulary(url: str | None, storage_config: StorageConfig) -> Ontology:
+    """A vocabulary file: YAML/JSON concept trees (with synonyms and parents), or plain text, one phrase per line."""
+    if url is None:
+        return Ontology()
+    text = read_text(url, storage_config)
+    if url.endswith((".yaml", ".yml", ".json")):
+        try:
+            return Ontology.load(url, text)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"mine.vocabulary: {exc}") from exc
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    try:
+        return Ontology.from_entries(lines, url, text)
+    except ValueError as exc:
+        raise ConfigError(f"mine.vocabulary: {exc}") from exc
+
+
+def run_ontology(config: MineConfig, storage_config: StorageConfig, vocabulary: Ontology | None = None) -> Ontology:
+    """The configured ontology with the vocabulary's concepts and synonyms merged in."""
+    try:
+        ontology = load_ontology(config.ontology, lambda url: read_text(url, storage_config))
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"mine.ontology: {exc}") from exc
+    ontology.merge(vocabulary if vocabulary is not None else load_vocabulary(config.vocabulary, storage_config))
+    return ontology
+
+
+@dataclass(frozen=True)
+class ImageText:
+    image_id: str
+    uri: str
+    texts: tuple[str, ...]
+    """Captions and alt texts."""
+    phrases: tuple[str, ...]
+    """The user's phrases for this image."""
+
+
+class MineStage(Stage):
+    name = "mine"
+    outputs = (CANDIDATES, REJECTS)
+
+    def __init__(self, config: MineConfig, storage_config: StorageConfig):
+        self.config = config
+        vocabulary = load_vocabulary(config.vocabulary, storage_config)
+        self.ontology = run_ontology(config, storage_config, vocabulary)
+        self.everywhere = self._run_phrases(vocabulary)
+
+    def _run_phrases(self, vocabulary: Ontology) -> tuple[tuple[str, str, str], ...]:
+        """(normal form, raw, origin) asked on every image; a bad run-level phrase is a config error."""
+        asked = [(raw, "user", "mine.phrases") for raw in self.config.phrases]
+        asked += [(name, "vocabulary", "mine.vocabulary") for name in vocabulary.concepts]
+        found = []
+        for raw, origin, key in asked:
+            name = self.ontology.canonical(raw)
+            if not name:
+                raise ConfigError(f"{key}: the phrase {raw!r} is empty once articles and punctuation are removed")
+            if token_count(name) > TEXT_CONTEXT:
+                raise ConfigError(f"{key}: the phrase {raw!r} is longer than SAM 3's {TEXT_CONTEXT}-token context")
+            found.append((name, raw, origin))
+        return tuple(found)
+
+    def plan(self, store) -> list[WorkUnit]:
+        rows = store.read(IMAGES.name, columns=["image_id", "uri", "captions", "alt_texts", "phrases"]).sort_by("image_id").to_pylist()
+        images = [ImageText(r["image_id"], r["uri"], tuple(r["captions"]) + tuple(r["alt_texts"]), tuple(r["phrases"])) for r in rows]
+        settings = {
+            "version": VERSION,
+            "captions": self.config.captions,
+            "ontology": self.ontology.digest,
+            "everywhere": [list(p) for p in self.everywhere],
+        }
+        return [
+            WorkUnit(fingerprint(self.name, {**settings, "images": [(i.image_id, i.texts, i.phrases) for i in shard]}), tuple(shard))
+            for shard in content_defined_chunks(images, lambda i: i.image_id, self.config.unit_size)
+        ]
+
+    def process(self, unit: WorkUnit, prepared: Any = None) -> dict[str, pa.Table]:
+        candidates: dict[tuple[str, str], dict[str, Any]] = {}
+        rejects: dict[str, dict[str, Any]] = {}
+        for image in unit.items:
+            found = [(raw, "caption") for text in (image.texts if self.config.captions else ()) for raw in noun_phrases(text, self.ontology)]
+            found += [(raw, "user") for raw in image.phrases]
+            for raw, origin in found:
+                name = self.ontology.canonical(raw)
+                problem = "empty_phrase" if not name else "phrase_too_long" if token_count(name) > TEXT_CONTEXT else None
+                if problem:
+                    input_id = hashlib.sha256("\0".join((image.image_id, origin, raw)).encode()).hexdigest()[:24]
+                    rejects[input_id] = {"input_id": input_id, "stage": self.name, "uri": image.uri, "image_id": image.image_id,
+                                         "reason": problem, "detail": f"{origin} phrase {raw!r}"}
+                    continue
+                self._add(candidates, image, name, raw, origin)
+            for name, raw, origin in self.everywhere:
+                self._add(candidates, image, name, raw, origin)
+        return {
+            CANDIDATES.name: rows_table(CANDIDATES, sorted(candidates.values(), key=lambda r: (r["pair_id"], r["origin"])), unit.unit_id),
+            REJECTS.name: rows_table(REJECTS, list(rejects.values()), unit.unit_id),
+        }
+
+    @staticmethod
+    def _add(candidates: dict, image: ImageText, name: str, raw: str, origin: str) -> None:
+        cid = concept_id(name)
+        candidates.setdefault(
+            (image.image_id, cid, origin),
+            {"pair_id": pair_id(image.image_id, cid), "image_id": image.image_id, "concept_id": cid, "phrase": name, "origin": origin,
+             "raw_phrase": raw, "score": 1.0, "related_concept_id": None, "relation": None},
+        )
+
+    def derive(self, store, done_units: list[str]) -> Derivation:
+        unit_id = fingerprint(f"{self.name}.concepts", {"version": VERSION, "ontology": self.ontology.digest, "units": sorted(done_units)})
+        con = connect(store)
+        con.register("pool", self.ontology.table())
+        reader = con.sql(named_query("concepts_from_candidates"), params={"unit_id": unit_id}).to_arrow_reader()
+        return Derivation(unit_id, CONCEPTS, reader)
+
+    def summarize(self, con) -> dict[str, Any]:
+        images, mined, concepts = con.execute(
+            "SELECT (SELECT count(*) FROM images), (SELECT count(DISTINCT pair_id) FROM candidates WHERE origin <> 'hard_negative'), "
+            "(SELECT count(DISTINCT concept_id) FROM candidates WHERE origin <> 'hard_negative')"
+        ).fetchone()
+        by_origin = dict(con.execute("SELECT origin, count(*) FROM candidates WHERE origin <> 'hard_negative' GROUP BY origin ORDER BY origin").fetchall())
+        reasons = dict(con.execute("SELECT reason, count(*) FROM rejects WHERE stage = $stage GROUP BY reason ORDER BY reason", {"stage": self.name}).fetchall())
+        frequency = con.sql(named_query("concept_frequency")).fetchall()
+        return {
+            "images": images,
+            "concepts": concepts,
+            "pairs": mined,
+            "concepts_per_image": round(mined / images, 2) if images else 0.0,
+            "pairs_by_origin": by_origin,
+            "rejects": sum(reasons.values()),
+            "reject_reasons": reasons,
+            "most_frequent": [f"{phrase} ({n})" for phrase, n in frequency[:FREQUENCY_LIST]],
+            "least_frequent": [f"{phrase} ({n})" for phrase, n in frequency[::-1][:FREQUENCY_LIST]],
+        }

@@ -1,0 +1,63 @@
+"""Retrieve: the concepts CLIP finds most similar to each image, from the whole concept pool.
+
+Entry point: ``RetrieveStage``. Reads the embed stage's tables: each image's embedding against every
+concept's text embedding (the ontology's, the vocabulary's and the mined ones); the ``top_k`` most
+similar at or above ``min_similarity`` become candidates with origin ``clip`` and the similarity as
+their score. Plain matrix products on CPU workers: no model runs here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from sam3_engine.engine.config import RetrieveConfig, StorageConfig
+from sam3_engine.schemas.tables import CANDIDATES, IMAGE_EMBEDDINGS
+from sam3_engine.stages.base import Stage, WorkUnit, content_defined_chunks, fingerprint, rows_table
+from sam3_engine.stages.concepts import pair_id
+from sam3_engine.stages.embeddings import EmbeddingStore
+
+VERSION = 1
+"""Bump when a change to this module changes the rows it writes: every unit then re-runs."""
+
+
+class RetrieveStage(Stage):
+    name = "retrieve"
+    outputs = (CANDIDATES,)
+
+    def __init__(self, config: RetrieveConfig, run_url: str, storage_config: StorageConfig):
+        self.config = config
+        self.embeddings = EmbeddingStore(run_url, storage_config)
+
+    def plan(self, store) -> list[WorkUnit]:
+        image_ids = store.read(IMAGE_EMBEDDINGS.name, columns=["image_id"]).column("image_id").to_pylist()
+        settings = {"version": VERSION, "top_k": self.config.top_k, "min_similarity": self.config.min_similarity,
+                    "phrases": self.embeddings.phrase_digest(store)}
+        return [
+            WorkUnit(fingerprint(self.name, {**settings, "images": list(shard)}), tuple(shard))
+            for shard in content_defined_chunks(sorted(image_ids), lambda i: i, self.config.unit_size)
+        ]
+
+    def process(self, unit: WorkUnit, prepared: Any = None) -> dict[str, pa.Table]:
+        concepts = self.embeddings.phrases()
+        image_ids, vectors = self.embeddings.images(list(unit.items))
+        similarity = vectors @ concepts.vectors.T if len(concepts.ids) else np.zeros((len(image_ids), 0), np.float32)
+        rows = []
+        k = min(self.config.top_k, similarity.shape[1])
+        for image_id, scores in zip(image_ids, similarity):
+            best = np.argsort(-scores, kind="stable")[:k]
+            for index in best:
+                if scores[index] < self.config.min_similarity:
+                    break
+                cid = concepts.ids[index]
+                rows.append({"pair_id": pair_id(image_id, cid), "image_id": image_id, "concept_id": cid, "phrase": concepts.phrases[index],
+                             "origin": "clip", "raw_phrase": None, "score": float(scores[index]), "related_concept_id": None, "relation": None})
+        return {CANDIDATES.name: rows_table(CANDIDATES, rows, unit.unit_id)}
+
+    def summarize(self, con) -> dict[str, Any]:
+        images, pairs, concepts = con.execute(
+            "SELECT count(DISTINCT image_id), count(*), count(DISTINCT concept_id) FROM candidates WHERE origin = 'clip'"
+        ).fetchone()
+        return {"images": images, "pairs": pairs, "concepts": concepts, "concepts_per_image": round(pairs / images, 2) if images else 0.0}
