@@ -1,5 +1,6 @@
 """Concept mining at scale: a synthetic captioned corpus through ingest, mine, embed, retrieve and negatives.
 
+    pip install -e '.[bench]'
     python benchmarks/mine_throughput.py --images 10000                      # tiny-random CLIP
     python benchmarks/mine_throughput.py --images 1000 --clip ViT-B-32       # full-size ViT-B-32, random weights
 
@@ -32,6 +33,9 @@ def corpus(folder: Path, count: int, seed: int = 0) -> Path:
     """``count`` distinct 96x64 JPEG crops and a JSONL manifest with one caption each."""
     from sam3_engine.stages.concepts import Ontology
 
+    import inflect
+
+    plural = inflect.engine().plural
     rng = random.Random(seed)
     names = sorted(Ontology.load("builtin").concepts)
     photos = [ImageOps.exif_transpose(Image.open(p)).convert("RGB") for p in sorted((EXAMPLES / "images").glob("*.jpg"))]
@@ -42,7 +46,7 @@ def corpus(folder: Path, count: int, seed: int = 0) -> Path:
             x, y = rng.randrange(photo.width - 400), rng.randrange(photo.height - 300)
             photo.crop((x, y, x + 384, y + 256)).resize((96, 64)).save(folder / f"{i:06d}.jpg", quality=85)
             a, b, c = rng.sample(names, 3)
-            caption = f"A {rng.choice(COLOURS)} {a} next to two {b}s and a {c} on a {rng.choice(PLACES)}."
+            caption = f"A {rng.choice(COLOURS)} {a} next to two {plural(b)} and a {c} on a {rng.choice(PLACES)}."
             manifest.write(json.dumps({"uri": f"{i:06d}.jpg", "caption": caption}) + "\n")
     return folder / "manifest.jsonl"
 
