@@ -17,7 +17,6 @@ import unicodedata
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
-from pathlib import Path
 
 import pyarrow as pa
 import yaml
