@@ -7,7 +7,7 @@ import io
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 import yaml
@@ -16,11 +16,12 @@ from rich.table import Table
 
 from sam3_engine.engine import catalog, storage
 from sam3_engine.engine.config import ConfigError, StorageConfig, load_config
-from sam3_engine.engine.run import ReconciliationError, RunResult, run_pipeline
-from sam3_engine.engine.runner import default_progress
-from sam3_engine.models.sam3 import ModelLoadError
+from sam3_engine.models.hub import ModelLoadError
 from sam3_engine.schemas.tables import TABLES
 from sam3_engine.stages.inputs import InputError
+
+if TYPE_CHECKING:
+    from sam3_engine.engine.run import RunResult
 
 app = typer.Typer(help="SAM 3 data engine: build verified segmentation datasets from a pile of images.", no_args_is_help=True, add_completion=False)
 console = Console(stderr=True)
@@ -44,6 +45,9 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Run the pipeline; run it again with the same output to resume after a crash."""
+    from sam3_engine.engine.run import ReconciliationError, run_pipeline  # torch and Ray: loaded only to run
+    from sam3_engine.engine.runner import default_progress
+
     overrides = dict(_parse_setting(s) for s in set_ or [])
     overrides.update({"input": input, "output": output, "stages": stages, "model.name": model, "ingest.workers": workers})
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from collections import deque
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -28,6 +29,8 @@ from sam3_engine.stages.base import STATS_KEY, Derivation, Stage, WorkUnit
 if TYPE_CHECKING:
     from sam3_engine.engine.store import TableStore
 
+PR_SET_PDEATHSIG = 1
+"""prctl option (linux/prctl.h): the signal a process gets when its parent dies."""
 KILL_AFTER_COMMITS_ENV = "SAM3_ENGINE_KILL_AFTER_COMMITS"
 """Fault injection for tests: SIGKILL the driver right after this many Delta commits."""
 CRASH_ON_ENV = "SAM3_ENGINE_CRASH_WORKER_ON"
@@ -54,6 +57,17 @@ def crash_if_asked(unit: WorkUnit) -> None:
     marker = os.environ.get(CRASH_ON_ENV)
     if marker and any(marker in repr(item) for item in unit.items):
         os._exit(70)
+
+
+def die_with_parent() -> None:
+    """Pool worker initializer: on Linux, the worker is killed when the driver dies (even by kill -9).
+
+    Without it, the idle workers of a killed run linger as orphans, holding memory.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _process(stage: Stage, unit: WorkUnit) -> dict[str, pa.Table]:
@@ -164,7 +178,7 @@ class ProcessExecutor:
         return sum(self._run_suspect(stage, unit, committed) for unit in suspects)
 
     def _pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent)
 
     def _run_pool(self, stage: Stage, units: list[WorkUnit], committed) -> list[WorkUnit]:
         """Run units with a bounded number in flight; return those lost to a broken pool."""

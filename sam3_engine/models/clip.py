@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sam3_engine.models.sam3 import ModelLoadError, _check_hub_reachable
+from sam3_engine.models.hub import ModelLoadError, check_hub_reachable
 
 TINY_RANDOM = "tiny-random"
 TINY_RANDOM_ARCHITECTURE = "sam3-engine-tiny-clip"
@@ -78,7 +78,7 @@ def choose_clip(model: str, pretrained: str | None, fallback_to_tiny_random: boo
             isinstance(try_to_load_from_cache(repo, name), str) for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
         )
         if not cached:
-            _check_hub_reachable()
+            check_hub_reachable()
     except Exception as exc:  # noqa: BLE001 - offline or unreachable
         if not fallback_to_tiny_random:
             raise _clip_error(model, pretrained, exc) from exc

@@ -14,14 +14,12 @@ device, so only run lengths, not full-resolution masks, cross to the host.
 from __future__ import annotations
 
 import json
-import socket
 import tempfile
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 import torch
@@ -29,16 +27,14 @@ import torch.nn.functional as F
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from sam3_engine.models.hub import ModelLoadError, check_hub_reachable
+
 TINY_RANDOM = "tiny-random"
 TINY_RANDOM_SEED = 0
 TINY_RANDOM_INIT_RANGE = 0.1
 TEXT_CONTEXT = 32
 STABILITY_OFFSET = 1.0
 """Logit offset for the stability score: IoU of the masks at logit > +offset and logit > -offset."""
-
-
-class ModelLoadError(RuntimeError):
-    """The model could not be loaded; the message says what failed and what to do."""
 
 
 @dataclass(frozen=True)
@@ -179,19 +175,6 @@ class ModelChoice:
         return self.name == TINY_RANDOM
 
 
-def _check_hub_reachable(timeout: float = 3.0) -> None:
-    """Fail in seconds, not after the hub client's minute of retries, when the hub is unreachable."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        raise ConnectionError("HF_HUB_OFFLINE is set and the checkpoint is not in the local cache")
-    url = urlsplit(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
-    except OSError as exc:
-        raise ConnectionError(f"cannot reach {constants.ENDPOINT}: {exc}") from exc
-
-
 def choose_model(name: str, revision: str | None, fallback_to_tiny_random: bool) -> ModelChoice:
     """Check that the checkpoint is reachable (its config.json, not its weights); fall back only if asked."""
     if name == TINY_RANDOM or Path(name).is_dir():
@@ -200,7 +183,7 @@ def choose_model(name: str, revision: str | None, fallback_to_tiny_random: bool)
 
     try:
         if not isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
-            _check_hub_reachable()
+            check_hub_reachable()
             hf_hub_download(name, "config.json", revision=revision)
     except Exception as exc:  # noqa: BLE001 - gated, missing, offline
         if not fallback_to_tiny_random:

@@ -105,3 +105,42 @@ def test_adding_files_runs_only_the_new_files_units(synthetic_dir, tmp_path):
     assert 1 <= second.stages[0].units_committed <= 3
     assert second.stages[0].units_skipped >= first.stages[0].units_total - 2
     assert second.stages[0].counts["duplicates"] == first.stages[0].counts["duplicates"] + 1
+
+
+DRIVER = """
+import os, sys, time
+from sam3_engine.engine.runner import ProcessExecutor
+
+def pid(_):
+    time.sleep(0.2)
+    return os.getpid()
+
+if __name__ == "__main__":
+    pool = ProcessExecutor(2)._pool()
+    print(" ".join(str(p) for p in sorted(set(pool.map(pid, range(8))))), flush=True)
+    time.sleep(60)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is dead, only not yet reaped
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_driver_leaves_no_pool_workers_behind(tmp_path):
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    driver = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    workers = [int(p) for p in driver.stdout.readline().split()]
+    assert workers and all(_alive(p) for p in workers)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in workers), "pool workers outlived their driver"
