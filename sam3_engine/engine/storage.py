@@ -58,6 +58,15 @@ def delta_options(url: str, storage: StorageConfig) -> dict[str, str] | None:
     return options
 
 
+def read_text(url: str, storage: StorageConfig) -> str:
+    """A small text file (a vocabulary, an ontology) at any fsspec URL."""
+    fs, path = filesystem(url, storage)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"no file at {url}")
+    with fs.open(path, "r") as f:
+        return f.read()
+
+
 def absolute_url(url: str) -> str:
     """A URL with an absolute local path, so that it means the same from every worker."""
     if protocol_of(url) == "file":

@@ -243,6 +243,11 @@ class Ontology:
         return concept.ancestors if concept else ()
 
 
+def phrase_lines(text: str) -> list[str]:
+    """A plain vocabulary: one phrase per line; blank lines and ``#`` comments skipped."""
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
 def normal_form(phrase: str) -> str:
     """Lower case, no articles, possessives or punctuation, head noun singular (no synonym collapse)."""
     return singular(_clean(phrase))

@@ -20,7 +20,7 @@ from sam3_engine.engine.catalog import connect, named_query
 from sam3_engine.engine.config import ConfigError, MineConfig, StorageConfig
 from sam3_engine.schemas.tables import CANDIDATES, CONCEPTS, IMAGES, REJECTS
 from sam3_engine.stages.base import Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, rows_table
-from sam3_engine.stages.concepts import TEXT_CONTEXT, Ontology, concept_id, load_ontology, noun_phrases, pair_id, token_count
+from sam3_engine.stages.concepts import TEXT_CONTEXT, Ontology, concept_id, load_ontology, noun_phrases, pair_id, phrase_lines, token_count
 
 VERSION = 1
 """Bump when a change to this module changes the rows it writes: every unit then re-runs."""
@@ -34,27 +34,21 @@ REASONS = {
 }
 
 
-def read_text(url: str, storage_config: StorageConfig) -> str:
-    fs, path = storage.filesystem(url, storage_config)
-    if not fs.exists(path):
-        raise ConfigError(f"no file at {url}")
-    with fs.open(path, "r") as f:
-        return f.read()
-
-
 def load_vocabulary(url: str | None, storage_config: StorageConfig) -> Ontology:
     """A vocabulary file: YAML/JSON concept trees (with synonyms and parents), or plain text, one phrase per line."""
     if url is None:
         return Ontology()
-    text = read_text(url, storage_config)
+    try:
+        text = storage.read_text(url, storage_config)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"mine.vocabulary: {exc}") from exc
     if url.endswith((".yaml", ".yml", ".json")):
         try:
             return Ontology.load(url, text)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"mine.vocabulary: {exc}") from exc
-    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     try:
-        return Ontology.from_entries(lines, url, text)
+        return Ontology.from_entries(phrase_lines(text), url, text)
     except ValueError as exc:
         raise ConfigError(f"mine.vocabulary: {exc}") from exc
 
@@ -62,8 +56,8 @@ def load_vocabulary(url: str | None, storage_config: StorageConfig) -> Ontology:
 def run_ontology(config: MineConfig, storage_config: StorageConfig, vocabulary: Ontology | None = None) -> Ontology:
     """The configured ontology with the vocabulary's concepts and synonyms merged in."""
     try:
-        ontology = load_ontology(config.ontology, lambda url: read_text(url, storage_config))
-    except (ValueError, TypeError) as exc:
+        ontology = load_ontology(config.ontology, lambda url: storage.read_text(url, storage_config))
+    except (ValueError, TypeError, FileNotFoundError) as exc:
         raise ConfigError(f"mine.ontology: {exc}") from exc
     ontology.merge(vocabulary if vocabulary is not None else load_vocabulary(config.vocabulary, storage_config))
     return ontology

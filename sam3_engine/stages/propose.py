@@ -24,7 +24,7 @@ from sam3_engine.engine.config import ConfigError, ModelConfig, ProposeConfig, S
 from sam3_engine.models.sam3 import ModelChoice, PairPrediction, Sam3Segmenter, load_image_processor, preprocess
 from sam3_engine.schemas.tables import CONCEPTS, IMAGES, MASKS, PAIRS, REJECTS
 from sam3_engine.engine.catalog import connect, named_query
-from sam3_engine.stages.concepts import concept_id, normal_form, pair_id
+from sam3_engine.stages.concepts import concept_id, normal_form, pair_id, phrase_lines
 from sam3_engine.stages.base import STATS_KEY, Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, rows_table
 
 VERSION = 2
@@ -49,11 +49,10 @@ def load_phrases(config: ProposeConfig, storage_config: StorageConfig) -> tuple[
     """Normal forms of the config's phrases and vocabulary file, duplicates dropped; empty when mining supplies them."""
     phrases = list(config.phrases)
     if config.vocabulary:
-        fs, path = storage.filesystem(config.vocabulary, storage_config)
-        if not fs.exists(path):
-            raise ConfigError(f"propose.vocabulary: no file at {config.vocabulary}")
-        with fs.open(path, "r") as f:
-            phrases += [line for line in f.read().splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        try:
+            phrases += phrase_lines(storage.read_text(config.vocabulary, storage_config))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"propose.vocabulary: {exc}") from exc
     normal = [normal_form(p) for p in phrases]
     if not all(normal):
         raise ConfigError("propose.phrases: empty phrases are not allowed")
