@@ -61,6 +61,11 @@ def content_defined_chunks(items: list[T], key: Callable[[T], str], unit_size: i
     return shards
 
 
+def reject_reasons(con, stage: str) -> dict[str, int]:
+    """Rejects per reason code of one stage, from the run's DuckDB catalog, for its summary."""
+    return dict(con.execute("SELECT reason, count(*) FROM rejects WHERE stage = $stage GROUP BY reason ORDER BY reason", {"stage": stage}).fetchall())
+
+
 def rows_table(spec: TableSpec, rows: list[dict[str, Any]], unit_id: str) -> pa.Table:
     """A unit's rows as an Arrow table of ``spec``'s schema, each stamped with the unit id."""
     return pa.Table.from_pylist([{**row, "unit_id": unit_id} for row in rows], schema=spec.schema)

@@ -19,7 +19,7 @@ from sam3_engine.engine import storage
 from sam3_engine.engine.catalog import connect, named_query
 from sam3_engine.engine.config import IngestConfig, StorageConfig
 from sam3_engine.schemas.tables import IMAGES, REJECTS, SOURCES
-from sam3_engine.stages.base import Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, rows_table
+from sam3_engine.stages.base import Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, reject_reasons, rows_table
 from sam3_engine.stages.inputs import InputEntry, list_inputs
 
 VERSION = 1
@@ -201,7 +201,7 @@ class IngestStage(Stage):
 
     def summarize(self, con) -> dict[str, Any]:
         (sources, images) = con.execute("SELECT (SELECT count(*) FROM sources), (SELECT count(*) FROM images)").fetchone()
-        reasons = dict(con.execute("SELECT reason, count(*) FROM rejects WHERE stage = $stage GROUP BY reason ORDER BY reason", {"stage": self.name}).fetchall())
+        reasons = reject_reasons(con, self.name)
         rejects = sum(reasons.values())
         return {
             "accounted": sources + rejects,

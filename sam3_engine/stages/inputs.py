@@ -15,6 +15,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 
 import pyarrow.parquet as pq
+from PIL import Image, ImageOps
 
 from sam3_engine.engine import storage
 from sam3_engine.engine.config import StorageConfig
@@ -196,3 +197,12 @@ def _with_ids(entries: list[InputEntry]) -> list[InputEntry]:
         digest = hashlib.sha256(f"{entry.uri}\0{occurrence}".encode()).hexdigest()[:32]
         result.append(replace(entry, input_id=digest))
     return result
+
+
+def load_image(uri: str, storage_config: StorageConfig) -> Image.Image:
+    """An ingested image, decoded, turned upright by its EXIF orientation, as RGB: what the models see."""
+    fs, path = storage.filesystem(uri, storage_config)
+    with fs.open(path, "rb") as f:
+        image = Image.open(f)
+        image.load()
+    return ImageOps.exif_transpose(image).convert("RGB")

@@ -19,7 +19,7 @@ from sam3_engine.engine import storage
 from sam3_engine.engine.catalog import connect, named_query
 from sam3_engine.engine.config import ConfigError, MineConfig, StorageConfig
 from sam3_engine.schemas.tables import CANDIDATES, CONCEPTS, IMAGES, REJECTS
-from sam3_engine.stages.base import Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, rows_table
+from sam3_engine.stages.base import Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, reject_reasons, rows_table
 from sam3_engine.stages.concepts import TEXT_CONTEXT, Ontology, concept_id, load_ontology, noun_phrases, pair_id, phrase_lines, token_count
 
 VERSION = 1
@@ -155,7 +155,7 @@ class MineStage(Stage):
             "(SELECT count(DISTINCT concept_id) FROM candidates WHERE origin <> 'hard_negative')"
         ).fetchone()
         by_origin = dict(con.execute("SELECT origin, count(*) FROM candidates WHERE origin <> 'hard_negative' GROUP BY origin ORDER BY origin").fetchall())
-        reasons = dict(con.execute("SELECT reason, count(*) FROM rejects WHERE stage = $stage GROUP BY reason ORDER BY reason", {"stage": self.name}).fetchall())
+        reasons = reject_reasons(con, self.name)
         frequency = con.sql(named_query("concept_frequency")).fetchall()
         return {
             "images": images,

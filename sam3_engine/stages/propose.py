@@ -16,16 +16,16 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image, ImageOps
 from pycocotools import mask as mask_utils
 
 from sam3_engine.engine import storage
+from sam3_engine.engine.catalog import connect, named_query
 from sam3_engine.engine.config import ConfigError, ModelConfig, ProposeConfig, StorageConfig
 from sam3_engine.models.sam3 import ModelChoice, PairPrediction, Sam3Segmenter, load_image_processor, preprocess
 from sam3_engine.schemas.tables import CONCEPTS, IMAGES, MASKS, PAIRS, REJECTS
-from sam3_engine.engine.catalog import connect, named_query
+from sam3_engine.stages.base import STATS_KEY, Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, reject_reasons, rows_table
 from sam3_engine.stages.concepts import concept_id, normal_form, pair_id, phrase_lines
-from sam3_engine.stages.base import STATS_KEY, Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, rows_table
+from sam3_engine.stages.inputs import load_image
 
 VERSION = 2
 """Bump when a change to this module changes the rows it writes: every unit then re-runs."""
@@ -161,7 +161,7 @@ class ProposeStage(Stage):
         ready, sizes, images, rejects = [], [], [], []
         for ref in unit.items:
             try:
-                image = self._load(ref)
+                image = load_image(ref.uri, self.storage_config)
             except Exception as exc:  # noqa: BLE001 - a bad file is a reject, not a crash
                 rejects.append(self._reject(ref, "image_unreadable", f"{type(exc).__name__}: {exc}"))
                 continue
@@ -239,13 +239,6 @@ class ProposeStage(Stage):
             return
         yield from zip(batch, results)
 
-    def _load(self, ref: ImageRef) -> Image.Image:
-        fs, path = storage.filesystem(ref.uri, self.storage_config)
-        with fs.open(path, "rb") as f:
-            image = Image.open(f)
-            image.load()
-        return ImageOps.exif_transpose(image).convert("RGB")
-
     def _reject(self, ref: ImageRef, reason: str, detail: str) -> dict[str, Any]:
         return {"input_id": ref.image_id, "stage": self.name, "uri": ref.uri, "image_id": ref.image_id, "reason": reason, "detail": detail}
 
@@ -305,7 +298,7 @@ class ProposeStage(Stage):
             "SELECT (SELECT count(DISTINCT image_id) FROM pairs), (SELECT count(*) FROM pairs), "
             "(SELECT count(*) FROM pairs WHERE instance_count > 0), (SELECT count(*) FROM masks)"
         ).fetchone()
-        reasons = dict(con.execute("SELECT reason, count(*) FROM rejects WHERE stage = $stage GROUP BY reason ORDER BY reason", {"stage": self.name}).fetchall())
+        reasons = reject_reasons(con, self.name)
         oom_retries, batch_splits, peak_rss, peak_gpu = con.execute(
             "SELECT coalesce(sum(stats['oom_retries']), 0), coalesce(sum(stats['batch_splits']), 0), max(stats['peak_rss_mib']), max(stats['peak_gpu_mib']) "
             "FROM units WHERE stage = $stage",
