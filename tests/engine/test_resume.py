@@ -1,10 +1,13 @@
 """Kill the run's process for real, at commit boundaries and at random moments, then resume."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -93,8 +96,11 @@ def test_a_changed_config_reruns_what_it_affects_and_drops_stale_rows(synthetic_
 
 
 def test_adding_files_runs_only_the_new_files_units(synthetic_dir, tmp_path):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
+    # Chunk boundaries hash the full URIs; pytest's numbered tmp folders would make them differ
+    # from run to run, so the corpus lives at a fixed path and the test is deterministic.
+    corpus = Path(tempfile.gettempdir()) / "sam3-engine-test-cdc" / "corpus"
+    shutil.rmtree(corpus.parent, ignore_errors=True)
+    corpus.mkdir(parents=True)
     for path in synthetic_dir.iterdir():
         (corpus / path.name).write_bytes(path.read_bytes())
     first = ingest(corpus, tmp_path / "run", **{"ingest.unit_size": 4})
