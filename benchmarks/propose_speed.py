@@ -4,6 +4,7 @@
     python benchmarks/propose_speed.py encode-once --image-size 1008 --device cuda
     python benchmarks/propose_speed.py negatives --image-size 112 --positives 5 --negatives 30
     python benchmarks/propose_speed.py pipeline --image-size 1008 --images 64 --phrases 16
+    python benchmarks/propose_speed.py reprompt --image-size 112 --positives 5 --negatives 30
 
 The model is the full-size SAM 3 architecture (default ``Sam3Config``) with random weights, saved
 once in ``save_pretrained`` layout and loaded through the engine's normal path (``--model DIR``).
@@ -133,6 +134,36 @@ def negatives(args, checkpoint: Path) -> dict:
     }
 
 
+def reprompt(args, checkpoint: Path) -> dict:
+    """The cost of ``propose.reprompt_boxes`` on the SA-Co-like mix of ``negatives``: one more head per kept instance."""
+    from sam3_engine.models.sam3 import Sam3Segmenter
+
+    segmenter = Sam3Segmenter.load(str(checkpoint), device=args.device)
+    image = photos(1)
+    pixels = segmenter.preprocess(image)
+    size = [(image[0].height, image[0].width)]
+    phrases = [f"{p} {i}" if i else p for i in range(4) for p in PHRASES][: args.positives + args.negatives]
+    (pairs,) = segmenter.predict_pixels(pixels, size, [phrases], threshold=2.0, phrase_batch=args.phrase_batch)
+    best = sorted((pair.max_score for pair in pairs), reverse=True)
+    threshold = (best[args.positives - 1] + best[args.positives]) / 2
+    run = lambda: segmenter.predict_pixels(pixels, size, [phrases], threshold, args.phrase_batch)  # noqa: E731
+    (kept,) = run()
+    off_s = _timed(run, args.device)
+    segmenter.reprompt_boxes = True
+    on_s = _timed(run, args.device)
+    segmenter.reprompt_boxes = False
+    instances = sum(len(p.instances) for p in kept)
+    return {
+        "phrases": len(phrases),
+        "phrases_with_instances": sum(bool(p.instances) for p in kept),
+        "instances": instances,
+        "reprompt_off_s": round(off_s, 3),
+        "reprompt_on_s": round(on_s, 3),
+        "overhead": round(on_s / off_s - 1, 3),
+        "seconds_per_instance": round((on_s - off_s) / instances, 4) if instances else None,
+    }
+
+
 def pipeline(args, checkpoint: Path) -> dict:
     """Images/s through the Ray executor (CPU prepare tasks + model actors), against a bare loop over the same model and images.
 
@@ -202,7 +233,7 @@ def pipeline(args, checkpoint: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["encode-once", "negatives", "pipeline"])
+    parser.add_argument("what", choices=["encode-once", "negatives", "reprompt", "pipeline"])
     parser.add_argument("--image-size", type=int, default=336)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--k", type=int, nargs="+", default=[1, 4, 16])
@@ -221,7 +252,7 @@ def main() -> None:
     if not (folder / "config.json").exists():
         full_size_checkpoint(args.image_size, folder)
     try:
-        result = {"encode-once": encode_once, "negatives": negatives, "pipeline": pipeline}[args.what](args, folder)
+        result = {"encode-once": encode_once, "negatives": negatives, "reprompt": reprompt, "pipeline": pipeline}[args.what](args, folder)
     finally:
         if args.checkpoint is None:
             shutil.rmtree(folder, ignore_errors=True)

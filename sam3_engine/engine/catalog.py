@@ -2,7 +2,8 @@
 
 Each table becomes a view of its name over the files of the table's latest Delta commit, so a
 query never sees a half-written unit. Tables a run has not written yet appear empty, with their
-declared schema, so queries work at any point of a run.
+declared schema, so queries work at any point of a run. Every connection also has the verdict
+macros (``schemas/sql/verdicts.sql``) and the mask function they use, ``rle_uncovered_fraction``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from importlib import resources
 from typing import Any
 
 import duckdb
+import pyarrow as pa
+from pycocotools import mask as mask_utils
 
 from sam3_engine.engine.config import StorageConfig
 from sam3_engine.engine.store import TableStore
@@ -23,7 +26,34 @@ def connect(run: str | TableStore, storage_config: StorageConfig | None = None) 
     con = duckdb.connect()
     for name in TABLES:
         con.register(name, store.dataset(name))
+    con.create_function(
+        "rle_uncovered_fraction", _uncovered_fractions, ["INTEGER", "INTEGER", "VARCHAR", "VARCHAR[]"], "DOUBLE", type="arrow", null_handling="special"
+    )
+    con.execute(named_query("verdicts"))
     return con
+
+
+def uncovered_fraction(height: int, width: int, foreground: str | None, masks: list[str]) -> float | None:
+    """Share of the ``foreground`` RLE outside the union of the ``masks`` RLEs (all COCO counts strings of one size).
+
+    None without a foreground; 0 for an empty one (nothing to cover).
+    """
+    if foreground is None:
+        return None
+    region = {"size": [height, width], "counts": foreground.encode()}
+    area = int(mask_utils.area(region))
+    if area == 0:
+        return 0.0
+    if not masks:
+        return 1.0
+    union = mask_utils.merge([{"size": [height, width], "counts": counts.encode()} for counts in masks], intersect=False)
+    covered = int(mask_utils.area(mask_utils.merge([region, union], intersect=True)))
+    return 1.0 - covered / area
+
+
+def _uncovered_fractions(heights: pa.Array, widths: pa.Array, foregrounds: pa.Array, masks: pa.Array) -> pa.Array:
+    rows = zip(heights.to_pylist(), widths.to_pylist(), foregrounds.to_pylist(), masks.to_pylist())
+    return pa.array([uncovered_fraction(h, w, f, m or []) for h, w, f, m in rows], pa.float64())
 
 
 def query(run: str | TableStore, sql: str, params: dict[str, Any] | list[Any] | None = None, storage_config: StorageConfig | None = None):

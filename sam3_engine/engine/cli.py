@@ -131,7 +131,7 @@ def _parse_param(text: str) -> tuple[str, Any]:
 @app.command()
 def query(
     run_dir: Annotated[str, typer.Argument(help="Run directory (any fsspec URL).")],
-    sql: Annotated[str, typer.Argument(help="DuckDB SQL over the run's tables (images, sources, rejects, units, runs).")],
+    sql: Annotated[str, typer.Argument(help="DuckDB SQL over the run's tables (see `sam3-engine tables`) and the verdict macros mask_verdicts(...) and pair_verdicts(...).")],
     format: Annotated[str, typer.Option("--format", "-f", help="table, csv or json.")] = "table",
     param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="NAME=VALUE bound to $NAME in the SQL (JSON values are parsed).")] = None,
     endpoint_url: Annotated[Optional[str], typer.Option("--endpoint-url", help="S3-compatible endpoint for s3:// run directories.")] = None,
@@ -142,9 +142,7 @@ def query(
         _fail(f"--format must be table, csv or json, not {format!r}")
     params = dict(_parse_param(p) for p in param or [])
     storage_config = StorageConfig(endpoint_url=endpoint_url)
-    fs, root = storage.filesystem(run_dir, storage_config)
-    if not fs.exists(storage.join(root, "run.json")):
-        _fail(f"{run_dir} is not a run directory (it has no run.json)")
+    _run_dir(run_dir, storage_config)
     try:
         result = catalog.query(run_dir, sql, params, storage_config)
     except Exception as exc:  # noqa: BLE001 - DuckDB's message is the useful part
@@ -165,6 +163,58 @@ def query(
         out.print(table)
         if len(rows) > max_rows:
             console.print(f"{len(rows)} rows, {max_rows} shown (--max-rows)")
+
+
+def _run_dir(run_dir: str, storage_config: StorageConfig) -> None:
+    fs, root = storage.filesystem(run_dir, storage_config)
+    if not fs.exists(storage.join(root, "run.json")):
+        _fail(f"{run_dir} is not a run directory (it has no run.json)")
+
+
+@app.command()
+def calibrate(
+    run_dir: Annotated[str, typer.Argument(help="Run directory (any fsspec URL) whose verify stage has run.")],
+    labels: Annotated[str, typer.Option("--labels", "-l", help="Human labels: .parquet, .csv or .jsonl with pair_id + present/exhaustive and/or mask_id + good.")],
+    target_precision: Annotated[float, typer.Option("--target-precision", "-t", min=0.0, max=1.0, help="Precision each fitted threshold must reach.")] = 0.9,
+    verifier: Annotated[str, typer.Option("--verifier", help="Whose scores and verdicts to calibrate (verify.verifier).")] = "sam3-clip",
+    write: Annotated[Optional[Path], typer.Option("--write", "-w", help="Write the fitted thresholds as a YAML `verify:` section to this file.")] = None,
+    format: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
+    endpoint_url: Annotated[Optional[str], typer.Option("--endpoint-url", help="S3-compatible endpoint for s3:// paths.")] = None,
+) -> None:
+    """Fit verification thresholds to human labels at a target precision; report each signal's and verdict's precision and recall."""
+    from sam3_engine.engine.store import TableStore
+    from sam3_engine.stages.calibration import calibrate as fit
+
+    if format not in ("table", "json"):
+        _fail(f"--format must be table or json, not {format!r}")
+    storage_config = StorageConfig(endpoint_url=endpoint_url)
+    _run_dir(run_dir, storage_config)
+    try:
+        report = fit(TableStore(run_dir, storage_config), storage.read_table(labels, storage_config), verifier, target_precision)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    if write is not None:
+        write.write_text(yaml.safe_dump({"verify": report["thresholds"]}, sort_keys=False))
+    if format == "json":
+        out.print_json(json.dumps(report))
+        return
+    given, matched = report["labels"]["given"], report["labels"]["matched"]
+    console.print(f"labels: {matched['pairs']} of {given['pairs']} pairs and {matched['masks']} of {given['masks']} masks found in the run (verifier {verifier})")
+    signals = Table("level", "signal", "predicts", "config key", "threshold", "precision", "recall", "labelled",
+                    title=f"thresholds at precision >= {target_precision}", title_justify="left")
+    for f in report["signals"]:
+        signals.add_row(f["level"], f["signal"], f["predicts"], f["config_key"] or "-", _number(f["threshold"]), _number(f["precision"]), _number(f["recall"]), str(f["labelled"]))
+    verdicts = Table("level", "verdict", "label", "precision", "recall", "labelled", title="verdicts as they stand", title_justify="left")
+    for v in report["verdicts"]:
+        verdicts.add_row(v["level"], v["verdict"], v["label"], _number(v["precision"]), _number(v["recall"]), str(v["labelled"]))
+    out.print(signals)
+    out.print(verdicts)
+    if write is not None:
+        console.print(f"wrote {len(report['thresholds'])} threshold(s) to {write}: merge its verify section into the config and run `--stages verify` (no model runs)")
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
 
 
 @app.command()

@@ -98,6 +98,9 @@ class RayExecutor:
         return self.placement
 
     def execute(self, stage: Stage, units: list[WorkUnit], committed) -> int:
+        if not units:  # every unit done (say, a verdict-only re-run): no cluster, no model
+            self.placement = {"executor": "ray", "model_actors": 0}
+            return 0
         ensure_ray(self.address)
         cluster_gpus = ray.cluster_resources().get("GPU", 0)
         gpus = self.gpus_per_actor if self.gpus_per_actor is not None else (1.0 if cluster_gpus >= 1 else 0.0)

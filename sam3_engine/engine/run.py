@@ -37,6 +37,7 @@ from sam3_engine.stages.mine import MineStage, run_ontology
 from sam3_engine.stages.retrieve import RetrieveStage
 from sam3_engine.stages.negatives import NegativesStage
 from sam3_engine.stages.propose import ProposeStage
+from sam3_engine.stages.verify import VerifyStage
 
 
 class ReconciliationError(RuntimeError):
@@ -72,15 +73,24 @@ def build_stages(config: RunConfig, run_id: str) -> list[Stage]:
         elif name == "retrieve":
             stages.append(RetrieveStage(config.retrieve, run_url, config.storage))
         elif name == "negatives":
-            mine = next((s for s in stages if isinstance(s, MineStage)), None)
-            ontology = mine.ontology if mine is not None else run_ontology(config.mine, config.storage)
-            stages.append(NegativesStage(config.negatives, ontology, EmbeddingStore(run_url, config.storage)))
+            stages.append(NegativesStage(config.negatives, _ontology(stages, config), EmbeddingStore(run_url, config.storage)))
         elif name == "propose":
             choice = choose_model(config.model.name, config.model.revision, config.model.fallback_to_tiny_random)
             stages.append(ProposeStage(config.propose, config.model, choice, config.storage, run_id))
+        elif name == "verify":
+            choice = choose_clip(config.clip.model, config.clip.pretrained, config.clip.fallback_to_tiny_random)
+            stages.append(VerifyStage(config.verify, config.clip, choice, _ontology(stages, config), run_url, config.storage))
         else:
             raise ConfigError(f"unknown stage {name!r}")
     return stages
+
+
+def _ontology(stages: list[Stage], config: RunConfig):
+    """The run's ontology, loaded once: the mine stage's when it runs."""
+    for stage in stages:
+        if isinstance(stage, (MineStage, NegativesStage)):
+            return stage.ontology
+    return run_ontology(config.mine, config.storage)
 
 
 def notices(stages: list[Stage]) -> list[str]:
@@ -88,13 +98,13 @@ def notices(stages: list[Stage]) -> list[str]:
     found = []
     for stage in stages:
         choice = getattr(stage, "choice", None)
-        model = "CLIP" if isinstance(stage, EmbedStage) else "SAM 3"
-        output = "embeddings and retrievals are" if isinstance(stage, EmbedStage) else "masks are"
+        model = "SAM 3" if isinstance(stage, ProposeStage) else "CLIP"
+        output = "masks are" if model == "SAM 3" else "CLIP embeddings, retrievals and verification scores are"
         if choice is not None and choice.fallback_reason:
             found.append(f"NOT REAL {model}: {choice.fallback_reason}; running tiny-random (random weights): {output} meaningless")
         elif choice is not None and choice.random_weights:
             found.append(f"{model} tiny-random: random weights, {output} meaningless (a smoke run)")
-    return found
+    return list(dict.fromkeys(found))
 
 
 def _executor(stage: Stage, config: RunConfig) -> Executor:

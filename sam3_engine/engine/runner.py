@@ -137,8 +137,7 @@ class UnitRunner:
 
         report.worker_crashes = executor.execute(stage, todo, committed)
         report.executor = executor.describe()
-        derivation = stage.derive(self.store, sorted(planned))
-        if derivation is not None:
+        for derivation in stage.derive(self.store, sorted(planned)):
             self._derive(derivation, report.items_total)
         report.seconds = time.monotonic() - started
         return report
@@ -150,7 +149,10 @@ class UnitRunner:
         self.store.delete_units(UNITS, done - {derivation.unit_id})
         if derivation.unit_id in done:
             return
-        written = self.store.overwrite(derivation.table, derivation.rows)
+        if derivation.key is None:
+            written = self.store.overwrite(derivation.table, derivation.rows)
+        else:
+            written = self.store.replace(derivation.table, derivation.key, derivation.rows)
         self._commits.tick()
         self.store.record_unit(ledger_stage, derivation.unit_id, self.attempt_id, num_inputs, {derivation.table.name: written})
         self._commits.tick()

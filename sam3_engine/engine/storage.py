@@ -67,6 +67,23 @@ def read_text(url: str, storage: StorageConfig) -> str:
         return f.read()
 
 
+def read_table(url: str, storage: StorageConfig):
+    """A small table file at any fsspec URL: Parquet, CSV, or JSON lines (by suffix), as a pyarrow Table."""
+    import pyarrow.csv
+    import pyarrow.json
+    import pyarrow.parquet
+
+    readers = {".parquet": pyarrow.parquet.read_table, ".csv": pyarrow.csv.read_csv, ".jsonl": pyarrow.json.read_json, ".ndjson": pyarrow.json.read_json}
+    suffix = next((s for s in readers if url.lower().endswith(s)), None)
+    if suffix is None:
+        raise ValueError(f"{url}: expected a .parquet, .csv or .jsonl file")
+    fs, path = filesystem(url, storage)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"no file at {url}")
+    with fs.open(path, "rb") as f:
+        return readers[suffix](f)
+
+
 def absolute_url(url: str) -> str:
     """A URL with an absolute local path, so that it means the same from every worker."""
     if protocol_of(url) == "file":

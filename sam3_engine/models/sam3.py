@@ -50,6 +50,10 @@ class Instance:
     score: float
     """object_score x presence score, as SAM 3 ranks instances."""
     stability: float
+    reprompt_iou: float | None = None
+    """IoU (at the model's mask resolution) between this mask and SAM 3's mask when prompted again with
+    the phrase and this instance's box; None when re-prompting is off. Low means the model disagrees
+    with itself about the instance's extent."""
 
     @cached_property
     def mask(self) -> np.ndarray:
@@ -63,6 +67,9 @@ class PairPrediction:
     max_score: float
     """The best combined score over all queries, kept or not."""
     instances: tuple[Instance, ...]
+    foreground: dict | None = None
+    """SAM 3's semantic segmentation of the phrase (sigmoid > 0.5) as COCO RLE at the image's resolution:
+    where the concept is, instance or not. None where the mask decoder did not run (no kept instance)."""
 
 
 @dataclass(frozen=True)
@@ -223,6 +230,8 @@ class Sam3Segmenter:
         self.dtype = next(model.parameters()).dtype
         self.decode_all_masks = False
         """Decode masks for every phrase, as the plain forward does; for benchmarks and tests only."""
+        self.reprompt_boxes = False
+        """Prompt SAM 3 again with each kept instance's box (and its phrase) and record the masks' IoU."""
 
     @classmethod
     def load(cls, name: str, revision: str | None = None, device: str | None = None, dtype: str | None = None) -> Sam3Segmenter:
@@ -311,9 +320,11 @@ class Sam3Segmenter:
         # One small transfer of every score; masks are decoded only for rows with a kept instance.
         presence, object_scores, scores = presence.cpu(), object_scores.cpu(), scores.cpu()
         rows = [row for row in range(len(phrases)) if self.decode_all_masks or bool((scores[row] >= threshold).any())]
-        pred_masks = self._decode_masks(mask_inputs, rows) if rows else None
+        pred_masks, foregrounds = self._decode_masks(mask_inputs, rows, size) if rows else (None, [])
         height, width = size
         boxes = out.pred_boxes.float().cpu() * torch.tensor([width, height, width, height])
+        kept = [(row, query) for row in range(len(phrases)) for query in torch.nonzero(scores[row] >= threshold).flatten().tolist()]
+        reprompt = self._reprompt_ious(vision, index, tokens, out.pred_boxes, pred_masks, rows, kept) if self.reprompt_boxes and kept else {}
         predictions = []
         for row in range(len(phrases)):
             keep = torch.nonzero(scores[row] >= threshold).flatten()
@@ -330,11 +341,43 @@ class Sam3Segmenter:
                         object_score=float(object_scores[row, query]),
                         score=float(scores[row, query]),
                         stability=float(stability[j]),
+                        reprompt_iou=reprompt.get((row, query)),
                     )
                     for j, (query, rle) in enumerate(zip(keep.tolist(), rle_encode(logits > 0)))
                 )
-            predictions.append(PairPrediction(float(presence[row]), float(scores[row].max()), instances))
+            foreground = foregrounds[rows.index(row)] if row in rows else None
+            predictions.append(PairPrediction(float(presence[row]), float(scores[row].max()), instances, foreground))
         return predictions
+
+    def _reprompt_ious(self, vision, index: int, tokens: Tokens, pred_boxes, pred_masks, rows: list[int], kept: list[tuple[int, int]]) -> dict[tuple[int, int], float]:
+        """Per kept (row, query): IoU of its mask with the mask SAM 3 gives when prompted with its phrase and its box.
+
+        SAM 3 treats a box as an exemplar and may return every similar instance; the instance whose
+        box overlaps the prompt most is the one to compare. Runs in batches of ``len(rows)`` rows or
+        fewer, so it never needs more memory than the phrase batch did.
+        """
+        from torchvision.ops import box_iou
+
+        ious: dict[tuple[int, int], float] = {}
+        batch = max(1, len(tokens.truncated))
+        for start in range(0, len(kept), batch):
+            chunk = kept[start : start + batch]
+            token_rows = torch.tensor([row for row, _ in chunk])
+            prompts = torch.stack([pred_boxes[row, query] for row, query in chunk]).float()
+            cxcywh = torch.cat([(prompts[:, :2] + prompts[:, 2:]) / 2, prompts[:, 2:] - prompts[:, :2]], dim=-1)[:, None]
+            out = self.model(
+                vision_embeds=self._expanded(vision, index, len(chunk)),
+                input_ids=tokens.input_ids[token_rows].to(self.device),
+                attention_mask=tokens.attention_mask[token_rows].to(self.device),
+                input_boxes=cxcywh.to(self.device, self.dtype),
+                input_boxes_labels=torch.ones(len(chunk), 1, dtype=torch.long, device=self.device),
+            )
+            for i, (row, query) in enumerate(chunk):
+                best = int(box_iou(prompts[i : i + 1], out.pred_boxes[i].float()).argmax())
+                again, before = out.pred_masks[i, best] > 0, pred_masks[rows.index(row), query] > 0
+                union = int((again | before).sum())
+                ious[(row, query)] = float((again & before).sum()) / union if union else 1.0
+        return ious
 
     @contextmanager
     def _deferred_mask_decoder(self):
@@ -352,11 +395,14 @@ class Sam3Segmenter:
         finally:
             self.model.mask_decoder = decoder
 
-    def _decode_masks(self, inputs: dict, rows: list[int]) -> torch.Tensor:
+    def _decode_masks(self, inputs: dict, rows: list[int], size: tuple[int, int]) -> tuple[torch.Tensor, list[dict]]:
+        """Low-resolution mask logits of ``rows`` and their semantic foregrounds as RLE at ``size``."""
         index = torch.tensor(rows, device=self.device)
         pick = lambda value: value.index_select(0, index) if isinstance(value, torch.Tensor) else value  # noqa: E731
         sliced = {key: [pick(v) for v in value] if isinstance(value, list) else pick(value) for key, value in inputs.items()}
-        return self.model.mask_decoder(**sliced).pred_masks
+        decoded = self.model.mask_decoder(**sliced)
+        semantic = F.interpolate(decoded.semantic_seg.float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+        return decoded.pred_masks, rle_encode(semantic > 0)
 
 
 class _MaskDecoderInputs(torch.nn.Module):

@@ -220,7 +220,7 @@ PHRASE_EMBEDDINGS = TableSpec(
 PAIRS = TableSpec(
     name="pairs",
     doc="One row per (image, concept) the proposal stage ran, with SAM 3's presence score and instance count.",
-    version=2,
+    version=3,
     key=("pair_id",),
     columns=(
         Column("pair_id", pa.string(), "Hash of image_id and concept_id: stable across runs."),
@@ -230,6 +230,16 @@ PAIRS = TableSpec(
         Column("presence_score", pa.float32(), "sigmoid(presence logit): is the concept in the image at all."),
         Column("instance_count", pa.int32(), "Instances kept at `propose.threshold`."),
         Column("max_score", pa.float32(), "Best combined score over all of SAM 3's queries, kept or not: how close a negative came."),
+        Column("height", pa.int32(), "Image height after EXIF orientation (the foreground's and masks' height)."),
+        Column("width", pa.int32(), "Image width after EXIF orientation."),
+        Column(
+            "foreground_counts",
+            pa.string(),
+            "SAM 3's semantic segmentation of the phrase (sigmoid > 0.5), COCO compressed RLE counts at the image's resolution; "
+            "null where no instance was kept (the mask decoder did not run).",
+            nullable=True,
+        ),
+        Column("foreground_area", pa.int64(), "Pixels in the semantic foreground; null with it.", nullable=True),
         Column("phrase_truncated", pa.bool_(), "The phrase exceeded SAM 3's 32-token context and was truncated."),
         Column("model_id", pa.string(), "Checkpoint id or directory, or tiny-random."),
         Column("model_revision", pa.string(), "Checkpoint revision, when pinned.", nullable=True),
@@ -242,7 +252,7 @@ PAIRS = TableSpec(
 MASKS = TableSpec(
     name="masks",
     doc="One row per proposed instance: a COCO RLE mask at the image's original (EXIF-oriented) resolution with its scores.",
-    version=1,
+    version=2,
     key=("mask_id",),
     columns=(
         Column("mask_id", pa.string(), "Hash of pair_id and the model's query index: deterministic."),
@@ -260,11 +270,119 @@ MASKS = TableSpec(
         Column("presence_score", pa.float32(), "The pair's presence score."),
         Column("score", pa.float32(), "object_score x presence_score, as SAM 3 ranks instances."),
         Column("stability_score", pa.float32(), "IoU of the mask at logit > +1 and logit > -1: how crisp its boundary is."),
+        Column(
+            "reprompt_iou",
+            pa.float32(),
+            "IoU of the mask with SAM 3's mask when prompted again with the phrase and this box (at the model's mask resolution); "
+            "null when `propose.reprompt_boxes` is off.",
+            nullable=True,
+        ),
         _unit_column(),
     ),
 )
 
-TABLES: dict[str, TableSpec] = {t.name: t for t in (IMAGES, SOURCES, REJECTS, CONCEPTS, CANDIDATES, IMAGE_EMBEDDINGS, PHRASE_EMBEDDINGS, PAIRS, MASKS, UNITS, RUNS)}
+
+def _verifier_columns() -> tuple[Column, ...]:
+    return (
+        Column("verifier", pa.string(), "Name of the verifier (`verify.verifier`): rows of independent verifiers sit side by side."),
+        Column("verifier_version", pa.string(), "The verifier's code version and models, e.g. `1;clip=ViT-B-32/laion2b_s34b_b79k`."),
+    )
+
+
+MASK_SCORES = TableSpec(
+    name="mask_scores",
+    doc="The verify stage's raw scores per mask; verdicts are derived from them (and from `masks`) by SQL, so thresholds re-tune without a model.",
+    version=1,
+    key=("mask_id", "verifier"),
+    columns=(
+        Column("mask_id", pa.string(), "The mask (see `masks`)."),
+        Column("pair_id", pa.string(), "Its pair."),
+        Column("image_id", pa.string(), "Its image."),
+        Column("concept_id", pa.string(), "Its concept."),
+        Column("area_fraction", pa.float32(), "Mask area over image area."),
+        Column("fragments", pa.int32(), "Connected pieces of the mask (8-connected)."),
+        Column("largest_fragment_fraction", pa.float32(), "Share of the mask's area in its largest piece."),
+        Column("border_fraction", pa.float32(), "Share of the image's outer frame of pixels that the mask covers."),
+        Column("duplicate_iou", pa.float32(), "Highest mask IoU with a higher-scored mask of the same pair (0 when none)."),
+        Column("duplicate_of", pa.string(), "That higher-scored mask.", nullable=True),
+        Column("conflict_iou", pa.float32(), "Highest mask IoU with a higher-scored mask of an unrelated phrase on the image (0 when none)."),
+        Column("conflict_with", pa.string(), "That mask.", nullable=True),
+        Column("clip_crop_similarity", pa.float32(), "CLIP cosine similarity of the masked crop with the mask's phrase; null for an empty mask.", nullable=True),
+        Column(
+            "clip_crop_margin",
+            pa.float32(),
+            "That similarity minus the best similarity of the crop with the image's unrelated phrases; null when the image has no other phrase.",
+            nullable=True,
+        ),
+        *_verifier_columns(),
+        _unit_column(),
+    ),
+)
+
+PAIR_SCORES = TableSpec(
+    name="pair_scores",
+    doc="The verify stage's raw scores per (image, phrase) pair: the independent presence signal next to SAM 3's.",
+    version=1,
+    key=("pair_id", "verifier"),
+    columns=(
+        Column("pair_id", pa.string(), "The pair (see `pairs`)."),
+        Column("image_id", pa.string(), "Its image."),
+        Column("concept_id", pa.string(), "Its concept."),
+        Column("clip_similarity", pa.float32(), "CLIP cosine similarity of the whole image with the phrase."),
+        Column(
+            "clip_z",
+            pa.float32(),
+            "That similarity as a z-score against the image's other phrases (calibrates CLIP per image); null with fewer than 2 other phrases.",
+            nullable=True,
+        ),
+        *_verifier_columns(),
+        _unit_column(),
+    ),
+)
+
+MASK_VERIFICATIONS = TableSpec(
+    name="mask_verifications",
+    doc="Mask verification (MV) verdicts: the `mask_verdicts` SQL macro over the stored scores at the config's thresholds.",
+    version=1,
+    key=("mask_id", "verifier"),
+    replace_column="verifier",
+    columns=(
+        Column("mask_id", pa.string(), "The mask."),
+        Column("pair_id", pa.string(), "Its pair."),
+        Column("image_id", pa.string(), "Its image."),
+        Column("concept_id", pa.string(), "Its concept."),
+        Column("score", pa.float32(), "SAM 3's score of the mask."),
+        Column("verdict", pa.string(), "accept, reject (a reason in `verify.reject_reasons`) or uncertain (other reasons only)."),
+        Column("reasons", pa.list_(pa.string()), "Reason codes (README: mask verdict reasons); empty when accepted."),
+        *_verifier_columns(),
+        Column("thresholds", pa.string(), "The thresholds the verdict used, as JSON."),
+    ),
+)
+
+PAIR_VERIFICATIONS = TableSpec(
+    name="pair_verifications",
+    doc="Presence and exhaustivity (EV) verdicts per pair: the `pair_verdicts` SQL macro at the config's thresholds.",
+    version=1,
+    key=("pair_id", "verifier"),
+    replace_column="verifier",
+    columns=(
+        Column("pair_id", pa.string(), "The pair."),
+        Column("image_id", pa.string(), "Its image."),
+        Column("concept_id", pa.string(), "Its concept."),
+        Column("phrase", pa.string(), "The phrase."),
+        Column("presence_probability", pa.float64(), "sigmoid(sam_weight x logit(SAM 3 presence) + clip_weight x clip_z + presence_bias)."),
+        Column("presence", pa.string(), "present, absent or uncertain."),
+        Column("presence_reason", pa.string(), "Why (README: presence reasons)."),
+        Column("accepted_masks", pa.int32(), "Masks of the pair accepted by mask verification."),
+        Column("uncovered_fraction", pa.float64(), "Share of SAM 3's semantic foreground outside the union of accepted masks; null without a foreground.", nullable=True),
+        Column("exhaustivity", pa.string(), "exhaustive, not_exhaustive or unknown: do the accepted masks cover every instance."),
+        Column("exhaustivity_reason", pa.string(), "Why (README: exhaustivity reasons)."),
+        *_verifier_columns(),
+        Column("thresholds", pa.string(), "The thresholds the verdict used, as JSON."),
+    ),
+)
+
+TABLES: dict[str, TableSpec] = {t.name: t for t in (IMAGES, SOURCES, REJECTS, CONCEPTS, CANDIDATES, IMAGE_EMBEDDINGS, PHRASE_EMBEDDINGS, PAIRS, MASKS, MASK_SCORES, PAIR_SCORES, MASK_VERIFICATIONS, PAIR_VERIFICATIONS, UNITS, RUNS)}
 
 
 def validate(spec: TableSpec, table: pa.Table) -> pa.Table:

@@ -78,6 +78,9 @@ class Derivation:
     unit_id: str
     table: TableSpec
     rows: pa.RecordBatchReader
+    key: str | None = None
+    """When set, only the table's rows whose replace column equals ``key`` are replaced (one verifier's
+    verdicts beside another's); otherwise the whole table is."""
 
 
 class Stage(ABC):
@@ -111,9 +114,9 @@ class Stage(ABC):
         """Rows for an item whose processing crashed its worker; by default the unit fails."""
         raise RuntimeError(f"stage {self.name}: a worker crashed on {item!r}: {error}")
 
-    def derive(self, store, done_units: list[str]) -> Derivation | None:
-        """A table built from all of the stage's committed rows, once every unit is done."""
-        return None
+    def derive(self, store, done_units: list[str]) -> list[Derivation]:
+        """Tables built from all of the stage's committed rows once every unit is done, written in order."""
+        return []
 
     def summarize(self, con) -> dict[str, Any]:
         """Counts for the run summary, from the run's DuckDB catalog."""

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from sam3_engine.engine.config import ClipConfig, StorageConfig
-from sam3_engine.models.clip import ClipChoice, ClipEmbedder, image_transform
+from sam3_engine.models.clip import ClipChoice, image_transform, shared_embedder
 from sam3_engine.schemas.tables import CONCEPTS, IMAGE_EMBEDDINGS, IMAGES, PHRASE_EMBEDDINGS, REJECTS
 from sam3_engine.stages.base import Stage, WorkUnit, content_defined_chunks, fingerprint, reject_reasons, rows_table
 from sam3_engine.stages.inputs import load_image
@@ -47,17 +47,6 @@ class PreparedImages:
     items: tuple[ImageItem, ...]
     pixels: np.ndarray | None
     rejects: tuple[dict[str, Any], ...]
-
-
-_EMBEDDERS: dict[tuple, ClipEmbedder] = {}
-
-
-def _embedder(choice: ClipChoice, device: str | None) -> ClipEmbedder:
-    """The worker's model, loaded on first use and kept for every later unit."""
-    key = (choice, device)
-    if key not in _EMBEDDERS:
-        _EMBEDDERS[key] = ClipEmbedder.load(choice, device)
-    return _EMBEDDERS[key]
 
 
 class EmbedStage(Stage):
@@ -104,7 +93,7 @@ class EmbedStage(Stage):
     def process(self, unit: WorkUnit, prepared: PreparedImages | None = None) -> dict[str, pa.Table]:
         import torch
 
-        embedder = _embedder(self.choice, self.config.device)
+        embedder = shared_embedder(self.choice, self.config.device)
         images, phrases, rejects = [], [], []
         if isinstance(unit.items[0], ImageItem):
             prepared = prepared if prepared is not None else self.prepare(unit)

@@ -193,11 +193,11 @@ class IngestStage(Stage):
         row = _reject_row(item, Reject("worker_crashed", f"decoding {item.uri} killed the worker: {error}"))
         return {SOURCES.name: rows_table(SOURCES, [], unit.unit_id), REJECTS.name: rows_table(REJECTS, [row], unit.unit_id)}
 
-    def derive(self, store, done_units: list[str]) -> Derivation:
+    def derive(self, store, done_units: list[str]) -> list[Derivation]:
         unit_id = fingerprint(f"{self.name}.images", {"version": VERSION, "units": sorted(done_units)})
         con = connect(store)
         reader = con.sql(named_query("images_from_sources"), params={"unit_id": unit_id}).to_arrow_reader()
-        return Derivation(unit_id, IMAGES, reader)
+        return [Derivation(unit_id, IMAGES, reader)]
 
     def summarize(self, con) -> dict[str, Any]:
         (sources, images) = con.execute("SELECT (SELECT count(*) FROM sources), (SELECT count(*) FROM images)").fetchone()

@@ -142,12 +142,12 @@ class MineStage(Stage):
              "raw_phrase": raw, "score": 1.0, "related_concept_id": None, "relation": None},
         )
 
-    def derive(self, store, done_units: list[str]) -> Derivation:
+    def derive(self, store, done_units: list[str]) -> list[Derivation]:
         unit_id = fingerprint(f"{self.name}.concepts", {"version": VERSION, "ontology": self.ontology.digest, "units": sorted(done_units)})
         con = connect(store)
         con.register("pool", self.ontology.table())
         reader = con.sql(named_query("concepts_from_candidates"), params={"unit_id": unit_id}).to_arrow_reader()
-        return Derivation(unit_id, CONCEPTS, reader)
+        return [Derivation(unit_id, CONCEPTS, reader)]
 
     def summarize(self, con) -> dict[str, Any]:
         images, mined, concepts = con.execute(

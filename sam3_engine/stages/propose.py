@@ -27,7 +27,7 @@ from sam3_engine.stages.base import STATS_KEY, Derivation, Stage, WorkUnit, cont
 from sam3_engine.stages.concepts import concept_id, normal_form, pair_id, phrase_lines
 from sam3_engine.stages.inputs import load_image
 
-VERSION = 2
+VERSION = 3
 """Bump when a change to this module changes the rows it writes: every unit then re-runs."""
 
 OOM_ABOVE_ENV = "SAM3_ENGINE_OOM_ABOVE"
@@ -150,7 +150,7 @@ class ProposeStage(Stage):
                     "the propose stage has no phrases for any image: run the mine stage on images with captions, "
                     "or set mine.phrases, mine.vocabulary, or propose.phrases"
                 )
-        settings = {"version": VERSION, "model": [self.choice.name, self.choice.revision, self.model.dtype], "threshold": self.config.threshold}
+        settings = {"version": VERSION, "model": [self.choice.name, self.choice.revision, self.model.dtype], "threshold": self.config.threshold, "reprompt_boxes": self.config.reprompt_boxes}
         return [
             WorkUnit(fingerprint(self.name, {**settings, "images": [(r.image_id, r.phrases) for r in shard]}), tuple(shard))
             for shard in content_defined_chunks(refs, lambda r: r.image_id, self.config.unit_size)
@@ -174,6 +174,7 @@ class ProposeStage(Stage):
     def process(self, unit: WorkUnit, prepared: Prepared | None = None) -> dict[str, pa.Table]:
         prepared = prepared if prepared is not None else self.prepare(unit)
         segmenter = _segmenter(self.choice, self.model)
+        segmenter.reprompt_boxes = self.config.reprompt_boxes
         distinct = sorted({p for ref in prepared.refs for p in ref.phrases})
         truncated = dict(zip(distinct, segmenter.tokenize(distinct).truncated if distinct else ()))
         pairs, masks, rejects = [], [], list(prepared.rejects)
@@ -188,7 +189,7 @@ class ProposeStage(Stage):
                     rejects.append(self._reject(ref, *outcome))
                     continue
                 for phrase, prediction in zip(ref.phrases, outcome, strict=True):
-                    pair = self._pair_row(ref, phrase, truncated[phrase], prediction)
+                    pair = self._pair_row(ref, prepared.sizes[i], phrase, truncated[phrase], prediction)
                     pairs.append(pair)
                     masks.extend(self._mask_rows(pair, prepared.sizes[i], prediction))
         stats["model_seconds"] = time.perf_counter() - started
@@ -242,7 +243,7 @@ class ProposeStage(Stage):
     def _reject(self, ref: ImageRef, reason: str, detail: str) -> dict[str, Any]:
         return {"input_id": ref.image_id, "stage": self.name, "uri": ref.uri, "image_id": ref.image_id, "reason": reason, "detail": detail}
 
-    def _pair_row(self, ref: ImageRef, phrase: str, truncated: bool, prediction: PairPrediction) -> dict[str, Any]:
+    def _pair_row(self, ref: ImageRef, size: tuple[int, int], phrase: str, truncated: bool, prediction: PairPrediction) -> dict[str, Any]:
         cid = concept_id(phrase)
         return {
             "pair_id": pair_id(ref.image_id, cid),
@@ -252,6 +253,10 @@ class ProposeStage(Stage):
             "presence_score": prediction.presence_score,
             "instance_count": len(prediction.instances),
             "max_score": prediction.max_score,
+            "height": size[0],
+            "width": size[1],
+            "foreground_counts": None if prediction.foreground is None else prediction.foreground["counts"].decode("ascii"),
+            "foreground_area": None if prediction.foreground is None else int(mask_utils.area(prediction.foreground)),
             "phrase_truncated": truncated,
             "model_id": self.choice.name,
             "model_revision": self.choice.revision,
@@ -280,18 +285,19 @@ class ProposeStage(Stage):
                     "presence_score": prediction.presence_score,
                     "score": instance.score,
                     "stability_score": instance.stability,
+                    "reprompt_iou": instance.reprompt_iou,
                 }
             )
         return rows
 
-    def derive(self, store, done_units: list[str]) -> Derivation | None:
+    def derive(self, store, done_units: list[str]) -> list[Derivation]:
         """The concepts of the config's phrases; mined concepts are the mine stage's to write."""
         if not self.phrases:
-            return None
+            return []
         rows = [{"concept_id": concept_id(p), "phrase": p, "spellings": [], "parent": None, "synonyms": [], "sources": ["propose.phrases"]} for p in self.phrases]
         unit_id = fingerprint(f"{self.name}.concepts", {"version": VERSION, "phrases": list(self.phrases)})
         table = rows_table(CONCEPTS, rows, unit_id)
-        return Derivation(unit_id, CONCEPTS, pa.RecordBatchReader.from_batches(CONCEPTS.schema, table.to_batches()))
+        return [Derivation(unit_id, CONCEPTS, pa.RecordBatchReader.from_batches(CONCEPTS.schema, table.to_batches()))]
 
     def summarize(self, con) -> dict[str, Any]:
         images, pairs, with_masks, masks = con.execute(

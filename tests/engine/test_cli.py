@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from tests.conftest import EXAMPLES, REPO
 
@@ -93,3 +94,43 @@ def test_every_command_has_help():
         assert done.returncode == 0 and "Usage" in done.stdout, command
     assert "image_id" in cli("tables", "images").stdout
     assert "unit_size: 2" in cli("validate", str(REPO / "examples" / "quickstart.yaml")).stdout
+
+
+def test_quickstart_verifies_every_pair_and_mask_and_verdicts_retune_in_sql(quickstart):
+    run_dir, done = quickstart
+    sql = ("SELECT (SELECT count(*) FROM pairs) AS pairs, (SELECT count(*) FROM pair_verifications) AS judged_pairs, "
+           "(SELECT count(*) FROM masks) AS masks, (SELECT count(*) FROM mask_verifications) AS judged_masks, "
+           "(SELECT count(*) FROM mask_verifications WHERE verdict = 'reject') AS rejected")
+    counts = json.loads(cli("query", str(run_dir), sql, "-f", "json").stdout)[0]
+    assert counts["pairs"] == counts["judged_pairs"] > 0 and counts["masks"] == counts["judged_masks"] > 0
+    assert counts["rejected"] > 0  # random masks overlap and fall apart
+    lenient = "SELECT count(*) AS n FROM mask_verdicts(reject_reasons := $none) WHERE verdict = 'reject'"
+    assert json.loads(cli("query", str(run_dir), lenient, "-f", "json", "-p", "none=[]").stdout) == [{"n": 0}]
+    assert "NOT REAL CLIP" in done.stderr
+
+
+def test_calibrate_fits_thresholds_to_labels(quickstart, tmp_path):
+    run_dir, _ = quickstart
+    # Labels from a rule the run's own signals can learn: present when SAM 3's presence is high, good when the mask is large.
+    labelled = json.loads(cli("query", str(run_dir), "SELECT pair_id, presence_score >= median(presence_score) OVER () AS present FROM pairs", "-f", "json").stdout)
+    masks = json.loads(cli("query", str(run_dir), "SELECT mask_id, area_fraction >= median(area_fraction) OVER () AS good FROM mask_scores", "-f", "json").stdout)
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(json.dumps(row) + "\n" for row in labelled + masks))
+    written = tmp_path / "thresholds.yaml"
+    done = cli("calibrate", str(run_dir), "--labels", str(labels), "-t", "0.95", "-w", str(written), "-f", "json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["labels"]["matched"] == {"pairs": len(labelled), "masks": len(masks)}
+    fits = {(f["signal"], f["config_key"]): f for f in report["signals"]}
+    sam = fits[("sam_presence", None)]
+    assert sam["precision"] >= 0.95 and sam["recall"] == 1.0  # the rule is SAM 3's presence itself: perfectly learnable
+    area = fits[("area_fraction", "min_area_fraction")]
+    assert area["precision"] >= 0.95 and area["recall"] == 1.0 and area["labelled"] == len(masks)
+    thresholds = yaml.safe_load(written.read_text())["verify"]
+    assert thresholds["min_area_fraction"] == pytest.approx(area["threshold"])
+    verdicts = {v["verdict"]: v for v in report["verdicts"]}
+    assert verdicts["verdict=accept"]["labelled"] == len(masks)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image,label\nx,1\n")
+    refused = cli("calibrate", str(run_dir), "--labels", str(bad))
+    assert refused.returncode == 2 and "labels need pair_id" in refused.stderr

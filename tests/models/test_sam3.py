@@ -135,3 +135,36 @@ def test_skipping_masks_of_phrases_without_instances_changes_nothing(segmenter, 
         for x, y in zip(a.instances, b.instances):
             assert np.count_nonzero(x.mask != y.mask) <= x.mask.size // 1_000_000
             assert abs(x.stability - y.stability) < 1e-4
+
+
+def test_foreground_and_box_reprompt_equal_a_plain_forward(segmenter, photos):
+    """The verification outputs, recomputed here with SAM 3's own full forward, without the engine's deferral or batching."""
+    from torchvision.ops import box_iou
+
+    photo, phrase = photos[1], "pickup truck"
+    segmenter.reprompt_boxes = True
+    try:
+        (prediction,) = segmenter.predict([photo], [[phrase]], threshold=THRESHOLD)[0]
+    finally:
+        segmenter.reprompt_boxes = False
+    assert prediction.instances, "the test needs kept instances"
+    without = segmenter.predict([photo], [[phrase]], threshold=THRESHOLD)[0][0]
+    assert all(i.reprompt_iou is None for i in without.instances)
+    assert [(i.query, i.score) for i in without.instances] == [(i.query, i.score) for i in prediction.instances]  # re-prompting changes nothing else
+
+    model = segmenter.model
+    pixels = segmenter.preprocess([photo])
+    tokens = segmenter.tokenize([phrase])
+    with torch.inference_mode():
+        out = model(pixel_values=pixels, input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+        semantic = torch.nn.functional.interpolate(out.semantic_seg.float(), size=(photo.height, photo.width), mode="bilinear", align_corners=False)[0, 0]
+        expected = mask_utils.encode(np.asfortranarray((semantic > 0).numpy().astype(np.uint8)))
+        assert prediction.foreground["counts"] == expected["counts"]
+        for instance in prediction.instances:
+            box = out.pred_boxes[0, instance.query]
+            cxcywh = torch.cat([(box[:2] + box[2:]) / 2, box[2:] - box[:2]])[None, None]
+            again = model(pixel_values=pixels, input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, input_boxes=cxcywh)
+            best = int(box_iou(box[None], again.pred_boxes[0]).argmax())
+            a, b = again.pred_masks[0, best] > 0, out.pred_masks[0, instance.query] > 0
+            assert instance.reprompt_iou == pytest.approx(float((a & b).sum() / (a | b).sum()), abs=1e-6)
+    assert any(i.reprompt_iou < 1.0 for i in prediction.instances)  # not trivially equal masks

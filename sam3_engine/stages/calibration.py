@@ -1,0 +1,163 @@
+"""Calibration: fit the verify stage's thresholds to human labels at a target precision.
+
+Labels are a table (Parquet, CSV or JSON lines, any fsspec URL) with any of: ``pair_id`` with
+``present`` (is the phrase in the image) and/or ``exhaustive`` (do the accepted masks cover every
+instance); ``mask_id`` with ``good`` (is the mask right for its phrase). Each signal's fitted
+threshold is the one with the highest recall whose precision reaches the target; each verdict is
+scored as it stands. Nothing is re-run: signals come from the run's tables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from sam3_engine.engine.catalog import connect, named_query
+from sam3_engine.engine.store import TableStore
+
+LABEL_COLUMNS = {"pair_id": pa.string(), "present": pa.bool_(), "exhaustive": pa.bool_(), "mask_id": pa.string(), "good": pa.bool_()}
+
+
+@dataclass(frozen=True)
+class Signal:
+    level: str
+    """pair or mask."""
+    name: str
+    """Column of the calibration query."""
+    label: str
+    """The label the signal predicts."""
+    config_key: str | None
+    """The `verify` threshold it fits, if any."""
+    at_least: bool
+    """True when a higher score means the label holds; False when a lower score does."""
+    positive: bool = True
+    """Which label value the signal predicts (False: absence)."""
+
+
+SIGNALS = (
+    Signal("pair", "presence_probability", "present", "present_threshold", True),
+    Signal("pair", "presence_probability", "present", "absent_threshold", True, positive=False),
+    Signal("pair", "sam_presence", "present", None, True),
+    Signal("pair", "clip_z", "present", None, True),
+    Signal("mask", "score", "good", None, True),
+    Signal("mask", "stability_score", "good", "min_stability", True),
+    Signal("mask", "reprompt_iou", "good", "min_reprompt_iou", True),
+    Signal("mask", "clip_crop_margin", "good", "min_clip_margin", True),
+    Signal("mask", "area_fraction", "good", "min_area_fraction", True),
+    Signal("mask", "largest_fragment_fraction", "good", "min_largest_fragment", True),
+    Signal("mask", "border_fraction", "good", "max_border_fraction", False),
+    Signal("mask", "duplicate_iou", "good", "max_duplicate_iou", False),
+    Signal("mask", "conflict_iou", "good", "max_conflict_iou", False),
+)
+VERDICTS = (
+    ("pair", "presence", "present", "present", True),
+    ("pair", "presence", "absent", "present", False),
+    ("pair", "exhaustivity", "exhaustive", "exhaustive", True),
+    ("mask", "verdict", "accept", "good", True),
+    ("mask", "verdict", "reject", "good", False),
+)
+
+
+@dataclass(frozen=True)
+class Fit:
+    level: str
+    signal: str
+    predicts: str
+    config_key: str | None
+    threshold: float | None
+    """None when no threshold reaches the target precision."""
+    precision: float | None
+    recall: float | None
+    labelled: int
+    """Labelled items that have this signal."""
+
+
+def fit_threshold(scores: np.ndarray, truth: np.ndarray, target: float, at_least: bool) -> tuple[float, float, float] | None:
+    """(threshold, precision, recall) of the rule ``score >= t`` (or ``<= t``) with the highest recall at precision >= target."""
+    if not truth.any():
+        return None
+    key = scores if at_least else -scores
+    order = np.argsort(-key, kind="stable")
+    ranked, hits = key[order], truth[order]
+    true_positives = np.cumsum(hits)
+    precision = true_positives / np.arange(1, len(hits) + 1)
+    last_of_value = np.r_[ranked[1:] != ranked[:-1], True]  # a threshold takes every item with an equal score
+    allowed = np.flatnonzero(last_of_value & (precision >= target))
+    if not len(allowed):
+        return None
+    best = allowed[-1]  # recall only grows down the ranking
+    threshold = float(ranked[best] if at_least else -ranked[best])
+    return threshold, float(precision[best]), float(true_positives[best] / truth.sum())
+
+
+def _normalised_labels(labels: pa.Table) -> pa.Table:
+    known = [c for c in labels.column_names if c in LABEL_COLUMNS]
+    if not ({"pair_id", "mask_id"} & set(known)) or not ({"present", "exhaustive", "good"} & set(known)):
+        raise ValueError(f"labels need pair_id with present and/or exhaustive, or mask_id with good; got columns {labels.column_names}")
+    columns = {}
+    for name, type_ in LABEL_COLUMNS.items():
+        column = labels.column(name) if name in known else pa.nulls(labels.num_rows, type_)
+        if type_ == pa.bool_() and column.type != pa.bool_():
+            column = pa.array([_truth(v) for v in column.to_pylist()], pa.bool_())
+        columns[name] = column.cast(type_)
+    return pa.table(columns)
+
+
+def _truth(value: Any) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "y", "t"):
+        return True
+    if text in ("0", "false", "no", "n", "f"):
+        return False
+    if text == "":
+        return None
+    raise ValueError(f"label value {value!r} is not a yes/no")
+
+
+def calibrate(store: TableStore, labels: pa.Table, verifier: str, target_precision: float) -> dict[str, Any]:
+    """Fitted thresholds and each signal's and verdict's precision and recall on the labelled items."""
+    labels = _normalised_labels(labels)
+    con = connect(store)
+    try:
+        con.register("labels", labels)
+        rows = {
+            "pair": con.sql(named_query("calibration_pairs"), params={"verifier": verifier}).to_arrow_table(),
+            "mask": con.sql(named_query("calibration_masks"), params={"verifier": verifier}).to_arrow_table(),
+        }
+    finally:
+        con.close()
+    fits = []
+    for signal in SIGNALS:
+        table = rows[signal.level]
+        scores = np.array(table.column(signal.name).to_pylist(), dtype=float) if table.num_rows else np.zeros(0)
+        truth = np.array([v is signal.positive for v in table.column(signal.label).to_pylist()]) if table.num_rows else np.zeros(0, bool)
+        labelled = np.array([v is not None for v in table.column(signal.label).to_pylist()], bool) if table.num_rows else np.zeros(0, bool)
+        usable = labelled & ~np.isnan(scores)
+        found = fit_threshold(scores[usable], truth[usable], target_precision, signal.at_least == signal.positive)
+        predicts = signal.label if signal.positive else f"not {signal.label}"
+        fits.append(Fit(signal.level, signal.name, predicts, signal.config_key, *(found or (None, None, None)), int(usable.sum())))
+    verdicts = []
+    for level, column, value, label, positive in VERDICTS:
+        table = rows[level]
+        pairs = [(v, t) for v, t in zip(table.column(column).to_pylist(), table.column(label).to_pylist()) if t is not None] if table.num_rows else []
+        said = sum(v == value for v, _ in pairs)
+        right = sum(v == value and t is positive for v, t in pairs)
+        actual = sum(t is positive for _, t in pairs)
+        verdicts.append({"level": level, "verdict": f"{column}={value}", "label": label if positive else f"not {label}", "labelled": len(pairs),
+                         "precision": right / said if said else None, "recall": right / actual if actual else None})
+    matched = {"pairs": rows["pair"].num_rows, "masks": rows["mask"].num_rows}
+    given = {"pairs": int(labels.column("pair_id").drop_null().__len__()), "masks": int(labels.column("mask_id").drop_null().__len__())}
+    thresholds = {f.config_key: f.threshold for f in fits if f.config_key and f.threshold is not None}
+    return {
+        "verifier": verifier,
+        "target_precision": target_precision,
+        "labels": {"given": given, "matched": matched},
+        "signals": [asdict(f) for f in fits],
+        "verdicts": verdicts,
+        "thresholds": thresholds,
+    }

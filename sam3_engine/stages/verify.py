@@ -1,0 +1,285 @@
+"""Verify: scores that say whether each proposal is right, and verdicts derived from them in SQL.
+
+Entry point: ``VerifyStage``. A unit is a shard of images with proposals. SAM 3 is not run again:
+its stored outputs (presence, stability, box re-prompt IoU, semantic foreground) are read from
+``pairs`` and ``masks``. Per unit, a CPU worker decodes the image and its masks and computes
+geometry and overlaps (``mask_checks``); a CLIP actor then scores each masked crop and the whole
+image against the image's phrases. Scores go to ``mask_scores`` and ``pair_scores``.
+
+Verdicts are not computed here but by the SQL macros ``mask_verdicts`` and ``pair_verdicts``
+(``schemas/sql/verdicts.sql``) at the config's thresholds, materialised at the end of the stage as
+``mask_verifications`` and ``pair_verifications``. A threshold change re-derives them from the
+stored scores: every scoring unit is skipped and no model loads.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+from pycocotools import mask as mask_utils
+
+from sam3_engine.engine.catalog import connect, named_query
+from sam3_engine.engine.config import ClipConfig, StorageConfig, VerifyConfig
+from sam3_engine.engine.store import TableStore
+from sam3_engine.models.clip import ClipChoice, image_transform, shared_embedder
+from sam3_engine.schemas.tables import MASK_SCORES, MASK_VERIFICATIONS, MASKS, PAIR_SCORES, PAIR_VERIFICATIONS, PAIRS, REJECTS
+from sam3_engine.stages.base import Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, reject_reasons, rows_table
+from sam3_engine.stages.concepts import Ontology
+from sam3_engine.stages.inputs import load_image
+from sam3_engine.stages.mask_checks import geometry, masked_crop, overlaps, rle
+
+VERSION = 1
+"""Bump when a change to this module changes the scores it writes: every unit then re-runs."""
+
+REASONS = {
+    "image_unreadable": "The image could not be read or decoded at verification time; its proposals get no scores.",
+    "worker_crashed": "The verification worker died on this image twice (a crash, not an exception).",
+}
+MIN_PHRASES_FOR_Z = 3
+"""A CLIP z-score needs at least two other phrases on the image to compare against."""
+
+
+@dataclass(frozen=True)
+class ImageTask:
+    image_id: str
+    uri: str
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    image_id: str
+    pairs: tuple[dict[str, Any], ...]
+    """pair_id, concept_id, phrase of each pair."""
+    masks: tuple[dict[str, Any], ...]
+    """Each mask's ids and model-free scores; ``crop`` indexes ``crops`` (None for an empty mask)."""
+    unrelated: frozenset[tuple[str, str]]
+    """(pair, pair) whose phrases are not related in the ontology: the phrases a crop competes with."""
+
+
+@dataclass(frozen=True)
+class PreparedUnit:
+    images: tuple[PreparedImage, ...]
+    pixels: np.ndarray | None
+    """CLIP input of each image (rows 0..n-1) then of each masked crop."""
+    rejects: tuple[dict[str, Any], ...]
+
+
+def _rows_of(store: TableStore, name: str, image_ids: list[str], columns: list[str]) -> list[dict[str, Any]]:
+    dataset = store.dataset(name)
+    dataset = ds.dataset(dataset) if isinstance(dataset, pa.Table) else dataset
+    return dataset.to_table(columns=columns, filter=pc.field("image_id").isin(image_ids)).to_pylist()
+
+
+class VerifyStage(Stage):
+    name = "verify"
+    outputs = (MASK_SCORES, PAIR_SCORES, REJECTS)
+    uses_model = True
+
+    def __init__(self, config: VerifyConfig, clip: ClipConfig, choice: ClipChoice, ontology: Ontology, run_url: str, storage_config: StorageConfig):
+        self.config = config
+        self.clip = clip
+        self.choice = choice
+        self.ontology = ontology
+        self.run_url = run_url
+        self.storage_config = storage_config
+        self.actors = config.workers
+        self.gpus_per_actor = config.gpus_per_worker
+        self.verifier_version = f"{VERSION};clip={choice.label}"
+
+    def plan(self, store) -> list[WorkUnit]:
+        """One item per image with proposals; a unit's id covers its images' proposal units, so new proposals re-verify."""
+        con = connect(store)
+        rows = con.sql(named_query("verify_inputs")).fetchall()
+        con.close()
+        settings = {"version": VERSION, "clip": self.choice.label, "crop_padding": self.config.crop_padding,
+                    "verifier": self.config.verifier, "ontology": self.ontology.digest}
+        tasks = [(ImageTask(image_id, uri), proposals) for image_id, uri, proposals in rows]
+        return [
+            WorkUnit(fingerprint(self.name, {**settings, "images": [(t.image_id, p) for t, p in shard]}), tuple(t for t, _ in shard))
+            for shard in content_defined_chunks(tasks, lambda t: t[0].image_id, self.config.unit_size)
+        ]
+
+    def prepare(self, unit: WorkUnit) -> PreparedUnit:
+        """Decode each image and its masks; geometry, overlaps and CLIP inputs, all on a CPU worker."""
+        import torch
+
+        store = TableStore(self.run_url, self.storage_config)
+        ids = [task.image_id for task in unit.items]
+        pairs = _rows_of(store, PAIRS.name, ids, ["pair_id", "image_id", "concept_id", "phrase"])
+        masks = _rows_of(store, MASKS.name, ids, ["mask_id", "pair_id", "image_id", "concept_id", "height", "width", "rle_counts", "score"])
+        transform = image_transform(self.choice)
+        images, whole, crops, rejects = [], [], [], []
+        for task in unit.items:
+            try:
+                image = load_image(task.uri, self.storage_config)
+            except Exception as exc:  # noqa: BLE001 - a bad file is a reject, not a crash
+                rejects.append(self._reject(task, "image_unreadable", f"{type(exc).__name__}: {exc}"))
+                continue
+            image_pairs = sorted((p for p in pairs if p["image_id"] == task.image_id), key=lambda p: p["pair_id"])
+            image_masks = sorted((m for m in masks if m["image_id"] == task.image_id), key=lambda m: m["mask_id"])
+            prepared, image_crops = self._prepare_image(task, np.asarray(image), image_pairs, image_masks, len(crops))
+            whole.append(transform(image))
+            crops.extend(transform(crop) for crop in image_crops)
+            images.append(prepared)
+        tensors = whole + crops
+        pixels = torch.stack(tensors).numpy() if tensors else None
+        return PreparedUnit(tuple(images), pixels, tuple(rejects))
+
+    def _prepare_image(self, task: ImageTask, pixels: np.ndarray, pairs: list[dict], masks: list[dict], first_crop: int):
+        unrelated = frozenset(
+            (a["pair_id"], b["pair_id"]) for a in pairs for b in pairs if a is not b and not self._related(a["phrase"], b["phrase"])
+        )
+        rles = [rle(m["rle_counts"], m["height"], m["width"]) for m in masks]
+        duplicates, conflicts = overlaps(
+            [m["mask_id"] for m in masks], [m["pair_id"] for m in masks], [m["score"] for m in masks], rles,
+            lambda a, b: (a, b) in unrelated,
+        )
+        rows, crops = [], []
+        for mask_row, encoded, duplicate, conflict in zip(masks, rles, duplicates, conflicts):
+            mask = mask_utils.decode(encoded).astype(bool)
+            shape = geometry(mask)
+            crop = masked_crop(pixels, mask, self.config.crop_padding) if mask.shape == pixels.shape[:2] else None
+            rows.append({
+                "mask_id": mask_row["mask_id"], "pair_id": mask_row["pair_id"], "image_id": task.image_id, "concept_id": mask_row["concept_id"],
+                "area_fraction": shape.area_fraction, "fragments": shape.fragments,
+                "largest_fragment_fraction": shape.largest_fragment_fraction, "border_fraction": shape.border_fraction,
+                "duplicate_iou": duplicate.iou, "duplicate_of": duplicate.other, "conflict_iou": conflict.iou, "conflict_with": conflict.other,
+                "crop": None if crop is None else first_crop + len(crops),
+            })
+            if crop is not None:
+                crops.append(crop)
+        return PreparedImage(task.image_id, tuple(pairs), tuple(rows), unrelated), crops
+
+    def _related(self, a: str, b: str) -> bool:
+        return a in self.ontology.lineage(b) or b in self.ontology.lineage(a)
+
+    def process(self, unit: WorkUnit, prepared: PreparedUnit | None = None) -> dict[str, pa.Table]:
+        import torch
+
+        prepared = prepared if prepared is not None else self.prepare(unit)
+        embedder = shared_embedder(self.choice, self.clip.device)
+        vectors = np.zeros((0, 0), np.float32)
+        if prepared.pixels is not None:
+            batches = [prepared.pixels[i : i + self.clip.batch_size] for i in range(0, len(prepared.pixels), self.clip.batch_size)]
+            vectors = np.concatenate([embedder.embed_pixels(torch.from_numpy(batch.copy())) for batch in batches])
+        phrases = sorted({p["phrase"] for image in prepared.images for p in image.pairs})
+        text = dict(zip(phrases, _phrase_vectors(embedder, phrases)))
+        crop_offset = len(prepared.images)
+        pair_rows, mask_rows = [], []
+        stamp = {"verifier": self.config.verifier, "verifier_version": self.verifier_version}
+        for index, image in enumerate(prepared.images):
+            pair_ids = [p["pair_id"] for p in image.pairs]
+            phrase_matrix = np.stack([text[p["phrase"]] for p in image.pairs]) if image.pairs else np.zeros((0, vectors.shape[1]), np.float32)
+            similarity = phrase_matrix @ vectors[index]
+            for i, pair in enumerate(image.pairs):
+                pair_rows.append({"pair_id": pair["pair_id"], "image_id": image.image_id, "concept_id": pair["concept_id"],
+                                  "clip_similarity": float(similarity[i]), "clip_z": _z_score(similarity, i), **stamp})
+            row_of = {pair_id: i for i, pair_id in enumerate(pair_ids)}
+            for mask in image.masks:
+                row = {k: v for k, v in mask.items() if k != "crop"}
+                own, margin = None, None
+                if mask["crop"] is not None:
+                    crop_similarity = phrase_matrix @ vectors[crop_offset + mask["crop"]]
+                    own = float(crop_similarity[row_of[mask["pair_id"]]])
+                    rivals = [float(crop_similarity[row_of[other]]) for other in pair_ids if (mask["pair_id"], other) in image.unrelated]
+                    margin = own - max(rivals) if rivals else None
+                mask_rows.append({**row, "clip_crop_similarity": own, "clip_crop_margin": margin, **stamp})
+        return {
+            MASK_SCORES.name: rows_table(MASK_SCORES, mask_rows, unit.unit_id),
+            PAIR_SCORES.name: rows_table(PAIR_SCORES, pair_rows, unit.unit_id),
+            REJECTS.name: rows_table(REJECTS, list(prepared.rejects), unit.unit_id),
+        }
+
+    def process_isolated(self, unit: WorkUnit, item: ImageTask, error: str) -> dict[str, pa.Table]:
+        rejects = [self._reject(item, "worker_crashed", f"the verification worker died on this image: {error}")]
+        return {MASK_SCORES.name: rows_table(MASK_SCORES, [], unit.unit_id), PAIR_SCORES.name: rows_table(PAIR_SCORES, [], unit.unit_id),
+                REJECTS.name: rows_table(REJECTS, rejects, unit.unit_id)}
+
+    def _reject(self, task: ImageTask, reason: str, detail: str) -> dict[str, Any]:
+        return {"input_id": task.image_id, "stage": self.name, "uri": task.uri, "image_id": task.image_id, "reason": reason, "detail": detail}
+
+    def derive(self, store, done_units: list[str]) -> list[Derivation]:
+        """Mask then pair verdicts at the config's thresholds, from the stored scores (SQL macros, no model)."""
+        thresholds = self.config.thresholds()
+        payload = {"version": VERSION, "verifier": self.config.verifier, "thresholds": thresholds, "units": done_units}
+        params = {**thresholds, "verifier_name": self.config.verifier, "thresholds": json.dumps(thresholds, sort_keys=True)}
+        con = connect(store)
+        try:
+            mask_params = {k: params[k] for k in _parameters(named_query("current_mask_verdicts"))}
+            con.execute(f"CREATE TEMP TABLE current_mask_verdicts AS {named_query('current_mask_verdicts')}", mask_params)
+            masks = con.sql("SELECT * FROM current_mask_verdicts").to_arrow_table()
+            pair_sql = named_query("current_pair_verdicts")
+            pairs = con.sql(pair_sql, params={k: params[k] for k in _parameters(pair_sql)}).to_arrow_table()
+        finally:
+            con.close()
+        return [
+            Derivation(fingerprint(f"{self.name}.masks", payload), MASK_VERIFICATIONS, _reader(MASK_VERIFICATIONS, masks), key=self.config.verifier),
+            Derivation(fingerprint(f"{self.name}.pairs", payload), PAIR_VERIFICATIONS, _reader(PAIR_VERIFICATIONS, pairs), key=self.config.verifier),
+        ]
+
+    def summarize(self, con) -> dict[str, Any]:
+        verifier = {"verifier": self.config.verifier}
+        images, pairs, masks = con.execute(
+            "SELECT (SELECT count(DISTINCT image_id) FROM pair_scores WHERE verifier = $verifier), "
+            "(SELECT count(*) FROM pair_scores WHERE verifier = $verifier), (SELECT count(*) FROM mask_scores WHERE verifier = $verifier)",
+            verifier,
+        ).fetchone()
+        reasons = reject_reasons(con, self.name)
+
+        def tally(sql: str) -> dict[str, int]:
+            return dict(con.execute(sql, verifier).fetchall())
+
+        counts = {
+            "accounted": images + sum(reasons.values()),
+            "verifier": self.config.verifier,
+            "pairs": pairs,
+            "masks": masks,
+            "mask_verdicts": tally("SELECT verdict, count(*) FROM mask_verifications WHERE verifier = $verifier GROUP BY ALL ORDER BY ALL"),
+            "mask_reasons": tally("SELECT reason, count(*) FROM (SELECT unnest(reasons) AS reason FROM mask_verifications WHERE verifier = $verifier) GROUP BY ALL ORDER BY ALL"),
+            "presence": tally("SELECT presence, count(*) FROM pair_verifications WHERE verifier = $verifier GROUP BY ALL ORDER BY ALL"),
+            "exhaustivity": tally("SELECT exhaustivity, count(*) FROM pair_verifications WHERE verifier = $verifier GROUP BY ALL ORDER BY ALL"),
+            "rejects": sum(reasons.values()),
+            "reject_reasons": reasons,
+            "model": self.choice.label,
+        }
+        if self.choice.random_weights:
+            counts["random_weights"] = True
+        return counts
+
+
+_PHRASE_CACHE: dict[tuple[str, str], np.ndarray] = {}
+
+
+def _phrase_vectors(embedder, phrases: list[str]) -> list[np.ndarray]:
+    """Text embeddings, each computed once per worker process: images share most of their phrases."""
+    label = embedder.choice.label
+    missing = [p for p in phrases if (label, p) not in _PHRASE_CACHE]
+    if missing:
+        for phrase, vector in zip(missing, embedder.embed_phrases(missing)):
+            _PHRASE_CACHE[(label, phrase)] = vector
+    return [_PHRASE_CACHE[(label, p)] for p in phrases]
+
+
+def _z_score(similarity: np.ndarray, index: int) -> float | None:
+    """The similarity at ``index`` against the image's other phrases: (s - mean) / std of the others."""
+    if len(similarity) < MIN_PHRASES_FOR_Z:
+        return None
+    others = np.delete(similarity, index)
+    spread = float(others.std())
+    return None if spread == 0 else float((similarity[index] - others.mean()) / spread)
+
+
+def _parameters(sql: str) -> list[str]:
+    """The $names a query binds: DuckDB refuses parameters a query does not use."""
+    return sorted(set(re.findall(r"\$([a-z_]+)", sql)))
+
+
+def _reader(spec, table: pa.Table) -> pa.RecordBatchReader:
+    return pa.RecordBatchReader.from_batches(spec.schema, table.cast(spec.schema).to_batches())

@@ -1,0 +1,341 @@
+"""Verification with known answers.
+
+The verifier's inputs are constructed (masks drawn on a real photo, SAM 3 presence scores chosen);
+everything that judges them is real: the verify stage with a tiny random-weight CLIP on Ray, the
+stored Delta tables, and the SQL verdict macros in DuckDB. CLIP's random opinions are kept out of
+the verdicts here (``clip_weight`` 0, ``min_clip_margin`` -2), except where a test checks them.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from sam3_engine.engine.catalog import connect, uncovered_fraction
+from sam3_engine.engine.config import ConfigError, VerifyConfig, load_config
+from sam3_engine.engine.run import run_pipeline
+from sam3_engine.engine.runner import KILL_AFTER_COMMITS_ENV
+from sam3_engine.engine.store import TableStore
+from sam3_engine.models.clip import ClipEmbedder, choose_clip
+from sam3_engine.schemas.tables import MASKS, PAIR_SCORES, PAIRS
+from sam3_engine.stages.calibration import fit_threshold
+from sam3_engine.stages.concepts import concept_id, pair_id
+from sam3_engine.stages.mask_checks import geometry, masked_crop, overlaps
+from sam3_engine.stages.verify import VERSION
+from tests.helpers import ingest, rows
+
+UNIT = "constructed"
+
+
+@pytest.fixture(autouse=True)
+def _shared_ray(ray_cluster):
+    """In-process runs use the session's Ray cluster instead of starting their own."""
+
+
+def _box(shape, top, left, height, width):
+    mask = np.zeros(shape, bool)
+    mask[top : top + height, left : left + width] = True
+    return mask
+
+
+def _blobs(shape, count, size):
+    mask = np.zeros(shape, bool)
+    for i in range(count):
+        top, left = 100 + (i // 4) * 3 * size, 100 + (i % 4) * 3 * size
+        mask[top : top + size, left : left + size] = True
+    return mask
+
+
+def _counts(mask):
+    return mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"].decode("ascii")
+
+
+def test_geometry_of_constructed_masks():
+    shape = (200, 300)
+    clean = geometry(_box(shape, 50, 60, 40, 80))
+    assert (clean.fragments, clean.largest_fragment_fraction, clean.border_fraction) == (1, 1.0, 0.0)
+    assert clean.area_fraction == pytest.approx(40 * 80 / (200 * 300))
+    pieces = geometry(_blobs((400, 400), 10, 5))
+    assert pieces.fragments == 10 and pieces.largest_fragment_fraction == pytest.approx(0.1)
+    diagonal = np.eye(50, dtype=bool)  # touching corners: one piece when 8-connected
+    assert geometry(diagonal).fragments == 1
+    frame = np.ones(shape, bool)
+    frame[5:-5, 5:-5] = False
+    hugging = geometry(frame)
+    assert hugging.border_fraction == 1.0 and hugging.fragments == 1
+    empty = geometry(np.zeros(shape, bool))
+    assert (empty.area_fraction, empty.fragments, empty.largest_fragment_fraction) == (0.0, 0, 0.0)
+
+
+def test_overlaps_find_duplicates_in_a_pair_and_conflicts_only_between_unrelated_pairs():
+    shape = (100, 100)
+    masks = {
+        "a": ("car", 0.9, _box(shape, 10, 10, 40, 40)),
+        "b": ("car", 0.8, _box(shape, 12, 10, 40, 40)),  # the same car again, lower score
+        "c": ("bus", 0.7, _box(shape, 10, 12, 40, 40)),  # the car's region, claimed by an unrelated phrase
+        "d": ("motor vehicle", 0.6, _box(shape, 10, 10, 40, 40)),  # the car's region, by its ancestor: allowed
+        "e": ("bus", 0.95, _box(shape, 70, 70, 20, 20)),
+    }
+    ids = list(masks)
+    rles = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for _, _, m in masks.values()]
+    duplicates, conflicts = overlaps(ids, [p for p, _, _ in masks.values()], [s for _, s, _ in masks.values()], rles,
+                                     lambda a, b: {a, b} != {"car", "motor vehicle"})
+    found = {i: (d.other, round(d.iou, 3), c.other, round(c.iou, 3)) for i, d, c in zip(ids, duplicates, conflicts)}
+    iou_ab = 38 * 40 / (42 * 40)
+    assert found["a"] == (None, 0.0, None, 0.0)  # the best mask loses to nothing
+    assert found["b"][:2] == ("a", round(iou_ab, 3))
+    assert found["c"][0] is None and found["c"][2] == "a"
+    assert found["d"][2] == "c"  # not the car (related) but the bus above it
+    assert found["e"] == (None, 0.0, None, 0.0)
+
+
+def test_masked_crop_fills_outside_the_mask_and_is_square():
+    image = np.full((100, 200, 3), 255, np.uint8)
+    crop = masked_crop(image, _box((100, 200), 40, 50, 10, 60), padding=0.1)
+    pixels = np.asarray(crop)
+    assert crop.size == (72, 72)  # 60 wide plus 6 each side; height padded to a square
+    assert (pixels[36, 36] == 255).all() and tuple(pixels[0, 0]) == (124, 116, 104)
+    assert masked_crop(image, np.zeros((100, 200), bool), 0.1) is None
+
+
+def test_fit_threshold_takes_the_highest_recall_at_the_target_precision():
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    truth = np.array([True, True, False, True, False, False])
+    assert fit_threshold(scores, truth, 1.0, at_least=True) == (0.8, 1.0, 2 / 3)
+    assert fit_threshold(scores, truth, 0.75, at_least=True) == (0.6, 0.75, 1.0)
+    assert fit_threshold(scores, ~truth, 1.0, at_least=False) == (0.5, 1.0, 2 / 3)
+    tied = fit_threshold(np.array([0.5, 0.5, 0.4]), np.array([True, False, True]), 1.0, at_least=True)
+    assert tied is None  # a threshold cannot split equal scores
+    assert fit_threshold(scores, np.zeros(6, bool), 0.5, at_least=True) is None
+
+
+def test_verdict_macro_defaults_equal_the_config_defaults():
+    from sam3_engine.engine.catalog import named_query
+    import re
+    import yaml
+
+    sql = named_query("verdicts")
+    defaults = {name: yaml.safe_load(value.replace("'", '"')) for name, value in re.findall(r"^\s+(\w+) := (.+?),?$", sql, re.M)}
+    expected = {**VerifyConfig().thresholds(), "verifier_name": VerifyConfig().verifier, "mask_table": "mask_verifications"}
+    assert defaults == expected
+
+
+def test_config_rejects_unknown_reasons_and_crossed_thresholds():
+    with pytest.raises(ConfigError, match="unknown reason"):
+        load_config(None, {"verify.reject_reasons": ["too_small", "ugly"]})
+    with pytest.raises(ConfigError, match="must not exceed present_threshold"):
+        load_config(None, {"verify.absent_threshold": 0.7})
+
+
+SETTINGS = {"clip.model": "tiny-random", "verify.clip_weight": 0.0, "verify.min_clip_margin": -2.0}
+VERIFY_TABLES = ("mask_scores", "pair_scores", "mask_verifications", "pair_verifications")
+
+
+def _construct(photos_dir, folder, run_dir):
+    """One real photo with proposals drawn by hand, each built to trip exactly one check."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "truck.jpg").write_bytes((photos_dir / "truck.jpg").read_bytes())
+    ingest(folder, run_dir)
+    (image,) = rows(run_dir, "SELECT image_id, width, height FROM images")
+    shape = (image["height"], image["width"])
+    car = _box(shape, 300, 400, 300, 500)
+    person = _box(shape, 700, 1200, 200, 100)
+    masks = {  # name: (phrase, score, mask)
+        "clean": ("car", 0.9, car),
+        "duplicate": ("car", 0.8, _box(shape, 305, 400, 300, 500)),
+        "conflict": ("bus", 0.7, _box(shape, 300, 405, 300, 500)),
+        "related": ("motor vehicle", 0.75, car),  # above the bus, so only the car outranks it
+        "fragmented": ("dog", 0.9, _blobs(shape, 12, 20)),
+        "tiny": ("cup", 0.9, _box(shape, 50, 50, 3, 3)),
+        "border": ("sky", 0.9, ~_box(shape, 4, 4, shape[0] - 8, shape[1] - 8)),
+        "person": ("person", 0.9, person),
+    }
+    foregrounds = {"car": car, "person": _box(shape, 600, 1000, 500, 600), "dog": _blobs(shape, 12, 20)}
+    presence = {"car": 0.95, "bus": 0.9, "motor vehicle": 0.9, "dog": 0.9, "cup": 0.9, "sky": 0.9, "person": 0.95, "giraffe": 0.02}
+    pairs = []
+    for phrase, score in presence.items():
+        cid = concept_id(phrase)
+        fg = foregrounds.get(phrase)
+        pairs.append({
+            "pair_id": pair_id(image["image_id"], cid), "image_id": image["image_id"], "concept_id": cid, "phrase": phrase,
+            "presence_score": score, "instance_count": sum(p == phrase for p, _, _ in masks.values()), "max_score": score,
+            "height": shape[0], "width": shape[1], "foreground_counts": None if fg is None else _counts(fg),
+            "foreground_area": None if fg is None else int(fg.sum()), "phrase_truncated": False, "model_id": "constructed",
+            "model_revision": None, "random_weights": False, "run_id": "constructed", "unit_id": UNIT,
+        })
+    mask_rows = []
+    for name, (phrase, score, mask) in masks.items():
+        encoded = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        cid = concept_id(phrase)
+        mask_rows.append({
+            "mask_id": name, "pair_id": pair_id(image["image_id"], cid), "image_id": image["image_id"], "concept_id": cid, "query_index": 0,
+            "height": shape[0], "width": shape[1], "rle_counts": encoded["counts"].decode("ascii"), "bbox": mask_utils.toBbox(encoded).tolist(),
+            "area": int(mask.sum()), "model_box": [0.0, 0.0, 1.0, 1.0], "object_score": score, "presence_score": presence[phrase], "score": score,
+            "stability_score": 0.95, "reprompt_iou": 0.9, "unit_id": UNIT,
+        })
+    store = TableStore(str(run_dir))
+    store.replace(PAIRS, UNIT, pa.Table.from_pylist(pairs, schema=PAIRS.schema))
+    store.replace(MASKS, UNIT, pa.Table.from_pylist(mask_rows, schema=MASKS.schema))
+    return image, masks, foregrounds
+
+
+def _snapshot(run_dir):
+    return {table: rows(run_dir, f"SELECT * FROM {table} ORDER BY ALL") for table in VERIFY_TABLES}
+
+
+@pytest.fixture(scope="module")
+def constructed(photos_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run") / "run"
+    image, masks, foregrounds = _construct(photos_dir, tmp_path_factory.mktemp("photo"), run_dir)
+    result = _verify(run_dir, **SETTINGS)
+    return run_dir, image, masks, foregrounds, SETTINGS, result
+
+
+@pytest.fixture(scope="module")
+def reference(constructed):
+    """The verification tables of the uninterrupted run, taken before any test re-runs it."""
+    return _snapshot(constructed[0])
+
+
+def _verify(run_dir, **settings):
+    return run_pipeline(load_config(None, {"output": str(run_dir), "stages": "verify", **settings}))
+
+
+def _verdicts(run_dir):
+    return {r["mask_id"]: (r["verdict"], r["reasons"]) for r in rows(run_dir, "SELECT mask_id, verdict, reasons FROM mask_verifications")}
+
+
+def test_each_constructed_mask_gets_the_right_verdict_and_reason(constructed, reference):
+    run_dir, _, _, _, _, result = constructed
+    verdicts = _verdicts(run_dir)
+    assert verdicts == {
+        "clean": ("accept", []),
+        "duplicate": ("reject", ["duplicate"]),
+        "conflict": ("reject", ["conflict"]),
+        "related": ("accept", []),  # a car's ancestor may claim the car
+        "fragmented": ("reject", ["fragmented"]),
+        "tiny": ("reject", ["too_small"]),
+        "border": ("reject", ["border_hugging"]),
+        "person": ("accept", []),
+    }
+    counts = result.stages[0].counts
+    assert counts["masks"] == 8 and counts["mask_verdicts"] == {"accept": 3, "reject": 5}
+    assert result.stages[0].items_total == 1 and counts["rejects"] == 0  # the run reconciles images with scores + rejects
+    scores = {r["mask_id"]: r for r in rows(run_dir, "SELECT * FROM mask_scores")}
+    assert scores["duplicate"]["duplicate_of"] == "clean" and scores["conflict"]["conflict_with"] == "clean"
+    assert {r["verifier"] for r in scores.values()} == {"sam3-clip"} and scores["clean"]["verifier_version"] == f"{VERSION};clip=tiny-random"
+
+
+def test_exhaustivity_and_presence_of_constructed_pairs(constructed):
+    run_dir, _, masks, foregrounds, _, _ = constructed
+    pairs = {r["phrase"]: r for r in rows(run_dir, "SELECT * FROM pair_verifications")}
+    assert (pairs["car"]["exhaustivity"], pairs["car"]["exhaustivity_reason"]) == ("exhaustive", "covered")
+    assert pairs["car"]["accepted_masks"] == 1 and pairs["car"]["uncovered_fraction"] == 0.0
+    person = pairs["person"]
+    assert (person["exhaustivity"], person["exhaustivity_reason"]) == ("not_exhaustive", "uncovered_foreground")
+    fg, accepted = foregrounds["person"], masks["person"][2]
+    assert person["uncovered_fraction"] == pytest.approx((fg & ~accepted).sum() / fg.sum())
+    assert (pairs["dog"]["exhaustivity"], pairs["dog"]["exhaustivity_reason"]) == ("not_exhaustive", "present_without_masks")
+    giraffe = pairs["giraffe"]  # SAM 3's presence 0.02, no masks, no foreground
+    assert (giraffe["presence"], giraffe["exhaustivity"], giraffe["exhaustivity_reason"]) == ("absent", "exhaustive", "absent_without_masks")
+    assert giraffe["uncovered_fraction"] is None
+    assert giraffe["presence_probability"] == pytest.approx(0.02)  # clip_weight 0: SAM 3's probability unchanged
+    assert json.loads(giraffe["thresholds"])["clip_weight"] == 0.0
+
+
+def test_clip_crop_scores_are_clips_own(constructed, photos_dir):
+    run_dir, image, masks, _, _, _ = constructed
+    scores = {r["mask_id"]: r for r in rows(run_dir, "SELECT * FROM mask_scores")}
+    clip = ClipEmbedder.load(choose_clip("tiny-random", None, False), "cpu")
+    pixels = np.asarray(Image.open(photos_dir / "truck.jpg").convert("RGB"))
+    crop = masked_crop(pixels, masks["clean"][2], VerifyConfig().crop_padding)
+    phrases = ["car", "bus", "dog", "cup", "sky", "person", "giraffe"]  # the unrelated phrases on the image ("motor vehicle" is related)
+    similarity = clip.embed_phrases(phrases) @ clip.embed_images([crop])[0]
+    assert scores["clean"]["clip_crop_similarity"] == pytest.approx(float(similarity[0]), abs=1e-4)
+    assert scores["clean"]["clip_crop_margin"] == pytest.approx(float(similarity[0] - similarity[1:].max()), abs=1e-4)
+    whole = {r["concept_id"]: r["clip_similarity"] for r in rows(run_dir, "SELECT * FROM pair_scores")}
+    expected = clip.embed_phrases(["car"]) @ clip.embed_images([Image.fromarray(pixels)])[0]
+    assert whole[concept_id("car")] == pytest.approx(float(expected[0]), abs=1e-4)
+
+
+def test_presence_needs_both_signals(constructed):
+    """The presence macro on chosen signal values: low from both is absent; a disagreement is uncertain or outweighed."""
+    run_dir, image, _, _, _, _ = constructed
+    cases = {"giraffe": -2.0, "car": 2.0, "bus": -3.0, "dog": -2.0, "person": -0.3}  # clip_z per phrase; SAM 3 presence from the pairs
+    store = TableStore(str(run_dir))
+    con = connect(store)
+    scores = [{"pair_id": pair_id(image["image_id"], concept_id(p)), "image_id": image["image_id"], "concept_id": concept_id(p),
+               "clip_similarity": 0.0, "clip_z": z, "verifier": "sam3-clip", "verifier_version": "test", "unit_id": UNIT} for p, z in cases.items()]
+    con.register("pair_scores", pa.Table.from_pylist(scores, schema=PAIR_SCORES.schema))
+    result = con.sql("SELECT phrase, presence_probability, presence, presence_reason FROM pair_verdicts(sam_weight := 1.0, clip_weight := 1.0)").fetchall()
+    got = {phrase: (p, verdict, reason) for phrase, p, verdict, reason in result}
+    logit = lambda p: math.log(p / (1 - p))  # noqa: E731
+    for phrase, z in cases.items():
+        sam = {"giraffe": 0.02, "car": 0.95, "bus": 0.9, "dog": 0.9, "person": 0.95}[phrase]
+        assert got[phrase][0] == pytest.approx(1 / (1 + math.exp(-(logit(sam) + z))))
+    assert got["giraffe"][1:] == ("absent", "signals_agree")
+    assert got["car"][1:] == ("present", "signals_agree")
+    assert got["bus"][1:] == ("absent", "clip_outweighs_sam")  # logit(0.9) - 3 = -0.80: 0.31
+    assert got["dog"][1:] == ("uncertain", "signals_disagree")  # logit(0.9) - 2 = 0.20: 0.55
+    assert got["person"][1:] == ("present", "sam_outweighs_clip")  # logit(0.95) - 0.3 = 2.64: 0.93
+
+
+def test_thresholds_retune_in_sql_and_by_rerunning_without_a_model(constructed):
+    run_dir, _, _, _, settings, _ = constructed
+    stored = rows(run_dir, "SELECT verdict, count(*) AS n FROM mask_verdicts(min_clip_margin := -2.0) GROUP BY ALL ORDER BY ALL")
+    assert stored == [{"verdict": "accept", "n": 3}, {"verdict": "reject", "n": 5}]  # the run's thresholds give the stored verdicts
+    clip_decides = rows(run_dir, "SELECT count(*) AS n FROM mask_verdicts() WHERE list_contains(reasons, 'clip_mismatch')")
+    assert clip_decides[0]["n"] > 0  # random CLIP prefers another phrase for some crops: at the default margin they become doubtful
+    loose = rows(run_dir, "SELECT verdict, count(*) AS n FROM mask_verdicts(min_clip_margin := -2.0, max_duplicate_iou := 0.99, reject_reasons := ['too_small']) "
+                          "GROUP BY ALL ORDER BY ALL")
+    assert loose == [{"verdict": "accept", "n": 4}, {"verdict": "reject", "n": 1}, {"verdict": "uncertain", "n": 3}]  # conflict, fragmented, border: doubtful
+    strict = rows(run_dir, "SELECT exhaustivity, count(*) AS n FROM pair_verdicts(max_uncovered_fraction := 0.95, clip_weight := 0.0) WHERE phrase = 'person' GROUP BY ALL")
+    assert strict == [{"exhaustivity": "exhaustive", "n": 1}]
+    again = _verify(run_dir, **settings, **{"verify.max_duplicate_iou": 0.99})
+    report = again.stages[0]
+    assert report.units_committed == 0 and report.units_skipped == report.units_total == 1  # no scoring re-ran
+    assert report.executor == {"executor": "ray", "model_actors": 0}  # and no model actor started
+    verdicts = _verdicts(run_dir)
+    assert verdicts["duplicate"] == ("accept", []) and report.counts["mask_verdicts"] == {"accept": 4, "reject": 4}
+    assert json.loads(rows(run_dir, "SELECT thresholds FROM mask_verifications LIMIT 1")[0]["thresholds"])["max_duplicate_iou"] == 0.99
+    _verify(run_dir, **settings)
+    assert _verdicts(run_dir)["duplicate"] == ("reject", ["duplicate"])
+
+
+def test_uncovered_fraction_function():
+    shape = (50, 60)
+    fg = _box(shape, 10, 10, 20, 20)
+    half, other = _box(shape, 10, 10, 10, 20), _box(shape, 0, 0, 5, 5)
+    assert uncovered_fraction(*shape, _counts(fg), [_counts(half), _counts(other)]) == pytest.approx(0.5)
+    assert uncovered_fraction(*shape, _counts(fg), []) == 1.0
+    assert uncovered_fraction(*shape, _counts(np.zeros(shape, bool)), [_counts(half)]) == 0.0
+    assert uncovered_fraction(*shape, None, [_counts(half)]) is None
+
+
+@pytest.mark.parametrize("commits", [2, 6])
+def test_killed_between_commits_then_resumed_writes_the_same_rows(ray_cluster, photos_dir, reference, tmp_path, commits):
+    """Commits: one unit (3 tables + ledger), then mask verdicts and pair verdicts (table + ledger each). Killed inside the unit, and between the two verdict tables."""
+    run_dir = tmp_path / "run"
+    _construct(photos_dir, tmp_path / "photo", run_dir)
+    command = [sys.executable, "-m", "sam3_engine", "run", "-q", "--output", str(run_dir), "--stages", "verify"]
+    command += [arg for key, value in SETTINGS.items() for arg in ("--set", f"{key}={value}")]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
+    killed = subprocess.run(command, env={**env, KILL_AFTER_COMMITS_ENV: str(commits)}, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    got = _snapshot(run_dir)
+    for table in VERIFY_TABLES:
+        assert len(got[table]) == len(reference[table]) > 0, table
+        for a, b in zip(got[table], reference[table]):
+            assert a.keys() == b.keys()
+            assert {k: v for k, v in a.items() if not isinstance(v, float)} == {k: v for k, v in b.items() if not isinstance(v, float)}, table
+            assert [v for v in a.values() if isinstance(v, float)] == pytest.approx([v for v in b.values() if isinstance(v, float)], abs=1e-6), table
