@@ -99,11 +99,11 @@ def encode_once(args, checkpoint: Path) -> dict:
     return {"vision_pass_s": round(vision_s, 4), "head_per_phrase_s": round(head_s, 4), "by_k": results}
 
 
-def negatives(args, checkpoint: Path) -> dict:
-    """A SA-Co-like mix: P phrases with instances and N without, with and without skipping the negatives' mask decoding.
+def _mixed_phrases(args, checkpoint: Path):
+    """The model, one photo's pixels, P + N phrases, and a call predicting them at a threshold that keeps exactly P.
 
     The threshold is set between the P-th and (P+1)-th phrase's best instance score on this image,
-    so that exactly P phrases keep instances: the split is the model's own, not made up.
+    so the split is the model's own, not made up.
     """
     from sam3_engine.models.sam3 import Sam3Segmenter
 
@@ -115,7 +115,12 @@ def negatives(args, checkpoint: Path) -> dict:
     (pairs,) = segmenter.predict_pixels(pixels, size, [phrases], threshold=2.0, phrase_batch=args.phrase_batch)
     best = sorted((pair.max_score for pair in pairs), reverse=True)
     threshold = (best[args.positives - 1] + best[args.positives]) / 2
-    run = lambda: segmenter.predict_pixels(pixels, size, [phrases], threshold, args.phrase_batch)  # noqa: E731
+    return segmenter, pixels, phrases, lambda: segmenter.predict_pixels(pixels, size, [phrases], threshold, args.phrase_batch)
+
+
+def negatives(args, checkpoint: Path) -> dict:
+    """A SA-Co-like mix: P phrases with instances and N without, with and without skipping the negatives' mask decoding."""
+    segmenter, pixels, phrases, run = _mixed_phrases(args, checkpoint)
     (kept,) = run()
     segmenter.decode_all_masks = True
     every_s = _timed(run, args.device)
@@ -136,17 +141,7 @@ def negatives(args, checkpoint: Path) -> dict:
 
 def reprompt(args, checkpoint: Path) -> dict:
     """The cost of ``propose.reprompt_boxes`` on the SA-Co-like mix of ``negatives``: one more head per kept instance."""
-    from sam3_engine.models.sam3 import Sam3Segmenter
-
-    segmenter = Sam3Segmenter.load(str(checkpoint), device=args.device)
-    image = photos(1)
-    pixels = segmenter.preprocess(image)
-    size = [(image[0].height, image[0].width)]
-    phrases = [f"{p} {i}" if i else p for i in range(4) for p in PHRASES][: args.positives + args.negatives]
-    (pairs,) = segmenter.predict_pixels(pixels, size, [phrases], threshold=2.0, phrase_batch=args.phrase_batch)
-    best = sorted((pair.max_score for pair in pairs), reverse=True)
-    threshold = (best[args.positives - 1] + best[args.positives]) / 2
-    run = lambda: segmenter.predict_pixels(pixels, size, [phrases], threshold, args.phrase_batch)  # noqa: E731
+    segmenter, pixels, phrases, run = _mixed_phrases(args, checkpoint)
     (kept,) = run()
     off_s = _timed(run, args.device)
     segmenter.reprompt_boxes = True

@@ -86,13 +86,20 @@ def choose_clip(model: str, pretrained: str | None, fallback_to_tiny_random: boo
     return ClipChoice(model, pretrained)
 
 
-def image_transform(choice: ClipChoice):
-    """The model's CPU preprocessing alone (no weights): for preparation workers."""
+def input_size(choice: ClipChoice) -> int:
+    """The side of the model's square input, in pixels."""
     import open_clip
 
     _register_tiny_architecture()
     architecture = TINY_RANDOM_ARCHITECTURE if choice.random_weights else choice.model
-    size = open_clip.get_model_config(architecture)["vision_cfg"]["image_size"]
+    return open_clip.get_model_config(architecture)["vision_cfg"]["image_size"]
+
+
+def image_transform(choice: ClipChoice):
+    """The model's CPU preprocessing alone (no weights): for preparation workers."""
+    import open_clip
+
+    size = input_size(choice)
     source = {} if choice.random_weights else (open_clip.get_pretrained_cfg(choice.model, choice.pretrained) or {})
     return open_clip.image_transform(size, is_train=False, mean=source.get("mean"), std=source.get("std"),
                                      resize_mode=source.get("resize_mode"), interpolation=source.get("interpolation"))

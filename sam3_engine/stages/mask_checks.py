@@ -6,6 +6,7 @@ the mask's own box, not the whole image, so its cost follows the mask, not the p
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,18 +41,27 @@ def box_slices(mask: np.ndarray) -> tuple[slice, slice] | None:
     return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
 
 
-def geometry(mask: np.ndarray) -> Geometry:
-    """Area share, connected pieces, the largest piece's share, and the share of the image's frame covered."""
+def geometry(mask: np.ndarray, box: tuple[float, float, float, float] | None = None) -> Geometry:
+    """Area share, connected pieces, the largest piece's share, and the share of the image's frame covered.
+
+    ``box`` ([x, y, w, h], as pycocotools' toBbox gives it) spares scanning the whole mask for it.
+    """
     height, width = mask.shape
-    area = int(mask.sum())
     frame = np.concatenate([mask[0], mask[-1], mask[1:-1, 0], mask[1:-1, -1]]) if height > 1 else mask[0]
     border = float(frame.mean()) if frame.size else 0.0
-    box = box_slices(mask)
     if box is None:
+        tight = box_slices(mask)
+    else:
+        x, y, w, h = (int(round(v)) for v in box)
+        tight = (slice(y, y + h), slice(x, x + w)) if w > 0 and h > 0 else None
+    if tight is None:
         return Geometry(0.0, 0, 0.0, border)
-    labels, pieces = ndimage.label(mask[box], structure=EIGHT_CONNECTED)
-    largest = int(np.bincount(labels.ravel())[1:].max())
-    return Geometry(area / (height * width), int(pieces), largest / area, border)
+    labels, pieces = ndimage.label(mask[tight], structure=EIGHT_CONNECTED)
+    sizes = np.bincount(labels.ravel())[1:]
+    area = int(sizes.sum())
+    if area == 0:
+        return Geometry(0.0, 0, 0.0, border)
+    return Geometry(area / (height * width), int(pieces), int(sizes.max()) / area, border)
 
 
 @dataclass(frozen=True)
@@ -87,24 +97,23 @@ def overlaps(
     return duplicates, conflicts
 
 
-def masked_crop(image: np.ndarray, mask: np.ndarray, padding: float) -> Image.Image | None:
-    """The mask's box (plus ``padding`` of its size) with everything outside the mask filled, padded to a square.
+def masked_crop(image: Image.Image, mask: np.ndarray, box: tuple[float, float, float, float], padding: float, size: int) -> Image.Image | None:
+    """The mask's ``box`` ([x, y, w, h]) plus ``padding`` of its size, everything outside the mask filled, centred on a ``size`` square.
 
-    Square so that CLIP's centre crop keeps all of it; None for an empty mask.
+    Cropped and scaled in one resampling step (Pillow reads only the box), so a large mask on a
+    large photo costs no more than a small one. Square so that CLIP's centre crop keeps all of it;
+    None for an empty mask.
     """
-    box = box_slices(mask)
-    if box is None:
+    x, y, w, h = box
+    if w <= 0 or h <= 0:
         return None
-    height, width = mask.shape
-    rows, cols = box
-    pad = int(round(padding * max(rows.stop - rows.start, cols.stop - cols.start)))
-    rows = slice(max(0, rows.start - pad), min(height, rows.stop + pad))
-    cols = slice(max(0, cols.start - pad), min(width, cols.stop + pad))
-    region = image[rows, cols].copy()
-    region[~mask[rows, cols]] = CROP_FILL
-    side = max(region.shape[:2])
-    square = np.empty((side, side, 3), np.uint8)
-    square[:] = CROP_FILL
-    top, left = (side - region.shape[0]) // 2, (side - region.shape[1]) // 2
-    square[top : top + region.shape[0], left : left + region.shape[1]] = region
-    return Image.fromarray(square)
+    pad = padding * max(w, h)
+    x0, y0 = max(0, math.floor(x - pad)), max(0, math.floor(y - pad))
+    x1, y1 = min(image.width, math.ceil(x + w + pad)), min(image.height, math.ceil(y + h + pad))
+    scale = size / max(x1 - x0, y1 - y0)
+    out = (max(1, round((x1 - x0) * scale)), max(1, round((y1 - y0) * scale)))
+    region = image.resize(out, Image.Resampling.BICUBIC, box=(x0, y0, x1, y1))
+    keep = Image.fromarray(mask[y0:y1, x0:x1]).resize(out, Image.Resampling.NEAREST)
+    canvas = Image.new("RGB", (size, size), CROP_FILL)
+    canvas.paste(Image.composite(region, Image.new("RGB", out, CROP_FILL), keep), ((size - out[0]) // 2, (size - out[1]) // 2))
+    return canvas

@@ -28,7 +28,7 @@ from pycocotools import mask as mask_utils
 from sam3_engine.engine.catalog import connect, named_query
 from sam3_engine.engine.config import ClipConfig, StorageConfig, VerifyConfig
 from sam3_engine.engine.store import TableStore
-from sam3_engine.models.clip import ClipChoice, image_transform, shared_embedder
+from sam3_engine.models.clip import ClipChoice, image_transform, input_size, shared_embedder
 from sam3_engine.schemas.tables import MASK_SCORES, MASK_VERIFICATIONS, MASKS, PAIR_SCORES, PAIR_VERIFICATIONS, PAIRS, REJECTS
 from sam3_engine.stages.base import Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, reject_reasons, rows_table
 from sam3_engine.stages.concepts import Ontology
@@ -113,7 +113,7 @@ class VerifyStage(Stage):
         store = TableStore(self.run_url, self.storage_config)
         ids = [task.image_id for task in unit.items]
         pairs = _rows_of(store, PAIRS.name, ids, ["pair_id", "image_id", "concept_id", "phrase"])
-        masks = _rows_of(store, MASKS.name, ids, ["mask_id", "pair_id", "image_id", "concept_id", "height", "width", "rle_counts", "score"])
+        masks = _rows_of(store, MASKS.name, ids, ["mask_id", "pair_id", "image_id", "concept_id", "height", "width", "rle_counts", "bbox", "score"])
         transform = image_transform(self.choice)
         images, whole, crops, rejects = [], [], [], []
         for task in unit.items:
@@ -124,7 +124,7 @@ class VerifyStage(Stage):
                 continue
             image_pairs = sorted((p for p in pairs if p["image_id"] == task.image_id), key=lambda p: p["pair_id"])
             image_masks = sorted((m for m in masks if m["image_id"] == task.image_id), key=lambda m: m["mask_id"])
-            prepared, image_crops = self._prepare_image(task, np.asarray(image), image_pairs, image_masks, len(crops))
+            prepared, image_crops = self._prepare_image(task, image, image_pairs, image_masks, len(crops))
             whole.append(transform(image))
             crops.extend(transform(crop) for crop in image_crops)
             images.append(prepared)
@@ -132,7 +132,7 @@ class VerifyStage(Stage):
         pixels = torch.stack(tensors).numpy() if tensors else None
         return PreparedUnit(tuple(images), pixels, tuple(rejects))
 
-    def _prepare_image(self, task: ImageTask, pixels: np.ndarray, pairs: list[dict], masks: list[dict], first_crop: int):
+    def _prepare_image(self, task: ImageTask, image, pairs: list[dict], masks: list[dict], first_crop: int):
         unrelated = frozenset(
             (a["pair_id"], b["pair_id"]) for a in pairs for b in pairs if a is not b and not self._related(a["phrase"], b["phrase"])
         )
@@ -141,11 +141,12 @@ class VerifyStage(Stage):
             [m["mask_id"] for m in masks], [m["pair_id"] for m in masks], [m["score"] for m in masks], rles,
             lambda a, b: (a, b) in unrelated,
         )
-        rows, crops = [], []
+        rows, crops, side = [], [], input_size(self.choice)
         for mask_row, encoded, duplicate, conflict in zip(masks, rles, duplicates, conflicts):
             mask = mask_utils.decode(encoded).astype(bool)
-            shape = geometry(mask)
-            crop = masked_crop(pixels, mask, self.config.crop_padding) if mask.shape == pixels.shape[:2] else None
+            shape = geometry(mask, mask_row["bbox"])
+            fits = mask.shape == (image.height, image.width)
+            crop = masked_crop(image, mask, mask_row["bbox"], self.config.crop_padding, side) if fits else None
             rows.append({
                 "mask_id": mask_row["mask_id"], "pair_id": mask_row["pair_id"], "image_id": task.image_id, "concept_id": mask_row["concept_id"],
                 "area_fraction": shape.area_fraction, "fragments": shape.fragments,

@@ -24,7 +24,7 @@ from sam3_engine.engine.config import ConfigError, VerifyConfig, load_config
 from sam3_engine.engine.run import run_pipeline
 from sam3_engine.engine.runner import KILL_AFTER_COMMITS_ENV
 from sam3_engine.engine.store import TableStore
-from sam3_engine.models.clip import ClipEmbedder, choose_clip
+from sam3_engine.models.clip import ClipEmbedder, choose_clip, input_size
 from sam3_engine.schemas.tables import MASKS, PAIR_SCORES, PAIRS
 from sam3_engine.stages.calibration import fit_threshold
 from sam3_engine.stages.concepts import concept_id, pair_id
@@ -97,14 +97,14 @@ def test_overlaps_find_duplicates_in_a_pair_and_conflicts_only_between_unrelated
     assert found["e"] == (None, 0.0, None, 0.0)
 
 
-def test_masked_crop_fills_outside_the_mask_and_is_square():
-    image = np.full((100, 200, 3), 255, np.uint8)
-    crop = masked_crop(image, _box((100, 200), 40, 50, 10, 60), padding=0.1)
+def test_masked_crop_fills_outside_the_mask_and_is_a_centred_square():
+    image = Image.new("RGB", (200, 100), (255, 255, 255))
+    mask = _box((100, 200), 40, 50, 10, 60)
+    crop = masked_crop(image, mask, (50, 40, 60, 10), padding=0.1, size=36)  # 72 x 22 px with padding, scaled by 1/2
     pixels = np.asarray(crop)
-    assert crop.size == (72, 72)  # 60 wide plus 6 each side; height padded to a square
-    assert (pixels[36, 36] == 255).all() and tuple(pixels[0, 0]) == (124, 116, 104)
-    assert masked_crop(image, np.zeros((100, 200), bool), 0.1) is None
-
+    assert crop.size == (36, 36)
+    assert (pixels[18, 18] == 255).all() and tuple(pixels[18, 1]) == (124, 116, 104) and tuple(pixels[0, 18]) == (124, 116, 104)
+    assert masked_crop(image, np.zeros((100, 200), bool), (0, 0, 0, 0), 0.1, 36) is None
 
 def test_fit_threshold_takes_the_highest_recall_at_the_target_precision():
     scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
@@ -254,15 +254,18 @@ def test_exhaustivity_and_presence_of_constructed_pairs(constructed):
 def test_clip_crop_scores_are_clips_own(constructed, photos_dir):
     run_dir, image, masks, _, _, _ = constructed
     scores = {r["mask_id"]: r for r in rows(run_dir, "SELECT * FROM mask_scores")}
-    clip = ClipEmbedder.load(choose_clip("tiny-random", None, False), "cpu")
-    pixels = np.asarray(Image.open(photos_dir / "truck.jpg").convert("RGB"))
-    crop = masked_crop(pixels, masks["clean"][2], VerifyConfig().crop_padding)
+    choice = choose_clip("tiny-random", None, False)
+    clip = ClipEmbedder.load(choice, "cpu")
+    photo = Image.open(photos_dir / "truck.jpg").convert("RGB")
+    clean = masks["clean"][2]
+    box = mask_utils.toBbox(mask_utils.encode(np.asfortranarray(clean.astype(np.uint8)))).tolist()
+    crop = masked_crop(photo, clean, box, VerifyConfig().crop_padding, input_size(choice))
     phrases = ["car", "bus", "dog", "cup", "sky", "person", "giraffe"]  # the unrelated phrases on the image ("motor vehicle" is related)
     similarity = clip.embed_phrases(phrases) @ clip.embed_images([crop])[0]
     assert scores["clean"]["clip_crop_similarity"] == pytest.approx(float(similarity[0]), abs=1e-4)
     assert scores["clean"]["clip_crop_margin"] == pytest.approx(float(similarity[0] - similarity[1:].max()), abs=1e-4)
     whole = {r["concept_id"]: r["clip_similarity"] for r in rows(run_dir, "SELECT * FROM pair_scores")}
-    expected = clip.embed_phrases(["car"]) @ clip.embed_images([Image.fromarray(pixels)])[0]
+    expected = clip.embed_phrases(["car"]) @ clip.embed_images([photo])[0]
     assert whole[concept_id("car")] == pytest.approx(float(expected[0]), abs=1e-4)
 
 
