@@ -71,10 +71,14 @@ class PreparedUnit:
     rejects: tuple[dict[str, Any], ...]
 
 
-def _rows_of(store: TableStore, name: str, image_ids: list[str], columns: list[str]) -> list[dict[str, Any]]:
+def _rows_by_image(store: TableStore, name: str, image_ids: list[str], columns: list[str], order: str) -> dict[str, list[dict[str, Any]]]:
+    """The rows of ``name`` for these images, per image, sorted by ``order`` (a deterministic order whatever the file layout)."""
     dataset = store.dataset(name)
     dataset = ds.dataset(dataset) if isinstance(dataset, pa.Table) else dataset
-    return dataset.to_table(columns=columns, filter=pc.field("image_id").isin(image_ids)).to_pylist()
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for row in dataset.to_table(columns=columns, filter=pc.field("image_id").isin(image_ids)).sort_by(order).to_pylist():
+        grouped.setdefault(row["image_id"], []).append(row)
+    return grouped
 
 
 class VerifyStage(Stage):
@@ -112,8 +116,8 @@ class VerifyStage(Stage):
 
         store = TableStore(self.run_url, self.storage_config)
         ids = [task.image_id for task in unit.items]
-        pairs = _rows_of(store, PAIRS.name, ids, ["pair_id", "image_id", "concept_id", "phrase"])
-        masks = _rows_of(store, MASKS.name, ids, ["mask_id", "pair_id", "image_id", "concept_id", "height", "width", "rle_counts", "bbox", "score"])
+        pairs = _rows_by_image(store, PAIRS.name, ids, ["pair_id", "image_id", "concept_id", "phrase"], "pair_id")
+        masks = _rows_by_image(store, MASKS.name, ids, ["mask_id", "pair_id", "image_id", "concept_id", "height", "width", "rle_counts", "bbox", "score"], "mask_id")
         transform = image_transform(self.choice)
         images, whole, crops, rejects = [], [], [], []
         for task in unit.items:
@@ -122,9 +126,7 @@ class VerifyStage(Stage):
             except Exception as exc:  # noqa: BLE001 - a bad file is a reject, not a crash
                 rejects.append(self._reject(task, "image_unreadable", f"{type(exc).__name__}: {exc}"))
                 continue
-            image_pairs = sorted((p for p in pairs if p["image_id"] == task.image_id), key=lambda p: p["pair_id"])
-            image_masks = sorted((m for m in masks if m["image_id"] == task.image_id), key=lambda m: m["mask_id"])
-            prepared, image_crops = self._prepare_image(task, image, image_pairs, image_masks, len(crops))
+            prepared, image_crops = self._prepare_image(task, image, pairs.get(task.image_id, []), masks.get(task.image_id, []), len(crops))
             whole.append(transform(image))
             crops.extend(transform(crop) for crop in image_crops)
             images.append(prepared)
