@@ -204,9 +204,9 @@ def calibrate(
                     title=f"thresholds at precision >= {target_precision}", title_justify="left")
     for f in report["signals"]:
         signals.add_row(f["level"], f["signal"], f["predicts"], f["config_key"] or "-", _number(f["threshold"]), _number(f["precision"]), _number(f["recall"]), str(f["labelled"]))
-    verdicts = Table("level", "verdict", "label", "precision", "recall", "labelled", title="verdicts as they stand", title_justify="left")
+    verdicts = Table("verifier", "level", "verdict", "label", "precision", "recall", "labelled", title="verdicts as they stand", title_justify="left")
     for v in report["verdicts"]:
-        verdicts.add_row(v["level"], v["verdict"], v["label"], _number(v["precision"]), _number(v["recall"]), str(v["labelled"]))
+        verdicts.add_row(v["verifier"], v["level"], v["verdict"], v["label"], _number(v["precision"]), _number(v["recall"]), str(v["labelled"]))
     out.print(signals)
     out.print(verdicts)
     if write is not None:

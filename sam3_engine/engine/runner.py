@@ -115,7 +115,7 @@ class UnitRunner:
         report.units_total = len(units)
         report.items_total = sum(u.size for u in units)
         planned = {u.unit_id for u in units}
-        done = self.store.done_units(stage.name)
+        done = self.store.done_units(stage.ledger)
         stale = done - planned
         if stale:
             # Rows of units that the current config and inputs no longer produce.
@@ -162,7 +162,7 @@ class UnitRunner:
         for spec in stage.outputs:
             written[spec.name] = self.store.replace(spec, unit.unit_id, tables[spec.name])
             self._commits.tick()
-        self.store.record_unit(stage.name, unit.unit_id, self.attempt_id, unit.size, written, tables.get(STATS_KEY))
+        self.store.record_unit(stage.ledger, unit.unit_id, self.attempt_id, unit.size, written, tables.get(STATS_KEY))
         self._commits.tick()
 
 

@@ -88,6 +88,13 @@ class Stage(ABC):
     outputs: ClassVar[tuple[TableSpec, ...]]
     """Tables each unit writes; a unit's rows in each are replaced together."""
 
+    @property
+    def ledger(self) -> str:
+        """The stage's name in the units ledger. A run removes the rows of this ledger's units that the
+        current plan no longer has, so stages whose runs must not replace each other's rows (two
+        verifiers) keep separate ledgers."""
+        return self.name
+
     @abstractmethod
     def plan(self, store) -> list[WorkUnit]:
         """Every unit of the stage for the current config and inputs, done or not."""

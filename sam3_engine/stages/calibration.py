@@ -3,8 +3,9 @@
 Labels are a table (Parquet, CSV or JSON lines, any fsspec URL) with any of: ``pair_id`` with
 ``present`` (is the phrase in the image) and/or ``exhaustive`` (do the accepted masks cover every
 instance); ``mask_id`` with ``good`` (is the mask right for its phrase). Each signal's fitted
-threshold is the one with the highest recall whose precision reaches the target; each verdict is
-scored as it stands. Nothing is re-run: signals come from the run's tables.
+threshold is the one with the highest recall whose precision reaches the target; each verdict of
+every verifier in the run is scored as it stands, so independent verifiers compare side by side.
+Nothing is re-run: signals come from the run's tables.
 """
 
 from __future__ import annotations
@@ -119,45 +120,56 @@ def _truth(value: Any) -> bool | None:
     raise ValueError(f"label value {value!r} is not a yes/no")
 
 
+def _labelled(con, verifier: str) -> dict[str, pa.Table]:
+    return {
+        "pair": con.sql(named_query("calibration_pairs"), params={"verifier": verifier}).to_arrow_table(),
+        "mask": con.sql(named_query("calibration_masks"), params={"verifier": verifier}).to_arrow_table(),
+    }
+
+
+def _fit(signal: Signal, table: pa.Table, target_precision: float) -> Fit:
+    scores = np.array(table.column(signal.name).to_pylist(), dtype=float)
+    labels = table.column(signal.label).to_pylist()
+    truth = np.array([v is signal.positive for v in labels], bool)
+    usable = np.array([v is not None for v in labels], bool) & ~np.isnan(scores)
+    found = fit_threshold(scores[usable], truth[usable], target_precision, signal.at_least == signal.positive)
+    predicts = signal.label if signal.positive else f"not {signal.label}"
+    return Fit(signal.level, signal.name, predicts, signal.config_key, *(found or (None, None, None)), int(usable.sum()))
+
+
+def _verdict_scores(verifier: str, rows: dict[str, pa.Table]) -> list[dict[str, Any]]:
+    scored = []
+    for level, column, value, label, positive in VERDICTS:
+        table = rows[level]
+        judged = [(v, t) for v, t in zip(table.column(column).to_pylist(), table.column(label).to_pylist()) if t is not None]
+        said = sum(v == value for v, _ in judged)
+        right = sum(v == value and t is positive for v, t in judged)
+        actual = sum(t is positive for _, t in judged)
+        scored.append({"verifier": verifier, "level": level, "verdict": f"{column}={value}", "label": label if positive else f"not {label}",
+                       "labelled": len(judged), "precision": right / said if said else None, "recall": right / actual if actual else None})
+    return scored
+
+
 def calibrate(store: TableStore, labels: pa.Table, verifier: str, target_precision: float) -> dict[str, Any]:
-    """Fitted thresholds and each signal's and verdict's precision and recall on the labelled items."""
+    """``verifier``'s thresholds fitted to the labels, and every verifier's verdicts scored against them."""
     labels = _normalised_labels(labels)
     con = connect(store)
     try:
         con.register("labels", labels)
-        rows = {
-            "pair": con.sql(named_query("calibration_pairs"), params={"verifier": verifier}).to_arrow_table(),
-            "mask": con.sql(named_query("calibration_masks"), params={"verifier": verifier}).to_arrow_table(),
-        }
+        verifiers = [v for (v,) in con.sql("SELECT verifier FROM pair_verifications UNION SELECT verifier FROM mask_verifications ORDER BY 1").fetchall()]
+        if verifier not in verifiers:
+            raise ValueError(f"no verdicts of verifier {verifier!r} in this run (verifiers: {verifiers or 'none: run the verify stage'})")
+        labelled = {name: _labelled(con, name) for name in verifiers}
     finally:
         con.close()
-    fits = []
-    for signal in SIGNALS:
-        table = rows[signal.level]
-        scores = np.array(table.column(signal.name).to_pylist(), dtype=float) if table.num_rows else np.zeros(0)
-        truth = np.array([v is signal.positive for v in table.column(signal.label).to_pylist()]) if table.num_rows else np.zeros(0, bool)
-        labelled = np.array([v is not None for v in table.column(signal.label).to_pylist()], bool) if table.num_rows else np.zeros(0, bool)
-        usable = labelled & ~np.isnan(scores)
-        found = fit_threshold(scores[usable], truth[usable], target_precision, signal.at_least == signal.positive)
-        predicts = signal.label if signal.positive else f"not {signal.label}"
-        fits.append(Fit(signal.level, signal.name, predicts, signal.config_key, *(found or (None, None, None)), int(usable.sum())))
-    verdicts = []
-    for level, column, value, label, positive in VERDICTS:
-        table = rows[level]
-        pairs = [(v, t) for v, t in zip(table.column(column).to_pylist(), table.column(label).to_pylist()) if t is not None] if table.num_rows else []
-        said = sum(v == value for v, _ in pairs)
-        right = sum(v == value and t is positive for v, t in pairs)
-        actual = sum(t is positive for _, t in pairs)
-        verdicts.append({"level": level, "verdict": f"{column}={value}", "label": label if positive else f"not {label}", "labelled": len(pairs),
-                         "precision": right / said if said else None, "recall": right / actual if actual else None})
-    matched = {"pairs": rows["pair"].num_rows, "masks": rows["mask"].num_rows}
-    given = {"pairs": int(labels.column("pair_id").drop_null().__len__()), "masks": int(labels.column("mask_id").drop_null().__len__())}
-    thresholds = {f.config_key: f.threshold for f in fits if f.config_key and f.threshold is not None}
+    rows = labelled[verifier]
+    fits = [_fit(signal, rows[signal.level], target_precision) for signal in SIGNALS]
+    given = {"pairs": len(labels.column("pair_id").drop_null()), "masks": len(labels.column("mask_id").drop_null())}
     return {
         "verifier": verifier,
         "target_precision": target_precision,
-        "labels": {"given": given, "matched": matched},
+        "labels": {"given": given, "matched": {"pairs": rows["pair"].num_rows, "masks": rows["mask"].num_rows}},
         "signals": [asdict(f) for f in fits],
-        "verdicts": verdicts,
-        "thresholds": thresholds,
+        "verdicts": [entry for name in verifiers for entry in _verdict_scores(name, labelled[name])],
+        "thresholds": {f.config_key: f.threshold for f in fits if f.config_key and f.threshold is not None},
     }

@@ -30,7 +30,7 @@ from sam3_engine.engine.config import ClipConfig, StorageConfig, VerifyConfig
 from sam3_engine.engine.store import TableStore
 from sam3_engine.models.clip import ClipChoice, image_transform, input_size, shared_embedder
 from sam3_engine.schemas.tables import MASK_SCORES, MASK_VERIFICATIONS, MASKS, PAIR_SCORES, PAIR_VERIFICATIONS, PAIRS, REJECTS
-from sam3_engine.stages.base import Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, reject_reasons, rows_table
+from sam3_engine.stages.base import Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, rows_table
 from sam3_engine.stages.concepts import Ontology
 from sam3_engine.stages.inputs import load_image
 from sam3_engine.stages.mask_checks import geometry, masked_crop, overlaps, rle
@@ -97,6 +97,11 @@ class VerifyStage(Stage):
         self.gpus_per_actor = config.gpus_per_worker
         self.verifier_version = f"{VERSION};clip={choice.label}"
 
+    @property
+    def ledger(self) -> str:
+        """One ledger per verifier: a second verifier's run leaves the first's scores and verdicts in place."""
+        return f"{self.name}.{self.config.verifier}"
+
     def plan(self, store) -> list[WorkUnit]:
         """One item per image with proposals; a unit's id covers its images' proposal units, so new proposals re-verify."""
         con = connect(store)
@@ -106,7 +111,7 @@ class VerifyStage(Stage):
                     "verifier": self.config.verifier, "ontology": self.ontology.digest}
         tasks = [(ImageTask(image_id, uri), proposals) for image_id, uri, proposals in rows]
         return [
-            WorkUnit(fingerprint(self.name, {**settings, "images": [(t.image_id, p) for t, p in shard]}), tuple(t for t, _ in shard))
+            WorkUnit(fingerprint(self.ledger, {**settings, "images": [(t.image_id, p) for t, p in shard]}), tuple(t for t, _ in shard))
             for shard in content_defined_chunks(tasks, lambda t: t[0].image_id, self.config.unit_size)
         ]
 
@@ -223,8 +228,8 @@ class VerifyStage(Stage):
         finally:
             con.close()
         return [
-            Derivation(fingerprint(f"{self.name}.masks", payload), MASK_VERIFICATIONS, _reader(MASK_VERIFICATIONS, masks), key=self.config.verifier),
-            Derivation(fingerprint(f"{self.name}.pairs", payload), PAIR_VERIFICATIONS, _reader(PAIR_VERIFICATIONS, pairs), key=self.config.verifier),
+            Derivation(fingerprint(f"{self.ledger}.masks", payload), MASK_VERIFICATIONS, _reader(MASK_VERIFICATIONS, masks), key=self.config.verifier),
+            Derivation(fingerprint(f"{self.ledger}.pairs", payload), PAIR_VERIFICATIONS, _reader(PAIR_VERIFICATIONS, pairs), key=self.config.verifier),
         ]
 
     def summarize(self, con) -> dict[str, Any]:
@@ -234,7 +239,10 @@ class VerifyStage(Stage):
             "(SELECT count(*) FROM pair_scores WHERE verifier = $verifier), (SELECT count(*) FROM mask_scores WHERE verifier = $verifier)",
             verifier,
         ).fetchone()
-        reasons = reject_reasons(con, self.name)
+        reasons = dict(con.execute(
+            "SELECT reason, count(*) FROM rejects WHERE stage = $stage AND starts_with(unit_id, $ledger) GROUP BY ALL ORDER BY ALL",
+            {"stage": self.name, "ledger": f"{self.ledger}:"},
+        ).fetchall())
 
         def tally(sql: str) -> dict[str, int]:
             return dict(con.execute(sql, verifier).fetchall())

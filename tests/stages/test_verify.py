@@ -20,13 +20,13 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from sam3_engine.engine.catalog import connect, uncovered_fraction
-from sam3_engine.engine.config import ConfigError, VerifyConfig, load_config
+from sam3_engine.engine.config import MASK_REASONS, ConfigError, VerifyConfig, load_config
 from sam3_engine.engine.run import run_pipeline
 from sam3_engine.engine.runner import KILL_AFTER_COMMITS_ENV
 from sam3_engine.engine.store import TableStore
 from sam3_engine.models.clip import ClipEmbedder, choose_clip, input_size
 from sam3_engine.schemas.tables import MASKS, PAIR_SCORES, PAIRS
-from sam3_engine.stages.calibration import fit_threshold
+from sam3_engine.stages.calibration import calibrate, fit_threshold
 from sam3_engine.stages.concepts import concept_id, pair_id
 from sam3_engine.stages.mask_checks import geometry, masked_crop, overlaps
 from sam3_engine.stages.verify import VERSION
@@ -342,3 +342,21 @@ def test_killed_between_commits_then_resumed_writes_the_same_rows(ray_cluster, p
             assert a.keys() == b.keys()
             assert {k: v for k, v in a.items() if not isinstance(v, float)} == {k: v for k, v in b.items() if not isinstance(v, float)}, table
             assert [v for v in a.values() if isinstance(v, float)] == pytest.approx([v for v in b.values() if isinstance(v, float)], abs=1e-6), table
+
+
+def test_a_second_verifier_writes_beside_the_first_and_calibration_compares_them(constructed, reference):
+    run_dir = constructed[0]
+    strict = {"verify.verifier": "strict", "verify.min_stability": 0.99, "verify.reject_reasons": list(MASK_REASONS)}
+    _verify(run_dir, **SETTINGS, **strict)
+    counts = rows(run_dir, "SELECT verifier, verdict, count(*) AS n FROM mask_verifications GROUP BY ALL ORDER BY ALL")
+    assert counts == [{"verifier": "sam3-clip", "verdict": "accept", "n": 3}, {"verifier": "sam3-clip", "verdict": "reject", "n": 5},
+                      {"verifier": "strict", "verdict": "reject", "n": 8}]  # every mask's stability (0.95) is below 0.99
+    assert rows(run_dir, "SELECT count(DISTINCT verifier) AS n FROM mask_scores") == [{"n": 2}]
+    truth = {"clean": True, "related": True, "person": True, "duplicate": False, "conflict": False, "fragmented": False, "tiny": False, "border": False}
+    labels = pa.table({"mask_id": list(truth), "good": list(truth.values())})
+    report = calibrate(TableStore(str(run_dir)), labels, "sam3-clip", target_precision=1.0)
+    accept = {v["verifier"]: v for v in report["verdicts"] if v["verdict"] == "verdict=accept"}
+    assert (accept["sam3-clip"]["precision"], accept["sam3-clip"]["recall"]) == (1.0, 1.0)
+    assert (accept["strict"]["precision"], accept["strict"]["recall"]) == (None, 0.0)
+    with pytest.raises(ValueError, match="no verdicts of verifier 'other'"):
+        calibrate(TableStore(str(run_dir)), labels, "other", 0.9)

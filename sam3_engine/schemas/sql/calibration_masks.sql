@@ -1,4 +1,4 @@
--- Human-labelled masks (table `labels`) with one verifier's mask scores and verdicts.
+-- Human-labelled masks (table `labels`) with one verifier's verdicts and, where it stored them, its mask scores.
 SELECT
     l.mask_id,
     l.good,
@@ -14,6 +14,6 @@ SELECT
     v.verdict
 FROM labels AS l
 JOIN masks AS m ON m.mask_id = l.mask_id
-JOIN mask_scores AS s ON s.mask_id = l.mask_id AND s.verifier = $verifier
+LEFT JOIN mask_scores AS s ON s.mask_id = l.mask_id AND s.verifier = $verifier
 JOIN mask_verifications AS v ON v.mask_id = l.mask_id AND v.verifier = $verifier
 WHERE l.good IS NOT NULL

@@ -1,4 +1,4 @@
--- Human-labelled pairs (table `labels`) with one verifier's presence signals and verdicts.
+-- Human-labelled pairs (table `labels`) with one verifier's verdicts and presence signals.
 SELECT
     l.pair_id,
     l.present,
