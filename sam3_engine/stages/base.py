@@ -44,10 +44,11 @@ def fingerprint(stage: str, payload: Any) -> str:
 def content_defined_chunks(items: list[T], key: Callable[[T], str], unit_size: int) -> list[list[T]]:
     """Shards of sorted ``items`` that end after an item whose key hashes to 0 mod ``unit_size``.
 
-    Boundaries depend only on the keys near them, so adding items changes only the shard they land
-    in (or splits it), and a restart re-runs nothing else. Past twice the average size a shard also
+    Primary boundaries depend only on each key, so adding items changes the shard they land in (or
+    splits it) and nothing past the next primary boundary. Past twice the average size a shard also
     ends at any key hitting 0 mod unit_size/8, which keeps shards short without a fixed cap (a fixed
-    cap would shift every later boundary after an insertion).
+    cap would shift every later boundary after an insertion); those secondary boundaries depend on
+    the shard's length, so an insertion can move the one or two after it, up to the next primary one.
     """
     shards, current = [], []
     for item in items:
