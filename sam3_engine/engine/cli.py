@@ -213,6 +213,29 @@ def calibrate(
         console.print(f"wrote {len(report['thresholds'])} threshold(s) to {write}: merge its verify section into the config and run `--stages verify` (no model runs)")
 
 
+@app.command("eval")
+def evaluate(
+    paths: Annotated[Optional[list[str]], typer.Argument(help="More ground-truth files after --gt (SA-Co Gold ships three: a, b, c).", show_default=False)] = None,
+    pred: Annotated[Optional[str], typer.Option("--pred", help="Predictions: a COCO results JSON list (image_id = the SA-Co pair id, segmentation RLE, score, bbox).")] = None,
+    gt: Annotated[Optional[list[str]], typer.Option("--gt", help="SA-Co ground-truth JSON; repeat it, or list more files after it, for several annotators.")] = None,
+    iou_type: Annotated[str, typer.Option("--iou-type", help="segm (masks) or bbox (boxes).")] = "segm",
+    endpoint_url: Annotated[Optional[str], typer.Option("--endpoint-url", help="S3-compatible endpoint for s3:// paths.")] = None,
+) -> None:
+    """SA-Co metrics as JSON: cgF1, IL_MCC, pmF1 (cgF1 and pmF1 in percent), also at IoU 0.5 and 0.75, with precision, recall and image-level counts."""
+    from sam3_engine.metrics.cgf1 import EvaluationError, evaluate as cgf1, load_json
+
+    storage_config = StorageConfig(endpoint_url=endpoint_url)
+    truths = [*(gt or []), *(paths or [])]
+    if pred is None or not truths:
+        _fail("give --pred PRED.json and --gt GT.json (more ground-truth files may follow)")
+    read = lambda path: storage.read_text(path, storage_config)  # noqa: E731
+    try:
+        result = cgf1(load_json(pred, read), [load_json(path, read) for path in truths], iou_type, names=truths)
+    except (EvaluationError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    out.print_json(json.dumps(result))
+
+
 def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 

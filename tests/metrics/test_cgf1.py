@@ -1,0 +1,201 @@
+"""cgF1 on hand-computed cases, and against the official SA-Co evaluation on random inputs."""
+
+import importlib.util
+import math
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from sam3_engine.metrics.cgf1 import IOU_THRESHOLDS, EvaluationError, evaluate
+
+OFFICIAL_WHEEL = "sam3==0.1.4"
+SIZE = 20
+
+
+def _rle(top, left, height, width, size=SIZE):
+    mask = np.zeros((size, size), np.uint8)
+    mask[top : top + height, left : left + width] = 1
+    encoded = mask_utils.encode(np.asfortranarray(mask))
+    return {"size": encoded["size"], "counts": encoded["counts"].decode("ascii")}
+
+
+def _gt(pairs, exhaustive=None):
+    """pairs: {pair_id: [(box, iscrowd), ...]}: an SA-Co ground-truth file."""
+    images = [{"id": p, "file_name": f"{p}.jpg", "text_input": "thing", "width": SIZE, "height": SIZE,
+               "is_instance_exhaustive": int((exhaustive or {}).get(p, 1)), "is_pixel_exhaustive": 1} for p in pairs]
+    annotations = []
+    for pair, regions in pairs.items():
+        for box, crowd in regions:
+            rle = _rle(*box)
+            annotations.append({"id": len(annotations) + 1, "image_id": pair, "category_id": 1, "segmentation": rle,
+                                "bbox": mask_utils.toBbox(rle).tolist(), "area": float(mask_utils.area(rle)), "iscrowd": crowd})
+    return {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "object"}]}
+
+
+def _pred(pair, box, score=0.9):
+    rle = _rle(*box)
+    return {"image_id": pair, "category_id": 1, "segmentation": rle, "bbox": mask_utils.toBbox(rle).tolist(), "score": score}
+
+
+def _f1(tp, fp, fn):
+    p, r = tp / (tp + fp + 1e-4), tp / (tp + fn + 1e-4)
+    return 2 * p * r / (p + r + 1e-4)
+
+
+def _mcc(tp, fp, tn, fn):
+    return (tp * tn - fp * fn) / (math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) + 1e-6)
+
+
+A, B, C = (2, 2, 6, 6), (10, 10, 5, 8), (3, 12, 4, 4)
+
+
+def test_perfect_predictions():
+    gt = _gt({1: [(A, 0)], 2: [(B, 0), (C, 0)], 3: []})
+    result = evaluate([_pred(1, A), _pred(2, C), _pred(2, B)], [gt])
+    assert result["image_level"] == {**result["image_level"], "IL_TP": 2, "IL_TN": 1, "IL_FP": 0, "IL_FN": 0}
+    assert result["IL_MCC"] == pytest.approx(_mcc(2, 0, 1, 0), abs=1e-12)
+    assert result["pmF1"] == pytest.approx(100 * _f1(3, 0, 0), abs=1e-9)
+    assert result["cgF1"] == pytest.approx(100 * _f1(3, 0, 0) * _mcc(2, 0, 1, 0), abs=1e-9)
+
+
+def test_no_predictions_and_all_negative():
+    gt = _gt({1: [(A, 0)], 2: []})
+    empty = evaluate([], [gt])
+    assert (empty["cgF1"], empty["pmF1"], empty["IL_MCC"]) == (0.0, 0.0, 0.0)
+    assert empty["image_level"]["IL_FN"] == 1 and empty["image_level"]["IL_TN"] == 1
+    negatives = evaluate([], [_gt({1: [], 2: []})])
+    assert negatives["image_level"]["IL_TN"] == 2 and negatives["cgF1"] == 0.0
+    fired = evaluate([_pred(2, A)], [_gt({1: [], 2: []})])
+    assert fired["image_level"]["IL_FP"] == 1 and fired["precision"] == 0.0
+
+
+def test_one_missed_instance_and_a_duplicate():
+    gt = _gt({1: [(A, 0), (B, 0)]})
+    missed = evaluate([_pred(1, A)], [gt])
+    assert missed["pmF1"] == pytest.approx(100 * _f1(1, 0, 1), abs=1e-9) and missed["recall"] == pytest.approx(1 / (2 + 1e-4))
+    duplicated = evaluate([_pred(1, A), _pred(1, A, 0.8), _pred(1, B)], [gt])
+    assert duplicated["pmF1"] == pytest.approx(100 * _f1(2, 1, 0), abs=1e-9)
+    below = evaluate([_pred(1, A), _pred(1, B, 0.49)], [gt])  # only scores >= 0.5 count
+    assert below["pmF1"] == missed["pmF1"]
+
+
+def test_iou_thresholds_count_a_loose_match_only_below_its_iou():
+    gt = _gt({1: [((0, 0, 10, 10), 0)]})
+    loose = evaluate([_pred(1, (0, 0, 10, 7))], [gt])  # IoU 0.7: a match at 0.50..0.70, a miss above
+    hits = (0.7 >= IOU_THRESHOLDS).sum()
+    expected = np.mean([_f1(1, 0, 0)] * hits + [_f1(0, 1, 1)] * (10 - hits))
+    assert loose["pmF1"] == pytest.approx(100 * expected, abs=1e-9)
+    assert loose["pmF1@0.5"] == pytest.approx(100 * _f1(1, 0, 0), abs=1e-9) and loose["pmF1@0.75"] == 0.0
+
+
+def test_crowd_ground_truth_is_ignored_and_non_exhaustive_pairs_are_not_evaluated():
+    gt = _gt({1: [(A, 1)], 2: [(B, 0)], 3: [(C, 0)]}, exhaustive={3: 0})
+    result = evaluate([_pred(1, A), _pred(2, B), _pred(3, A)], [gt])
+    assert result["pairs"] == 2  # pair 3 is not instance-exhaustive
+    assert result["image_level"]["IL_FP"] == 1  # a prediction on crowd only is a false positive at the pair level
+    assert result["image_level"]["IL_TP"] == 1
+
+
+def test_several_ground_truth_files_take_the_best_per_pair():
+    gt_a = _gt({1: [(A, 0)], 2: [(B, 0)], 3: [(C, 0)]})
+    gt_b = _gt({1: [(A, 0), (B, 0)], 2: [], 3: [(C, 0)]}, exhaustive={3: 0})
+    predictions = [_pred(1, A), _pred(1, B)]
+    result = evaluate(predictions, [gt_a, gt_b])
+    # pair 1: file b matches both predictions (F1 1 against 0.67); pair 2: b says no instance and nothing
+    # was predicted, a perfect negative; pair 3 is excluded because file b marks it not exhaustive.
+    assert result["pairs"] == 2
+    assert result["image_level"] == {**result["image_level"], "IL_TP": 1, "IL_TN": 1, "IL_FN": 0}
+    assert result["pmF1"] == pytest.approx(100 * _f1(2, 0, 0), abs=1e-9)
+    single = evaluate(predictions, [gt_a])
+    assert single["pmF1"] < result["pmF1"] and single["image_level"]["IL_FN"] == 2
+
+
+def test_bad_inputs_are_clear_errors():
+    with pytest.raises(EvaluationError, match="is_instance_exhaustive"):
+        evaluate([], [{"images": [{"id": 1}], "annotations": [], "categories": []}])
+    with pytest.raises(EvaluationError, match="no `annotations` list"):
+        evaluate([], [{"images": []}])
+    with pytest.raises(EvaluationError, match="iou type"):
+        evaluate([], [_gt({})], iou_type="keypoints")
+
+
+@pytest.fixture(scope="session")
+def official(tmp_path_factory):
+    """The official evaluator, cgf1_eval.py from the sam3 wheel on PyPI (its package needs CUDA to import; this file does not)."""
+    folder = tmp_path_factory.mktemp("official")
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", OFFICIAL_WHEEL, "-d", str(folder)], check=True, timeout=300)
+    (wheel,) = folder.glob("sam3-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        (folder / "cgf1_eval.py").write_bytes(archive.read("sam3/eval/cgf1_eval.py"))
+    spec = importlib.util.spec_from_file_location("official_cgf1_eval", folder / "cgf1_eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _random_case(rng, files):
+    pairs = {}
+    for pair in range(1, 41):
+        count = int(rng.choice([0, 0, 1, 2, 3, 5]))
+        pairs[pair] = [((int(rng.integers(0, 14)), int(rng.integers(0, 14)), int(rng.integers(1, 7)), int(rng.integers(1, 7))), int(rng.random() < 0.1))
+                       for _ in range(count)]
+    truths = []
+    for index in range(files):
+        # later files disagree on some instances, and on exhaustivity
+        varied = {p: [r for r in regions if index == 0 or rng.random() > 0.3] for p, regions in pairs.items()}
+        truths.append(_gt(varied, exhaustive={p: int(rng.random() > 0.1) for p in pairs}))
+    predictions = []
+    for pair, regions in pairs.items():
+        for (top, left, height, width), _ in regions:
+            if rng.random() < 0.8:  # near the truth: jittered
+                box = (max(0, top + int(rng.integers(-1, 2))), left, height + int(rng.integers(0, 2)), width)
+                predictions.append(_pred(pair, box, float(rng.random())))
+        for _ in range(int(rng.integers(0, 3))):  # spurious
+            predictions.append(_pred(pair, (int(rng.integers(0, 15)), int(rng.integers(0, 15)), 4, 4), float(rng.random())))
+    return predictions, truths
+
+
+@pytest.mark.parametrize("seed,files,iou_type", [(0, 1, "segm"), (1, 3, "segm"), (2, 1, "bbox"), (3, 3, "bbox"), (4, 2, "segm")])
+def test_agrees_with_the_official_evaluation_on_random_inputs(official, tmp_path, seed, files, iou_type):
+    import contextlib
+    import io
+    import json
+
+    rng = np.random.default_rng(seed)
+    predictions, truths = _random_case(rng, files)
+    paths = []
+    for i, truth in enumerate(truths):
+        path = tmp_path / f"gt_{i}.json"
+        path.write_text(json.dumps(truth))
+        paths.append(str(path))
+    pred_path = tmp_path / "pred.json"
+    pred_path.write_text(json.dumps(predictions))
+    with contextlib.redirect_stdout(io.StringIO()):
+        expected = official.CGF1Evaluator(paths if files > 1 else paths[0], iou_type=iou_type).evaluate(str(pred_path))
+    ours = evaluate(json.loads(pred_path.read_text()), truths, iou_type)["official"]
+    assert set(ours) == set(expected)
+    for key, value in expected.items():
+        assert ours[key] == pytest.approx(value, abs=1e-9), key
+
+
+def test_the_eval_command_prints_the_metrics_of_several_files(tmp_path):
+    import json
+
+    predictions, truths = _random_case(np.random.default_rng(7), 3)
+    paths = [tmp_path / f"gt_{i}.json" for i in range(3)]
+    for path, truth in zip(paths, truths):
+        path.write_text(json.dumps(truth))
+    (tmp_path / "pred.json").write_text(json.dumps(predictions))
+    done = subprocess.run([sys.executable, "-m", "sam3_engine", "eval", "--pred", str(tmp_path / "pred.json"), "--gt", *map(str, paths)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
+    assert printed == json.loads(json.dumps(evaluate(predictions, truths)))
+    assert printed["pairs"] > 0 and 0 < printed["cgF1"] < 100
+    (tmp_path / "bad.json").write_text("{nope")
+    bad = subprocess.run([sys.executable, "-m", "sam3_engine", "eval", "--pred", str(tmp_path / "bad.json"), "--gt", str(paths[0])], capture_output=True, text=True)
+    assert bad.returncode == 2 and "not valid JSON" in bad.stderr
