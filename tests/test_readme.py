@@ -2,7 +2,7 @@
 
 from sam3_engine.engine.config import (
     MASK_REASONS, ClipConfig, IngestConfig, MineConfig, ModelConfig, NegativesConfig, ProposeConfig, RetrieveConfig, RunConfig, StorageConfig,
-    VerifyConfig,
+    SplitsConfig, VerifyConfig,
 )
 from sam3_engine.schemas.tables import TABLES
 from sam3_engine.stages.ingest import REASONS
@@ -23,7 +23,7 @@ def test_every_table_and_column_is_documented():
 
 
 def test_every_config_key_and_reject_reason_is_documented():
-    for prefix, model in (("", RunConfig), ("ingest.", IngestConfig), ("model.", ModelConfig), ("mine.", MineConfig), ("clip.", ClipConfig), ("retrieve.", RetrieveConfig), ("negatives.", NegativesConfig), ("propose.", ProposeConfig), ("verify.", VerifyConfig), ("storage.", StorageConfig)):
+    for prefix, model in (("", RunConfig), ("ingest.", IngestConfig), ("model.", ModelConfig), ("mine.", MineConfig), ("clip.", ClipConfig), ("retrieve.", RetrieveConfig), ("negatives.", NegativesConfig), ("propose.", ProposeConfig), ("verify.", VerifyConfig), ("splits.", SplitsConfig), ("storage.", StorageConfig)):
         for name, field in model.model_fields.items():
             if field.description:
                 assert f"`{prefix}{name}`" in README, prefix + name
@@ -48,4 +48,15 @@ def test_every_verdict_and_reason_code_is_documented():
     codes = set(re.findall(r"'([a-z_]+)'", code))
     assert {"covered", "uncovered_foreground", "signals_agree", "too_small", "unknown"} <= codes
     for code in codes:
+        assert f"`{code}`" in README, code
+
+
+def test_every_split_reason_is_documented():
+    from sam3_engine.engine.catalog import named_query
+
+    sql = named_query("splits")
+    literal = {"sources_disagree", "unconfirmed", "negative_cap", "positive_with_rejected_masks"}
+    composed = {f"{prefix}_{kind}" for prefix in ("human", "agreeing", "single_source") for kind in ("positive", "negative")}
+    assert all(f"'{code}'" in sql for code in literal) and all(f"'{code.rsplit('_', 1)[0]}_' || kind" in sql for code in composed)
+    for code in literal | composed:
         assert f"`{code}`" in README, code

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-STAGE_NAMES = ("ingest", "mine", "embed", "retrieve", "negatives", "propose", "verify")
+STAGE_NAMES = ("ingest", "mine", "embed", "retrieve", "negatives", "propose", "verify", "splits")
 """Every stage the engine knows, in pipeline order."""
 
 DEFAULT_RUNS_DIR = "runs"
@@ -180,6 +180,24 @@ class VerifyConfig(_Frozen):
         return self.model_dump(mode="json", exclude={"verifier", "unit_size", "crop_padding", "workers", "gpus_per_worker"})
 
 
+class SplitsConfig(_Frozen):
+    """Who may confirm a pair, how many must agree for Gold, and how images are dealt to train/val/test."""
+
+    verifiers: tuple[str, ...] = Field((), description="Verifiers whose verdicts count as sources; empty: every verifier in the run.")
+    human_verifiers: tuple[str, ...] = Field(("human",), description="Verifiers that are human labels: one of them confirming a pair makes it Gold, and it overrides machines.")
+    gold_min_sources: int = Field(2, ge=1, description="Independent machine verifiers that must agree for Gold.")
+    max_negatives_per_image: int = Field(30, ge=0, description="At most this many negative pairs per image, hard negatives first.")
+    train_fraction: float = Field(0.8, ge=0.0, le=1.0, description="Share of images (not pairs) in train.")
+    val_fraction: float = Field(0.1, ge=0.0, le=1.0, description="Share of images in val; test takes the rest.")
+    salt: str = Field("sam3-engine", description="Mixed into the hash of each image id that picks its split: change it for another deal.")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> SplitsConfig:
+        if self.train_fraction + self.val_fraction > 1.0:
+            raise ValueError(f"train_fraction + val_fraction ({self.train_fraction} + {self.val_fraction}) exceeds 1")
+        return self
+
+
 class RayConfig(_Frozen):
     address: str | None = Field(None, description="Ray cluster to join (else RAY_ADDRESS; else a local Ray is started).")
 
@@ -196,6 +214,7 @@ class RunConfig(_Frozen):
     negatives: NegativesConfig = NegativesConfig()
     propose: ProposeConfig = ProposeConfig()
     verify: VerifyConfig = VerifyConfig()
+    splits: SplitsConfig = SplitsConfig()
     ray: RayConfig = RayConfig()
     storage: StorageConfig = StorageConfig()
 

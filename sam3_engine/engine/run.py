@@ -37,6 +37,7 @@ from sam3_engine.stages.mine import MineStage, run_ontology
 from sam3_engine.stages.retrieve import RetrieveStage
 from sam3_engine.stages.negatives import NegativesStage
 from sam3_engine.stages.propose import ProposeStage
+from sam3_engine.stages.splits import SplitsStage
 from sam3_engine.stages.verify import VerifyStage
 
 
@@ -80,6 +81,8 @@ def build_stages(config: RunConfig, run_id: str) -> list[Stage]:
         elif name == "verify":
             choice = choose_clip(config.clip.model, config.clip.pretrained, config.clip.fallback_to_tiny_random)
             stages.append(VerifyStage(config.verify, config.clip, choice, _ontology(stages, config), run_url, config.storage))
+        elif name == "splits":
+            stages.append(SplitsStage(config.splits))
         else:
             raise ConfigError(f"unknown stage {name!r}")
     return stages

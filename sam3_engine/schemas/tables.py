@@ -382,7 +382,28 @@ PAIR_VERIFICATIONS = TableSpec(
     ),
 )
 
-TABLES: dict[str, TableSpec] = {t.name: t for t in (IMAGES, SOURCES, REJECTS, CONCEPTS, CANDIDATES, IMAGE_EMBEDDINGS, PHRASE_EMBEDDINGS, PAIRS, MASKS, MASK_SCORES, PAIR_SCORES, MASK_VERIFICATIONS, PAIR_VERIFICATIONS, UNITS, RUNS)}
+
+SPLITS = TableSpec(
+    name="splits",
+    doc="Every verified pair's place in the benchmark: split (by image), tier and why; derived by `schemas/sql/splits.sql`.",
+    version=1,
+    key=("pair_id",),
+    columns=(
+        Column("pair_id", pa.string(), "The pair."),
+        Column("image_id", pa.string(), "Its image: all of an image's pairs share one split."),
+        Column("concept_id", pa.string(), "Its concept."),
+        Column("phrase", pa.string(), "The phrase."),
+        Column("split", pa.string(), "train, val or test: from a hash of the image id and `splits.salt`."),
+        Column("tier", pa.string(), "gold, silver or excluded."),
+        Column("kind", pa.string(), "positive (present, exhaustive, with masks) or negative (verified absent); null when excluded.", nullable=True),
+        Column("reason", pa.string(), "Why this tier (README: split reasons)."),
+        Column("sources", pa.list_(pa.string()), "The verifiers whose verdicts confirm the pair's kind."),
+        Column("hard_negative", pa.bool_(), "A negative mined as a hard negative (a relative of a present concept)."),
+        _unit_column(),
+    ),
+)
+
+TABLES: dict[str, TableSpec] = {t.name: t for t in (IMAGES, SOURCES, REJECTS, CONCEPTS, CANDIDATES, IMAGE_EMBEDDINGS, PHRASE_EMBEDDINGS, PAIRS, MASKS, MASK_SCORES, PAIR_SCORES, MASK_VERIFICATIONS, PAIR_VERIFICATIONS, SPLITS, UNITS, RUNS)}
 
 
 def validate(spec: TableSpec, table: pa.Table) -> pa.Table:

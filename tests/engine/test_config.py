@@ -46,4 +46,4 @@ def test_configs_are_immutable_and_defaults_are_complete():
     config = RunConfig()
     with pytest.raises(Exception):
         config.ingest.unit_size = 5
-    assert config.stages == ("ingest", "mine", "embed", "retrieve", "negatives", "propose", "verify") and config.ingest.max_pixels == 100_000_000
+    assert config.stages == ("ingest", "mine", "embed", "retrieve", "negatives", "propose", "verify", "splits") and config.ingest.max_pixels == 100_000_000

@@ -1,0 +1,62 @@
+"""Splits: each verified pair's tier (Gold, Silver, or excluded with a reason) and its split.
+
+Entry point: ``SplitsStage``. Set logic over the verification tables, in one SQL file
+(``schemas/sql/splits.sql``) run by DuckDB and written whole as the ``splits`` table; the stage has
+no work units. Train/val/test is dealt per image from a hash of its id, so an image never sits in
+two splits and the deal is stable as the corpus grows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sam3_engine.engine.catalog import connect, named_query
+from sam3_engine.engine.config import SplitsConfig
+from sam3_engine.schemas.tables import SPLITS
+from sam3_engine.stages.base import Derivation, Stage, WorkUnit, fingerprint
+
+VERSION = 1
+"""Bump when a change to this module or its SQL changes the rows it writes."""
+
+
+class SplitsStage(Stage):
+    name = "splits"
+    outputs = ()
+
+    def __init__(self, config: SplitsConfig):
+        self.config = config
+
+    def plan(self, store) -> list[WorkUnit]:
+        return []
+
+    def process(self, unit: WorkUnit, prepared: Any = None):
+        raise NotImplementedError("the splits stage has no work units")
+
+    def derive(self, store, done_units: list[str]) -> list[Derivation]:
+        """The ``splits`` table, rebuilt when the config or any upstream unit changes."""
+        con = connect(store)
+        ((upstream,),) = con.sql("SELECT md5(coalesce(string_agg(unit_id, ',' ORDER BY unit_id), '')) FROM units WHERE stage <> $stage",
+                                 params={"stage": self.ledger}).fetchall()
+        unit_id = fingerprint(self.name, {"version": VERSION, "config": self.config.model_dump(mode="json"), "upstream": upstream})
+        params = {
+            "verifiers": list(self.config.verifiers), "human": list(self.config.human_verifiers), "gold_min_sources": self.config.gold_min_sources,
+            "max_negatives": self.config.max_negatives_per_image, "train": self.config.train_fraction, "val": self.config.val_fraction,
+            "salt": self.config.salt, "unit_id": unit_id,
+        }
+        return [Derivation(unit_id, SPLITS, con.sql(named_query("splits"), params=params).to_arrow_reader())]
+
+    def summarize(self, con) -> dict[str, Any]:
+        tiers = dict(con.execute("SELECT tier || coalesce('_' || kind, ''), count(*) FROM splits GROUP BY ALL ORDER BY ALL").fetchall())
+        splits = dict(con.execute("SELECT split, count(*) FROM splits WHERE tier <> 'excluded' GROUP BY ALL ORDER BY ALL").fetchall())
+        excluded = dict(con.execute("SELECT reason, count(*) FROM splits WHERE tier = 'excluded' GROUP BY ALL ORDER BY ALL").fetchall())
+        ((leaks,),) = con.execute("SELECT count(*) FROM (SELECT image_id FROM splits GROUP BY image_id HAVING count(DISTINCT split) > 1)").fetchall()
+        balance = con.sql(f"SELECT phrase, sum(train_positive) AS train, sum(val_positive) AS val, sum(test_positive) AS test FROM ({named_query('split_balance')}) GROUP BY phrase").fetchall()
+        return {
+            "pairs": sum(tiers.values()),
+            "tiers": tiers,
+            "pairs_per_split": splits,
+            "excluded": excluded,
+            "images_in_two_splits": leaks,
+            "concepts_with_positives": sum(1 for _, train, val, test in balance if train + val + test),
+            "concepts_missing_from_val_or_test": sum(1 for _, train, val, test in balance if train and not (val and test)),
+        }
