@@ -215,25 +215,63 @@ def calibrate(
 
 @app.command("eval")
 def evaluate(
-    paths: Annotated[Optional[list[str]], typer.Argument(help="More ground-truth files after --gt (SA-Co Gold ships three: a, b, c).", show_default=False)] = None,
+    paths: Annotated[Optional[list[str]], typer.Argument(help="RUN_DIR with --split; or more ground-truth files after --gt (SA-Co Gold ships three).", show_default=False)] = None,
     pred: Annotated[Optional[str], typer.Option("--pred", help="Predictions: a COCO results JSON list (image_id = the SA-Co pair id, segmentation RLE, score, bbox).")] = None,
     gt: Annotated[Optional[list[str]], typer.Option("--gt", help="SA-Co ground-truth JSON; repeat it, or list more files after it, for several annotators.")] = None,
+    split: Annotated[Optional[str], typer.Option("--split", "-s", help="With RUN_DIR: evaluate the run's own proposals against this split (train, val, test).")] = None,
+    tier: Annotated[str, typer.Option("--tier", "-t", help="With --split: gold, silver or all.")] = "gold",
     iou_type: Annotated[str, typer.Option("--iou-type", help="segm (masks) or bbox (boxes).")] = "segm",
     endpoint_url: Annotated[Optional[str], typer.Option("--endpoint-url", help="S3-compatible endpoint for s3:// paths.")] = None,
 ) -> None:
     """SA-Co metrics as JSON: cgF1, IL_MCC, pmF1 (cgF1 and pmF1 in percent), also at IoU 0.5 and 0.75, with precision, recall and image-level counts."""
+    import tempfile
+
+    from sam3_engine.engine.store import TableStore
     from sam3_engine.metrics.cgf1 import EvaluationError, evaluate as cgf1, load_json
+    from sam3_engine.stages.export import ExportError, export, predictions
 
     storage_config = StorageConfig(endpoint_url=endpoint_url)
-    truths = [*(gt or []), *(paths or [])]
-    if pred is None or not truths:
-        _fail("give --pred PRED.json and --gt GT.json (more ground-truth files may follow)")
     read = lambda path: storage.read_text(path, storage_config)  # noqa: E731
     try:
-        result = cgf1(load_json(pred, read), [load_json(path, read) for path in truths], iou_type, names=truths)
-    except (EvaluationError, FileNotFoundError) as exc:
+        if split is not None:
+            if pred is not None or gt or len(paths or []) != 1:
+                _fail("with --split give one RUN_DIR and no --pred or --gt")
+            _run_dir(paths[0], storage_config)
+            store = TableStore(paths[0], storage_config)
+            with tempfile.TemporaryDirectory() as folder:
+                files = export(store, split, tier, "saco", f"{folder}/{tier}_{split}.json", StorageConfig()).files
+                truths, names = [load_json(path, read) for path in files], files
+            result = cgf1(predictions(store, split, tier), truths, iou_type, names=names)
+        else:
+            truths = [*(gt or []), *(paths or [])]
+            if pred is None or not truths:
+                _fail("give --pred PRED.json and --gt GT.json (more ground-truth files may follow), or RUN_DIR --split NAME")
+            result = cgf1(load_json(pred, read), [load_json(path, read) for path in truths], iou_type, names=truths)
+    except (EvaluationError, ExportError, FileNotFoundError) as exc:
         _fail(str(exc))
     out.print_json(json.dumps(result))
+
+
+@app.command("export")
+def export_split(
+    run_dir: Annotated[str, typer.Argument(help="Run directory (any fsspec URL) whose splits stage has run.")],
+    split: Annotated[str, typer.Option("--split", "-s", help="train, val or test.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Output file (any fsspec URL); SA-Co Gold with several sources writes OUT_a.json, OUT_b.json, ...")],
+    format: Annotated[str, typer.Option("--format", "-f", help="saco (one entry per image-phrase pair), coco (instances, categories = concepts) or parquet.")] = "saco",
+    tier: Annotated[str, typer.Option("--tier", "-t", help="gold, silver or all.")] = "all",
+    endpoint_url: Annotated[Optional[str], typer.Option("--endpoint-url", help="S3-compatible endpoint for s3:// paths.")] = None,
+) -> None:
+    """Export one split of the benchmark as SA-Co JSON, COCO instances JSON or Parquet."""
+    from sam3_engine.engine.store import TableStore
+    from sam3_engine.stages.export import ExportError, export
+
+    storage_config = StorageConfig(endpoint_url=endpoint_url)
+    _run_dir(run_dir, storage_config)
+    try:
+        report = export(TableStore(run_dir, storage_config), split, tier, format, out, storage_config)
+    except ExportError as exc:
+        _fail(str(exc))
+    console.print(f"{report.pairs} pairs ({report.positives} positive, {report.negatives} negative) and {report.masks} masks -> {', '.join(report.files)}")
 
 
 def _number(value: float | None) -> str:

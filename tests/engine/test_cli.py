@@ -134,3 +134,24 @@ def test_calibrate_fits_thresholds_to_labels(quickstart, tmp_path):
     bad.write_text("image,label\nx,1\n")
     refused = cli("calibrate", str(run_dir), "--labels", str(bad))
     assert refused.returncode == 2 and "labels need pair_id" in refused.stderr
+
+
+def test_quickstart_runs_on_to_splits_export_and_eval(quickstart, tmp_path):
+    from pycocotools.coco import COCO
+
+    run_dir, done = quickstart
+    splits = json.loads(cli("query", str(run_dir), "SELECT tier, count(*) AS n FROM splits GROUP BY ALL", "-f", "json").stdout)
+    pairs = json.loads(cli("query", str(run_dir), "SELECT count(*) AS n FROM pairs", "-f", "json").stdout)[0]["n"]
+    assert sum(s["n"] for s in splits) == pairs  # every verified pair has a place: a tier or an exclusion reason
+    exported = json.loads(cli("query", str(run_dir), "SELECT split, count(*) AS n FROM splits WHERE tier <> 'excluded' GROUP BY ALL ORDER BY n DESC", "-f", "json").stdout)
+    assert exported, "the quickstart's verdicts put some pairs in a split"
+    split = exported[0]["split"]
+    for fmt, name in (("saco", "out.json"), ("coco", "coco.json"), ("parquet", "out.parquet")):
+        written = cli("export", str(run_dir), "--split", split, "--format", fmt, "--out", str(tmp_path / name))
+        assert written.returncode == 0, written.stderr
+        assert f"{exported[0]['n']} pairs" in written.stderr
+    COCO(str(tmp_path / "out.json"))
+    COCO(str(tmp_path / "coco.json"))
+    scored = cli("eval", str(run_dir), "--split", split, "--tier", "all")
+    assert scored.returncode == 0, scored.stderr
+    assert json.loads(scored.stdout)["pairs"] == exported[0]["n"]

@@ -1,0 +1,153 @@
+"""Export round trips (SA-Co, COCO, Parquet) through pycocotools, and the run evaluated against its own split."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from sam3_engine.engine.config import load_config
+from sam3_engine.engine.run import run_pipeline
+from sam3_engine.engine.store import TableStore
+from sam3_engine.metrics.cgf1 import evaluate
+from sam3_engine.schemas.tables import MASK_VERIFICATIONS, MASKS, PAIR_VERIFICATIONS, PAIRS
+from sam3_engine.stages.concepts import concept_id, pair_id
+from sam3_engine.stages.export import ExportError, export, predictions
+from tests.helpers import ingest, rows
+
+UNIT = "constructed"
+BOXES = {"car-a": ("car", (100, 100, 200, 300), 0.9), "car-b": ("car", (500, 900, 150, 150), 0.8),
+         "dog-c": ("dog", (700, 200, 100, 120), 0.9), "dog-d": ("dog", (50, 1500, 60, 60), 0.7)}
+VOTES = {"car": {"v1": "positive", "v2": "positive"}, "dog": {"v1": "positive", "v2": "unsure"},
+         "giraffe": {"v1": "negative", "v2": "negative"}, "bus": {"v1": "unsure", "v2": "unsure"}}
+ACCEPTED = {"v1": {"car-a", "car-b", "dog-c"}, "v2": {"car-a", "car-b"}}
+
+
+def _mask(shape, top, left, height, width):
+    mask = np.zeros(shape, np.uint8)
+    mask[top : top + height, left : left + width] = 1
+    return mask
+
+
+@pytest.fixture(scope="module")
+def split_run(photos_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photo")
+    (folder / "truck.jpg").write_bytes((photos_dir / "truck.jpg").read_bytes())
+    run_dir = tmp_path_factory.mktemp("run") / "run"
+    ingest(folder, run_dir)
+    (image,) = rows(run_dir, "SELECT image_id, width, height FROM images")
+    shape = (image["height"], image["width"])
+    pid = {phrase: pair_id(image["image_id"], concept_id(phrase)) for phrase in VOTES}
+    pairs = [{"pair_id": pid[p], "image_id": image["image_id"], "concept_id": concept_id(p), "phrase": p, "presence_score": 0.9, "instance_count": 0,
+              "max_score": 0.9, "height": shape[0], "width": shape[1], "foreground_counts": None, "foreground_area": None, "phrase_truncated": False,
+              "model_id": "constructed", "model_revision": None, "random_weights": False, "run_id": "r", "unit_id": UNIT} for p in VOTES]
+    masks, stored = [], {}
+    for name, (phrase, box, score) in BOXES.items():
+        encoded = mask_utils.encode(np.asfortranarray(_mask(shape, *box)))
+        stored[name] = _mask(shape, *box)
+        masks.append({"mask_id": name, "pair_id": pid[phrase], "image_id": image["image_id"], "concept_id": concept_id(phrase), "query_index": 0,
+                      "height": shape[0], "width": shape[1], "rle_counts": encoded["counts"].decode(), "bbox": mask_utils.toBbox(encoded).tolist(),
+                      "area": int(mask_utils.area(encoded)), "model_box": [0, 0, 1, 1], "object_score": score, "presence_score": 0.9, "score": score,
+                      "stability_score": 1.0, "reprompt_iou": None, "unit_id": UNIT})
+    store = TableStore(str(run_dir))
+    store.replace(PAIRS, UNIT, pa.Table.from_pylist(pairs, schema=PAIRS.schema))
+    store.replace(MASKS, UNIT, pa.Table.from_pylist(masks, schema=MASKS.schema))
+    says = {"positive": ("present", "exhaustive"), "negative": ("absent", "exhaustive"), "unsure": ("uncertain", "unknown")}
+    for verifier in ("v1", "v2"):
+        verdicts = [{"mask_id": m["mask_id"], "pair_id": m["pair_id"], "image_id": m["image_id"], "concept_id": m["concept_id"], "score": m["score"],
+                     "verdict": "accept" if m["mask_id"] in ACCEPTED[verifier] else "reject", "reasons": [], "verifier": verifier,
+                     "verifier_version": "t", "thresholds": "{}"} for m in masks]
+        store.replace(MASK_VERIFICATIONS, verifier, pa.Table.from_pylist(verdicts, schema=MASK_VERIFICATIONS.schema))
+        judged = []
+        for phrase, votes in VOTES.items():
+            presence, exhaustivity = says[votes[verifier]]
+            accepted = sum(1 for n in ACCEPTED[verifier] if BOXES[n][0] == phrase)
+            judged.append({"pair_id": pid[phrase], "image_id": image["image_id"], "concept_id": concept_id(phrase), "phrase": phrase,
+                           "presence_probability": 0.5, "presence": presence, "presence_reason": "signals_agree", "accepted_masks": accepted if presence == "present" else 0,
+                           "uncovered_fraction": 0.0, "exhaustivity": exhaustivity, "exhaustivity_reason": "covered", "verifier": verifier,
+                           "verifier_version": "t", "thresholds": "{}"})
+        store.replace(PAIR_VERIFICATIONS, verifier, pa.Table.from_pylist(judged, schema=PAIR_VERIFICATIONS.schema))
+    run_pipeline(load_config(None, {"output": str(run_dir), "stages": "splits", "splits.train_fraction": 1.0, "splits.val_fraction": 0.0}))
+    return run_dir, stored, shape
+
+
+def _export(run_dir, tmp_path, fmt, tier="all", name=None):
+    out = str(tmp_path / (name or f"out.{fmt if fmt != 'saco' else 'json'}"))
+    return export(TableStore(str(run_dir)), "train", tier, fmt, out, load_config(None, {}).storage)
+
+
+def test_saco_export_round_trips_through_pycocotools(split_run, tmp_path):
+    run_dir, stored, (height, width) = split_run
+    report = _export(run_dir, tmp_path, "saco")
+    assert [p.rsplit("/", 1)[1] for p in report.files] == ["out_a.json", "out_b.json"]  # car has two sources: one file per source
+    assert (report.pairs, report.positives, report.negatives) == (3, 2, 1)
+    for path in report.files:
+        data = json.loads(open(path).read())
+        by_phrase = {image["text_input"]: image for image in data["images"]}
+        assert set(by_phrase) == {"car", "dog", "giraffe"} and all(i["is_instance_exhaustive"] == 1 for i in data["images"])  # bus: unconfirmed, excluded
+        kept = {a["mask_id"]: a for a in data["annotations"]}
+        assert set(kept) == {"car-a", "car-b", "dog-c"}  # dog-d was rejected by dog's only source
+        assert not [a for a in data["annotations"] if a["image_id"] == by_phrase["giraffe"]["id"]]  # a negative: a pair without annotations
+        for name, annotation in kept.items():
+            decoded = mask_utils.decode({"size": annotation["segmentation"]["size"], "counts": annotation["segmentation"]["counts"].encode()})
+            assert np.array_equal(decoded, stored[name])
+            x, y, w, h = annotation["bbox"]
+            assert [x * width, y * height, w * width, h * height] == pytest.approx(mask_utils.toBbox(mask_utils.encode(np.asfortranarray(stored[name]))).tolist())
+            assert annotation["area"] == pytest.approx(stored[name].sum() / (width * height))
+        coco = COCO(path)  # the file loads as COCO
+        assert len(coco.getAnnIds()) == 3
+    gold = _export(run_dir, tmp_path, "saco", tier="gold", name="gold.json")
+    assert gold.pairs == 2 and gold.masks == 2 and len(gold.files) == 2
+    silver = _export(run_dir, tmp_path, "saco", tier="silver", name="silver.json")
+    assert (silver.pairs, silver.masks, len(silver.files)) == (1, 1, 1)
+
+
+def test_coco_and_parquet_exports(split_run, tmp_path):
+    run_dir, stored, _ = split_run
+    report = _export(run_dir, tmp_path, "coco")
+    coco = COCO(report.files[0])
+    names = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
+    assert sorted(names.values()) == ["car", "dog", "giraffe"]
+    (photo,) = coco.loadImgs(coco.getImgIds())
+    assert [names[c] for c in photo["neg_category_ids"]] == ["giraffe"]
+    for annotation in coco.loadAnns(coco.getAnnIds()):
+        assert np.array_equal(coco.annToMask(annotation), stored[annotation["mask_id"]])
+        assert names[annotation["category_id"]] == BOXES[annotation["mask_id"]][0]
+    parquet = _export(run_dir, tmp_path, "parquet")
+    table = pq.read_table(parquet.files[0])
+    by_phrase = {r["phrase"]: r for r in table.to_pylist()}
+    assert {p: len(r["masks"]) for p, r in by_phrase.items()} == {"car": 2, "dog": 1, "giraffe": 0}
+    for row in table.to_pylist():
+        for mask in row["masks"]:
+            decoded = mask_utils.decode({"size": [row["height"], row["width"]], "counts": mask["rle_counts"].encode()})
+            assert np.array_equal(decoded, stored[mask["mask_id"]])
+
+
+def test_bad_export_requests_are_clear_errors(split_run, tmp_path):
+    run_dir, _, _ = split_run
+    with pytest.raises(ExportError, match="no gold pairs in split 'test'"):
+        export(TableStore(str(run_dir)), "test", "gold", "saco", str(tmp_path / "x.json"), load_config(None, {}).storage)
+    with pytest.raises(ExportError, match="--format must be one of"):
+        export(TableStore(str(run_dir)), "train", "all", "yolo", str(tmp_path / "x"), load_config(None, {}).storage)
+
+
+def test_the_run_evaluated_against_its_own_split(split_run, tmp_path):
+    run_dir, _, _ = split_run
+    store = TableStore(str(run_dir))
+    gold = [json.loads(open(p).read()) for p in _export(run_dir, tmp_path, "saco", tier="gold", name="g.json").files]
+    perfect = evaluate(predictions(store, "train", "gold"), gold)
+    # car: both proposals are the two accepted masks; giraffe: no proposal, a true negative
+    f1 = 2 * (2 / (2 + 1e-4)) ** 2 / (2 * 2 / (2 + 1e-4) + 1e-4)
+    assert perfect["pmF1"] == pytest.approx(100 * f1) and perfect["IL_MCC"] == pytest.approx(1 / (1 + 1e-6))
+    done = subprocess.run([sys.executable, "-m", "sam3_engine", "eval", str(run_dir), "--split", "train", "--tier", "all"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    everything = json.loads(done.stdout)
+    # dog's rejected proposal (score 0.7) is a false positive against the split, which keeps only dog-c
+    assert everything["pairs"] == 3 and everything["precision"] == pytest.approx(np.mean([3 / (4 + 1e-4)] * 10))
+    assert math.isclose(everything["recall"], 3 / (3 + 1e-4))
