@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
@@ -211,6 +212,28 @@ def calibrate(
     out.print(verdicts)
     if write is not None:
         console.print(f"wrote {len(report['thresholds'])} threshold(s) to {write}: merge its verify section into the config and run `--stages verify` (no model runs)")
+
+
+@app.command("import-labels")
+def import_labels(
+    run_dir: Annotated[str, typer.Argument(help="Run directory (any fsspec URL).")],
+    labels: Annotated[str, typer.Option("--labels", "-l", help="Human labels: .parquet, .csv or .jsonl with pair_id + present/exhaustive and/or mask_id + good.")],
+    verifier: Annotated[str, typer.Option("--verifier", help="Name the labels are stored under (one of splits.human_verifiers for Gold).")] = "human",
+    endpoint_url: Annotated[Optional[str], typer.Option("--endpoint-url", help="S3-compatible endpoint for s3:// paths.")] = None,
+) -> None:
+    """Store human labels as a verifier's verdicts (replacing its earlier import): splits make them Gold, calibrate scores machines against them."""
+    from sam3_engine.engine.store import TableStore
+    from sam3_engine.stages.labels import import_labels as store_labels
+
+    storage_config = StorageConfig(endpoint_url=endpoint_url)
+    _run_dir(run_dir, storage_config)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", verifier):
+        _fail(f"--verifier must be letters, digits, '_', '.' or '-', not {verifier!r}")
+    try:
+        counts = store_labels(TableStore(run_dir, storage_config), storage.read_table(labels, storage_config), verifier)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    console.print(f"verifier {verifier}: {counts['pairs']} pair and {counts['masks']} mask labels stored; {counts['unmatched']} labels name no pair or mask of this run")
 
 
 @app.command("eval")

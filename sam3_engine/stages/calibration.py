@@ -94,7 +94,8 @@ def fit_threshold(scores: np.ndarray, truth: np.ndarray, target: float, at_least
     return threshold, float(precision[best]), float(true_positives[best] / truth.sum())
 
 
-def _normalised_labels(labels: pa.Table) -> pa.Table:
+def normalised_labels(labels: pa.Table) -> pa.Table:
+    """The label columns this engine reads (pair_id, present, exhaustive, mask_id, good), typed; yes/no text becomes booleans."""
     known = [c for c in labels.column_names if c in LABEL_COLUMNS]
     if not ({"pair_id", "mask_id"} & set(known)) or not ({"present", "exhaustive", "good"} & set(known)):
         raise ValueError(f"labels need pair_id with present and/or exhaustive, or mask_id with good; got columns {labels.column_names}")
@@ -152,7 +153,7 @@ def _verdict_scores(verifier: str, rows: dict[str, pa.Table]) -> list[dict[str, 
 
 def calibrate(store: TableStore, labels: pa.Table, verifier: str, target_precision: float) -> dict[str, Any]:
     """``verifier``'s thresholds fitted to the labels, and every verifier's verdicts scored against them."""
-    labels = _normalised_labels(labels)
+    labels = normalised_labels(labels)
     con = connect(store)
     try:
         con.register("labels", labels)

@@ -130,6 +130,10 @@ def test_calibrate_fits_thresholds_to_labels(quickstart, tmp_path):
     assert thresholds["min_area_fraction"] == pytest.approx(area["threshold"])
     verdicts = {v["verdict"]: v for v in report["verdicts"]}
     assert verdicts["verdict=accept"]["labelled"] == len(masks)
+    stored = cli("import-labels", str(run_dir), "--labels", str(labels), "--verifier", "labeller-1")
+    assert stored.returncode == 0 and f"{len(labelled)} pair and {len(masks)} mask labels stored; 0 labels name no pair" in stored.stderr
+    counts = json.loads(cli("query", str(run_dir), "SELECT count(*) AS n FROM pair_verifications WHERE verifier = 'labeller-1'", "-f", "json").stdout)
+    assert counts == [{"n": len(labelled)}]
     bad = tmp_path / "bad.csv"
     bad.write_text("image,label\nx,1\n")
     refused = cli("calibrate", str(run_dir), "--labels", str(bad))

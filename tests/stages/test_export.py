@@ -151,3 +151,38 @@ def test_the_run_evaluated_against_its_own_split(split_run, tmp_path):
     # dog's rejected proposal (score 0.7) is a false positive against the split, which keeps only dog-c
     assert everything["pairs"] == 3 and everything["precision"] == pytest.approx(np.mean([3 / (4 + 1e-4)] * 10))
     assert math.isclose(everything["recall"], 3 / (3 + 1e-4))
+
+
+def test_human_labels_become_a_verifier_that_makes_gold(split_run, tmp_path):
+    import shutil
+
+    from sam3_engine.stages.labels import import_labels
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(split_run[0], run_dir)
+    (image,) = rows(run_dir, "SELECT image_id FROM images")
+    pid = {p: pair_id(image["image_id"], concept_id(p)) for p in VOTES}
+    labels = pa.table({"pair_id": [pid["dog"], pid["bus"], None, None, "not-a-pair"], "present": ["yes", "no", None, None, "yes"],
+                       "mask_id": [None, None, "dog-c", "dog-d", None], "good": [None, None, True, False, None]})
+    counts = import_labels(TableStore(str(run_dir)), labels, "human")
+    assert counts == {"pairs": 2, "masks": 2, "unmatched": 1}
+    human = {r["phrase"]: r for r in rows(run_dir, "SELECT * FROM pair_verifications WHERE verifier = 'human'")}
+    assert (human["dog"]["presence"], human["dog"]["accepted_masks"], human["dog"]["exhaustivity"]) == ("present", 1, "unknown")
+    assert (human["bus"]["presence"], human["bus"]["exhaustivity"]) == ("absent", "exhaustive")
+    run_pipeline(load_config(None, {"output": str(run_dir), "stages": "splits", "splits.train_fraction": 1.0, "splits.val_fraction": 0.0}))
+    splits = {r["phrase"]: r for r in rows(run_dir, "SELECT * FROM splits")}
+    assert (splits["bus"]["tier"], splits["bus"]["reason"], splits["bus"]["sources"]) == ("gold", "human_negative", ["human"])  # was unconfirmed
+    assert splits["dog"]["tier"] == "silver"  # exhaustivity unlabelled: the human confirms presence, not completeness; v1 still says positive
+    exhaustive = pa.table({"pair_id": [pid["dog"], None], "present": [True, None], "exhaustive": [True, None], "mask_id": [None, "dog-c"], "good": [None, True]})
+    import_labels(TableStore(str(run_dir)), exhaustive, "human")  # replaces the first import
+    assert rows(run_dir, "SELECT count(*) AS n FROM pair_verifications WHERE verifier = 'human'") == [{"n": 1}]
+    run_pipeline(load_config(None, {"output": str(run_dir), "stages": "splits", "splits.train_fraction": 1.0, "splits.val_fraction": 0.0}))
+    dog = rows(run_dir, "SELECT tier, reason, sources FROM splits WHERE phrase = 'dog'")[0]
+    assert dog == {"tier": "gold", "reason": "human_positive", "sources": ["human", "v1"]}
+    gold = export(TableStore(str(run_dir)), "train", "gold", "saco", str(tmp_path / "g.json"), load_config(None, {}).storage)
+    assert len(gold.files) == 2  # car (v1, v2) and dog (human, v1) have two sources each
+    for path in gold.files:
+        kept = {a["mask_id"] for a in json.loads(open(path).read())["annotations"]}
+        assert "dog-c" in kept and "dog-d" not in kept
+    with pytest.raises(ValueError, match="more than once"):
+        import_labels(TableStore(str(run_dir)), pa.table({"mask_id": ["dog-c", "dog-c"], "good": [True, False]}), "human")

@@ -323,9 +323,9 @@ def test_uncovered_fraction_function():
     assert uncovered_fraction(*shape, None, [_counts(half)]) is None
 
 
-@pytest.mark.parametrize("commits", [2, 6])
+@pytest.mark.parametrize("commits", [6])
 def test_killed_between_commits_then_resumed_writes_the_same_rows(ray_cluster, photos_dir, reference, tmp_path, commits):
-    """Commits: one unit (3 tables + ledger), then mask verdicts and pair verdicts (table + ledger each). Killed inside the unit, and between the two verdict tables."""
+    """Commits: one unit (3 tables + ledger), then mask verdicts and pair verdicts (table + ledger each). Killed between the two verdict tables; kills inside a unit are the runner's, tested with ingest."""
     run_dir = tmp_path / "run"
     _construct(photos_dir, tmp_path / "photo", run_dir)
     command = [sys.executable, "-m", "sam3_engine", "run", "-q", "--output", str(run_dir), "--stages", "verify"]

@@ -1,0 +1,42 @@
+"""Human labels as a verifier: a label file becomes verdict rows of a human verifier.
+
+Entry point: ``import_labels``. The file is the one ``calibrate`` reads (``pair_id`` with
+``present`` / ``exhaustive``, ``mask_id`` with ``good``). Its rows go to ``pair_verifications`` and
+``mask_verifications`` under the verifier's name (``human`` by default, one of
+``splits.human_verifiers``), replacing that verifier's earlier import in one commit per table, so
+splits can make human-confirmed pairs Gold and calibration can score machines against them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from sam3_engine.engine.catalog import connect, named_query
+from sam3_engine.engine.store import TableStore
+from sam3_engine.schemas.tables import MASK_VERIFICATIONS, PAIR_VERIFICATIONS, validate
+from sam3_engine.stages.calibration import normalised_labels
+
+
+def import_labels(store: TableStore, labels: pa.Table, verifier: str) -> dict[str, int]:
+    """Write ``labels`` as ``verifier``'s verdicts; returns the labels matched and not matched."""
+    labels = normalised_labels(labels)
+    for key in ("pair_id", "mask_id"):
+        repeated = sorted(i for i, n in Counter(labels.column(key).drop_null().to_pylist()).items() if n > 1)
+        if repeated:
+            raise ValueError(f"labels give {key} {repeated[:3]} more than once: one label per {key.removesuffix('_id')}")
+    con = connect(store)
+    try:
+        con.register("labels", labels)
+        masks = con.sql(named_query("human_mask_verdicts"), params={"verifier": verifier}).to_arrow_table()
+        pairs = con.sql(named_query("human_pair_verdicts"), params={"verifier": verifier}).to_arrow_table()
+    finally:
+        con.close()
+    written_masks = store.replace(MASK_VERIFICATIONS, verifier, validate(MASK_VERIFICATIONS, masks))
+    written_pairs = store.replace(PAIR_VERIFICATIONS, verifier, validate(PAIR_VERIFICATIONS, pairs))
+    labelled_pair = pc.and_(pc.is_valid(labels["pair_id"]), pc.or_(pc.is_valid(labels["present"]), pc.is_valid(labels["exhaustive"])))
+    given_pairs = pc.sum(labelled_pair).as_py() or 0
+    given_masks = pc.sum(pc.and_(pc.is_valid(labels["mask_id"]), pc.is_valid(labels["good"]))).as_py() or 0
+    return {"pairs": written_pairs, "masks": written_masks, "unmatched": given_pairs + given_masks - written_pairs - written_masks}
