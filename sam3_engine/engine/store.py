@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from datetime import datetime, timezone
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
@@ -51,6 +53,12 @@ class TableStore:
         """The committed rows of a table as a pyarrow dataset (an empty table when never written)."""
         table = self.open(name)
         return TABLES[name].empty() if table is None else table.to_pyarrow_dataset()
+
+    def read_images(self, name: str, image_ids: list[str], columns: list[str]) -> pa.Table:
+        """The rows of ``name`` about these images (a unit's), with the filter pushed down to the files."""
+        dataset = self.dataset(name)
+        dataset = ds.dataset(dataset) if isinstance(dataset, pa.Table) else dataset
+        return dataset.to_table(columns=columns, filter=pc.field("image_id").isin(image_ids))
 
     def read(self, name: str, columns: list[str] | None = None) -> pa.Table:
         table = self.open(name)

@@ -319,15 +319,15 @@ class Sam3Segmenter:
         scores = object_scores * presence[:, None]
         # One small transfer of every score; masks are decoded only for rows with a kept instance.
         presence, object_scores, scores = presence.cpu(), object_scores.cpu(), scores.cpu()
-        rows = [row for row in range(len(phrases)) if self.decode_all_masks or bool((scores[row] >= threshold).any())]
+        keeps = [torch.nonzero(scores[row] >= threshold).flatten() for row in range(len(phrases))]
+        rows = [row for row, keep in enumerate(keeps) if self.decode_all_masks or len(keep)]
         pred_masks, foregrounds = self._decode_masks(mask_inputs, rows, size) if rows else (None, [])
         height, width = size
         boxes = out.pred_boxes.float().cpu() * torch.tensor([width, height, width, height])
-        kept = [(row, query) for row in range(len(phrases)) for query in torch.nonzero(scores[row] >= threshold).flatten().tolist()]
+        kept = [(row, query) for row, keep in enumerate(keeps) for query in keep.tolist()]
         reprompt = self._reprompt_ious(vision, index, tokens, out.pred_boxes, pred_masks, rows, kept) if self.reprompt_boxes and kept else {}
         predictions = []
-        for row in range(len(phrases)):
-            keep = torch.nonzero(scores[row] >= threshold).flatten()
+        for row, keep in enumerate(keeps):
             instances: tuple[Instance, ...] = ()
             if len(keep):
                 logits = F.interpolate(pred_masks[rows.index(row), keep.to(self.device)][:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]

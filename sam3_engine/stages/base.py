@@ -62,9 +62,17 @@ def content_defined_chunks(items: list[T], key: Callable[[T], str], unit_size: i
     return shards
 
 
-def reject_reasons(con, stage: str) -> dict[str, int]:
-    """Rejects per reason code of one stage, from the run's DuckDB catalog, for its summary."""
-    return dict(con.execute("SELECT reason, count(*) FROM rejects WHERE stage = $stage GROUP BY reason ORDER BY reason", {"stage": stage}).fetchall())
+def reject_reasons(con, stage: Stage) -> dict[str, int]:
+    """Rejects per reason code of one stage's ledger (one verifier's, say), from the run's DuckDB catalog, for its summary."""
+    return dict(con.execute(
+        "SELECT reason, count(*) FROM rejects WHERE stage = $stage AND starts_with(unit_id, $ledger) GROUP BY reason ORDER BY reason",
+        {"stage": stage.name, "ledger": f"{stage.ledger}:"},
+    ).fetchall())
+
+
+def image_reject(stage: str, item: Any, reason: str, detail: str) -> dict[str, Any]:
+    """A ``rejects`` row for an image a stage could not handle; ``item`` has ``image_id`` and ``uri``."""
+    return {"input_id": item.image_id, "stage": stage, "uri": item.uri, "image_id": item.image_id, "reason": reason, "detail": detail}
 
 
 def rows_table(spec: TableSpec, rows: list[dict[str, Any]], unit_id: str) -> pa.Table:

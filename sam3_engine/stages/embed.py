@@ -16,7 +16,7 @@ import pyarrow as pa
 from sam3_engine.engine.config import ClipConfig, StorageConfig
 from sam3_engine.models.clip import ClipChoice, image_transform, shared_embedder
 from sam3_engine.schemas.tables import CONCEPTS, IMAGE_EMBEDDINGS, IMAGES, PHRASE_EMBEDDINGS, REJECTS
-from sam3_engine.stages.base import Stage, WorkUnit, content_defined_chunks, fingerprint, reject_reasons, rows_table
+from sam3_engine.stages.base import Stage, WorkUnit, content_defined_chunks, fingerprint, image_reject, reject_reasons, rows_table
 from sam3_engine.stages.inputs import load_image
 
 VERSION = 1
@@ -85,7 +85,7 @@ class EmbedStage(Stage):
             try:
                 pixels.append(transform(load_image(item.uri, self.storage_config)).numpy())
             except Exception as exc:  # noqa: BLE001 - a bad file is a reject, not a crash
-                rejects.append(self._reject(item, "image_unreadable", f"{type(exc).__name__}: {exc}"))
+                rejects.append(image_reject(self.name, item, "image_unreadable", f"{type(exc).__name__}: {exc}"))
                 continue
             ready.append(item)
         return PreparedImages(tuple(ready), np.stack(pixels) if pixels else None, tuple(rejects))
@@ -114,16 +114,13 @@ class EmbedStage(Stage):
         }
 
     def process_isolated(self, unit: WorkUnit, item, error: str) -> dict[str, pa.Table]:
-        rejects = [self._reject(item, "worker_crashed", f"the model worker died on this image: {error}")] if isinstance(item, ImageItem) else []
+        rejects = [image_reject(self.name, item, "worker_crashed", f"the model worker died on this image: {error}")] if isinstance(item, ImageItem) else []
         return {IMAGE_EMBEDDINGS.name: rows_table(IMAGE_EMBEDDINGS, [], unit.unit_id),
                 PHRASE_EMBEDDINGS.name: rows_table(PHRASE_EMBEDDINGS, [], unit.unit_id), REJECTS.name: rows_table(REJECTS, rejects, unit.unit_id)}
 
-    def _reject(self, item: ImageItem, reason: str, detail: str) -> dict[str, Any]:
-        return {"input_id": item.image_id, "stage": self.name, "uri": item.uri, "image_id": item.image_id, "reason": reason, "detail": detail}
-
     def summarize(self, con) -> dict[str, Any]:
         images, phrases = con.execute("SELECT (SELECT count(*) FROM image_embeddings), (SELECT count(*) FROM phrase_embeddings)").fetchone()
-        reasons = reject_reasons(con, self.name)
+        reasons = reject_reasons(con, self)
         counts = {"images": images, "phrases": phrases, "rejects": sum(reasons.values()), "reject_reasons": reasons, "model": self.choice.label}
         if self.choice.random_weights:
             counts["random_weights"] = True

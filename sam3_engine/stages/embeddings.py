@@ -6,9 +6,6 @@ import hashlib
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
 from sam3_engine.engine.config import StorageConfig
 from sam3_engine.engine.store import TableStore
@@ -59,7 +56,5 @@ class EmbeddingStore:
         return self._phrases
 
     def images(self, image_ids: list[str]) -> tuple[list[str], np.ndarray]:
-        dataset = self._store().dataset(IMAGE_EMBEDDINGS.name)
-        dataset = ds.dataset(dataset) if isinstance(dataset, pa.Table) else dataset
-        table = dataset.to_table(columns=["image_id", "embedding"], filter=pc.field("image_id").isin(image_ids)).sort_by("image_id")
+        table = self._store().read_images(IMAGE_EMBEDDINGS.name, image_ids, ["image_id", "embedding"]).sort_by("image_id")
         return table.column("image_id").to_pylist(), _matrix(table.column("embedding"))

@@ -201,7 +201,7 @@ class IngestStage(Stage):
 
     def summarize(self, con) -> dict[str, Any]:
         (sources, images) = con.execute("SELECT (SELECT count(*) FROM sources), (SELECT count(*) FROM images)").fetchone()
-        reasons = reject_reasons(con, self.name)
+        reasons = reject_reasons(con, self)
         rejects = sum(reasons.values())
         return {
             "accounted": sources + rejects,

@@ -155,7 +155,7 @@ class MineStage(Stage):
             "(SELECT count(DISTINCT concept_id) FROM candidates WHERE origin <> 'hard_negative')"
         ).fetchone()
         by_origin = dict(con.execute("SELECT origin, count(*) FROM candidates WHERE origin <> 'hard_negative' GROUP BY origin ORDER BY origin").fetchall())
-        reasons = reject_reasons(con, self.name)
+        reasons = reject_reasons(con, self)
         frequency = con.sql(named_query("concept_frequency")).fetchall()
         return {
             "images": images,

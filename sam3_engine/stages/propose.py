@@ -23,7 +23,7 @@ from sam3_engine.engine.catalog import connect, named_query
 from sam3_engine.engine.config import ConfigError, ModelConfig, ProposeConfig, StorageConfig
 from sam3_engine.models.sam3 import ModelChoice, PairPrediction, Sam3Segmenter, load_image_processor, preprocess
 from sam3_engine.schemas.tables import CONCEPTS, IMAGES, MASKS, PAIRS, REJECTS
-from sam3_engine.stages.base import STATS_KEY, Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, reject_reasons, rows_table
+from sam3_engine.stages.base import STATS_KEY, Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, image_reject, reject_reasons, rows_table
 from sam3_engine.stages.concepts import concept_id, normal_form, pair_id, phrase_lines
 from sam3_engine.stages.inputs import load_image
 
@@ -163,7 +163,7 @@ class ProposeStage(Stage):
             try:
                 image = load_image(ref.uri, self.storage_config)
             except Exception as exc:  # noqa: BLE001 - a bad file is a reject, not a crash
-                rejects.append(self._reject(ref, "image_unreadable", f"{type(exc).__name__}: {exc}"))
+                rejects.append(image_reject(self.name, ref, "image_unreadable", f"{type(exc).__name__}: {exc}"))
                 continue
             ready.append(ref)
             sizes.append((image.height, image.width))
@@ -186,7 +186,7 @@ class ProposeStage(Stage):
             for i, outcome in self._predict(segmenter, prepared, batch, self.config.phrase_batch, stats):
                 ref = prepared.refs[i]
                 if isinstance(outcome, tuple):
-                    rejects.append(self._reject(ref, *outcome))
+                    rejects.append(image_reject(self.name, ref, *outcome))
                     continue
                 for phrase, prediction in zip(ref.phrases, outcome, strict=True):
                     pair = self._pair_row(ref, prepared.sizes[i], phrase, truncated[phrase], prediction)
@@ -201,7 +201,7 @@ class ProposeStage(Stage):
         }
 
     def process_isolated(self, unit: WorkUnit, item: ImageRef, error: str) -> dict[str, pa.Table]:
-        rejects = [self._reject(item, "worker_crashed", f"the model worker died on this image: {error}")]
+        rejects = [image_reject(self.name, item, "worker_crashed", f"the model worker died on this image: {error}")]
         return {PAIRS.name: rows_table(PAIRS, [], unit.unit_id), MASKS.name: rows_table(MASKS, [], unit.unit_id), REJECTS.name: rows_table(REJECTS, rejects, unit.unit_id)}
 
     def _predict(self, segmenter: Sam3Segmenter, prepared: Prepared, batch: list[int], phrase_batch: int, stats: dict[str, float]):
@@ -239,9 +239,6 @@ class ProposeStage(Stage):
             yield batch[0], ("out_of_memory" if oom else "model_error", f"{type(exc).__name__}: {exc}")
             return
         yield from zip(batch, results)
-
-    def _reject(self, ref: ImageRef, reason: str, detail: str) -> dict[str, Any]:
-        return {"input_id": ref.image_id, "stage": self.name, "uri": ref.uri, "image_id": ref.image_id, "reason": reason, "detail": detail}
 
     def _pair_row(self, ref: ImageRef, size: tuple[int, int], phrase: str, truncated: bool, prediction: PairPrediction) -> dict[str, Any]:
         cid = concept_id(phrase)
@@ -304,7 +301,7 @@ class ProposeStage(Stage):
             "SELECT (SELECT count(DISTINCT image_id) FROM pairs), (SELECT count(*) FROM pairs), "
             "(SELECT count(*) FROM pairs WHERE instance_count > 0), (SELECT count(*) FROM masks)"
         ).fetchone()
-        reasons = reject_reasons(con, self.name)
+        reasons = reject_reasons(con, self)
         oom_retries, batch_splits, peak_rss, peak_gpu = con.execute(
             "SELECT coalesce(sum(stats['oom_retries']), 0), coalesce(sum(stats['batch_splits']), 0), max(stats['peak_rss_mib']), max(stats['peak_gpu_mib']) "
             "FROM units WHERE stage = $stage",

@@ -21,8 +21,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as ds
 from pycocotools import mask as mask_utils
 
 from sam3_engine.engine.catalog import connect, named_query
@@ -30,7 +28,7 @@ from sam3_engine.engine.config import ClipConfig, StorageConfig, VerifyConfig
 from sam3_engine.engine.store import TableStore
 from sam3_engine.models.clip import ClipChoice, image_transform, input_size, shared_embedder
 from sam3_engine.schemas.tables import MASK_SCORES, MASK_VERIFICATIONS, MASKS, PAIR_SCORES, PAIR_VERIFICATIONS, PAIRS, REJECTS
-from sam3_engine.stages.base import Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, rows_table
+from sam3_engine.stages.base import Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, image_reject, reject_reasons, rows_table
 from sam3_engine.stages.concepts import Ontology
 from sam3_engine.stages.inputs import load_image
 from sam3_engine.stages.mask_checks import geometry, masked_crop, overlaps, rle
@@ -73,10 +71,8 @@ class PreparedUnit:
 
 def _rows_by_image(store: TableStore, name: str, image_ids: list[str], columns: list[str], order: str) -> dict[str, list[dict[str, Any]]]:
     """The rows of ``name`` for these images, per image, sorted by ``order`` (a deterministic order whatever the file layout)."""
-    dataset = store.dataset(name)
-    dataset = ds.dataset(dataset) if isinstance(dataset, pa.Table) else dataset
     grouped: dict[str, list[dict[str, Any]]] = {}
-    for row in dataset.to_table(columns=columns, filter=pc.field("image_id").isin(image_ids)).sort_by(order).to_pylist():
+    for row in store.read_images(name, image_ids, columns).sort_by(order).to_pylist():
         grouped.setdefault(row["image_id"], []).append(row)
     return grouped
 
@@ -129,7 +125,7 @@ class VerifyStage(Stage):
             try:
                 image = load_image(task.uri, self.storage_config)
             except Exception as exc:  # noqa: BLE001 - a bad file is a reject, not a crash
-                rejects.append(self._reject(task, "image_unreadable", f"{type(exc).__name__}: {exc}"))
+                rejects.append(image_reject(self.name, task, "image_unreadable", f"{type(exc).__name__}: {exc}"))
                 continue
             prepared, image_crops = self._prepare_image(task, image, pairs.get(task.image_id, []), masks.get(task.image_id, []), len(crops))
             whole.append(transform(image))
@@ -206,12 +202,9 @@ class VerifyStage(Stage):
         }
 
     def process_isolated(self, unit: WorkUnit, item: ImageTask, error: str) -> dict[str, pa.Table]:
-        rejects = [self._reject(item, "worker_crashed", f"the verification worker died on this image: {error}")]
+        rejects = [image_reject(self.name, item, "worker_crashed", f"the verification worker died on this image: {error}")]
         return {MASK_SCORES.name: rows_table(MASK_SCORES, [], unit.unit_id), PAIR_SCORES.name: rows_table(PAIR_SCORES, [], unit.unit_id),
                 REJECTS.name: rows_table(REJECTS, rejects, unit.unit_id)}
-
-    def _reject(self, task: ImageTask, reason: str, detail: str) -> dict[str, Any]:
-        return {"input_id": task.image_id, "stage": self.name, "uri": task.uri, "image_id": task.image_id, "reason": reason, "detail": detail}
 
     def derive(self, store, done_units: list[str]) -> list[Derivation]:
         """Mask then pair verdicts at the config's thresholds, from the stored scores (SQL macros, no model)."""
@@ -239,10 +232,7 @@ class VerifyStage(Stage):
             "(SELECT count(*) FROM pair_scores WHERE verifier = $verifier), (SELECT count(*) FROM mask_scores WHERE verifier = $verifier)",
             verifier,
         ).fetchone()
-        reasons = dict(con.execute(
-            "SELECT reason, count(*) FROM rejects WHERE stage = $stage AND starts_with(unit_id, $ledger) GROUP BY ALL ORDER BY ALL",
-            {"stage": self.name, "ledger": f"{self.ledger}:"},
-        ).fetchall())
+        reasons = reject_reasons(con, self)
 
         def tally(sql: str) -> dict[str, int]:
             return dict(con.execute(sql, verifier).fetchall())
