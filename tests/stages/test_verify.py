@@ -360,3 +360,15 @@ def test_a_second_verifier_writes_beside_the_first_and_calibration_compares_them
     assert (accept["strict"]["precision"], accept["strict"]["recall"]) == (None, 0.0)
     with pytest.raises(ValueError, match="no verdicts of verifier 'other'"):
         calibrate(TableStore(str(run_dir)), labels, "other", 0.9)
+
+
+def test_an_image_gone_before_verification_is_a_reject_and_the_run_reconciles(photos_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    _construct(photos_dir, tmp_path / "photo", run_dir)
+    (tmp_path / "photo" / "truck.jpg").unlink()
+    result = _verify(run_dir, **SETTINGS)
+    report = result.stages[0]
+    assert report.items_total == 1 and report.counts["reject_reasons"] == {"image_unreadable": 1}  # the run's reconciliation passed
+    (reject,) = rows(run_dir, "SELECT stage, reason, uri FROM rejects WHERE stage = 'verify'")
+    assert reject["reason"] == "image_unreadable" and reject["uri"].endswith("truck.jpg")
+    assert rows(run_dir, "SELECT count(*) AS n FROM mask_scores") == [{"n": 0}]
