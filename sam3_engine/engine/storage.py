@@ -68,12 +68,20 @@ def read_text(url: str, storage: StorageConfig) -> str:
 
 
 def read_table(url: str, storage: StorageConfig):
-    """A small table file at any fsspec URL: Parquet, CSV, or JSON lines (by suffix), as a pyarrow Table."""
+    """A small table file at any fsspec URL: Parquet, CSV, or JSON lines (by suffix), as a pyarrow Table.
+
+    A blank CSV cell is a missing value (null) in every column, strings included: a file mixing rows
+    of different kinds (pair labels and mask labels) leaves the other kind's cells blank.
+    """
     import pyarrow.csv
     import pyarrow.json
     import pyarrow.parquet
 
-    readers = {".parquet": pyarrow.parquet.read_table, ".csv": pyarrow.csv.read_csv, ".jsonl": pyarrow.json.read_json, ".ndjson": pyarrow.json.read_json}
+    blank_is_null = pyarrow.csv.ConvertOptions(null_values=[""], strings_can_be_null=True)
+    readers = {
+        ".parquet": pyarrow.parquet.read_table, ".csv": lambda f: pyarrow.csv.read_csv(f, convert_options=blank_is_null),
+        ".jsonl": pyarrow.json.read_json, ".ndjson": pyarrow.json.read_json,
+    }
     suffix = next((s for s in readers if url.lower().endswith(s)), None)
     if suffix is None:
         raise ValueError(f"{url}: expected a .parquet, .csv or .jsonl file")

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from sam3_engine.engine.catalog import connect, named_query
 from sam3_engine.engine.store import TableStore
@@ -108,6 +109,15 @@ def normalised_labels(labels: pa.Table) -> pa.Table:
     return pa.table(columns)
 
 
+def label_counts(labels: pa.Table) -> dict[str, int]:
+    """Pair labels (present or exhaustive given) and mask labels (good given) in normalised ``labels``, with or without an id.
+
+    A label whose id is blank names nothing in the run: it counts as given, so that it shows as unmatched.
+    """
+    pair_labelled = pc.or_(pc.is_valid(labels["present"]), pc.is_valid(labels["exhaustive"]))
+    return {"pairs": pc.sum(pair_labelled).as_py() or 0, "masks": pc.sum(pc.is_valid(labels["good"])).as_py() or 0}
+
+
 def _truth(value: Any) -> bool | None:
     if value is None or isinstance(value, bool):
         return value
@@ -165,7 +175,7 @@ def calibrate(store: TableStore, labels: pa.Table, verifier: str, target_precisi
         con.close()
     rows = labelled[verifier]
     fits = [_fit(signal, rows[signal.level], target_precision) for signal in SIGNALS]
-    given = {"pairs": len(labels.column("pair_id").drop_null()), "masks": len(labels.column("mask_id").drop_null())}
+    given = label_counts(labels)
     return {
         "verifier": verifier,
         "target_precision": target_precision,

@@ -12,12 +12,11 @@ from __future__ import annotations
 from collections import Counter
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from sam3_engine.engine.catalog import connect, named_query
 from sam3_engine.engine.store import TableStore
 from sam3_engine.schemas.tables import MASK_VERIFICATIONS, PAIR_VERIFICATIONS, validate
-from sam3_engine.stages.calibration import normalised_labels
+from sam3_engine.stages.calibration import label_counts, normalised_labels
 
 
 def import_labels(store: TableStore, labels: pa.Table, verifier: str) -> dict[str, int]:
@@ -36,7 +35,5 @@ def import_labels(store: TableStore, labels: pa.Table, verifier: str) -> dict[st
         con.close()
     written_masks = store.replace(MASK_VERIFICATIONS, verifier, validate(MASK_VERIFICATIONS, masks))
     written_pairs = store.replace(PAIR_VERIFICATIONS, verifier, validate(PAIR_VERIFICATIONS, pairs))
-    labelled_pair = pc.and_(pc.is_valid(labels["pair_id"]), pc.or_(pc.is_valid(labels["present"]), pc.is_valid(labels["exhaustive"])))
-    given_pairs = pc.sum(labelled_pair).as_py() or 0
-    given_masks = pc.sum(pc.and_(pc.is_valid(labels["mask_id"]), pc.is_valid(labels["good"]))).as_py() or 0
-    return {"pairs": written_pairs, "masks": written_masks, "unmatched": given_pairs + given_masks - written_pairs - written_masks}
+    given = label_counts(labels)
+    return {"pairs": written_pairs, "masks": written_masks, "unmatched": given["pairs"] + given["masks"] - written_pairs - written_masks}

@@ -186,3 +186,28 @@ def test_human_labels_become_a_verifier_that_makes_gold(split_run, tmp_path):
         assert "dog-c" in kept and "dog-d" not in kept
     with pytest.raises(ValueError, match="more than once"):
         import_labels(TableStore(str(run_dir)), pa.table({"mask_id": ["dog-c", "dog-c"], "good": [True, False]}), "human")
+
+
+def test_a_label_csv_mixing_pair_and_mask_rows_reads_blank_cells_as_missing(split_run, tmp_path):
+    import shutil
+
+    from sam3_engine.engine import storage
+    from sam3_engine.stages.calibration import calibrate
+    from sam3_engine.stages.labels import import_labels
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(split_run[0], run_dir)
+    (image,) = rows(run_dir, "SELECT image_id FROM images")
+    pid = {p: pair_id(image["image_id"], concept_id(p)) for p in VOTES}
+    # The documented label file written as one CSV: pair rows leave mask_id and good blank, mask rows leave the pair columns blank;
+    # the last row labels a pair but names none (its pair_id is blank): it is a label that matches nothing.
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"pair_id,present,exhaustive,mask_id,good\n{pid['dog']},yes,,,\n{pid['bus']},no,yes,,\n,,,dog-c,yes\n,,,dog-d,no\n,yes,,,\n")
+    table = storage.read_table(str(labels), load_config(None, {}).storage)
+    assert table.column("pair_id").null_count == 3 and table.column("mask_id").null_count == 3
+    counts = import_labels(TableStore(str(run_dir)), table, "human")
+    assert counts == {"pairs": 2, "masks": 2, "unmatched": 1}
+    human = {r["phrase"]: r for r in rows(run_dir, "SELECT * FROM pair_verifications WHERE verifier = 'human'")}
+    assert (human["dog"]["presence"], human["dog"]["accepted_masks"], human["bus"]["exhaustivity"]) == ("present", 1, "exhaustive")
+    report = calibrate(TableStore(str(run_dir)), table, "v1", 0.9)
+    assert report["labels"]["given"] == {"pairs": 3, "masks": 2} and report["labels"]["matched"]["pairs"] == 2
