@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +49,7 @@ def _batches(con, sql: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 def _write_json(fs, path: str, sections: dict[str, Iterable[Any]]) -> None:
     """A JSON object of lists, written item by item."""
-    with fs.open(path, "w") as f:
+    with _output(fs, path, "w") as f:
         f.write("{")
         for index, (key, items) in enumerate(sections.items()):
             f.write(("," if index else "") + json.dumps(key) + ": [")
@@ -85,13 +86,37 @@ def export(store: TableStore, split: str, tier: str, format: str, out: str, stor
         params = {"split": split, "tiers": TIERS[tier]}
         ((pairs, sources),) = con.sql("SELECT count(*), coalesce(max(source_count), 0) FROM export_pairs($split, $tiers, 1)", params=params).fetchall()
         if not pairs:
-            (built,) = con.sql("SELECT count(*) FROM splits").fetchall()[0]
-            raise ExportError(f"no {tier} pairs in split {split!r}" + ("" if built else ": run the splits stage first"))
-        fs, _ = storage.filesystem(out, storage_config)
+            raise ExportError(_empty_split(con, split, tier))
+        fs, path = storage.filesystem(out, storage_config)
+        if fs.isdir(path):  # checked up front: with several sources the files are OUT_a, OUT_b, ..., which would land beside the folder
+            raise ExportError(f"cannot write --out {out}: Is a directory")
         writer = {"saco": _saco, "coco": _coco, "parquet": _parquet}[format]
         return writer(con, fs, out, params, sources)
     finally:
         con.close()
+
+
+def _empty_split(con, split: str, tier: str) -> str:
+    """Why ``split`` has nothing to export: what is empty, and which splits have pairs of the tier."""
+    kind = "" if tier == "all" else f"{tier} "
+    ((built,),) = con.sql("SELECT count(*) FROM splits").fetchall()
+    if not built:
+        return f"split {split!r} has no {kind}pairs: the splits table is empty (run the splits stage first)"
+    sizes = {name: con.sql("SELECT count(*) FROM export_pairs($split, $tiers, 1)", params={"split": name, "tiers": TIERS[tier]}).fetchall()[0][0]
+             for name in SPLITS}
+    found = ", ".join(f"{name} ({count})" for name, count in sizes.items() if count) or "none"
+    return f"split {split!r} has no {kind}pairs; splits with {kind}pairs: {found}"
+
+
+@contextmanager
+def _output(fs, path: str, mode: str):
+    """``path`` opened for writing, or an ExportError naming it (a directory, a path under a file, no permission, no such folder)."""
+    try:
+        f = fs.open(path, mode)
+    except OSError as exc:
+        raise ExportError(f"cannot write --out {path}: {exc.strerror or exc}") from exc
+    with f:
+        yield f
 
 
 def _saco(con, fs, out: str, params: dict[str, Any], sources: int) -> ExportReport:
@@ -162,7 +187,7 @@ def _parquet(con, fs, out: str, params: dict[str, Any], sources: int) -> ExportR
     """One row per pair, its accepted masks as a list (those of its first source)."""
     report = ExportReport(files=[out])
     reader = con.sql(named_query("export_parquet"), params={**params, "source": 1}).to_arrow_reader()
-    with fs.open(out, "wb") as f, pq.ParquetWriter(f, reader.schema) as writer:
+    with _output(fs, out, "wb") as f, pq.ParquetWriter(f, reader.schema) as writer:
         for batch in reader:
             writer.write_batch(batch)
             report.pairs += batch.num_rows
@@ -170,7 +195,6 @@ def _parquet(con, fs, out: str, params: dict[str, Any], sources: int) -> ExportR
             report.masks += sum(len(m) for m in batch.column("masks").to_pylist())
     report.negatives = report.pairs - report.positives
     return report
-
 
 
 def predictions(store: TableStore, split: str, tier: str) -> list[dict[str, Any]]:

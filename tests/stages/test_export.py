@@ -131,10 +131,33 @@ def test_coco_and_parquet_exports(split_run, tmp_path):
 
 def test_bad_export_requests_are_clear_errors(split_run, tmp_path):
     run_dir, _, _ = split_run
-    with pytest.raises(ExportError, match="no gold pairs in split 'test'"):
-        export(TableStore(str(run_dir)), "test", "gold", "saco", str(tmp_path / "x.json"), load_config(None, {}).storage)
+    storage_config = load_config(None, {}).storage
+    with pytest.raises(ExportError, match=r"^split 'test' has no gold pairs; splits with gold pairs: train \(2\)$"):
+        export(TableStore(str(run_dir)), "test", "gold", "saco", str(tmp_path / "x.json"), storage_config)
+    with pytest.raises(ExportError, match=r"^split 'val' has no pairs; splits with pairs: train \(3\)$"):
+        export(TableStore(str(run_dir)), "val", "all", "saco", str(tmp_path / "x.json"), storage_config)
     with pytest.raises(ExportError, match="--format must be one of"):
-        export(TableStore(str(run_dir)), "train", "all", "yolo", str(tmp_path / "x"), load_config(None, {}).storage)
+        export(TableStore(str(run_dir)), "train", "all", "yolo", str(tmp_path / "x"), storage_config)
+
+
+@pytest.mark.parametrize("fmt", ["saco", "coco", "parquet"])
+def test_an_unwritable_out_is_a_one_line_error_naming_it(split_run, tmp_path, fmt):
+    import os
+    import re
+
+    run_dir, _, _ = split_run
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "locked").mkdir(mode=0o500)
+    outs = {"Is a directory": tmp_path, "Not a directory": tmp_path / "a-file" / "out.json", "No such file or directory": tmp_path / "no" / "out.json"}
+    if os.geteuid() != 0:  # root writes anywhere
+        outs["Permission denied"] = tmp_path / "locked" / "out.json"
+    for reason, out in outs.items():
+        named = str(out).replace("out.json", "out_a.json" if fmt == "saco" else "out.json")  # saco: one file per source, car has two
+        with pytest.raises(ExportError, match=f"^cannot write --out {re.escape(named)}: {reason}$"):
+            export(TableStore(str(run_dir)), "train", "all", fmt, str(out), load_config(None, {}).storage)
+    done = subprocess.run([sys.executable, "-m", "sam3_engine", "export", str(run_dir), "--split", "train", "--format", fmt, "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip() == f"error: cannot write --out {tmp_path}: Is a directory"
 
 
 def test_the_run_evaluated_against_its_own_split(split_run, tmp_path):
