@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
@@ -44,25 +45,37 @@ def run(
     workers: Annotated[Optional[int], typer.Option("--workers", help="Decoding worker processes.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="KEY=VALUE config override, e.g. ingest.unit_size=64 (YAML value).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="If another run holds the run directory, wait for it instead of refusing.")] = False,
 ) -> None:
-    """Run the pipeline; run it again with the same output to resume after a crash."""
-    from sam3_engine.engine.run import ReconciliationError, run_pipeline  # torch and Ray: loaded only to run
+    """Run the pipeline; run it again with the same output to resume after a crash or an interruption."""
+    from sam3_engine.engine.lock import RunLockedError, describe_holder
+    from sam3_engine.engine.run import ReconciliationError, RunFailed, run_pipeline, signal_of, stop_on_signals  # torch, Ray: only to run
     from sam3_engine.engine.runner import default_progress
 
     overrides = dict(_parse_setting(s) for s in set_ or [])
     overrides.update({"input": input, "output": output, "stages": stages, "model.name": model, "ingest.workers": workers})
+
+    def on_wait(holder: dict) -> None:
+        console.print(f"waiting for the run directory: it is in use by {describe_holder(holder)}", highlight=False, soft_wrap=True)
+
+    stop_on_signals()
     try:
         resolved = load_config(config, overrides)
         console.print(f"run directory: [bold]{resolved.output}[/]  stages: {', '.join(resolved.stages)}", highlight=False)
         if quiet:
-            result = run_pipeline(resolved, announce=_announce)
+            result = run_pipeline(resolved, announce=_announce, wait_for_lock=wait, on_wait=on_wait)
         else:
             with default_progress() as progress:
-                result = run_pipeline(resolved, progress, announce=_announce)
-    except (ConfigError, InputError, ModelLoadError) as exc:
+                result = run_pipeline(resolved, progress, announce=_announce, wait_for_lock=wait, on_wait=on_wait)
+    except (ConfigError, InputError, ModelLoadError, RunLockedError) as exc:
         _fail(str(exc))
     except ReconciliationError as exc:
         _fail(str(exc), code=3)
+    except RunFailed as exc:
+        _fail(str(exc), code=1)
+    except KeyboardInterrupt as exc:
+        signum = signal_of(exc)
+        _fail(f"interrupted by {signal.Signals(signum).name}: committed work is kept; run the same command again to resume", code=128 + signum)
     _print_summary(result)
 
 
@@ -244,6 +257,8 @@ def evaluate(
     split: Annotated[Optional[str], typer.Option("--split", "-s", help="With RUN_DIR: evaluate the run's own proposals against this split (train, val, test).")] = None,
     tier: Annotated[str, typer.Option("--tier", "-t", help="With --split: gold, silver or all.")] = "gold",
     iou_type: Annotated[str, typer.Option("--iou-type", help="segm (masks) or bbox (boxes).")] = "segm",
+    allow_mismatch: Annotated[bool, typer.Option("--allow-mismatch", help="Evaluate despite bad references (predictions of unknown pairs, "
+                                                 "annotations of missing images, RLEs that do not decode or are not their image's size).")] = False,
     endpoint_url: Annotated[Optional[str], typer.Option("--endpoint-url", help="S3-compatible endpoint for s3:// paths.")] = None,
 ) -> None:
     """SA-Co metrics as JSON: cgF1, IL_MCC, pmF1 (cgF1 and pmF1 in percent), also at IoU 0.5 and 0.75, with precision, recall and image-level counts."""
@@ -264,14 +279,17 @@ def evaluate(
             with tempfile.TemporaryDirectory() as folder:
                 files = export(store, split, tier, "saco", f"{folder}/{tier}_{split}.json", StorageConfig()).files
                 truths, names = [load_json(path, read) for path in files], files
-            result = cgf1(predictions(store, split, tier), truths, iou_type, names=names)
+            result = cgf1(predictions(store, split, tier), truths, iou_type, names, f"the run's {split} proposals", allow_mismatch)
         else:
             truths = [*(gt or []), *(paths or [])]
             if pred is None or not truths:
                 _fail("give --pred PRED.json and --gt GT.json (more ground-truth files may follow), or RUN_DIR --split NAME")
-            result = cgf1(load_json(pred, read), [load_json(path, read) for path in truths], iou_type, names=truths)
-    except (EvaluationError, ExportError, FileNotFoundError) as exc:
+            result = cgf1(load_json(pred, read), [load_json(path, read) for path in truths], iou_type, truths, pred, allow_mismatch)
+    except (EvaluationError, ExportError, OSError) as exc:
         _fail(str(exc))
+    mismatched = {kind: n for kind, n in result["mismatches"].items() if n}
+    if mismatched:
+        console.print(f"[bold yellow]warning:[/] evaluated despite bad references (--allow-mismatch): {mismatched}", highlight=False, soft_wrap=True)
     out.print_json(json.dumps(result))
 
 

@@ -12,6 +12,10 @@ culprit is rejected.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -30,16 +34,48 @@ _DEATHS = (RayActorError, ActorDiedError, ActorUnavailableError, WorkerCrashedEr
 IN_FLIGHT_PER_ACTOR = 2
 
 
+_owned: dict[str, int] = {}
+"""Set while this process holds a Ray session that ``ensure_ray`` opened: the reaper pipe's write end, if any."""
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to ``address`` (or RAY_ADDRESS) when given, else start a local Ray; reuse a live session."""
+    """Connect to ``address`` (or RAY_ADDRESS) when given, else start a local Ray; reuse a live session.
+
+    ``ray.init`` replaces the driver's SIGTERM handler with one that exits mid-call (a native abort);
+    the handler the caller had (the CLI's: stop the run cleanly) is put back.
+    """
     if ray.is_initialized():
         return
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main_thread else None
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
+        _owned["session"] = -1
     else:
         # A private local Ray on loopback: never join some other cluster that happens to run here.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
+        _owned["session"] = _start_reaper()
+    if main_thread and previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def release_ray() -> None:
+    """Shut down the Ray session ``ensure_ray`` opened (a caller's own session is left alone)."""
+    pipe = _owned.pop("session", None)
+    if pipe is None:
+        return
+    ray.shutdown()
+    if pipe >= 0:
+        os.close(pipe)  # the reaper wakes, finds Ray's processes gone (or kills stragglers) and exits
+
+
+def _start_reaper() -> int:
+    """Start ``ray_reaper`` watching this driver; returns the pipe end that only this process holds."""
+    read_end, write_end = os.pipe()  # not inheritable: no other child keeps the write end open
+    subprocess.Popen([sys.executable, "-m", "sam3_engine.engine.ray_reaper", str(os.getpid())], stdin=read_end, start_new_session=True)
+    os.close(read_end)
+    return write_end
 
 
 class _ModelWorker:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
+import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -23,26 +25,80 @@ import sam3_engine
 from sam3_engine.engine import storage
 from sam3_engine.engine.catalog import connect
 from sam3_engine.engine.config import ConfigError, RunConfig
-from sam3_engine.engine.ray_executor import RayExecutor
+from sam3_engine.engine.lock import RunLock, RunLockedError
+from sam3_engine.engine.ray_executor import RayExecutor, release_ray
 from sam3_engine.engine.runner import Executor, ProcessExecutor, StageReport, UnitRunner
 from sam3_engine.engine.store import TableStore
+from sam3_engine.models.clip import choose_clip
+from sam3_engine.models.hub import ModelLoadError
+from sam3_engine.models.sam3 import choose_model
 from sam3_engine.schemas.tables import RUNS
 from sam3_engine.stages.base import Stage
-from sam3_engine.models.sam3 import choose_model
-from sam3_engine.stages.ingest import IngestStage
-from sam3_engine.models.clip import choose_clip
 from sam3_engine.stages.embed import EmbedStage
 from sam3_engine.stages.embeddings import EmbeddingStore
+from sam3_engine.stages.ingest import IngestStage
+from sam3_engine.stages.inputs import InputError
 from sam3_engine.stages.mine import MineStage, run_ontology
-from sam3_engine.stages.retrieve import RetrieveStage
 from sam3_engine.stages.negatives import NegativesStage
 from sam3_engine.stages.propose import ProposeStage
+from sam3_engine.stages.retrieve import RetrieveStage
 from sam3_engine.stages.splits import SplitsStage
 from sam3_engine.stages.verify import VerifyStage
 
 
 class ReconciliationError(RuntimeError):
     """A stage's outputs do not account for every one of its inputs."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """The run was stopped by a signal (SIGINT, SIGTERM); its committed units stay, a re-run resumes."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+_received: list[int] = []
+"""Signals that stopped this process's run: Ray re-raises a handler's exception as a plain KeyboardInterrupt."""
+
+
+def stop_on_signals() -> None:
+    """SIGTERM stops a run as Ctrl-C does: the run is marked interrupted, Ray is shut down, a re-run resumes."""
+
+    def interrupted(signum, frame):
+        _received.append(signum)
+        raise RunInterrupted(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, interrupted)
+
+
+def signal_of(exc: KeyboardInterrupt) -> int:
+    """The signal behind an interruption (SIGINT unless a handler saw another)."""
+    return getattr(exc, "signum", None) or (_received[-1] if _received else int(signal.SIGINT))
+
+
+class RunFailed(RuntimeError):
+    """An unexpected failure (the node out of memory, a lost worker node, a bug), said in one line.
+
+    The traceback is in ``log_url``, a file in the run directory; committed units stay.
+    """
+
+    def __init__(self, message: str, log_url: str):
+        super().__init__(message)
+        self.log_url = log_url
+
+
+EXPECTED = (ConfigError, InputError, ModelLoadError, ReconciliationError, RunLockedError)
+"""Failures that are the user's to fix, already said in one line: no traceback file."""
+
+_ENVIRONMENT = {
+    "OutOfMemoryError": "Ray killed a worker because the node ran out of memory",
+    "MemoryError": "the driver ran out of memory",
+    "NodeDiedError": "a Ray node died",
+    "RaySystemError": "the Ray cluster failed",
+}
+"""What a person should read for failures of the environment rather than of the inputs."""
 
 
 @dataclass
@@ -172,17 +228,80 @@ def _runs_row(meta: dict, attempt_id: str, config: RunConfig, started: datetime,
     )
 
 
-def run_pipeline(config: RunConfig, progress=None, announce: Callable[[list[str]], None] | None = None) -> RunResult:
+def _check_input(config: RunConfig) -> None:
+    """A missing input fails before the run directory is made (a glob is checked when it is listed)."""
+    if "ingest" not in config.stages or not config.input or any(c in config.input for c in "*?["):
+        return
+    fs, path = storage.filesystem(config.input, config.storage)
+    if not fs.exists(path):
+        raise InputError(f"input {config.input!r} does not exist")
+
+
+def _make_run_directory(config: RunConfig) -> bool:
+    """Create the run directory; True if it did not exist. A file or an unwritable path is a config error."""
+    fs, root = storage.filesystem(config.output, config.storage)
+    try:
+        if fs.isfile(root):
+            raise ConfigError(f"output {config.output!r} is a file, not a run directory")
+        existed = fs.isdir(root)
+        fs.makedirs(root, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"output {config.output!r}: cannot create the run directory ({exc.strerror or exc})") from exc
+    return not existed
+
+
+def _remove_unused(config: RunConfig) -> None:
+    """Remove a run directory this attempt created and wrote nothing to (it failed before any work)."""
+    fs, root = storage.filesystem(config.output, config.storage)
+    if {storage.join(root, "run.lock")} >= {p.rstrip("/") for p in fs.ls(root, detail=False)}:
+        fs.rm(root, recursive=True)
+
+
+def _log_failure(config: RunConfig, attempt_id: str, exc: BaseException) -> RunFailed:
+    """Write the traceback to ``logs/<attempt>.log`` in the run directory; the error says it in one line."""
+    log_url = storage.join(storage.absolute_url(config.output), "logs", f"{attempt_id}.log")
+    fs, path = storage.filesystem(log_url, config.storage)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "w") as f:
+        f.write("".join(traceback.format_exception(exc)))
+    name = type(exc).__name__
+    what = _ENVIRONMENT.get(name, f"{name}: {(str(exc).strip().splitlines() or [''])[0][:200]}")
+    return RunFailed(f"{what}; committed work is kept and re-running the same command resumes (traceback: {log_url})", log_url)
+
+
+def run_pipeline(config: RunConfig, progress=None, announce: Callable[[list[str]], None] | None = None,
+                 wait_for_lock: bool = False, on_wait: Callable[[dict], None] | None = None) -> RunResult:
     """Run ``config.stages`` in order into ``config.output``; safe to call again after a crash.
 
+    One run at a time holds the run directory (``engine.lock``): another refuses with
+    ``RunLockedError``, or with ``wait_for_lock`` waits (``on_wait`` is told the holder once).
     ``announce`` receives the run's notices (such as a model fallback) before any work starts.
     """
+    _check_input(config)
+    created = _make_run_directory(config)
+    lock = RunLock(config.output, config.storage).acquire(wait_for_lock, on_wait)
+    try:
+        return _run_locked(config, lock, progress, announce, created)
+    finally:
+        lock.release()
+        release_ray()
+
+
+def _run_locked(config: RunConfig, lock: RunLock, progress, announce, created: bool) -> RunResult:
     clock = time.monotonic()
     meta = _read_run_metadata(config)
-    stages = build_stages(config, meta["run_id"])
+    try:
+        stages = build_stages(config, meta["run_id"])
+    except BaseException:
+        if created:
+            _remove_unused(config)
+        raise
     _write_run_metadata(config, meta)
+    found = notices(stages)
+    if not lock.supported:
+        found.append(f"no run lock on {storage.protocol_of(lock.run_url)}://: do not start two runs on this output at once")
     if announce is not None:
-        announce(notices(stages))
+        announce(found)
     store = TableStore(config.output, config.storage)
     attempt_id = uuid.uuid4().hex
     started = datetime.now(timezone.utc)
@@ -191,6 +310,8 @@ def run_pipeline(config: RunConfig, progress=None, announce: Callable[[list[str]
     reports: list[StageReport] = []
     try:
         for stage in stages:
+            if lock.lost:
+                raise RunLockedError(f"run directory {lock.run_url}: the run lock was taken over (its heartbeat was late); stopping")
             report = runner.run(stage, _executor(stage, config))
             con = connect(store)
             report.counts = stage.summarize(con)
@@ -201,11 +322,18 @@ def run_pipeline(config: RunConfig, progress=None, announce: Callable[[list[str]
                     f"stage {stage.name}: {report.items_total} inputs but {accounted} rows in its result and rejects tables"
                 )
             reports.append(report)
+            if len(reports) == 1 and not report.items_total:
+                where = f" in {config.input}" if stage.name == "ingest" else ""
+                found.append(f"stage {stage.name} found no inputs{where} (an empty folder, or a glob matching nothing): nothing to do")
     except BaseException as exc:
         summary = {"stages": [asdict(r) for r in reports]}
-        store.replace(RUNS, attempt_id, _runs_row(meta, attempt_id, config, started, "failed", summary, f"{type(exc).__name__}: {exc}"))
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        error = f"{type(exc).__name__}: {exc}" if status == "failed" else f"interrupted by signal {signal_of(exc)}"
+        store.replace(RUNS, attempt_id, _runs_row(meta, attempt_id, config, started, status, summary, error))
+        if isinstance(exc, Exception) and not isinstance(exc, EXPECTED):
+            raise _log_failure(config, attempt_id, exc) from exc
         raise
-    result = RunResult(meta["run_id"], attempt_id, store.run_url, meta["engine_version"], meta["git_commit"], time.monotonic() - clock, reports, notices(stages))
+    result = RunResult(meta["run_id"], attempt_id, store.run_url, meta["engine_version"], meta["git_commit"], time.monotonic() - clock, reports, found)
     summary = {"seconds": result.seconds, "notices": result.notices, "stages": [asdict(r) for r in reports]}
     store.replace(RUNS, attempt_id, _runs_row(meta, attempt_id, config, started, "finished", summary))
     return result

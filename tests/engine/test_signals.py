@@ -1,0 +1,81 @@
+"""Stopping a run that has a private local Ray: SIGTERM stops it cleanly, kill -9 leaves no Ray process behind."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from tests.conftest import EXAMPLES
+from tests.helpers import rows
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process trees as Linux shows them")
+
+
+def _start(output):
+    """The quickstart's first stages as a user runs them, started without a cluster: the run starts its own Ray."""
+    command = [sys.executable, "-m", "sam3_engine", "run", str(EXAMPLES / "quickstart.yaml"), "--stages", "ingest,mine,embed", "--output", str(output), "-q"]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_without_ray_address())
+
+
+def _without_ray_address():
+    import os
+
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
+def _descendants_once_the_model_actor_runs(driver: subprocess.Popen) -> list[psutil.Process]:
+    """The driver's process tree, read once its embed model actor exists (Ray's helpers started by then)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and driver.poll() is None:
+        tree = psutil.Process(driver.pid).children(recursive=True)
+        if any("EmbedModelWorker" in " ".join(_cmdline(p)) for p in tree):
+            return tree
+        time.sleep(0.2)
+    pytest.fail(f"no embed model actor appeared: {driver.communicate()[1][-2000:]}")
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
+
+
+def _gone(processes: list[psutil.Process], within: float) -> list[str]:
+    """Those of ``processes`` still running after ``within`` seconds (a zombie counts as gone)."""
+    deadline = time.monotonic() + within
+    while True:
+        alive = [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        if not alive or time.monotonic() > deadline:
+            return [" ".join(_cmdline(p))[:80] for p in alive]
+        time.sleep(0.2)
+
+
+def test_sigterm_marks_the_run_interrupted_and_shuts_ray_down(tmp_path):
+    output = tmp_path / "run"
+    driver = _start(output)
+    tree = _descendants_once_the_model_actor_runs(driver)
+    driver.send_signal(signal.SIGTERM)
+    _, err = driver.communicate(timeout=120)
+    assert driver.returncode == 143, err[-3000:]
+    assert "interrupted by SIGTERM" in err and "run the same command again to resume" in err
+    assert "Traceback" not in err and "SystemExit" not in err
+    assert not _gone(tree, within=30), "Ray processes outlived a run stopped by SIGTERM"
+    runs = rows(output, "SELECT status, error FROM runs")
+    assert runs == [{"status": "interrupted", "error": f"interrupted by signal {int(signal.SIGTERM)}"}]
+    assert not (output / "run.lock").read_text(), "the run lock was not released"
+
+
+def test_a_killed_driver_leaves_no_ray_process_behind(tmp_path):
+    driver = _start(tmp_path / "run")
+    tree = _descendants_once_the_model_actor_runs(driver)
+    helpers = [p for p in tree if any(name in " ".join(_cmdline(p)) for name in ("DashboardAgent", "RuntimeEnvAgent"))]
+    reaper = [p for p in tree if "ray_reaper" in " ".join(_cmdline(p))]
+    assert helpers and len(reaper) == 1
+    driver.send_signal(signal.SIGKILL)
+    driver.communicate()
+    reaper[0].wait(timeout=60)
+    assert not _gone(tree, within=0), "Ray processes outlived a killed driver"
