@@ -73,6 +73,9 @@ class ModelConfig(_Frozen):
 
 class MineConfig(_Frozen):
     captions: bool = Field(True, description="Mine noun phrases from the images' captions and alt texts.")
+    max_caption_chars: int = Field(
+        10_000, ge=1, description="Characters of captions and alt texts mined per image; the rest is a caption_truncated reject."
+    )
     phrases: tuple[str, ...] = Field((), description="Phrases asked on every image (origin user). Per-image phrases come from the manifest's `phrases`.")
     vocabulary: str | None = Field(
         None, description="A vocabulary asked on every image (origin vocabulary): a text file, one phrase per line, or a YAML/JSON tree of concepts (name, synonyms, parent, children)."

@@ -23,6 +23,10 @@ import yaml
 
 TEXT_CONTEXT = 32
 """SAM 3's text context in tokens, start and end tokens included."""
+MAX_WORDS = TEXT_CONTEXT - 2
+"""Words a phrase can have and still fit the text context: every word is at least one token."""
+PARSE_WINDOW = 2000
+"""Characters parsed at a time: TextBlob's chunker is quadratic in a sentence's length, so longer text is cut."""
 
 BUILTIN = "builtin"
 ARTICLES = frozenset("a an the this that these those some any each every its their his her our my your".split())
@@ -260,6 +264,18 @@ def load_ontology(source: str | None, read_text) -> Ontology:
     return Ontology.load(source, read_text(source))
 
 
+def _pieces(text: str) -> list[str]:
+    """``text`` cut into pieces of at most PARSE_WINDOW characters: after a sentence's end where there is one, else between words."""
+    pieces, start = [], 0
+    while len(text) - start > PARSE_WINDOW:
+        window = text[start : start + PARSE_WINDOW]
+        sentence_end = max(window.rfind(". "), window.rfind("! "), window.rfind("? "), window.rfind("\n"))
+        cut = sentence_end + 1 or window.rfind(" ") + 1 or PARSE_WINDOW
+        pieces.append(window[:cut])
+        start += cut
+    return [*pieces, text[start:]]
+
+
 def noun_phrases(text: str, ontology: Ontology | None = None) -> list[str]:
     """Noun compounds in ``text``, in their raw spelling; plus each shorter tail that the ontology knows.
 
@@ -277,12 +293,13 @@ def noun_phrases(text: str, ontology: Ontology | None = None) -> list[str]:
         if not words or words[-1].lower() in NOT_CONCEPTS:
             return
         found.append(" ".join(words))
-        for start in range(1, len(words)):
+        for start in range(max(1, len(words) - MAX_WORDS), len(words)):  # a longer tail cannot be a concept
             tail = " ".join(words[start:])
             if ontology is not None and ontology.canonical(tail) in ontology.concepts:
                 found.append(tail)
 
-    for sentence in parse(text, chunks=True, relations=False, lemmata=False).split():
+    sentences = (sentence for piece in _pieces(text) for sentence in parse(piece, chunks=True, relations=False, lemmata=False).split())
+    for sentence in sentences:
         run: list[tuple[str, str]] = []
         for word, tag, chunk, *_ in sentence:
             is_noun = tag.startswith("NN") and chunk.endswith("NP")

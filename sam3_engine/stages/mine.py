@@ -10,6 +10,7 @@ mined one.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,7 @@ from sam3_engine.schemas.tables import CANDIDATES, CONCEPTS, IMAGES, REJECTS
 from sam3_engine.stages.base import Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, reject_reasons, rows_table
 from sam3_engine.stages.concepts import TEXT_CONTEXT, Ontology, concept_id, load_ontology, noun_phrases, pair_id, phrase_lines, token_count
 
-VERSION = 1
+VERSION = 2
 """Bump when a change to this module changes the rows it writes: every unit then re-runs."""
 
 FREQUENCY_LIST = 5
@@ -31,7 +32,10 @@ FREQUENCY_LIST = 5
 REASONS = {
     "empty_phrase": "A user phrase with no words left once articles and punctuation are removed.",
     "phrase_too_long": f"A phrase longer than SAM 3's {TEXT_CONTEXT}-token text context.",
+    "caption_truncated": "An image's captions and alt texts hold more than mine.max_caption_chars characters: only the first are mined.",
 }
+SHOWN_CHARS = 200
+"""Characters of a rejected phrase quoted in its reject's detail."""
 
 
 def load_vocabulary(url: str | None, storage_config: StorageConfig) -> Ontology:
@@ -61,6 +65,26 @@ def run_ontology(config: MineConfig, storage_config: StorageConfig, vocabulary: 
         raise ConfigError(f"mine.ontology: {exc}") from exc
     ontology.merge(vocabulary if vocabulary is not None else load_vocabulary(config.vocabulary, storage_config))
     return ontology
+
+
+def capped(texts: tuple[str, ...], limit: int) -> tuple[list[str], int]:
+    """The texts cut to their first ``limit`` characters in all, ending between words, and how many characters were left out.
+
+    Mining's cost grows with the text's length: one huge caption must not stall the stage.
+    """
+    kept, room = [], limit
+    for text in texts:
+        if len(text) > room:
+            head = re.match(r"(?s).*\s", text[: room + 1])  # up to the cut's last whitespace: a word cut in two is left out
+            kept.append(head.group(0)[:room] if head else "")
+            break
+        kept.append(text)
+        room -= len(text)
+    return [text for text in kept if text.strip()], sum(map(len, texts)) - sum(map(len, kept))
+
+
+def _shown(raw: str) -> str:
+    return repr(raw) if len(raw) <= SHOWN_CHARS else f"{raw[:SHOWN_CHARS]!r}... ({len(raw)} characters)"
 
 
 @dataclass(frozen=True)
@@ -103,6 +127,7 @@ class MineStage(Stage):
         settings = {
             "version": VERSION,
             "captions": self.config.captions,
+            "max_caption_chars": self.config.max_caption_chars,
             "ontology": self.ontology.digest,
             "everywhere": [list(p) for p in self.everywhere],
         }
@@ -115,15 +140,18 @@ class MineStage(Stage):
         candidates: dict[tuple[str, str], dict[str, Any]] = {}
         rejects: dict[str, dict[str, Any]] = {}
         for image in unit.items:
-            found = [(raw, "caption") for text in (image.texts if self.config.captions else ()) for raw in noun_phrases(text, self.ontology)]
+            texts, left_out = capped(image.texts, self.config.max_caption_chars) if self.config.captions else ([], 0)
+            if left_out:
+                total, limit = sum(map(len, image.texts)), self.config.max_caption_chars
+                detail = f"{total} characters of captions and alt texts: the first {total - left_out} mined, {left_out} left out"
+                self._reject(rejects, image, "caption_truncated", "caption_truncated", f"{detail} (mine.max_caption_chars = {limit})")
+            found = [(raw, "caption") for text in texts for raw in noun_phrases(text, self.ontology)]
             found += [(raw, "user") for raw in image.phrases]
-            for raw, origin in found:
+            for raw, origin in dict.fromkeys(found):
                 name = self.ontology.canonical(raw)
                 problem = "empty_phrase" if not name else "phrase_too_long" if token_count(name) > TEXT_CONTEXT else None
                 if problem:
-                    input_id = hashlib.sha256("\0".join((image.image_id, origin, raw)).encode()).hexdigest()[:24]
-                    rejects[input_id] = {"input_id": input_id, "stage": self.name, "uri": image.uri, "image_id": image.image_id,
-                                         "reason": problem, "detail": f"{origin} phrase {raw!r}"}
+                    self._reject(rejects, image, problem, f"{origin}\0{raw}", f"{origin} phrase {_shown(raw)}")
                     continue
                 self._add(candidates, image, name, raw, origin)
             for name, raw, origin in self.everywhere:
@@ -132,6 +160,11 @@ class MineStage(Stage):
             CANDIDATES.name: rows_table(CANDIDATES, sorted(candidates.values(), key=lambda r: (r["pair_id"], r["origin"])), unit.unit_id),
             REJECTS.name: rows_table(REJECTS, list(rejects.values()), unit.unit_id),
         }
+
+    def _reject(self, rejects: dict, image: ImageText, reason: str, key: str, detail: str) -> None:
+        input_id = hashlib.sha256(f"{image.image_id}\0{key}".encode()).hexdigest()[:24]
+        rejects[input_id] = {"input_id": input_id, "stage": self.name, "uri": image.uri, "image_id": image.image_id,
+                             "reason": reason, "detail": detail}
 
     @staticmethod
     def _add(candidates: dict, image: ImageText, name: str, raw: str, origin: str) -> None:

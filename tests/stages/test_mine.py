@@ -7,7 +7,8 @@ import pytest
 from sam3_engine.engine.config import ConfigError, MineConfig, StorageConfig, load_config
 from sam3_engine.engine.run import build_stages, run_pipeline
 from sam3_engine.stages.concepts import COLOURS, NOT_CONCEPTS, Ontology, concept_id, noun_phrases, normal_form, pair_id
-from sam3_engine.stages.mine import MineStage
+from sam3_engine.stages.base import WorkUnit
+from sam3_engine.stages.mine import ImageText, MineStage
 from tests.conftest import EXAMPLES
 from tests.helpers import rows
 
@@ -178,3 +179,35 @@ def test_propose_asks_each_image_its_mined_concepts(mined_run, ray_cluster, tmp_
     counts = result.stages[0].counts
     assert counts["hard_negative_pairs"] == rows(run_dir, "SELECT count(*) AS n FROM candidates WHERE origin = 'hard_negative'")[0]["n"]
     assert counts["hard_negatives_fired"] == len(rows(run_dir, "SELECT * FROM pairs p JOIN candidates c USING (pair_id) WHERE origin = 'hard_negative' AND instance_count > 0"))
+
+
+def test_a_long_noun_run_is_mined_in_linear_time_and_gives_its_compound_and_known_tails(builtin):
+    """Only tails that fit SAM 3's text context are looked at: 24k words of "car" once took over a minute."""
+    found = noun_phrases("car " * 24_000, builtin)
+    assert set(found) == {"car", " ".join(["car"] * 500)}  # parsed in pieces of 2,000 characters, 500 words each
+
+
+def test_a_1mb_caption_is_mined_up_to_the_cap_and_the_cut_is_a_reject(photos_dir, tmp_path):
+    """A 1 MB caption without punctuation stalled mining for hours; now its first mine.max_caption_chars are mined."""
+    manifest = tmp_path / "manifest.jsonl"
+    lines = [{"uri": str(photos_dir / "truck.jpg"), "caption": "car " * 262_144},  # 1 MB
+             {"uri": str(photos_dir / "groceries.jpg"), "caption": "bags"}]
+    manifest.write_text("\n".join(json.dumps(line) for line in lines))
+    run_dir = tmp_path / "run"
+    result = run_pipeline(load_config(None, {"input": str(manifest), "output": str(run_dir), "stages": "ingest,mine"}))
+    (reject,) = rows(run_dir, "SELECT r.detail, i.uri FROM rejects r JOIN images i USING (image_id) WHERE reason = 'caption_truncated'")
+    assert reject["uri"].endswith("truck.jpg")  # the caption is stored stripped: 1,048,575 characters
+    assert reject["detail"] == ("1048575 characters of captions and alt texts: the first 10000 mined, 1038575 left out "
+                                "(mine.max_caption_chars = 10000)")
+    mined = rows(run_dir, "SELECT i.uri, c.phrase FROM candidates c JOIN images i USING (image_id) WHERE origin = 'caption' ORDER BY uri")
+    assert [(r["uri"].rsplit("/", 1)[1], r["phrase"]) for r in mined] == [("groceries.jpg", "bag"), ("truck.jpg", "car")]
+    assert result.stages[1].counts["reject_reasons"] == {"caption_truncated": 1, "phrase_too_long": 1}  # "car car ...": 500 words
+
+
+def test_the_caption_cap_is_configurable_and_cuts_between_words():
+    stage = MineStage(MineConfig(max_caption_chars=14, ontology=None), StorageConfig())
+    image = ImageText("img", "photo.jpg", ("grocery bags in a car trunk", "a dog"), ())
+    tables = stage.process(WorkUnit("unit", (image,)))
+    assert tables["candidates"].column("phrase").to_pylist() == ["grocery bag"]
+    (reject,) = tables["rejects"].to_pylist()
+    assert reject["reason"] == "caption_truncated" and "the first 13 mined, 19 left out (mine.max_caption_chars = 14)" in reject["detail"]
