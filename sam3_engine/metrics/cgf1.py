@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -32,6 +33,10 @@ SCORE_THRESHOLD = 0.5
 F1_EPS = 1e-4
 IL_EPS = 1e-6
 IOU_TYPES = ("segm", "bbox")
+RLE_MAX_GROUPS = 7
+"""Characters one run of a compressed RLE may take (35 bits)."""
+RLE_CHUNK = 1 << 20
+"""Characters of RLE counts read at once."""
 
 
 class EvaluationError(ValueError):
@@ -68,37 +73,89 @@ def _f1(tps: np.ndarray, fps: np.ndarray, fns: np.ndarray) -> np.ndarray:
     return 2 * precision * recall / (precision + recall + F1_EPS)
 
 
+MISMATCHES = {
+    "predictions_unknown_pair": "prediction(s) with an image_id that no ground-truth file has",
+    "predictions_unknown_category": "prediction(s) with a category_id that no ground-truth file has",
+    "annotations_unknown_pair": "annotation(s) with an image_id that is not an image of the file",
+    "rle_undecodable": "RLE mask(s) whose counts do not decode to height x width pixels",
+    "rle_wrong_size": "RLE mask(s) whose size is not their image's [height, width]",
+}
+"""Kinds of bad reference, as counted under ``mismatches``."""
+
+
+class Mismatches:
+    """Bad references in the inputs, counted per kind and file with a few examples, so that none is scored silently."""
+
+    EXAMPLES = 3
+
+    def __init__(self) -> None:
+        self.found: dict[tuple[str, str], list] = {}
+        """(kind, file) -> [count, examples]."""
+
+    def add(self, kind: str, name: str, example: str) -> None:
+        entry = self.found.setdefault((kind, name), [0, []])
+        entry[0] += 1
+        if len(entry[1]) < self.EXAMPLES:
+            entry[1].append(example)
+
+    def counts(self) -> dict[str, int]:
+        return {kind: sum(n for (k, _), (n, _) in self.found.items() if k == kind) for kind in MISMATCHES}
+
+    def message(self) -> str:
+        return "; ".join(f"{name}: {n} {MISMATCHES[kind]} ({', '.join(examples)}{', ...' if n > len(examples) else ''})"
+                         for (kind, name), (n, examples) in self.found.items())
+
+
 class GroundTruth:
     """One ground-truth file: its pairs' regions (RLE or boxes) in COCOeval's order, crowd excluded."""
 
-    def __init__(self, data: dict[str, Any], name: str, iou_type: str):
-        for key in ("images", "annotations"):
+    def __init__(self, data: dict[str, Any], name: str, iou_type: str, mismatches: Mismatches):
+        if not isinstance(data, dict):
+            raise EvaluationError(f"{name}: expected an SA-Co ground-truth object, got {_kind(data)}")
+        for key in ("images", "annotations", "categories"):
             if not isinstance(data.get(key), list):
                 raise EvaluationError(f"{name}: no `{key}` list")
+        segm = iou_type == "segm"
+        image_keys = ("id", "is_instance_exhaustive", *(("height", "width") if segm else ()))
+        for index, image in enumerate(data["images"]):
+            _require(image, image_keys, f"{name}: images[{index}]")
+        for index, category in enumerate(data["categories"]):
+            _require(category, ("id",), f"{name}: categories[{index}]")
+        images = {image["id"]: image for image in data["images"]}
+        masks = []
+        for index, annotation in enumerate(data["annotations"]):
+            where = f"{name}: annotations[{index}]"
+            _require(annotation, ("id", "image_id", "category_id", "segmentation" if segm else "bbox"), where)
+            image = images.get(annotation["image_id"])
+            if image is None:
+                mismatches.add("annotations_unknown_pair", name, f"id {annotation['id']!r} names image {annotation['image_id']!r}")
+            elif segm:
+                masks.append(MaskRef(annotation, annotation["segmentation"], image, where, f"annotation id {annotation['id']!r}"))
+        self.undecodable = _undecodable(masks, name, mismatches)
+        """id() of the annotations whose RLE does not decode: they match nothing (pycocotools must never see them)."""
         with contextlib.redirect_stdout(io.StringIO()):
             self.coco = COCO()
             self.coco.dataset = data
             self.coco.createIndex()
         self.name = name
         self.iou_type = iou_type
+        self.images = images
         self.category_ids = sorted(self.coco.getCatIds())
 
-    def pair_ids(self) -> list[Any]:
-        return [image["id"] for image in self.coco.dataset["images"]]
-
     def not_exhaustive(self) -> set[Any]:
-        return {image["id"] for image in self.coco.dataset["images"] if not _exhaustive(image, self.name)}
+        return {image["id"] for image in self.coco.dataset["images"] if not image["is_instance_exhaustive"]}
 
     def regions(self, pair: Any) -> list:
-        """Non-crowd ground truth of ``pair``: grouped by sorted category id, then in file order."""
+        """Non-crowd ground truth of ``pair``: grouped by sorted category id, then in file order; None for an undecodable mask."""
         annotations = self.coco.imgToAnns.get(pair, [])
         ordered = [a for category in self.category_ids for a in annotations if a["category_id"] == category]
-        return [self._region(a) for a in ordered if not a.get("iscrowd")]
+        return [None if id(a) in self.undecodable else self._region(a) for a in ordered if not a.get("iscrowd")]
 
-    def predicted(self, predictions: list[dict[str, Any]]) -> list:
-        """Regions of one pair's predictions scoring >= 0.5, in COCOeval's order; categories unknown to this file are dropped."""
-        kept = [p for category in self.category_ids for p in predictions if p.get("category_id") == category]
-        return [self._region(_as_result(p)) for p in kept if p["score"] >= SCORE_THRESHOLD]
+    def predicted(self, predictions: list[dict[str, Any]], undecodable: set[int]) -> list:
+        """Regions of one pair's predictions scoring >= 0.5, in COCOeval's order (None for an undecodable mask); categories unknown to
+        this file are dropped."""
+        kept = [p for category in self.category_ids for p in predictions if p["category_id"] == category]
+        return [None if id(p) in undecodable else self._region(_as_result(p)) for p in kept if p["score"] >= SCORE_THRESHOLD]
 
     def _region(self, annotation: dict[str, Any]):
         if self.iou_type == "bbox":
@@ -106,10 +163,113 @@ class GroundTruth:
         return self.coco.annToRLE(annotation)
 
 
-def _exhaustive(image: dict[str, Any], name: str) -> bool:
-    if "is_instance_exhaustive" not in image:
-        raise EvaluationError(f"{name}: image {image.get('id')!r} has no `is_instance_exhaustive` (an SA-Co file needs it on every pair)")
-    return bool(image["is_instance_exhaustive"])
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
+
+
+def _require(item: Any, keys: tuple[str, ...], where: str) -> None:
+    """An EvaluationError naming ``where`` and the first of ``keys`` missing from ``item``, which must be a JSON object."""
+    if not isinstance(item, dict):
+        raise EvaluationError(f"{where} is {_kind(item)}, not an object")
+    for key in keys:
+        if key not in item:
+            raise EvaluationError(f"{where} has no `{key}`")
+    if "bbox" in item and not (isinstance(item["bbox"], list) and len(item["bbox"]) == 4 and all(map(_is_number, item["bbox"]))):
+        raise EvaluationError(f"{where}: `bbox` must be [x, y, width, height], not {json.dumps(item['bbox'])[:60]}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+class MaskRef(NamedTuple):
+    owner: dict[str, Any]
+    """The annotation or prediction."""
+    segmentation: Any
+    image: dict[str, Any]
+    where: str
+    """Where it is, for an error: ``FILE: annotations[3]``."""
+    example: str
+    """How a mismatch names it."""
+
+
+def _undecodable(masks: list[MaskRef], name: str, mismatches: Mismatches) -> set[int]:
+    """The id() of the owners whose RLE does not decode; those and RLEs of another size than their image's are recorded.
+
+    An RLE of another size is kept: pycocotools scores it as the official evaluator does (IoU -1, it matches nothing). Polygons are
+    drawn at their image's size: always usable.
+    """
+    rles = []
+    for mask in masks:
+        if isinstance(mask.segmentation, list):
+            continue
+        size = mask.segmentation.get("size") if isinstance(mask.segmentation, dict) else None
+        if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size) and "counts" in mask.segmentation):
+            raise EvaluationError(f'{mask.where}: `segmentation` must be polygons or an RLE {{"size": [height, width], "counts": ...}}')
+        rles.append((mask, size))
+    undecodable = set()
+    for (mask, size), pixels in zip(rles, _rle_pixels([mask.segmentation["counts"] for mask, _ in rles])):
+        expected = [mask.image["height"], mask.image["width"]]
+        if pixels != size[0] * size[1]:
+            mismatches.add("rle_undecodable", name, f"{mask.example}: size {size}")
+            undecodable.add(id(mask.owner))
+        elif size != expected:
+            mismatches.add("rle_wrong_size", name, f"{mask.example}: size {size}, image {expected}")
+    return undecodable
+
+
+def _rle_pixels(all_counts: list[Any]) -> list[int | None]:
+    """The pixels each COCO RLE's runs add up to, or None where its counts do not decode.
+
+    Read here because pycocotools' C decoder trusts its input: malformed counts overrun its buffer or keep it busy for minutes.
+    Uncompressed counts are a list of runs; compressed ones a string, read by ``_string_pixels``.
+    """
+    pixels: list[int | None] = [None] * len(all_counts)
+    for index, counts in enumerate(all_counts):
+        if isinstance(counts, list):
+            pixels[index] = sum(counts) if all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts) else None
+    strings = [(index, counts if counts.isascii() else "\x00")  # \x00: a character no RLE has
+               for index, counts in enumerate(all_counts) if isinstance(counts, str)]
+    chunk_of = np.cumsum([len(text) + 1 for _, text in strings]) // RLE_CHUNK
+    for _, chunk in itertools.groupby(zip(chunk_of, strings), key=lambda item: item[0]):
+        entries = [entry for _, entry in chunk]
+        for (index, _), total in zip(entries, _string_pixels([text for _, text in entries])):
+            pixels[index] = total
+    return pixels
+
+
+def _string_pixels(strings: list[str]) -> list[int | None]:
+    """Compressed RLE counts (``rleFrString`` in pycocotools' maskApi.c), all strings at once: a mask of a large image has thousands
+    of runs, and a file has thousands of masks.
+
+    Each run is a group of characters from '0', 5 bits each, low bits first (0x20: more characters follow; 0x10 in the last: the
+    value is negative); each run after the third adds the run two before it.
+    """
+    count = len(strings)
+    lengths = np.array([len(text) for text in strings], np.int64)
+    chars = np.frombuffer("".join(strings).encode(), np.uint8).astype(np.int64) - 48
+    owner = np.repeat(np.arange(count), lengths)
+    bad = np.bincount(owner, weights=(chars < 0) | (chars >= 64), minlength=count) > 0
+    run_end = chars & 0x20 == 0
+    finals = (np.cumsum(lengths) - 1)[lengths > 0]
+    bad[lengths > 0] |= ~run_end[finals]  # the last run of a string continues past its end
+    run_end[finals] = True
+    ends = np.flatnonzero(run_end)
+    starts = np.concatenate(([0], ends + 1))[:-1]
+    run_owner = owner[ends]
+    bad |= np.bincount(run_owner, weights=ends - starts >= RLE_MAX_GROUPS, minlength=count) > 0
+    position = np.minimum(np.arange(len(chars)) - np.repeat(starts, ends - starts + 1), RLE_MAX_GROUPS)
+    values = np.add.reduceat((chars & 0x1F) << (5 * position), starts) if len(ends) else np.zeros(0, np.int64)
+    values -= (chars[ends] & 0x10 != 0) << (5 * (position[ends] + 1))
+    index = np.arange(len(ends)) - np.searchsorted(run_owner, np.arange(count))[run_owner]
+    runs = values.copy()
+    for parity in (index % 2 == 1, (index % 2 == 0) & (index > 0)):  # running sums per string: odd runs, and even ones after the first
+        summed = np.cumsum(np.where(parity, values, 0))
+        before = np.concatenate(([0], summed))[np.searchsorted(run_owner, np.arange(count))]
+        runs = np.where(parity, summed - before[run_owner], runs)
+    bad |= np.bincount(run_owner, weights=runs < 0, minlength=count) > 0
+    totals = np.bincount(run_owner, weights=runs, minlength=count)
+    return [None if wrong else int(total) for wrong, total in zip(bad, totals)]
 
 
 def _as_result(prediction: dict[str, Any]) -> dict[str, Any]:
@@ -124,14 +284,22 @@ def _as_result(prediction: dict[str, Any]) -> dict[str, Any]:
 
 
 def match(predicted: list, truth: list, iou_type: str) -> PairOutcome:
-    """One pair against one ground truth: Hungarian matching by IoU, true positives per threshold."""
+    """One pair against one ground truth: Hungarian matching by IoU, true positives per threshold.
+
+    A None region (an undecodable mask) has IoU -1 with everything, as pycocotools gives a mask of another size.
+    """
     if not truth and not predicted:
         return PairOutcome(0, 0, None)
     if not predicted:
         return PairOutcome(len(truth), 0, np.zeros(len(IOU_THRESHOLDS), np.int64))
     if not truth:
         return PairOutcome(0, len(predicted), np.zeros(len(IOU_THRESHOLDS), np.int64))
-    ious = np.asarray(mask_utils.iou(predicted, truth, [0] * len(truth)), dtype=float).reshape(len(predicted), len(truth))
+    ious = np.full((len(predicted), len(truth)), -1.0)
+    rows = [i for i, region in enumerate(predicted) if region is not None]
+    cols = [j for j, region in enumerate(truth) if region is not None]
+    if rows and cols:
+        computed = mask_utils.iou([predicted[i] for i in rows], [truth[j] for j in cols], [0] * len(cols))
+        ious[np.ix_(rows, cols)] = np.asarray(computed, dtype=float).reshape(len(rows), len(cols))
     rows, cols = linear_sum_assignment(-ious)
     matched = ious[rows, cols]
     tps = (matched[None, :] >= IOU_THRESHOLDS[:, None]).sum(axis=1).astype(np.int64)
@@ -150,22 +318,64 @@ def _best(outcomes: list[PairOutcome]) -> PairOutcome:
     return best
 
 
-def evaluate(predictions: list[dict[str, Any]], truths: list[dict[str, Any]], iou_type: str = "segm", names: list[str] | None = None) -> dict[str, Any]:
-    """The SA-Co metrics of ``predictions`` (a COCO results list) against one or more ground-truth files."""
+def evaluate(predictions: list[dict[str, Any]], truths: list[dict[str, Any]], iou_type: str = "segm", names: list[str] | None = None,
+             prediction_name: str = "predictions", allow_mismatch: bool = False) -> dict[str, Any]:
+    """The SA-Co metrics of ``predictions`` (a COCO results list) against one or more ground-truth files.
+
+    Bad references (see ``Mismatches``) are an EvaluationError unless ``allow_mismatch``; then they score as the official evaluator
+    scores them (a prediction of an unknown pair or category counts nowhere; a mask of the wrong size, or undecodable, matches
+    nothing) and their counts are under ``mismatches``.
+    """
     if iou_type not in IOU_TYPES:
         raise EvaluationError(f"iou type must be one of {IOU_TYPES}, not {iou_type!r}")
     if not truths:
         raise EvaluationError("at least one ground-truth file is needed")
     names = names or [f"ground truth {i + 1}" for i in range(len(truths))]
-    files = [GroundTruth(data, name, iou_type) for data, name in zip(truths, names)]
+    mismatches = Mismatches()
+    files = [GroundTruth(data, name, iou_type, mismatches) for data, name in zip(truths, names)]
+    by_pair, undecodable = _predictions_by_pair(predictions, prediction_name, files, iou_type, mismatches)
+    if mismatches.found and not allow_mismatch:
+        raise EvaluationError(f"{mismatches.message()}; --allow-mismatch evaluates anyway, counting them under `mismatches`")
     excluded = set().union(*(f.not_exhaustive() for f in files[1:])) if len(files) > 1 else set()
     first = files[0]
-    pairs = [image["id"] for image in first.coco.dataset["images"] if _exhaustive(image, first.name) and image["id"] not in excluded]
+    pairs = [image["id"] for image in first.coco.dataset["images"] if image["is_instance_exhaustive"] and image["id"] not in excluded]
+    outcomes = [_best([match(f.predicted(by_pair.get(pair, []), undecodable), f.regions(pair), iou_type) for f in files])
+                for pair in pairs]
+    return {**summarize(outcomes, iou_type), "mismatches": mismatches.counts()}
+
+
+def _predictions_by_pair(
+    predictions: Any, name: str, files: list[GroundTruth], iou_type: str, mismatches: Mismatches
+) -> tuple[dict[Any, list], set[int]]:
+    """The predictions grouped by pair, and the id() of those whose mask does not decode; bad references are recorded."""
+    if not isinstance(predictions, list):
+        raise EvaluationError(f"{name}: expected a list of predictions (a COCO results file), got {_kind(predictions)}")
+    segm = iou_type == "segm"
+    images = {pair: image for f in reversed(files) for pair, image in f.images.items()}  # a pair's size from the first file that has it
+    categories = {c for f in files for c in f.category_ids}
     by_pair: dict[Any, list[dict[str, Any]]] = {}
-    for prediction in predictions:
+    masks = []
+    for index, prediction in enumerate(predictions):
+        where = f"{name}[{index}]"
+        _require(prediction, ("image_id", "category_id", "score"), where)
+        if not _is_number(prediction["score"]):
+            raise EvaluationError(f"{where}: `score` must be a number, not {json.dumps(prediction['score'])[:40]}")
+        if not isinstance(prediction["image_id"], int | str) or isinstance(prediction["image_id"], bool):
+            raise EvaluationError(f"{where}: `image_id` must be a number or a string, not {json.dumps(prediction['image_id'])[:40]}")
+        if segm and "segmentation" not in prediction and "bbox" not in prediction:
+            raise EvaluationError(f"{where} has neither `segmentation` nor `bbox`")
+        if not segm and "bbox" not in prediction and not isinstance(prediction.get("segmentation"), dict):
+            raise EvaluationError(f"{where} has no `bbox` (nor an RLE `segmentation` to take it from)")
+        image = images.get(prediction["image_id"])
+        if image is None:
+            mismatches.add("predictions_unknown_pair", name, f"[{index}] image_id {prediction['image_id']!r}")
+            continue
+        if prediction["category_id"] not in categories:
+            mismatches.add("predictions_unknown_category", name, f"[{index}] category_id {prediction['category_id']!r}")
+        if segm and "segmentation" in prediction:
+            masks.append(MaskRef(prediction, prediction["segmentation"], image, where, f"[{index}]"))
         by_pair.setdefault(prediction["image_id"], []).append(prediction)
-    outcomes = [_best([match(f.predicted(by_pair.get(pair, [])), f.regions(pair), iou_type) for f in files]) for pair in pairs]
-    return summarize(outcomes, iou_type)
+    return by_pair, _undecodable(masks, name, mismatches)
 
 
 def summarize(outcomes: list[PairOutcome], iou_type: str = "segm") -> dict[str, Any]:

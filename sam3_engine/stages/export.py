@@ -102,8 +102,8 @@ def _empty_split(con, split: str, tier: str) -> str:
     ((built,),) = con.sql("SELECT count(*) FROM splits").fetchall()
     if not built:
         return f"split {split!r} has no {kind}pairs: the splits table is empty (run the splits stage first)"
-    sizes = {name: con.sql("SELECT count(*) FROM export_pairs($split, $tiers, 1)", params={"split": name, "tiers": TIERS[tier]}).fetchall()[0][0]
-             for name in SPLITS}
+    counted = "SELECT count(*) FROM export_pairs($split, $tiers, 1)"
+    sizes = {name: con.sql(counted, params={"split": name, "tiers": TIERS[tier]}).fetchall()[0][0] for name in SPLITS}
     found = ", ".join(f"{name} ({count})" for name, count in sizes.items() if count) or "none"
     return f"split {split!r} has no {kind}pairs; splits with {kind}pairs: {found}"
 

@@ -1,7 +1,9 @@
 """cgF1 on hand-computed cases, and against the official SA-Co evaluation on random inputs."""
 
 import importlib.util
+import json
 import math
+import re
 import subprocess
 import sys
 import zipfile
@@ -123,6 +125,71 @@ def test_bad_inputs_are_clear_errors():
         evaluate([], [_gt({})], iou_type="keypoints")
 
 
+def _without(data, section, key):
+    copy = json.loads(json.dumps(data))
+    for item in copy[section]:
+        item.pop(key)
+    return copy
+
+
+def test_malformed_ground_truth_and_predictions_name_the_file_and_key():
+    gt = _gt({1: [(A, 0)], 2: []})
+    for section, key, where in (("annotations", "segmentation", "annotations[0]"), ("annotations", "image_id", "annotations[0]"),
+                                ("annotations", "id", "annotations[0]"), ("images", "height", "images[0]"), ("images", "id", "images[0]")):
+        with pytest.raises(EvaluationError, match=re.escape(f"gt.json: {where} has no `{key}`")):
+            evaluate([_pred(1, A)], [_without(gt, section, key)], names=["gt.json"], prediction_name="pred.json")
+    bad_predictions = {
+        "pred.json: expected a list of predictions (a COCO results file), got an object": {"annotations": [_pred(1, A)]},
+        "pred.json[0] is a number, not an object": [7, 8],
+        "pred.json[0] has no `score`": [{k: v for k, v in _pred(1, A).items() if k != "score"}],
+        'pred.json[0]: `score` must be a number, not "0.9"': [{**_pred(1, A), "score": "0.9"}],
+        "pred.json[0] has neither `segmentation` nor `bbox`": [{"image_id": 1, "category_id": 1, "score": 0.9}],
+        "pred.json[0]: `segmentation` must be polygons or an RLE": [{**_pred(1, A), "segmentation": "Z16>0"}],
+    }
+    for message, predictions in bad_predictions.items():
+        with pytest.raises(EvaluationError, match="^" + re.escape(message)):
+            evaluate(predictions, [gt], names=["gt.json"], prediction_name="pred.json")
+
+
+def _broken(rle, counts):
+    return {**rle, "counts": counts}
+
+
+def test_bad_references_are_counted_and_fail_unless_allowed():
+    gt = _gt({1: [(A, 0)], 2: [(B, 0)], 3: [(C, 0)], 4: []})
+    gt["annotations"].append({**gt["annotations"][0], "id": 99, "image_id": 42})  # names no image
+    gt["annotations"][1]["segmentation"] = _broken(gt["annotations"][1]["segmentation"], "zz")  # pair 2's truth does not decode
+    predictions = [_pred(1, A), _pred(2, B), _pred(3, C), _pred(17, A), _pred(18, B)]  # 17, 18: no such pair
+    predictions[2]["segmentation"] = _rle(*C, size=SIZE + 5)  # pair 3: a mask of another size than its image
+    predictions.append({**_pred(1, B), "segmentation": _broken(_rle(*B), "0a")})  # ends inside a run
+    with pytest.raises(EvaluationError) as raised:
+        evaluate(predictions, [gt], names=["gt.json"], prediction_name="pred.json")
+    message = str(raised.value)
+    assert "\n" not in message
+    for part in ("gt.json: 1 annotation(s) with an image_id that is not an image of the file (id 99 names image 42)",
+                 "gt.json: 1 RLE mask(s) whose counts do not decode to height x width pixels (annotation id 2: size [20, 20])",
+                 "pred.json: 2 prediction(s) with an image_id that no ground-truth file has ([3] image_id 17, [4] image_id 18)",
+                 "pred.json: 1 RLE mask(s) whose size is not their image's [height, width] ([2]: size [25, 25], image [20, 20])",
+                 "pred.json: 1 RLE mask(s) whose counts do not decode to height x width pixels ([5]: size [20, 20])", "--allow-mismatch"):
+        assert part in message
+    allowed = evaluate(predictions, [gt], names=["gt.json"], prediction_name="pred.json", allow_mismatch=True)
+    assert allowed["mismatches"] == {"predictions_unknown_pair": 2, "predictions_unknown_category": 0, "annotations_unknown_pair": 1,
+                                     "rle_undecodable": 2, "rle_wrong_size": 1}
+    # As scored: pair 1 a match and a false positive, pairs 2 and 3 a miss and a false positive each (nothing matches their
+    # masks), pair 4 a true negative; the orphan annotation and the unknown pairs' predictions count nowhere.
+    far = (15, 15, 2, 2)
+    same = evaluate([_pred(1, A), _pred(1, far), _pred(2, far), _pred(3, far)], [_gt({1: [(A, 0)], 2: [(B, 0)], 3: [(C, 0)], 4: []})])
+    assert {k: v for k, v in allowed.items() if k != "mismatches"} == {k: v for k, v in same.items() if k != "mismatches"}
+    assert same["mismatches"] == dict.fromkeys(allowed["mismatches"], 0)
+
+
+def test_a_mask_that_does_not_decode_never_reaches_pycocotools():
+    gt = _gt({1: [(A, 0)]})
+    endless = _broken(_rle(*A), "o" * 6 + "1")  # one run of about 2^30 pixels: pycocotools would walk it for minutes
+    result = evaluate([{**_pred(1, A), "segmentation": endless}], [gt], allow_mismatch=True)
+    assert result["mismatches"]["rle_undecodable"] == 1 and result["image_level"]["IL_TP"] == 1 and result["pmF1"] < 1
+
+
 @pytest.fixture(scope="session")
 def official(tmp_path_factory):
     """The official evaluator, cgf1_eval.py from the sam3 wheel on PyPI (its package needs CUDA to import; this file does not)."""
@@ -180,6 +247,32 @@ def test_agrees_with_the_official_evaluation_on_random_inputs(official, tmp_path
     assert set(ours) == set(expected)
     for key, value in expected.items():
         assert ours[key] == pytest.approx(value, abs=1e-9), key
+
+
+@pytest.mark.parametrize("seed,files", [(5, 1), (6, 3)])
+def test_bad_references_allowed_score_as_the_official_evaluation_does(official, tmp_path, seed, files):
+    import contextlib
+    import io
+
+    rng = np.random.default_rng(seed)
+    predictions, truths = _random_case(rng, files)
+    for prediction in predictions[::7]:  # masks of another size than their image
+        prediction["segmentation"] = _rle(2, 2, 4, 4, size=SIZE + 3)
+    predictions += [_pred(1000 + i, A) for i in range(3)]  # pairs no file has
+    truths[0]["annotations"][3]["segmentation"] = _rle(2, 2, 4, 4, size=SIZE - 2)
+    truths[-1]["annotations"].append({**truths[-1]["annotations"][0], "id": 10_000, "image_id": 999})  # an image no file has
+    paths = []
+    for i, truth in enumerate(truths):
+        paths.append(tmp_path / f"gt_{i}.json")
+        paths[-1].write_text(json.dumps(truth))
+    (tmp_path / "pred.json").write_text(json.dumps(predictions))
+    with contextlib.redirect_stdout(io.StringIO()):
+        expected = official.CGF1Evaluator([str(p) for p in paths] if files > 1 else str(paths[0])).evaluate(str(tmp_path / "pred.json"))
+    ours = evaluate(json.loads((tmp_path / "pred.json").read_text()), truths, allow_mismatch=True)
+    assert ours["mismatches"]["rle_wrong_size"] == len(predictions[:-3:7]) + 1
+    assert ours["mismatches"]["predictions_unknown_pair"] == 3 and ours["mismatches"]["annotations_unknown_pair"] == 1
+    for key, value in expected.items():
+        assert ours["official"][key] == pytest.approx(value, abs=1e-9), key
 
 
 def test_the_eval_command_prints_the_metrics_of_several_files(tmp_path):

@@ -148,15 +148,16 @@ def test_an_unwritable_out_is_a_one_line_error_naming_it(split_run, tmp_path, fm
     run_dir, _, _ = split_run
     (tmp_path / "a-file").write_text("x")
     (tmp_path / "locked").mkdir(mode=0o500)
-    outs = {"Is a directory": tmp_path, "Not a directory": tmp_path / "a-file" / "out.json", "No such file or directory": tmp_path / "no" / "out.json"}
+    outs = {"Is a directory": tmp_path, "Not a directory": tmp_path / "a-file" / "out.json",
+            "No such file or directory": tmp_path / "no" / "out.json"}
     if os.geteuid() != 0:  # root writes anywhere
         outs["Permission denied"] = tmp_path / "locked" / "out.json"
     for reason, out in outs.items():
         named = str(out).replace("out.json", "out_a.json" if fmt == "saco" else "out.json")  # saco: one file per source, car has two
         with pytest.raises(ExportError, match=f"^cannot write --out {re.escape(named)}: {reason}$"):
             export(TableStore(str(run_dir)), "train", "all", fmt, str(out), load_config(None, {}).storage)
-    done = subprocess.run([sys.executable, "-m", "sam3_engine", "export", str(run_dir), "--split", "train", "--format", fmt, "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "-m", "sam3_engine", "export", str(run_dir), "--split", "train", "--format", fmt, "--out", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip() == f"error: cannot write --out {tmp_path}: Is a directory"
 
 
@@ -225,7 +226,8 @@ def test_a_label_csv_mixing_pair_and_mask_rows_reads_blank_cells_as_missing(spli
     # The documented label file written as one CSV: pair rows leave mask_id and good blank, mask rows leave the pair columns blank;
     # the last row labels a pair but names none (its pair_id is blank): it is a label that matches nothing.
     labels = tmp_path / "labels.csv"
-    labels.write_text(f"pair_id,present,exhaustive,mask_id,good\n{pid['dog']},yes,,,\n{pid['bus']},no,yes,,\n,,,dog-c,yes\n,,,dog-d,no\n,yes,,,\n")
+    labels.write_text(f"pair_id,present,exhaustive,mask_id,good\n{pid['dog']},yes,,,\n{pid['bus']},no,yes,,\n"
+                      ",,,dog-c,yes\n,,,dog-d,no\n,yes,,,\n")
     table = storage.read_table(str(labels), load_config(None, {}).storage)
     assert table.column("pair_id").null_count == 3 and table.column("mask_id").null_count == 3
     counts = import_labels(TableStore(str(run_dir)), table, "human")
