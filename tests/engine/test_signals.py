@@ -79,3 +79,19 @@ def test_a_killed_driver_leaves_no_ray_process_behind(tmp_path):
     driver.communicate()
     reaper[0].wait(timeout=60)
     assert not _gone(tree, within=0), "Ray processes outlived a killed driver"
+
+
+def test_a_ray_out_of_memory_kill_ends_in_one_line_and_a_traceback_file(tmp_path):
+    """Ray's own memory monitor, told that 1% of the node's memory is too much, kills the run's workers for real."""
+    output = tmp_path / "run"
+    command = [sys.executable, "-m", "sam3_engine", "run", str(EXAMPLES / "quickstart.yaml"), "--stages", "ingest,mine,embed", "--output", str(output), "-q"]
+    env = {**_without_ray_address(), "RAY_memory_usage_threshold": "0.01", "RAY_memory_monitor_refresh_ms": "100"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 1, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: Ray killed a worker because the node ran out of memory; committed work is kept and re-running"), last
+    assert "Traceback" not in done.stderr
+    log = last.split("(traceback: ")[1].rstrip(")")
+    assert log.startswith(str(output / "logs")) and "OutOfMemoryError" in open(log).read()
+    assert rows(output, "SELECT status FROM runs") == [{"status": "failed"}]
+    assert rows(output, "SELECT count(*) AS n FROM images") == [{"n": 3}], "ingest's committed rows are kept"
