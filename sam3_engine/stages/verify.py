@@ -33,8 +33,9 @@ from sam3_engine.stages.concepts import Ontology
 from sam3_engine.stages.inputs import load_image
 from sam3_engine.stages.mask_checks import geometry, masked_crop, overlaps, rle
 
-VERSION = 1
-"""Bump when a change to this module changes the scores it writes: every unit then re-runs."""
+VERSION = 2
+"""Bump when a change to this module changes the scores it writes: every unit then re-runs.
+2: a unit's phrases are embedded in its own batches (were: batches of a per-process cache)."""
 
 REASONS = {
     "image_unreadable": "The image could not be read or decoded at verification time; its proposals get no scores.",
@@ -171,10 +172,10 @@ class VerifyStage(Stage):
         embedder = shared_embedder(self.choice, self.clip.device)
         vectors = np.zeros((0, 0), np.float32)
         if prepared.pixels is not None:
-            batches = [prepared.pixels[i : i + self.clip.batch_size] for i in range(0, len(prepared.pixels), self.clip.batch_size)]
-            vectors = np.concatenate([embedder.embed_pixels(torch.from_numpy(batch.copy())) for batch in batches])
+            embed = lambda batch: embedder.embed_pixels(torch.from_numpy(batch.copy()))  # noqa: E731
+            vectors = np.stack(_in_batches(embed, prepared.pixels, self.clip.batch_size))
         phrases = sorted({p["phrase"] for image in prepared.images for p in image.pairs})
-        text = dict(zip(phrases, _phrase_vectors(embedder, phrases)))
+        text = dict(zip(phrases, _in_batches(embedder.embed_phrases, phrases, self.clip.batch_size)))
         crop_offset = len(prepared.images)
         pair_rows, mask_rows = [], []
         stamp = {"verifier": self.config.verifier, "verifier_version": self.verifier_version}
@@ -255,17 +256,14 @@ class VerifyStage(Stage):
         return counts
 
 
-_PHRASE_CACHE: dict[tuple[str, str], np.ndarray] = {}
+def _in_batches(embed, items, size: int) -> list[np.ndarray]:
+    """``embed`` over a unit's own ``items`` in consecutive batches of ``size``.
 
-
-def _phrase_vectors(embedder, phrases: list[str]) -> list[np.ndarray]:
-    """Text embeddings, each computed once per worker process: images share most of their phrases."""
-    label = embedder.choice.label
-    missing = [p for p in phrases if (label, p) not in _PHRASE_CACHE]
-    if missing:
-        for phrase, vector in zip(missing, embedder.embed_phrases(missing)):
-            _PHRASE_CACHE[(label, phrase)] = vector
-    return [_PHRASE_CACHE[(label, p)] for p in phrases]
+    A float result depends on the batch it was computed in (batch size picks the kernels and their
+    summation order), so batches hold one unit's items only: never a cache filled by whichever unit
+    a process ran first, or a unit re-run after a kill would score differently from the uninterrupted run.
+    """
+    return [vector for start in range(0, len(items), size) for vector in embed(items[start : start + size])]
 
 
 def _z_score(similarity: np.ndarray, index: int) -> float | None:

@@ -9,6 +9,7 @@ the verdicts here (``clip_weight`` 0, ``min_clip_margin`` -2), except where a te
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from sam3_engine.engine.run import run_pipeline
 from sam3_engine.engine.runner import KILL_AFTER_COMMITS_ENV
 from sam3_engine.engine.store import TableStore
 from sam3_engine.models.clip import ClipEmbedder, choose_clip, input_size
-from sam3_engine.schemas.tables import MASKS, PAIR_SCORES, PAIRS
+from sam3_engine.schemas.tables import MASKS, PAIR_SCORES, PAIRS, UNITS
 from sam3_engine.stages.calibration import calibrate, fit_threshold
 from sam3_engine.stages.concepts import concept_id, pair_id
 from sam3_engine.stages.mask_checks import geometry, masked_crop, overlaps
@@ -160,35 +161,78 @@ def _construct(photos_dir, folder, run_dir):
     }
     foregrounds = {"car": car, "person": _box(shape, 600, 1000, 500, 600), "dog": _blobs(shape, 12, 20)}
     presence = {"car": 0.95, "bus": 0.9, "motor vehicle": 0.9, "dog": 0.9, "cup": 0.9, "sky": 0.9, "person": 0.95, "giraffe": 0.02}
-    pairs = []
-    for phrase, score in presence.items():
-        cid = concept_id(phrase)
-        fg = foregrounds.get(phrase)
-        pairs.append({
-            "pair_id": pair_id(image["image_id"], cid), "image_id": image["image_id"], "concept_id": cid, "phrase": phrase,
-            "presence_score": score, "instance_count": sum(p == phrase for p, _, _ in masks.values()), "max_score": score,
-            "height": shape[0], "width": shape[1], "foreground_counts": None if fg is None else _counts(fg),
-            "foreground_area": None if fg is None else int(fg.sum()), "phrase_truncated": False, "model_id": "constructed",
-            "model_revision": None, "random_weights": False, "run_id": "constructed", "unit_id": UNIT,
-        })
-    mask_rows = []
-    for name, (phrase, score, mask) in masks.items():
-        encoded = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-        cid = concept_id(phrase)
-        mask_rows.append({
-            "mask_id": name, "pair_id": pair_id(image["image_id"], cid), "image_id": image["image_id"], "concept_id": cid, "query_index": 0,
-            "height": shape[0], "width": shape[1], "rle_counts": encoded["counts"].decode("ascii"), "bbox": mask_utils.toBbox(encoded).tolist(),
-            "area": int(mask.sum()), "model_box": [0.0, 0.0, 1.0, 1.0], "object_score": score, "presence_score": presence[phrase], "score": score,
-            "stability_score": 0.95, "reprompt_iou": 0.9, "unit_id": UNIT,
-        })
-    store = TableStore(str(run_dir))
-    store.replace(PAIRS, UNIT, pa.Table.from_pylist(pairs, schema=PAIRS.schema))
-    store.replace(MASKS, UNIT, pa.Table.from_pylist(mask_rows, schema=MASKS.schema))
+    pairs = [_pair_row(image, phrase, score, sum(p == phrase for p, _, _ in masks.values()), foregrounds.get(phrase))
+             for phrase, score in presence.items()]
+    mask_rows = [_mask_row(image, name, phrase, score, mask, presence[phrase]) for name, (phrase, score, mask) in masks.items()]
+    _store_proposals(run_dir, pairs, mask_rows)
     return image, masks, foregrounds
 
 
+def _pair_row(image, phrase, presence, instances, foreground=None):
+    cid = concept_id(phrase)
+    return {
+        "pair_id": pair_id(image["image_id"], cid), "image_id": image["image_id"], "concept_id": cid, "phrase": phrase,
+        "presence_score": presence, "instance_count": instances, "max_score": presence,
+        "height": image["height"], "width": image["width"], "foreground_counts": None if foreground is None else _counts(foreground),
+        "foreground_area": None if foreground is None else int(foreground.sum()), "phrase_truncated": False, "model_id": "constructed",
+        "model_revision": None, "random_weights": False, "run_id": "constructed", "unit_id": UNIT,
+    }
+
+
+def _mask_row(image, name, phrase, score, mask, presence):
+    encoded = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    cid = concept_id(phrase)
+    return {
+        "mask_id": name, "pair_id": pair_id(image["image_id"], cid), "image_id": image["image_id"], "concept_id": cid, "query_index": 0,
+        "height": image["height"], "width": image["width"], "rle_counts": encoded["counts"].decode("ascii"),
+        "bbox": mask_utils.toBbox(encoded).tolist(),
+        "area": int(mask.sum()), "model_box": [0.0, 0.0, 1.0, 1.0], "object_score": score, "presence_score": presence, "score": score,
+        "stability_score": 0.95, "reprompt_iou": 0.9, "unit_id": UNIT,
+    }
+
+
+def _store_proposals(run_dir, pairs, masks):
+    store = TableStore(str(run_dir))
+    store.replace(PAIRS, UNIT, pa.Table.from_pylist(pairs, schema=PAIRS.schema))
+    store.replace(MASKS, UNIT, pa.Table.from_pylist(masks, schema=MASKS.schema))
+
+
 def _snapshot(run_dir):
-    return {table: rows(run_dir, f"SELECT * FROM {table} ORDER BY ALL") for table in VERIFY_TABLES}
+    """Every column of the verify tables, and the ledger rows of its units but for when and by which attempt they were committed."""
+    snapshot = {table: rows(run_dir, f"SELECT * FROM {table} ORDER BY ALL") for table in VERIFY_TABLES}
+    ledger = "SELECT unit_id, stage, num_inputs, rows_written FROM units WHERE starts_with(stage, 'verify') ORDER BY unit_id"
+    return {**snapshot, "units": rows(run_dir, ledger)}
+
+
+UNITS_SETTINGS = {**SETTINGS, "verify.unit_size": 1}
+SCENES = 4
+
+
+def _construct_units(folder, run_dir):
+    """Four small images, one verification unit each. Each has the phrases car and bus and one of its own: every unit
+    after the first in a process meets one phrase that no unit before it had, the first meets three."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(SCENES):
+        noise = np.random.default_rng(index).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(folder / f"scene{index}.png")
+    ingest(folder, run_dir)
+    pairs, masks = [], []
+    for index, image in enumerate(rows(run_dir, "SELECT image_id, width, height FROM images ORDER BY image_id")):
+        for k, phrase in enumerate(["car", "bus", f"thing {index}"]):
+            mask = _box((image["height"], image["width"]), 10 + 20 * k, 10 + 30 * k, 25, 35)
+            pairs.append(_pair_row(image, phrase, 0.9, 1, mask))
+            masks.append(_mask_row(image, f"{phrase}-{index}", phrase, 0.8, mask, 0.9))
+    _store_proposals(run_dir, pairs, masks)
+
+
+@pytest.fixture(scope="module")
+def units_run(photos_dir, tmp_path_factory):
+    """Verification of the four images, uninterrupted, in one process: the rows every other run of them must write."""
+    run_dir = tmp_path_factory.mktemp("units") / "run"
+    _construct_units(tmp_path_factory.mktemp("scenes"), run_dir)
+    report = _verify(run_dir, **UNITS_SETTINGS).stages[0]
+    assert report.units_committed == report.units_total == SCENES
+    return run_dir, _snapshot(run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -199,12 +243,6 @@ def constructed(photos_dir, tmp_path_factory):
     return run_dir, image, masks, foregrounds, SETTINGS, result
 
 
-@pytest.fixture(scope="module")
-def reference(constructed):
-    """The verification tables of the uninterrupted run, taken before any test re-runs it."""
-    return _snapshot(constructed[0])
-
-
 def _verify(run_dir, **settings):
     return run_pipeline(load_config(None, {"output": str(run_dir), "stages": "verify", **settings}))
 
@@ -213,7 +251,7 @@ def _verdicts(run_dir):
     return {r["mask_id"]: (r["verdict"], r["reasons"]) for r in rows(run_dir, "SELECT mask_id, verdict, reasons FROM mask_verifications")}
 
 
-def test_each_constructed_mask_gets_the_right_verdict_and_reason(constructed, reference):
+def test_each_constructed_mask_gets_the_right_verdict_and_reason(constructed):
     run_dir, _, _, _, _, result = constructed
     verdicts = _verdicts(run_dir)
     assert verdicts == {
@@ -323,28 +361,38 @@ def test_uncovered_fraction_function():
     assert uncovered_fraction(*shape, None, [_counts(half)]) is None
 
 
-@pytest.mark.parametrize("commits", [6])
-def test_killed_between_commits_then_resumed_writes_the_same_rows(ray_cluster, photos_dir, reference, tmp_path, commits):
-    """Commits: one unit (3 tables + ledger), then mask verdicts and pair verdicts (table + ledger each). Killed between the two verdict tables; kills inside a unit are the runner's, tested with ingest."""
+def test_a_units_rows_do_not_depend_on_the_units_run_before_it(units_run, tmp_path):
+    """Three of the four units re-run in a fresh process, where the second unit now comes first: its rows must not change."""
+    reference_dir, reference = units_run
     run_dir = tmp_path / "run"
-    _construct(photos_dir, tmp_path / "photo", run_dir)
+    shutil.copytree(reference_dir, run_dir)
+    ledger = rows(run_dir, "SELECT unit_id, stage FROM units WHERE starts_with(stage, 'verify') ORDER BY committed_at")
+    scoring = [u["unit_id"] for u in ledger if u["stage"] == "verify.sam3-clip"]
+    verdicts = [u["unit_id"] for u in ledger if u["stage"] != "verify.sam3-clip"]  # re-derived from the re-run scores
+    assert len(scoring) == SCENES and len(verdicts) == 2
+    TableStore(str(run_dir)).delete_units(UNITS, scoring[1:] + verdicts)
+    report = _verify(run_dir, **UNITS_SETTINGS).stages[0]
+    assert report.units_committed == SCENES - 1
+    assert _snapshot(run_dir) == reference
+
+
+@pytest.mark.parametrize("commits", [6, 17])
+def test_killed_between_commits_then_resumed_writes_the_same_rows(ray_cluster, units_run, tmp_path, commits):
+    """Commits: four units (3 tables + ledger each), then mask verdicts and pair verdicts (table + ledger each). Killed inside
+    the second unit, or between the mask verdicts and their ledger row; other kill points are the runner's, tested with ingest."""
+    run_dir = tmp_path / "run"
+    _construct_units(tmp_path / "scenes", run_dir)
     command = [sys.executable, "-m", "sam3_engine", "run", "-q", "--output", str(run_dir), "--stages", "verify"]
-    command += [arg for key, value in SETTINGS.items() for arg in ("--set", f"{key}={value}")]
+    command += [arg for key, value in UNITS_SETTINGS.items() for arg in ("--set", f"{key}={value}")]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
     killed = subprocess.run(command, env={**env, KILL_AFTER_COMMITS_ENV: str(commits)}, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    got = _snapshot(run_dir)
-    for table in VERIFY_TABLES:
-        assert len(got[table]) == len(reference[table]) > 0, table
-        for a, b in zip(got[table], reference[table]):
-            assert a.keys() == b.keys()
-            assert {k: v for k, v in a.items() if not isinstance(v, float)} == {k: v for k, v in b.items() if not isinstance(v, float)}, table
-            assert [v for v in a.values() if isinstance(v, float)] == pytest.approx([v for v in b.values() if isinstance(v, float)], abs=1e-6), table
+    assert _snapshot(run_dir) == units_run[1]
 
 
-def test_a_second_verifier_writes_beside_the_first_and_calibration_compares_them(constructed, reference):
+def test_a_second_verifier_writes_beside_the_first_and_calibration_compares_them(constructed):
     run_dir = constructed[0]
     strict = {"verify.verifier": "strict", "verify.min_stability": 0.99, "verify.reject_reasons": list(MASK_REASONS)}
     _verify(run_dir, **SETTINGS, **strict)
