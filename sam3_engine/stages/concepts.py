@@ -1,6 +1,6 @@
 """Concepts: how a phrase becomes a concept, the ontology that relates concepts, and caption noun phrases.
 
-One normal form for every source (captions, vocabularies, user phrases): lower case, no articles,
+One normal form for every source (captions, vocabularies, user phrases): lower case, no leading articles,
 possessives or punctuation, head noun singular, synonyms collapsed to the ontology's name. A
 concept's id is a hash of that form, so the same concept has the same id in every run.
 
@@ -48,8 +48,9 @@ def _clean(text: str) -> str:
     text = unicodedata.normalize("NFKC", text).lower().replace("\u2019", "'")
     text = re.sub(r"'s\b|s'(?=\s|$)", lambda m: "" if m.group(0) == "'s" else "s", text)
     text = re.sub(r"[^\w\s-]|_", " ", text)
+    text = re.sub(r"(?<!\w)-+|-+(?!\w)", " ", re.sub(r"-+", "-", text))  # a hyphen joins words ("close-up") or goes
     words = text.split()
-    while words and words[0] in ARTICLES:
+    while len(words) > 1 and words[0] in ARTICLES:  # a phrase that is one article ("a") is kept as that word
         words.pop(0)
     return " ".join(words)
 
@@ -253,7 +254,7 @@ def phrase_lines(text: str) -> list[str]:
 
 
 def normal_form(phrase: str) -> str:
-    """Lower case, no articles, possessives or punctuation, head noun singular (no synonym collapse)."""
+    """Lower case, no leading articles, possessives or punctuation, head noun singular (no synonym collapse)."""
     return singular(_clean(phrase))
 
 

@@ -22,7 +22,7 @@ from sam3_engine.schemas.tables import IMAGES, REJECTS, SOURCES
 from sam3_engine.stages.base import Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, reject_reasons, rows_table
 from sam3_engine.stages.inputs import InputEntry, list_inputs
 
-VERSION = 1
+VERSION = 2
 """Bump when a change to this module changes the rows it writes: every unit then re-runs."""
 
 SWAPS_AXES = {5, 6, 7, 8}
@@ -44,16 +44,17 @@ class Reject(Exception):
 
 
 REASONS = {
-    "bad_manifest_row": "A manifest or COCO record without a usable URI.",
-    "missing": "No file at the URI.",
-    "unreadable": "The file exists but could not be read (permissions, I/O or network error).",
+    "bad_manifest_row": "A manifest or COCO record without a usable URI, or a CSV row that is not one record.",
+    "missing": "No file at the URI (for HTTP: a 404 or 410 answer), or a symbolic link to nothing.",
+    "unreadable": "The file exists but could not be read (permissions, I/O or network error, a server out of reach, not a regular file).",
+    "symlink_loop": "A symbolic link that leads back to itself, or to a folder that holds it.",
     "empty_file": "Zero bytes.",
     "file_too_large": "More bytes than ingest.max_bytes.",
     "not_an_image": "Pillow does not recognise the bytes as an image.",
     "unsupported_format": "A recognised image format that the engine does not accept (see ingest.formats).",
     "too_large": "More pixels than ingest.max_pixels (a decompression-bomb guard).",
     "truncated": "The image data ends early.",
-    "corrupt": "The image data is damaged and does not decode.",
+    "corrupt": "The image data (or a header that starts like an accepted format) is damaged and does not decode.",
     "worker_crashed": "Decoding this input killed its worker process twice.",
 }
 
@@ -77,6 +78,9 @@ def _read_bytes(uri: str, config: IngestConfig, storage_config: StorageConfig) -
         with fs.open(path, "rb") as f:
             data = f.read(config.max_bytes + 1)
     except FileNotFoundError as exc:
+        cause = exc.__cause__  # fsspec's HTTP filesystem says "not found" for any failure: only a 404 or 410 answer is missing
+        if storage.protocol_of(uri) in ("http", "https") and cause is not None and getattr(cause, "status", None) not in (404, 410):
+            raise Reject("unreadable", f"cannot read {uri}: {type(cause).__name__}: {cause}") from exc
         raise Reject("missing", f"no file at {uri}") from exc
     except IsADirectoryError as exc:
         raise Reject("unreadable", f"{uri} is a directory") from exc
@@ -97,16 +101,36 @@ def _decode_failure(exc: Exception, image_id: str, fmt: str) -> Reject:
     return Reject("corrupt", f"{fmt} data does not decode: {message}", image_id)
 
 
+def _damaged_header(data: bytes, image_id: str, formats: tuple[str, ...]) -> Reject | None:
+    """The reason for bytes that start like an accepted format (a PNG signature, say) whose header does not parse.
+
+    Pillow reports any header it cannot parse as an unidentified image; opening it with the format's
+    own plugin gives the real error (a bad IHDR checksum, a header cut short).
+    """
+    for fmt in formats:
+        factory, accept = Image.OPEN.get(fmt, (None, None))
+        claimed = accept(data[:16]) if accept is not None else False
+        if claimed and not isinstance(claimed, str):
+            try:
+                factory(io.BytesIO(data), "")
+            except Exception as exc:  # noqa: BLE001 - every header error is a reason code
+                return _decode_failure(exc, image_id, f"{fmt} header")
+    return None
+
+
 def probe(entry: InputEntry, config: IngestConfig, storage_config: StorageConfig) -> dict[str, Any]:
     """One input's ``sources`` row; raises ``Reject`` with a reason code when it cannot be used."""
     if entry.problem:
-        raise Reject("bad_manifest_row", entry.problem)
+        raise Reject(entry.reason, entry.problem)
     data = _read_bytes(entry.uri, config, storage_config)
     image_id = hashlib.sha256(data).hexdigest()
     with _pixel_limit_disabled():
         try:
             image = Image.open(io.BytesIO(data))
         except UnidentifiedImageError as exc:
+            damaged = _damaged_header(data, image_id, config.formats)
+            if damaged is not None:
+                raise damaged from exc
             head = data[4:12]
             if head in _KNOWN_UNDECODABLE:
                 raise Reject("unsupported_format", f"{_KNOWN_UNDECODABLE[head]} is not supported", image_id) from exc
@@ -175,7 +199,7 @@ class IngestStage(Stage):
         settings = self.config.model_dump(mode="json", include={"max_pixels", "max_bytes", "formats"})
         units = []
         for shard in content_defined_chunks(entries, lambda e: e.uri, self.config.unit_size):
-            described = [(e.input_id, e.uri, e.captions, e.alt_text, e.source, e.phrases, e.version, e.problem) for e in shard]
+            described = [(e.input_id, e.uri, e.captions, e.alt_text, e.source, e.phrases, e.version, e.problem, e.reason) for e in shard]
             unit_id = fingerprint(self.name, {"version": VERSION, "settings": settings, "inputs": described})
             units.append(WorkUnit(unit_id, tuple(shard)))
         return units

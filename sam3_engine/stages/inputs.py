@@ -1,16 +1,20 @@
 """Turn an input URL into a list of inputs: files of a folder or glob, rows of a manifest, or a COCO file's images.
 
-Listing never fails on one bad record: a manifest row without a usable URI becomes an input with
-a ``problem``, which ingest rejects with a reason, so every record is accounted for.
+Listing never fails on one bad record: a manifest row without a usable URI or a CSV row that is
+not one record, a broken symbolic link or a pipe becomes an input with a ``problem``, which ingest
+rejects with a reason, so every record is accounted for.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import json
+import os
 import posixpath
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 
@@ -38,6 +42,8 @@ class InputEntry:
     version: str | None = field(default=None, compare=False)
     """Size and modification stamp from the listing, so a changed file is probed again."""
     problem: str | None = None
+    reason: str = "bad_manifest_row"
+    """The reject reason of ``problem``."""
     input_id: str = ""
 
 
@@ -69,24 +75,63 @@ def _qualified(fs, path: str) -> str:
 def _list_files(url: str, storage_config: StorageConfig) -> list[InputEntry]:
     fs, path = storage.filesystem(url, storage_config)
     if any(ch in path for ch in "*?["):
-        found = fs.glob(path, detail=True)
-        root = path.split("*", 1)[0].rsplit("/", 1)[0]
-    elif fs.isdir(path):
-        found = fs.find(path, detail=True)
-        root = path
-    elif fs.exists(path):
-        found = {path: fs.info(path)}
-        root = posixpath.dirname(path)
-    else:
-        raise InputError(f"input {url!r} does not exist")
+        return _file_entries(fs, fs.glob(path, detail=True), path.split("*", 1)[0].rsplit("/", 1)[0], descend=False)
+    if fs.isdir(path):
+        return _file_entries(fs, fs.find(path, detail=True), path, descend=True)
+    if fs.exists(path):
+        return _file_entries(fs, {path: fs.info(path)}, posixpath.dirname(path), descend=False)
+    raise InputError(f"input {url!r} does not exist")
+
+
+def _file_entries(fs, found: dict, root: str, descend: bool) -> list[InputEntry]:
+    """Listed files as inputs, hidden ones skipped; what is not a plain file is followed or becomes an input with a problem.
+
+    fsspec lists a symbolic link as `other` and does not descend into it: a link to a file is that
+    file, a link to a folder is listed too (``descend``) unless it leads back into a folder that holds
+    it, and a dangling link is `missing`. Pipes, sockets and devices are `unreadable`.
+    """
     entries = []
     for name, info in found.items():
         relative = posixpath.relpath(name, root) if root else name
-        if info.get("type") != "file" or any(part.startswith(".") for part in relative.split("/")):
+        if any(part.startswith(".") for part in relative.split("/")):
             continue
-        stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified")
-        entries.append(InputEntry(uri=_qualified(fs, name), version=f"{info.get('size')}:{stamp}"))
+        uri = _qualified(fs, name)
+        if info.get("islink") and info.get("type") == "other":
+            try:
+                info = fs.info(name)  # follows the link
+            except FileNotFoundError:
+                entries.append(InputEntry(uri=uri, problem=f"{uri}: a symbolic link to {info.get('destination')!r}, which does not exist",
+                                          reason="missing"))
+                continue
+            except OSError as exc:
+                reason = "symlink_loop" if exc.errno == errno.ELOOP else "unreadable"
+                entries.append(InputEntry(uri=uri, problem=f"{uri}: cannot follow the symbolic link: {exc.strerror}", reason=reason))
+                continue
+            if info["type"] == "directory" and descend:
+                if _leads_back(name, root):
+                    problem = f"{uri}: a symbolic link to {os.path.realpath(name)}, a folder that holds it"
+                    entries.append(InputEntry(uri=uri, problem=problem, reason="symlink_loop"))
+                else:
+                    entries += _file_entries(fs, fs.find(name, detail=True), root, descend)
+                continue
+        if info.get("type") == "file":
+            stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified")
+            entries.append(InputEntry(uri=uri, version=f"{info.get('size')}:{stamp}"))
+        elif info.get("type") == "other":
+            entries.append(InputEntry(uri=uri, problem=f"{uri}: not a regular file (a pipe, socket or device)", reason="unreadable"))
     return entries
+
+
+def _leads_back(link: str, root: str) -> bool:
+    """Whether a link to a folder leads to one that holds the link: the real folder of ``link``, or of a folder above it up to ``root``."""
+    target, folder = os.path.realpath(link), posixpath.dirname(link)
+    while True:
+        real = os.path.realpath(folder)
+        if os.path.commonpath([real, target]) == target:
+            return True
+        if len(folder) <= len(root):
+            return False
+        folder = posixpath.dirname(folder)
 
 
 def _resolve(base_url: str, uri: str) -> str:
@@ -104,9 +149,11 @@ def _captions(value) -> tuple[str, ...]:
 
 
 def _phrases(value) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = value.split(";")
-    return _captions(value)
+    """Every phrase given, each item of a list or text split at ";"; blank ones are kept for mine to reject as empty."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return ()
+    values = value if isinstance(value, list | tuple) else [value]
+    return tuple(phrase.strip() for v in values if v is not None for phrase in str(v).split(";"))
 
 
 def _text(value) -> str | None:
@@ -140,10 +187,7 @@ def _read_manifest(url: str, storage_config: StorageConfig) -> list[InputEntry]:
     with fs.open(path, "rb") as f:
         text = io.TextIOWrapper(f, encoding="utf-8", errors="replace").read()
     if lower.endswith(".csv"):
-        reader = csv.DictReader(io.StringIO(text))
-        if "uri" not in (reader.fieldnames or []):
-            raise InputError(f"manifest {url!r} has no `uri` column (columns: {reader.fieldnames})")
-        return [_entry(url, row, f"{url}#line={i + 2}") for i, row in enumerate(reader)]
+        return _read_csv(url, text)
     entries = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -159,6 +203,51 @@ def _read_manifest(url: str, storage_config: StorageConfig) -> list[InputEntry]:
             continue
         entries.append(_entry(url, record, where))
     return entries
+
+
+def _read_csv(url: str, text: str) -> list[InputEntry]:
+    """A CSV manifest's rows; a record that is not one clean row is a ``bad_manifest_row``, and the rows after it are still read.
+
+    A quote left open makes the csv module read on, swallowing the next lines into one field. A record
+    whose quoting is broken (strict parsing fails), or whose field runs on into a line that reads as a
+    row of its own (a URI in the `uri` column), is rejected, and reading starts again on its next line.
+    """
+    lines = io.StringIO(text).readlines()
+    reader = csv.reader(lines, strict=True)
+    try:
+        fieldnames = next(reader, [])
+    except csv.Error as exc:
+        raise InputError(f"manifest {url!r}: the header line does not parse as CSV ({exc})") from exc
+    if "uri" not in fieldnames:
+        raise InputError(f"manifest {url!r} has no `uri` column (columns: {fieldnames})")
+    entries, start, uri_column = [], reader.line_num, fieldnames.index("uri")
+    while start < len(lines):
+        first = start  # the index of the line the next record starts on
+        reader = csv.reader((lines[i] for i in range(start, len(lines))), strict=True)
+        try:
+            for record in reader:
+                where, end = f"{url}#line={first + 1}", start + reader.line_num  # the record's lines: first .. end - 1
+                runs_into = next((i for i in range(first + 1, end) if _reads_as_row(lines[i], uri_column)), None)
+                if runs_into is not None:
+                    raise csv.Error(f"a quoted field runs on into line {runs_into + 1}, which reads as a row of its own")
+                if len(record) > len(fieldnames):
+                    entries.append(InputEntry(uri=where, problem=f"{where}: {len(record)} fields, the header has {len(fieldnames)}"))
+                elif record:
+                    entries.append(_entry(url, dict(zip(fieldnames, record)), where))
+                first = end
+            break
+        except csv.Error as exc:
+            where = f"{url}#line={first + 1}"
+            entries.append(InputEntry(uri=where, problem=f"{where}: not one CSV record ({exc})"))
+            start = first + 1
+    return entries
+
+
+def _reads_as_row(line: str, uri_column: int) -> bool:
+    """A line whose `uri` column holds something like a URI or file name (no spaces, a slash or a suffix)."""
+    fields = next(csv.reader([line]), [])
+    uri = fields[uri_column].strip() if len(fields) > uri_column else ""
+    return bool(uri) and not re.search(r"\s", uri) and bool(re.search(r"/|\.[A-Za-z0-9]{2,5}$", uri))
 
 
 def _read_coco(url: str, storage_config: StorageConfig) -> list[InputEntry]:

@@ -23,14 +23,14 @@ from sam3_engine.schemas.tables import CANDIDATES, CONCEPTS, IMAGES, REJECTS
 from sam3_engine.stages.base import Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, reject_reasons, rows_table
 from sam3_engine.stages.concepts import TEXT_CONTEXT, Ontology, concept_id, load_ontology, noun_phrases, pair_id, phrase_lines, token_count
 
-VERSION = 2
+VERSION = 3
 """Bump when a change to this module changes the rows it writes: every unit then re-runs."""
 
 FREQUENCY_LIST = 5
 """Concepts listed as most and least frequent in the run summary."""
 
 REASONS = {
-    "empty_phrase": "A user phrase with no words left once articles and punctuation are removed.",
+    "empty_phrase": 'A user phrase that is blank, or has no words left once punctuation is removed ("--").',
     "phrase_too_long": f"A phrase longer than SAM 3's {TEXT_CONTEXT}-token text context.",
     "caption_truncated": "An image's captions and alt texts hold more than mine.max_caption_chars characters: only the first are mined.",
 }
@@ -115,7 +115,7 @@ class MineStage(Stage):
         for raw, origin, key in asked:
             name = self.ontology.canonical(raw)
             if not name:
-                raise ConfigError(f"{key}: the phrase {raw!r} is empty once articles and punctuation are removed")
+                raise ConfigError(f"{key}: the phrase {raw!r} is empty once punctuation is removed")
             if token_count(name) > TEXT_CONTEXT:
                 raise ConfigError(f"{key}: the phrase {raw!r} is longer than SAM 3's {TEXT_CONTEXT}-token context")
             found.append((name, raw, origin))

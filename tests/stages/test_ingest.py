@@ -168,3 +168,105 @@ def test_glob_input_lists_only_matching_files(corpus_dir, tmp_path):
     names = sorted(r["uri"].rsplit("/", 1)[1] for r in rows(tmp_path / "run", "SELECT uri FROM sources UNION ALL SELECT uri FROM rejects"))
     assert names == sorted(p.name for p in corpus_dir.rglob("*.png"))
     assert result.stages[0].items_total == len(names) > 3
+
+
+def test_a_csv_row_with_a_quote_left_open_is_rejected_and_the_rows_it_swallowed_are_read(photos_dir, tmp_path):
+    """The csv module reads an open quote on to the next quote: rows 3 and 4 became part of row 2's caption."""
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(
+        "uri,caption\n"
+        f"{photos_dir / 'groceries.jpg'},bags in a trunk\n"
+        f'{photos_dir / "truck.jpg"},"a truck\n'
+        f'{photos_dir / "test_image.jpg"},"children\nplaying basketball"\n'
+        f"{photos_dir / 'truck.jpg'},a pickup,with,extra fields\n"
+    )
+    result = ingest(manifest, tmp_path / "run")
+    rejects = rows(tmp_path / "run", "SELECT uri, reason, detail FROM rejects ORDER BY uri")
+    assert [(r["uri"], r["reason"]) for r in rejects] == [(f"{manifest}#line={n}", "bad_manifest_row") for n in (3, 6)]
+    assert "not one CSV record" in rejects[0]["detail"] and "4 fields, the header has 2" in rejects[1]["detail"]
+    images = rows(tmp_path / "run", "SELECT uri, captions FROM images ORDER BY uri")
+    assert [(r["uri"].rsplit("/", 1)[1], r["captions"]) for r in images] == [
+        ("groceries.jpg", ["bags in a trunk"]), ("test_image.jpg", ["children\nplaying basketball"])]
+    assert result.stages[0].items_total == 4
+
+
+def test_a_quoted_field_that_runs_into_a_row_is_rejected_even_when_a_later_quote_closes_it(tmp_path):
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text('uri,caption\na.jpg,"an open quote\nb.jpg,the next row\nc.jpg,"\nd.jpg,"a caption\nover two lines"\n')
+    entries = {e.uri.rsplit("/", 1)[-1]: e for e in list_inputs(str(manifest), "auto", StorageConfig())}
+    assert sorted(entries) == ["b.jpg", "d.jpg", "manifest.csv#line=2", "manifest.csv#line=4"]
+    assert "runs on into line 3" in entries["manifest.csv#line=2"].problem
+    assert entries["d.jpg"].captions == ("a caption\nover two lines",)
+
+
+def test_symbolic_links_are_followed_and_broken_ones_rejected(photos_dir, tmp_path):
+    """fsspec lists a link as `other`: links to files and folders were neither ingested nor rejected."""
+    import os
+
+    folder, outside = tmp_path / "images", tmp_path / "outside"
+    (folder / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (folder / "truck.jpg").write_bytes((photos_dir / "truck.jpg").read_bytes())
+    (outside / "groceries.jpg").write_bytes((photos_dir / "groceries.jpg").read_bytes())
+    (folder / "file_link.jpg").symlink_to(photos_dir / "test_image.jpg")
+    (folder / "folder_link").symlink_to(outside)
+    (outside / "back").symlink_to(folder)  # followed through folder_link, it leads back into the input
+    (folder / "dangling.jpg").symlink_to(folder / "nowhere.jpg")
+    (folder / "loop.jpg").symlink_to(folder / "loop.jpg")
+    (folder / "sub" / "up").symlink_to(folder)
+    os.mkfifo(folder / "pipe.jpg")
+    result = ingest(folder, tmp_path / "run")
+    sources = rows(tmp_path / "run", "SELECT uri FROM sources ORDER BY uri")
+    assert [r["uri"].removeprefix(f"{folder}/") for r in sources] == ["file_link.jpg", "folder_link/groceries.jpg", "truck.jpg"]
+    rejects = {r["uri"].removeprefix(f"{folder}/"): r["reason"] for r in rows(tmp_path / "run", "SELECT uri, reason FROM rejects")}
+    assert rejects == {"dangling.jpg": "missing", "loop.jpg": "symlink_loop", "sub/up": "symlink_loop", "folder_link/back": "symlink_loop",
+                       "pipe.jpg": "unreadable"}
+    assert result.stages[0].items_total == 8 and result.stages[0].counts["rejects"] == 5
+
+
+def test_blank_per_image_phrases_are_kept_for_mining_to_reject_and_every_item_is_split(tmp_path):
+    manifest = tmp_path / "manifest.jsonl"
+    lines = [{"uri": "a.jpg", "phrases": "a;b;c"}, {"uri": "b.jpg", "phrases": ["wheel", " ", "", "x;y"]},
+             {"uri": "c.jpg", "phrases": " "}]
+    manifest.write_text("\n".join(json.dumps(line) for line in lines))
+    phrases = [e.phrases for e in list_inputs(str(manifest), "auto", StorageConfig())]
+    assert phrases == [("a", "b", "c"), ("wheel", "", "", "x", "y"), ()]  # a blank `phrases` value is no phrases
+
+
+def test_a_png_with_a_bad_header_checksum_is_corrupt(tmp_path):
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    data[29] ^= 0xFF  # the IHDR chunk's CRC: bytes 29-32
+    (tmp_path / "bad_ihdr.png").write_bytes(bytes(data))
+    with pytest.raises(Reject) as rejected:
+        probe(InputEntry(uri=str(tmp_path / "bad_ihdr.png"), input_id="x"), IngestConfig(), StorageConfig())
+    assert rejected.value.reason == "corrupt" and "bad header checksum" in rejected.value.detail
+
+
+def test_http_uris_are_missing_only_when_the_server_says_so(photos_dir):
+    import functools
+    import socket
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    with socket.socket() as probe_socket:
+        probe_socket.bind(("127.0.0.1", 0))
+        closed_port = probe_socket.getsockname()[1]  # nothing listens once the socket is closed
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(photos_dir))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        reasons = {}
+        for uri in (f"http://127.0.0.1:{closed_port}/truck.jpg", f"{base}/nowhere.jpg", f"{base}/truck.jpg"):
+            try:
+                reasons[uri] = probe(InputEntry(uri=uri, input_id="x"), IngestConfig(), StorageConfig())["width"]
+            except Reject as reject:
+                reasons[uri] = reject.reason
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert list(reasons.values()) == ["unreadable", "missing", 1800]

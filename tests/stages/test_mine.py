@@ -39,7 +39,7 @@ def test_captions_give_the_obvious_concepts_and_no_junk(builtin, captions):
 @pytest.mark.parametrize(
     "raw, normal",
     [("The children's bibs", "children bib"), ("a car's  wheels!", "car wheel"), ("Buses", "bus"), ("geese", "goose"),
-     ("  the  ", ""), ("Pickup  Truck", "pickup truck"), ("café tables", "café table")],
+     ("  the  ", "the"), ("Pickup  Truck", "pickup truck"), ("café tables", "café table"), ("--", ""), ("- close--up -", "close-up")],
 )
 def test_normal_form(raw, normal):
     assert normal_form(raw) == normal
@@ -81,7 +81,7 @@ concepts:
 
 def test_bad_run_level_phrases_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="empty"):
-        MineStage(MineConfig(phrases=("the",)), StorageConfig())
+        MineStage(MineConfig(phrases=("--",)), StorageConfig())
     with pytest.raises(ConfigError, match="32-token"):
         MineStage(MineConfig(phrases=(" ".join(["word"] * 40),)), StorageConfig())
     with pytest.raises(ConfigError, match="no file"):
@@ -93,7 +93,7 @@ def mined_run(photos_dir, tmp_path_factory):
     """Ingest and mine the photos from a manifest with captions, per-image phrases (one empty, one too long) and a vocabulary."""
     folder = tmp_path_factory.mktemp("mine")
     captions = {json.loads(line)["file_name"]: json.loads(line)["caption"] for line in (EXAMPLES / "captions.jsonl").read_text().splitlines()}
-    extra = {"truck.jpg": ["wheels", "the", " ".join(["very"] * 40) + " long thing"], "groceries.jpg": ["Grocery Bags"]}
+    extra = {"truck.jpg": ["wheels", "--", " ".join(["very"] * 40) + " long thing"], "groceries.jpg": ["Grocery Bags"]}
     manifest = folder / "manifest.jsonl"
     manifest.write_text("\n".join(json.dumps({"uri": str(photos_dir / name), "caption": text, "phrases": extra.get(name, [])}) for name, text in captions.items()))
     (folder / "vocabulary.txt").write_text("# asked everywhere\nsky\nautomobile\n")
@@ -211,3 +211,12 @@ def test_the_caption_cap_is_configurable_and_cuts_between_words():
     assert tables["candidates"].column("phrase").to_pylist() == ["grocery bag"]
     (reject,) = tables["rejects"].to_pylist()
     assert reject["reason"] == "caption_truncated" and "the first 13 mined, 19 left out (mine.max_caption_chars = 14)" in reject["detail"]
+
+
+def test_per_image_phrases_one_letter_each_are_concepts_and_blank_or_dash_ones_are_rejected():
+    """ "a;b;c" gave only b and c (the article "a" was dropped), and "--" became a concept."""
+    stage = MineStage(MineConfig(ontology=None), StorageConfig())
+    tables = stage.process(WorkUnit("unit", (ImageText("img", "photo.jpg", (), ("a", "b", "c", "--", "")),)))
+    assert sorted(tables["candidates"].column("phrase").to_pylist()) == ["a", "b", "c"]
+    rejects = sorted((r["reason"], r["detail"]) for r in tables["rejects"].to_pylist())
+    assert rejects == [("empty_phrase", "user phrase ''"), ("empty_phrase", "user phrase '--'")]
