@@ -138,13 +138,19 @@ class UnitRunner:
         report.worker_crashes = executor.execute(stage, todo, committed)
         report.executor = executor.describe()
         for derivation in stage.derive(self.store, sorted(planned)):
-            self._derive(derivation, report.items_total)
+            self._derive(stage, derivation, report.items_total)
         report.seconds = time.monotonic() - started
         return report
 
-    def _derive(self, derivation: Derivation, num_inputs: int) -> None:
-        """Rebuild a derived table unless the ledger holds exactly this derivation."""
+    def _derive(self, stage: Stage, derivation: Derivation, num_inputs: int) -> None:
+        """Rebuild a derived table unless the ledger holds exactly this derivation.
+
+        A derivation needs a ledger of its own: every run removes the stage's ledger rows that its plan
+        lacks, so a derivation recorded there would be removed and rebuilt by every run of a finished one.
+        """
         ledger_stage = derivation.unit_id.split(":", 1)[0]
+        if ledger_stage == stage.ledger:
+            raise ValueError(f"derivation {derivation.unit_id} shares the ledger of stage {stage.name}'s units")
         done = self.store.done_units(ledger_stage)
         self.store.delete_units(UNITS, done - {derivation.unit_id})
         if derivation.unit_id in done:

@@ -15,8 +15,9 @@ from sam3_engine.engine.config import SplitsConfig
 from sam3_engine.schemas.tables import SPLITS
 from sam3_engine.stages.base import Derivation, Stage, WorkUnit, fingerprint
 
-VERSION = 1
-"""Bump when a change to this module or its SQL changes the rows it writes."""
+VERSION = 2
+"""Bump when a change to this module or its SQL changes the rows it writes.
+2: the table's ledger is ``splits.splits`` (was the stage's own, so every run removed and rebuilt it)."""
 
 
 class SplitsStage(Stage):
@@ -34,10 +35,11 @@ class SplitsStage(Stage):
 
     def derive(self, store, done_units: list[str]) -> list[Derivation]:
         """The ``splits`` table, rebuilt when the config or any upstream unit changes."""
+        ledger = f"{self.name}.{SPLITS.name}"
         con = connect(store)
-        ((upstream,),) = con.sql("SELECT md5(coalesce(string_agg(unit_id, ',' ORDER BY unit_id), '')) FROM units WHERE stage <> $stage",
-                                 params={"stage": self.ledger}).fetchall()
-        unit_id = fingerprint(self.name, {"version": VERSION, "config": self.config.model_dump(mode="json"), "upstream": upstream})
+        ((upstream,),) = con.sql("SELECT md5(coalesce(string_agg(unit_id, ',' ORDER BY unit_id), '')) FROM units WHERE stage <> $ledger",
+                                 params={"ledger": ledger}).fetchall()
+        unit_id = fingerprint(ledger, {"version": VERSION, "config": self.config.model_dump(mode="json"), "upstream": upstream})
         params = {
             "verifiers": list(self.config.verifiers), "human": list(self.config.human_verifiers), "gold_min_sources": self.config.gold_min_sources,
             "max_negatives": self.config.max_negatives_per_image, "train": self.config.train_fraction, "val": self.config.val_fraction,

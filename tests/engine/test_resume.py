@@ -11,14 +11,19 @@ from pathlib import Path
 
 import pytest
 
+from deltalake import DeltaTable
+
+from sam3_engine.engine.config import load_config
+from sam3_engine.engine.run import run_pipeline
 from sam3_engine.engine.runner import KILL_AFTER_COMMITS_ENV
+from tests.conftest import REPO
 from tests.helpers import ingest, rows
 
-TABLES = {
-    "images": "SELECT * EXCLUDE (unit_id) FROM images ORDER BY image_id",
+TABLES = {  # every column but when, and by which attempt, a unit was committed
+    "images": "SELECT * FROM images ORDER BY image_id",
     "sources": "SELECT * FROM sources ORDER BY input_id",
     "rejects": "SELECT * FROM rejects ORDER BY input_id",
-    "units": "SELECT unit_id, stage, num_inputs, rows_written FROM units ORDER BY unit_id",
+    "units": "SELECT * EXCLUDE (attempt_id, committed_at) FROM units ORDER BY unit_id",
 }
 
 
@@ -79,6 +84,25 @@ def test_a_finished_run_restarted_commits_nothing_new(synthetic_dir, tmp_path):
     assert first.run_id == again.run_id and first.attempt_id != again.attempt_id
     assert again.stages[0].units_committed == 0
     assert again.stages[0].units_skipped == first.stages[0].units_total
+
+
+def _versions(run_dir):
+    return {path.name: DeltaTable(str(path)).version() for path in sorted((run_dir / "tables").iterdir())}
+
+
+def test_a_finished_pipeline_run_again_commits_nothing_but_its_attempt(ray_cluster, tmp_path):
+    """The quickstart's every stage on tiny-random models, run twice: the second run adds its attempt's row to ``runs``
+    (one commit when it starts, one when it finishes) and commits nothing else, derived tables included."""
+    tiny = {"model.name": "tiny-random", "clip.model": "tiny-random"}
+    config = load_config(str(REPO / "examples" / "quickstart.yaml"), {"output": str(tmp_path / "run"), **tiny})
+    run_pipeline(config)
+    before = _versions(tmp_path / "run")
+    assert {"images", "concepts", "masks", "mask_verifications", "pair_verifications", "splits"} <= set(before)
+    again = run_pipeline(config)
+    assert [s.units_committed for s in again.stages] == [0] * len(config.stages)
+    after = _versions(tmp_path / "run")
+    assert after["runs"] == before["runs"] + 2
+    assert {**after, "runs": None} == {**before, "runs": None}
 
 
 def test_a_changed_config_reruns_what_it_affects_and_drops_stale_rows(synthetic_dir, tmp_path):

@@ -2,6 +2,7 @@
 
 import pyarrow as pa
 import pytest
+from deltalake import DeltaTable
 
 from sam3_engine.engine.config import ConfigError, load_config
 from sam3_engine.engine.run import run_pipeline
@@ -112,6 +113,14 @@ def test_an_image_never_sits_in_two_splits_and_the_deal_follows_the_fractions(tm
     assert any(again[p]["split"] != splits[p]["split"] for p in splits)  # another salt, another deal
     same, second = _splits(tmp_path / "run")
     assert {p: r["split"] for p, r in same.items()} == {p: r["split"] for p, r in splits.items()}
+
+
+def test_splits_run_again_on_unchanged_verdicts_commits_nothing(judged):
+    _splits(judged)
+    versions = {name: DeltaTable(str(judged / "tables" / name)).version() for name in ("splits", "units")}
+    _, again = _splits(judged)
+    assert {name: DeltaTable(str(judged / "tables" / name)).version() for name in versions} == versions
+    assert again.units_removed == 0
 
 
 def test_fractions_must_fit():
