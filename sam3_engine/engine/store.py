@@ -71,7 +71,7 @@ class TableStore:
     def replace(self, spec: TableSpec, key: str, rows: pa.Table | pa.RecordBatchReader) -> int:
         """Make ``rows`` the only rows of ``spec`` whose replace column equals ``key``; one commit."""
         rows = rows.read_all() if isinstance(rows, pa.RecordBatchReader) else rows
-        rows = validate(spec, rows)
+        rows = validate(spec, rows).cast(spec.stored_schema)
         if rows.num_rows and set(rows.column(spec.replace_column).unique().to_pylist()) != {key}:
             raise ValueError(f"rows for {spec.name!r} must all have {spec.replace_column} = {key!r}")
         write_deltalake(
@@ -85,7 +85,7 @@ class TableStore:
 
     def overwrite(self, spec: TableSpec, rows: pa.RecordBatchReader) -> int:
         """Replace a whole table in one commit (for tables derived from all of another's rows)."""
-        checked = pa.RecordBatchReader.from_batches(spec.schema, _validated(spec, rows))
+        checked = pa.RecordBatchReader.from_batches(spec.stored_schema, _validated(spec, rows))
         written = 0
 
         def counted():
@@ -96,7 +96,7 @@ class TableStore:
 
         write_deltalake(
             self.table_url(spec.name),
-            pa.RecordBatchReader.from_batches(spec.schema, counted()),
+            pa.RecordBatchReader.from_batches(spec.stored_schema, counted()),
             mode="overwrite",
             schema_mode="overwrite",
             storage_options=self._delta_options,
@@ -131,4 +131,4 @@ class TableStore:
 
 def _validated(spec: TableSpec, reader: pa.RecordBatchReader):
     for batch in reader:
-        yield from validate(spec, pa.Table.from_batches([batch])).to_batches()
+        yield from validate(spec, pa.Table.from_batches([batch])).cast(spec.stored_schema).to_batches()

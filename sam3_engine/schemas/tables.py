@@ -49,6 +49,12 @@ class TableSpec:
             metadata={TABLE_KEY: self.name.encode(), VERSION_KEY: str(self.version).encode()},
         )
 
+    @property
+    def stored_schema(self) -> pa.Schema:
+        """What the table's files hold: the schema without column docs. Delta refuses a write whose field
+        metadata differs from the table's, so a reworded doc must never reach the files."""
+        return pa.schema([field.remove_metadata() for field in self.schema], metadata=self.schema.metadata)
+
     def empty(self) -> pa.Table:
         return self.schema.empty_table()
 

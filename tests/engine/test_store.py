@@ -52,3 +52,18 @@ def test_every_column_is_documented_and_versioned():
         for field in spec.schema:
             assert field.metadata[b"doc"], (spec.name, field.name)
         validate(spec, spec.empty())
+
+
+def test_a_reworded_column_doc_does_not_lock_out_existing_tables(tmp_path):
+    """Docs stay in the code: tables written with docs (older runs) and without both take writes from a spec whose doc changed."""
+    import dataclasses
+
+    from deltalake import write_deltalake
+
+    store = TableStore(str(tmp_path / "run"))
+    older = _rejects("ingest:a", ["1"]).cast(REJECTS.schema)
+    write_deltalake(store.table_url(REJECTS.name), older)  # an older run's files, docs in the field metadata
+    reworded = dataclasses.replace(REJECTS, columns=tuple(dataclasses.replace(c, doc=c.doc + " (reworded)") for c in REJECTS.columns))
+    store.replace(reworded, "ingest:b", _rejects("ingest:b", ["2"]))
+    store.replace(REJECTS, "ingest:c", _rejects("ingest:c", ["3"]))
+    assert sorted(store.read("rejects")["input_id"].to_pylist()) == ["1", "2", "3"]
