@@ -21,7 +21,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from sam3_engine.engine.config import load_config
-from sam3_engine.engine.run import run_pipeline
+from sam3_engine.app.pipeline import run_pipeline
 
 PHOTOS = Path(__file__).resolve().parent.parent / "examples" / "images"
 

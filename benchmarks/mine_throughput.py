@@ -31,7 +31,7 @@ PLACES = ["street", "table", "beach", "kitchen", "field", "sidewalk", "shelf", "
 
 def corpus(folder: Path, count: int, seed: int = 0) -> Path:
     """``count`` distinct 96x64 JPEG crops and a JSONL manifest with one caption each."""
-    from sam3_engine.stages.concepts import Ontology
+    from sam3_engine.text.concepts import Ontology
 
     import inflect
 
@@ -90,7 +90,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from sam3_engine.engine.config import load_config
-    from sam3_engine.engine.run import run_pipeline
+    from sam3_engine.app.pipeline import run_pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()

@@ -168,7 +168,7 @@ def pipeline(args, checkpoint: Path) -> dict:
     from sam3_engine.engine.config import ModelConfig, ProposeConfig, StorageConfig
     from sam3_engine.engine.ray_executor import RayExecutor, ensure_ray
     from sam3_engine.models.sam3 import ModelChoice, Sam3Segmenter
-    from sam3_engine.stages.base import WorkUnit
+    from sam3_engine.engine.stage import WorkUnit
     from sam3_engine.stages.propose import ImageRef, ProposeStage
 
     phrases = (PHRASES * 4)[: args.phrases]

@@ -110,7 +110,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from sam3_engine.engine.config import StorageConfig, load_config
-    from sam3_engine.engine.run import run_pipeline
+    from sam3_engine.app.pipeline import run_pipeline
     from sam3_engine.engine.store import TableStore
     from sam3_engine.stages.export import export
 

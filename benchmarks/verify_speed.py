@@ -31,7 +31,7 @@ def stage(args) -> dict:
     from mine_throughput import random_vit_b_32
 
     from sam3_engine.engine.config import load_config
-    from sam3_engine.engine.run import run_pipeline
+    from sam3_engine.app.pipeline import run_pipeline
 
     base = [ImageOps.exif_transpose(Image.open(p)).convert("RGB") for p in sorted((EXAMPLES / "images").glob("*.jpg"))]
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,7 +83,7 @@ def verdicts(args) -> dict:
     from sam3_engine.engine.store import TableStore
     from sam3_engine.models.clip import ClipChoice
     from sam3_engine.schemas.tables import MASK_SCORES, MASKS, PAIR_SCORES, PAIRS
-    from sam3_engine.stages.concepts import Ontology
+    from sam3_engine.text.concepts import Ontology
     from sam3_engine.stages.verify import VerifyStage
 
     rng = np.random.default_rng(0)

@@ -20,10 +20,10 @@ from sam3_engine.engine import catalog, storage
 from sam3_engine.engine.config import ConfigError, StorageConfig, load_config
 from sam3_engine.models.hub import ModelLoadError
 from sam3_engine.schemas.tables import TABLES
-from sam3_engine.stages.inputs import InputError
+from sam3_engine.io.inputs import InputError
 
 if TYPE_CHECKING:
-    from sam3_engine.engine.run import RunResult
+    from sam3_engine.app.pipeline import RunResult
 
 app = typer.Typer(help="SAM 3 data engine: build verified segmentation datasets from a pile of images.", no_args_is_help=True, add_completion=False)
 console = Console(stderr=True)
@@ -49,7 +49,7 @@ def run(
 ) -> None:
     """Run the pipeline; run it again with the same output to resume after a crash or an interruption."""
     from sam3_engine.engine.lock import RunLockedError, describe_holder
-    from sam3_engine.engine.run import ReconciliationError, RunFailed, run_pipeline, signal_of, stop_on_signals  # torch, Ray: only to run
+    from sam3_engine.app.pipeline import ReconciliationError, RunFailed, run_pipeline, signal_of, stop_on_signals  # torch, Ray: only to run
     from sam3_engine.engine.runner import default_progress
 
     overrides = dict(_parse_setting(s) for s in set_ or [])

@@ -24,7 +24,7 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError
 
 from sam3_engine.engine.runner import crash_if_asked
-from sam3_engine.stages.base import Stage, WorkUnit
+from sam3_engine.engine.stage import Stage, WorkUnit
 
 KILL_ACTOR_ONCE_ENV = "SAM3_ENGINE_KILL_MODEL_ACTOR_ONCE"
 """Fault injection for tests: a path; the first actor to create it SIGKILLs itself mid-unit."""

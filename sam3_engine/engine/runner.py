@@ -24,7 +24,7 @@ import pyarrow as pa
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from sam3_engine.schemas.tables import UNITS
-from sam3_engine.stages.base import STATS_KEY, Derivation, Stage, WorkUnit
+from sam3_engine.engine.stage import STATS_KEY, Derivation, Stage, WorkUnit
 
 if TYPE_CHECKING:
     from sam3_engine.engine.store import TableStore

@@ -16,8 +16,8 @@ import pyarrow as pa
 from sam3_engine.engine.config import ClipConfig, StorageConfig
 from sam3_engine.models.clip import ClipChoice, image_transform, shared_embedder
 from sam3_engine.schemas.tables import CONCEPTS, IMAGE_EMBEDDINGS, IMAGES, PHRASE_EMBEDDINGS, REJECTS
-from sam3_engine.stages.base import Stage, WorkUnit, content_defined_chunks, fingerprint, image_reject, reject_reasons, rows_table
-from sam3_engine.stages.inputs import load_image
+from sam3_engine.engine.stage import Stage, WorkUnit, content_defined_chunks, fingerprint, image_reject, reject_reasons, rows_table
+from sam3_engine.io.inputs import load_image
 
 VERSION = 1
 """Bump when a change to this module changes the rows it writes: every unit then re-runs."""

@@ -19,8 +19,8 @@ from sam3_engine.engine import storage
 from sam3_engine.engine.catalog import connect, named_query
 from sam3_engine.engine.config import IngestConfig, StorageConfig
 from sam3_engine.schemas.tables import IMAGES, REJECTS, SOURCES
-from sam3_engine.stages.base import Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, reject_reasons, rows_table
-from sam3_engine.stages.inputs import InputEntry, list_inputs
+from sam3_engine.engine.stage import Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, reject_reasons, rows_table
+from sam3_engine.io.inputs import InputEntry, list_inputs
 
 VERSION = 2
 """Bump when a change to this module changes the rows it writes: every unit then re-runs."""

@@ -1,7 +1,7 @@
 """Mine: which concepts to ask SAM 3 about on each image, from its captions, the user's phrases and a vocabulary.
 
 Entry point: ``MineStage``. A unit is a shard of images; every phrase found is brought to its
-normal form (``stages.concepts``) and becomes a candidate (image, concept, origin). Phrases that
+normal form (``text.concepts``) and becomes a candidate (image, concept, origin). Phrases that
 are empty once normalised, or longer than SAM 3's 32-token context, are rejected with a reason.
 At the end the ``concepts`` table is rebuilt: the ontology's and vocabulary's concepts plus every
 mined one.

@@ -22,9 +22,9 @@ import pyarrow as pa
 from sam3_engine.engine.catalog import connect, named_query
 from sam3_engine.engine.config import NegativesConfig
 from sam3_engine.schemas.tables import CANDIDATES, IMAGE_EMBEDDINGS
-from sam3_engine.stages.base import Stage, WorkUnit, content_defined_chunks, fingerprint, rows_table
-from sam3_engine.stages.concepts import Ontology, concept_id, pair_id
-from sam3_engine.stages.embeddings import EmbeddingStore, PhraseVectors
+from sam3_engine.engine.stage import Stage, WorkUnit, content_defined_chunks, fingerprint, rows_table
+from sam3_engine.text.concepts import Ontology, concept_id, pair_id
+from sam3_engine.io.embeddings import EmbeddingStore, PhraseVectors
 
 VERSION = 1
 """Bump when a change to this module changes the rows it writes: every unit then re-runs."""

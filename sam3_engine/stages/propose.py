@@ -23,9 +23,9 @@ from sam3_engine.engine.catalog import connect, named_query
 from sam3_engine.engine.config import ConfigError, ModelConfig, ProposeConfig, StorageConfig
 from sam3_engine.models.sam3 import ModelChoice, PairPrediction, Sam3Segmenter, load_image_processor, preprocess
 from sam3_engine.schemas.tables import CONCEPTS, IMAGES, MASKS, PAIRS, REJECTS
-from sam3_engine.stages.base import STATS_KEY, Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, image_reject, reject_reasons, rows_table
-from sam3_engine.stages.concepts import concept_id, normal_form, pair_id, phrase_lines
-from sam3_engine.stages.inputs import load_image
+from sam3_engine.engine.stage import STATS_KEY, Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, image_reject, reject_reasons, rows_table
+from sam3_engine.text.concepts import concept_id, normal_form, pair_id, phrase_lines
+from sam3_engine.io.inputs import load_image
 
 VERSION = 3
 """Bump when a change to this module changes the rows it writes: every unit then re-runs."""

@@ -15,9 +15,9 @@ import pyarrow as pa
 
 from sam3_engine.engine.config import RetrieveConfig, StorageConfig
 from sam3_engine.schemas.tables import CANDIDATES, IMAGE_EMBEDDINGS
-from sam3_engine.stages.base import Stage, WorkUnit, content_defined_chunks, fingerprint, rows_table
-from sam3_engine.stages.concepts import pair_id
-from sam3_engine.stages.embeddings import EmbeddingStore
+from sam3_engine.engine.stage import Stage, WorkUnit, content_defined_chunks, fingerprint, rows_table
+from sam3_engine.text.concepts import pair_id
+from sam3_engine.io.embeddings import EmbeddingStore
 
 VERSION = 1
 """Bump when a change to this module changes the rows it writes: every unit then re-runs."""

@@ -13,7 +13,7 @@ from typing import Any
 from sam3_engine.engine.catalog import connect, named_query
 from sam3_engine.engine.config import SplitsConfig
 from sam3_engine.schemas.tables import SPLITS
-from sam3_engine.stages.base import Derivation, Stage, WorkUnit, fingerprint
+from sam3_engine.engine.stage import Derivation, Stage, WorkUnit, fingerprint
 
 VERSION = 2
 """Bump when a change to this module or its SQL changes the rows it writes.

@@ -28,10 +28,10 @@ from sam3_engine.engine.config import ClipConfig, StorageConfig, VerifyConfig
 from sam3_engine.engine.store import TableStore
 from sam3_engine.models.clip import ClipChoice, image_transform, input_size, shared_embedder
 from sam3_engine.schemas.tables import MASK_SCORES, MASK_VERIFICATIONS, MASKS, PAIR_SCORES, PAIR_VERIFICATIONS, PAIRS, REJECTS
-from sam3_engine.stages.base import Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, image_reject, reject_reasons, rows_table
-from sam3_engine.stages.concepts import Ontology
-from sam3_engine.stages.inputs import load_image
-from sam3_engine.stages.mask_checks import geometry, masked_crop, overlaps, rle
+from sam3_engine.engine.stage import Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, image_reject, reject_reasons, rows_table
+from sam3_engine.text.concepts import Ontology
+from sam3_engine.io.inputs import load_image
+from sam3_engine.metrics.mask_checks import geometry, masked_crop, overlaps, rle
 
 VERSION = 2
 """Bump when a change to this module changes the scores it writes: every unit then re-runs.

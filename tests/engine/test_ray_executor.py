@@ -11,7 +11,7 @@ import ray
 from sam3_engine.engine.catalog import connect
 from sam3_engine.engine.config import load_config
 from sam3_engine.engine.ray_executor import KILL_ACTOR_ONCE_ENV, RayExecutor
-from sam3_engine.engine.run import build_stages
+from sam3_engine.app.pipeline import build_stages
 from sam3_engine.engine.runner import CRASH_ON_ENV, ProcessExecutor, UnitRunner
 from sam3_engine.engine.store import TableStore
 from sam3_engine.stages.propose import OOM_ABOVE_ENV

@@ -14,7 +14,7 @@ import pytest
 from deltalake import DeltaTable
 
 from sam3_engine.engine.config import load_config
-from sam3_engine.engine.run import run_pipeline
+from sam3_engine.app.pipeline import run_pipeline
 from sam3_engine.engine.runner import KILL_AFTER_COMMITS_ENV
 from tests.conftest import REPO
 from tests.helpers import ingest, rows

@@ -8,7 +8,7 @@ import boto3
 import pytest
 
 from sam3_engine.engine.config import StorageConfig, load_config
-from sam3_engine.engine.run import run_pipeline
+from sam3_engine.app.pipeline import run_pipeline
 from tests.helpers import rows
 
 

@@ -7,10 +7,10 @@ import pytest
 from PIL import Image, ImageOps
 
 from sam3_engine.engine.config import load_config
-from sam3_engine.engine.run import run_pipeline
+from sam3_engine.app.pipeline import run_pipeline
 from sam3_engine.models.clip import ClipEmbedder, choose_clip
 from sam3_engine.models.sam3 import ModelLoadError
-from sam3_engine.stages.concepts import Ontology
+from sam3_engine.text.concepts import Ontology
 from tests.conftest import EXAMPLES
 from tests.helpers import rows
 

@@ -13,11 +13,11 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from sam3_engine.engine.config import load_config
-from sam3_engine.engine.run import run_pipeline
+from sam3_engine.app.pipeline import run_pipeline
 from sam3_engine.engine.store import TableStore
 from sam3_engine.metrics.cgf1 import evaluate
 from sam3_engine.schemas.tables import MASK_VERIFICATIONS, MASKS, PAIR_VERIFICATIONS, PAIRS
-from sam3_engine.stages.concepts import concept_id, pair_id
+from sam3_engine.text.concepts import concept_id, pair_id
 from sam3_engine.stages.export import ExportError, export, predictions
 from tests.helpers import ingest, rows
 

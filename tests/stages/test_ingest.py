@@ -6,9 +6,9 @@ import pytest
 from PIL import Image
 
 from sam3_engine.engine.config import IngestConfig, StorageConfig
-from sam3_engine.stages.base import content_defined_chunks
+from sam3_engine.engine.stage import content_defined_chunks
 from sam3_engine.stages.ingest import REASONS, Reject, probe
-from sam3_engine.stages.inputs import InputEntry, list_inputs
+from sam3_engine.io.inputs import InputEntry, list_inputs
 from tests.conftest import broken_files, odd_images
 from tests.helpers import ingest, rows
 
@@ -128,7 +128,7 @@ def test_coco_json_images_and_captions(photos_dir, tmp_path):
 
 
 def test_missing_input_is_a_clear_error(tmp_path):
-    from sam3_engine.stages.inputs import InputError
+    from sam3_engine.io.inputs import InputError
 
     with pytest.raises(InputError, match="does not exist"):
         list_inputs(str(tmp_path / "nowhere"), "auto", StorageConfig())

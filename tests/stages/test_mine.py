@@ -5,9 +5,9 @@ import json
 import pytest
 
 from sam3_engine.engine.config import ConfigError, MineConfig, StorageConfig, load_config
-from sam3_engine.engine.run import build_stages, run_pipeline
-from sam3_engine.stages.concepts import COLOURS, NOT_CONCEPTS, Ontology, concept_id, noun_phrases, normal_form, pair_id
-from sam3_engine.stages.base import WorkUnit
+from sam3_engine.app.pipeline import build_stages, run_pipeline
+from sam3_engine.text.concepts import COLOURS, NOT_CONCEPTS, Ontology, concept_id, noun_phrases, normal_form, pair_id
+from sam3_engine.engine.stage import WorkUnit
 from sam3_engine.stages.mine import ImageText, MineStage
 from tests.conftest import EXAMPLES
 from tests.helpers import rows

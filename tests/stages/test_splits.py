@@ -5,7 +5,7 @@ import pytest
 from deltalake import DeltaTable
 
 from sam3_engine.engine.config import ConfigError, load_config
-from sam3_engine.engine.run import run_pipeline
+from sam3_engine.app.pipeline import run_pipeline
 from sam3_engine.engine.store import TableStore
 from sam3_engine.schemas.tables import CANDIDATES, MASK_VERIFICATIONS, PAIR_VERIFICATIONS
 from tests.helpers import rows

@@ -22,14 +22,14 @@ from pycocotools import mask as mask_utils
 
 from sam3_engine.engine.catalog import connect, uncovered_fraction
 from sam3_engine.engine.config import MASK_REASONS, ConfigError, VerifyConfig, load_config
-from sam3_engine.engine.run import run_pipeline
+from sam3_engine.app.pipeline import run_pipeline
 from sam3_engine.engine.runner import KILL_AFTER_COMMITS_ENV
 from sam3_engine.engine.store import TableStore
 from sam3_engine.models.clip import ClipEmbedder, choose_clip, input_size
 from sam3_engine.schemas.tables import MASKS, PAIR_SCORES, PAIRS, UNITS
 from sam3_engine.stages.calibration import calibrate, fit_threshold
-from sam3_engine.stages.concepts import concept_id, pair_id
-from sam3_engine.stages.mask_checks import geometry, masked_crop, overlaps
+from sam3_engine.text.concepts import concept_id, pair_id
+from sam3_engine.metrics.mask_checks import geometry, masked_crop, overlaps
 from sam3_engine.stages.verify import VERSION
 from tests.helpers import ingest, rows
 

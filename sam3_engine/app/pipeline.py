@@ -33,11 +33,11 @@ from sam3_engine.models.clip import choose_clip
 from sam3_engine.models.hub import ModelLoadError
 from sam3_engine.models.sam3 import choose_model
 from sam3_engine.schemas.tables import RUNS
-from sam3_engine.stages.base import Stage
+from sam3_engine.engine.stage import Stage
 from sam3_engine.stages.embed import EmbedStage
-from sam3_engine.stages.embeddings import EmbeddingStore
+from sam3_engine.io.embeddings import EmbeddingStore
 from sam3_engine.stages.ingest import IngestStage
-from sam3_engine.stages.inputs import InputError
+from sam3_engine.io.inputs import InputError
 from sam3_engine.stages.mine import MineStage, run_ontology
 from sam3_engine.stages.negatives import NegativesStage
 from sam3_engine.stages.propose import ProposeStage

@@ -1,0 +1,1 @@
+"""Language: how a phrase becomes a concept, ontologies, and noun phrases from captions."""
