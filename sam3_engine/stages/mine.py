@@ -20,8 +20,8 @@ from sam3_engine.engine import storage
 from sam3_engine.engine.catalog import connect, named_query
 from sam3_engine.engine.config import ConfigError, MineConfig, StorageConfig
 from sam3_engine.schemas.tables import CANDIDATES, CONCEPTS, IMAGES, REJECTS
-from sam3_engine.stages.base import Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, reject_reasons, rows_table
-from sam3_engine.stages.concepts import TEXT_CONTEXT, Ontology, concept_id, load_ontology, noun_phrases, pair_id, phrase_lines, token_count
+from sam3_engine.engine.stage import Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, reject_reasons, rows_table
+from sam3_engine.text.concepts import TEXT_CONTEXT, Ontology, concept_id, load_ontology, noun_phrases, pair_id, phrase_lines, token_count
 
 VERSION = 3
 """Bump when a change to this module changes the rows it writes: every unit then re-runs."""
