@@ -8,6 +8,8 @@ macros (``schemas/sql/verdicts.sql``) and the mask function they use, ``rle_unco
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from typing import Any
 
@@ -18,6 +20,9 @@ from pycocotools import mask as mask_utils
 from sam3_engine.engine.config import StorageConfig
 from sam3_engine.engine.store import TableStore
 from sam3_engine.schemas.tables import TABLES
+
+STREAM_BATCH_ROWS = 10_000
+"""Rows per batch of a streamed result: small enough for wide rows (masks' RLE), large enough to be cheap per row."""
 
 
 def connect(run: str | TableStore, storage_config: StorageConfig | None = None) -> duckdb.DuckDBPyConnection:
@@ -58,9 +63,26 @@ def _uncovered_fractions(heights: pa.Array, widths: pa.Array, foregrounds: pa.Ar
 
 def query(run: str | TableStore, sql: str, params: dict[str, Any] | list[Any] | None = None, storage_config: StorageConfig | None = None):
     """Run ``sql`` with bound ``params`` over the run's tables; returns a pyarrow Table."""
+    with stream(run, sql, params, storage_config) as reader:
+        return reader.read_all()
+
+
+@contextmanager
+def stream(
+    run: str | TableStore, sql: str, params: dict[str, Any] | list[Any] | None = None, storage_config: StorageConfig | None = None,
+    batch_rows: int = STREAM_BATCH_ROWS,
+) -> Iterator[pa.RecordBatchReader]:
+    """Run ``sql`` with bound ``params`` over the run's tables; yields its result as batches that DuckDB makes as they are read.
+
+    Memory holds a batch or so, not the result; stop reading and the rest is never computed. A ValueError when the SQL has no
+    statement that returns rows (empty, or only comments).
+    """
     con = connect(run, storage_config)
     try:
-        return con.sql(sql, params=params or None).to_arrow_table()
+        relation = con.sql(sql, params=params or None)
+        if relation is None:
+            raise ValueError("the SQL has no statement that returns rows")
+        yield relation.to_arrow_reader(batch_rows)
     finally:
         con.close()
 

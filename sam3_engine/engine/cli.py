@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import re
 import signal
@@ -15,6 +14,7 @@ import typer
 import yaml
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from sam3_engine.engine import catalog, storage
 from sam3_engine.engine.config import ConfigError, StorageConfig, load_config
@@ -81,35 +81,27 @@ def run(
 
 def _announce(notices: list[str]) -> None:
     for notice in notices:
-        console.print(f"[bold yellow on red] WARNING [/] [bold]{notice}[/]", highlight=False, soft_wrap=True)
+        console.print(f"[bold yellow on red] WARNING [/] [bold]{notice}[/]", highlight=False)
 
 
 def _print_summary(result: RunResult) -> None:
-    table = Table(title=f"run {result.run_id} (attempt {result.attempt_id[:8]}) in {result.seconds:.1f} s", title_justify="left")
-    for column in ("stage", "units done/skipped/total", "inputs", "result", "seconds"):
-        table.add_column(column)
+    """What the run did, one row per counter, so that no count is cut in an 80-column terminal (``runs.summary_json`` keeps the
+    machine-readable copy). A nested count is ``key=value`` and wraps only between entries; a list has a line per item."""
+    console.print(f"[bold]run {result.run_id}[/] (attempt {result.attempt_id[:8]}) in {result.seconds:.1f} s", highlight=False)
     for report in result.stages:
-        counts = {k: v for k, v in report.counts.items() if not isinstance(v, list)}
-        reasons = counts.pop("reject_reasons", {})
-        described = ", ".join(f"{k}={v}" for k, v in counts.items())
-        if reasons:
-            described += " (" + ", ".join(f"{k}: {v}" for k, v in reasons.items()) + ")"
-        if report.worker_crashes:
-            described += f", worker crashes={report.worker_crashes}"
-        if report.executor:
-            described += " [" + ", ".join(f"{k}={v}" for k, v in report.executor.items()) + "]"
-        table.add_row(
-            report.name,
-            f"{report.units_committed}/{report.units_skipped}/{report.units_total}",
-            str(report.items_total),
-            described,
-            f"{report.seconds:.1f}",
-        )
-    console.print(table)
+        removed = f", {report.units_removed} removed" if report.units_removed else ""
+        units = f"units {report.units_committed} done, {report.units_skipped} skipped{removed} of {report.units_total}"
+        console.print(f"[bold]{report.name}[/]: {report.items_total} inputs in {report.seconds:.1f} s; {units}", highlight=False)
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(no_wrap=True)
+        grid.add_column(overflow="fold")
+        crashes = {"worker_crashes": report.worker_crashes} if report.worker_crashes else {}
+        counters = {**report.counts, **crashes, "executor": report.executor}
+        for key, value in counters.items():
+            if not (isinstance(value, dict | list) and not value):  # an empty one holds no count
+                grid.add_row(Text(f"  {key}"), Text(_summary_value(value)))  # Text: a phrase such as "[x]" is not markup
+        console.print(grid, highlight=False)
     for report in result.stages:
-        for key, values in report.counts.items():
-            if isinstance(values, list) and values:
-                console.print(f"{report.name}: {key.replace('_', ' ')}: {', '.join(map(str, values))}", highlight=False, soft_wrap=True)
         if {"images", "duplicates", "rejects"} <= report.counts.keys():
             c = report.counts
             console.print(
@@ -118,6 +110,14 @@ def _print_summary(result: RunResult) -> None:
             )
     _announce(result.notices)
     console.print(f"query it: sam3-engine query {result.output} \"SELECT * FROM images LIMIT 5\"", highlight=False, soft_wrap=True)
+
+
+def _summary_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    if isinstance(value, list):
+        return "\n".join(map(str, value))
+    return "-" if value is None else str(value)
 
 
 def _split_assignment(text: str) -> tuple[str, str]:
@@ -149,39 +149,71 @@ def query(
     format: Annotated[str, typer.Option("--format", "-f", help="table, csv or json.")] = "table",
     param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="NAME=VALUE bound to $NAME in the SQL (JSON values are parsed).")] = None,
     endpoint_url: Annotated[Optional[str], typer.Option("--endpoint-url", help="S3-compatible endpoint for s3:// run directories.")] = None,
-    max_rows: Annotated[int, typer.Option("--max-rows", help="Rows shown by --format table.")] = 100,
+    max_rows: Annotated[Optional[int], typer.Option(
+        "--max-rows", min=0, show_default=False, help="Stop after this many rows, in every format [default: 100 for table, all otherwise].",
+    )] = None,
 ) -> None:
-    """Run SQL over a run's committed tables and print the result."""
+    """Run SQL over a run's committed tables and print the result, streamed: rows past --max-rows are never computed."""
     if format not in ("table", "csv", "json"):
         _fail(f"--format must be table, csv or json, not {format!r}")
+    if not sql.strip():
+        _fail("the SQL argument is empty: give a query, e.g. \"SELECT * FROM images LIMIT 5\"")
     params = dict(_parse_param(p) for p in param or [])
     storage_config = StorageConfig(endpoint_url=endpoint_url)
     _run_dir(run_dir, storage_config)
+    limit = max_rows if max_rows is not None or format != "table" else 100
     try:
-        result = catalog.query(run_dir, sql, params, storage_config)
+        with catalog.stream(run_dir, sql, params, storage_config) as reader:
+            printed, more = _print_rows(reader, format, limit)
     except Exception as exc:  # noqa: BLE001 - DuckDB's message is the useful part
         _fail(f"{type(exc).__name__}: {exc}")
-    rows = result.to_pylist()
-    if format == "json":
-        out.print_json(json.dumps(rows, default=str))
+    if more:
+        console.print(f"{printed} rows shown; the result has more (--max-rows)", highlight=False)
+
+
+def _print_rows(reader, format: str, limit: int | None) -> tuple[int, bool]:
+    """Print a result batch by batch, up to ``limit`` rows; returns the rows printed and whether the result had more."""
+    printed, more = 0, False
+    if format == "table":
+        table = Table(*reader.schema.names)
     elif format == "csv":
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(result.column_names)
-        writer.writerows([[json.dumps(v, default=str) if isinstance(v, list | dict) else v for v in row.values()] for row in rows])
-        sys.stdout.write(buffer.getvalue())
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(reader.schema.names)
     else:
-        table = Table(*result.column_names)
-        for row in rows[:max_rows]:
-            table.add_row(*[str(v) for v in row.values()])
+        sys.stdout.write("[")
+    for batch in reader:
+        if limit is not None and batch.num_rows > limit - printed:
+            more, batch = True, batch.slice(0, limit - printed)
+        for row in zip(*(column.to_pylist() for column in batch.columns)):  # not dicts: two columns may share a name
+            if format == "table":
+                table.add_row(*[Text(str(v)) for v in row])  # Text: a value such as "[red]" is not markup
+            elif format == "csv":
+                writer.writerow([json.dumps(v, default=str) if isinstance(v, list | dict) else v for v in row])
+            else:
+                record = json.dumps(dict(zip(reader.schema.names, row)), default=str, ensure_ascii=False)
+                sys.stdout.write(("," if printed else "") + "\n" + record)
+            printed += 1
+        if more:
+            break
+    if format == "table":
         out.print(table)
-        if len(rows) > max_rows:
-            console.print(f"{len(rows)} rows, {max_rows} shown (--max-rows)")
+    elif format == "json":
+        sys.stdout.write("\n]\n" if printed else "]\n")
+    return printed, more
 
 
 def _run_dir(run_dir: str, storage_config: StorageConfig) -> None:
-    fs, root = storage.filesystem(run_dir, storage_config)
-    if not fs.exists(storage.join(root, "run.json")):
+    """A one-line error unless ``run_dir`` is a run directory this process can read (credentials, endpoint, permissions)."""
+    from botocore.exceptions import NoCredentialsError
+
+    try:
+        fs, root = storage.filesystem(run_dir, storage_config)
+        found = fs.exists(storage.join(root, "run.json"))
+    except NoCredentialsError:
+        _fail(f"cannot read {run_dir}: no AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)")
+    except Exception as exc:  # noqa: BLE001 - fsspec, s3fs and botocore raise many kinds; each names its cause
+        _fail(f"cannot read {run_dir}: {type(exc).__name__}: {exc}")
+    if not found:
         _fail(f"{run_dir} is not a run directory (it has no run.json)")
 
 
@@ -205,10 +237,13 @@ def calibrate(
     _run_dir(run_dir, storage_config)
     try:
         report = fit(TableStore(run_dir, storage_config), storage.read_table(labels, storage_config), verifier, target_precision)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         _fail(str(exc))
     if write is not None:
-        write.write_text(yaml.safe_dump({"verify": report["thresholds"]}, sort_keys=False))
+        try:
+            write.write_text(yaml.safe_dump({"verify": report["thresholds"]}, sort_keys=False))
+        except OSError as exc:
+            _fail(f"cannot write --write {write}: {exc.strerror or exc}")
     if format == "json":
         out.print_json(json.dumps(report))
         return
@@ -244,9 +279,10 @@ def import_labels(
         _fail(f"--verifier must be letters, digits, '_', '.' or '-', not {verifier!r}")
     try:
         counts = store_labels(TableStore(run_dir, storage_config), storage.read_table(labels, storage_config), verifier)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         _fail(str(exc))
-    console.print(f"verifier {verifier}: {counts['pairs']} pair and {counts['masks']} mask labels stored; {counts['unmatched']} labels name no pair or mask of this run")
+    stored = f"verifier {verifier}: {counts['pairs']} pair and {counts['masks']} mask labels stored"
+    console.print(f"{stored}; {counts['unmatched']} labels name no pair or mask of this run", highlight=False, soft_wrap=True)
 
 
 @app.command("eval")
@@ -312,7 +348,8 @@ def export_split(
         report = export(TableStore(run_dir, storage_config), split, tier, format, out, storage_config)
     except ExportError as exc:
         _fail(str(exc))
-    console.print(f"{report.pairs} pairs ({report.positives} positive, {report.negatives} negative) and {report.masks} masks -> {', '.join(report.files)}")
+    written = f"{report.pairs} pairs ({report.positives} positive, {report.negatives} negative) and {report.masks} masks"
+    console.print(f"{written} -> {', '.join(report.files)}", highlight=False, soft_wrap=True)
 
 
 def _number(value: float | None) -> str:

@@ -4,18 +4,22 @@ Entry point: ``import_labels``. The file is the one ``calibrate`` reads (``pair_
 ``present`` / ``exhaustive``, ``mask_id`` with ``good``). Its rows go to ``pair_verifications`` and
 ``mask_verifications`` under the verifier's name (``human`` by default, one of
 ``splits.human_verifiers``), replacing that verifier's earlier import in one commit per table, so
-splits can make human-confirmed pairs Gold and calibration can score machines against them.
+splits can make human-confirmed pairs Gold and calibration can score machines against them. The
+import is recorded in the units ledger as stage ``labels.<verifier>``, so the next splits run sees
+upstream work change and rebuilds.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections import Counter
 
 import pyarrow as pa
 
 from sam3_engine.engine.catalog import connect, named_query
+from sam3_engine.engine.stage import fingerprint
 from sam3_engine.engine.store import TableStore
-from sam3_engine.schemas.tables import MASK_VERIFICATIONS, PAIR_VERIFICATIONS, validate
+from sam3_engine.schemas.tables import MASK_VERIFICATIONS, PAIR_VERIFICATIONS, UNITS, validate
 from sam3_engine.stages.calibration import label_counts, normalised_labels
 
 
@@ -35,5 +39,10 @@ def import_labels(store: TableStore, labels: pa.Table, verifier: str) -> dict[st
         con.close()
     written_masks = store.replace(MASK_VERIFICATIONS, verifier, validate(MASK_VERIFICATIONS, masks))
     written_pairs = store.replace(PAIR_VERIFICATIONS, verifier, validate(PAIR_VERIFICATIONS, pairs))
+    ledger = f"labels.{verifier}"
+    unit_id = fingerprint(ledger, {"labels": labels.to_pylist()})
+    store.delete_units(UNITS, store.done_units(ledger) - {unit_id})
+    store.record_unit(ledger, unit_id, f"import-labels-{uuid.uuid4().hex}", labels.num_rows,
+                      {MASK_VERIFICATIONS.name: written_masks, PAIR_VERIFICATIONS.name: written_pairs})
     given = label_counts(labels)
     return {"pairs": written_pairs, "masks": written_masks, "unmatched": given["pairs"] + given["masks"] - written_pairs - written_masks}

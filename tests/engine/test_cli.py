@@ -1,4 +1,6 @@
 import json
+import os
+import resource
 import subprocess
 import sys
 
@@ -8,15 +10,15 @@ import yaml
 from tests.conftest import EXAMPLES, REPO
 
 
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "sam3_engine", *args], capture_output=True, text=True, cwd=cwd)
+def cli(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, "-m", "sam3_engine", *args], capture_output=True, text=True, cwd=cwd, env=env)
 
 
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory):
-    """The README's quickstart, run from a scratch working directory."""
+    """The README's quickstart, run from a scratch working directory, printing for an 80-column terminal."""
     cwd = tmp_path_factory.mktemp("user")
-    done = cli("run", str(EXAMPLES / "quickstart.yaml"), cwd=cwd)
+    done = cli("run", str(EXAMPLES / "quickstart.yaml"), cwd=cwd, env={**os.environ, "COLUMNS": "80"})
     assert done.returncode == 0, done.stderr
     return cwd / "runs" / "quickstart", done
 
@@ -24,6 +26,40 @@ def quickstart(tmp_path_factory):
 def test_quickstart_summary_reconciles(quickstart):
     _, done = quickstart
     assert "3 inputs = 3 images + 0 duplicates + 0 rejects" in done.stderr
+
+
+def _shown(value):
+    return "-" if value is None else str(value)
+
+
+def test_the_summary_shows_every_count_within_80_columns(quickstart):
+    run_dir, done = quickstart
+    (row,) = json.loads(cli("query", str(run_dir), "SELECT run_id, summary_json FROM runs", "-f", "json").stdout)
+    summary = json.loads(row["summary_json"])
+    lines = done.stderr.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith(f"run {row['run_id']} (attempt ")))
+    printed = [line for line in lines[start:] if not line.startswith("query it: ")]  # a command to copy stays one line
+    assert all(len(line) <= 80 for line in printed), [line for line in printed if len(line) > 80]
+    assert "…" not in done.stderr
+    sections = {}
+    for line in printed[1:]:
+        if not line.startswith(" ") and ":" in line:
+            sections.setdefault(line.split(":", 1)[0], []).append(line)
+        else:
+            list(sections.values())[-1].append(line)
+    for stage in summary["stages"]:
+        section = sections[stage["name"]]
+        assert f"{stage['items_total']} inputs in " in section[0] and f"units {stage['units_committed']} done" in section[0]
+        rows = [line.rstrip() for line in section[1:]]
+        for key, value in {**stage["counts"], "executor": stage["executor"]}.items():
+            if isinstance(value, dict):
+                for entry in (f"{k}={_shown(v)}" for k, v in value.items()):
+                    assert any(entry in line.split() or f"{entry}," in line.split() for line in rows), (stage["name"], key, entry)
+            elif isinstance(value, list):
+                for item in value:
+                    assert any(line.endswith(f"  {item}") for line in rows), (stage["name"], key, item)
+            else:
+                assert any(line.split() == [key, _shown(value)] for line in rows), (stage["name"], key, value)
 
 
 def test_quickstart_proposes_masks_for_the_mined_concepts_and_hard_negatives(quickstart):
@@ -60,6 +96,74 @@ def test_query_errors_and_empty_tables(quickstart):
     assert json.loads(empty.stdout) == [{"n": 0}]
     nowhere = cli("query", str(run_dir.parent / "no-such-run"), "SELECT 1")
     assert nowhere.returncode == 2 and "not a run directory" in nowhere.stderr
+
+
+def _measured(run_dir, *args):
+    """The query command's exit status, output and peak resident memory (MiB).
+
+    Its data segment is capped at 4 GiB so that code holding a whole large result fails here instead of taking the machine's memory.
+    """
+    def cap():
+        resource.setrlimit(resource.RLIMIT_DATA, (4 << 30, 4 << 30))
+
+    command = [sys.executable, "-m", "sam3_engine", "query", str(run_dir), *args]
+    done = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=cap)
+    out, err = done.stdout.read(), done.stderr.read()  # small: the command prints a few rows
+    _, status, usage = os.wait4(done.pid, 0)
+    done.stdout.close()
+    done.stderr.close()
+    return os.waitstatus_to_exitcode(status), out, err.decode(), usage.ru_maxrss // 1024
+
+
+@pytest.fixture()
+def bare_run(tmp_path):
+    """A run directory with no table written yet: enough for SQL that reads none."""
+    (tmp_path / "run.json").write_text("{}")
+    return tmp_path
+
+
+def test_query_streams_and_stops_at_max_rows_in_every_format(bare_run):
+    status, _, _, baseline = _measured(bare_run, "SELECT 1")
+    assert status == 0
+    fifty_million = "SELECT * FROM range(50000000)"  # 400 MB as one Arrow column; gigabytes as Python rows
+    for fmt in ("table", "csv", "json"):
+        status, out, err, peak = _measured(bare_run, fifty_million, "--format", fmt, "--max-rows", "2")
+        assert status == 0, err
+        assert peak < baseline + 128, (fmt, peak, baseline)  # a batch at a time, and the rest never computed
+        assert err == "2 rows shown; the result has more (--max-rows)\n"
+        if fmt == "csv":
+            assert out == b"range\n0\n1\n"  # \n line ends, never \r\n
+        elif fmt == "json":
+            assert json.loads(out) == [{"range": 0}, {"range": 1}]
+        else:
+            assert "│ 1 " in out.decode() and "│ 2 " not in out.decode()
+
+
+def test_query_max_rows_defaults_to_100_for_a_table_and_everything_for_csv_and_json(bare_run):
+    table = cli("query", str(bare_run), "SELECT * FROM range(150)")
+    assert "│ 99 " in table.stdout and "│ 100 " not in table.stdout and "100 rows shown; the result has more" in table.stderr
+    as_csv = cli("query", str(bare_run), "SELECT * FROM range(150)", "-f", "csv")
+    assert as_csv.stdout.splitlines() == ["range", *map(str, range(150))] and as_csv.stderr == ""
+    assert len(json.loads(cli("query", str(bare_run), "SELECT * FROM range(150)", "-f", "json").stdout)) == 150
+    exact = cli("query", str(bare_run), "SELECT * FROM range(3)", "-f", "csv", "--max-rows", "3")
+    assert exact.stdout.splitlines() == ["range", "0", "1", "2"] and exact.stderr == ""  # nothing left over: no note
+    assert json.loads(cli("query", str(bare_run), "SELECT 1 AS n WHERE false", "-f", "json").stdout) == []
+    literal = cli("query", str(bare_run), "SELECT '[bold]x[/bold]' AS v")
+    assert "[bold]x[/bold]" in literal.stdout  # a value is text, not rich markup
+    assert cli("query", str(bare_run), "SELECT 1 AS a, 2 AS a", "-f", "csv").stdout == "a,a\n1,2\n"  # two columns of one name
+
+
+def test_query_input_problems_are_one_line_errors(bare_run, s3_server, tmp_path):
+    for sql in ("", "   "):
+        empty = cli("query", str(bare_run), sql)
+        assert empty.returncode == 2
+        assert empty.stderr == 'error: the SQL argument is empty: give a query, e.g. "SELECT * FROM images LIMIT 5"\n'
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_EC2_METADATA_DISABLED="true")
+    anonymous = cli("query", "s3://bucket/runs/one", "SELECT 1", "--endpoint-url", s3_server, env=env)
+    assert anonymous.returncode == 2
+    assert anonymous.stderr == ("error: cannot read s3://bucket/runs/one: no AWS credentials "
+                                "(set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)\n")
 
 
 def test_run_without_a_config_file(tmp_path, photos_dir):
@@ -138,6 +242,12 @@ def test_calibrate_fits_thresholds_to_labels(quickstart, tmp_path):
     bad.write_text("image,label\nx,1\n")
     refused = cli("calibrate", str(run_dir), "--labels", str(bad))
     assert refused.returncode == 2 and "labels need pair_id" in refused.stderr
+    unwritable = cli("calibrate", str(run_dir), "--labels", str(labels), "-w", str(bad / "t.yaml"))
+    assert unwritable.returncode == 2 and unwritable.stderr == f"error: cannot write --write {bad / 't.yaml'}: Not a directory\n"
+    (tmp_path / "folder.csv").mkdir()
+    folder = cli("import-labels", str(run_dir), "--labels", str(tmp_path / "folder.csv"))
+    assert folder.returncode == 2 and len(folder.stderr.splitlines()) == 1
+    assert f"Is a directory: '{tmp_path / 'folder.csv'}'" in folder.stderr
 
 
 def test_quickstart_runs_on_to_splits_export_and_eval(quickstart, tmp_path):

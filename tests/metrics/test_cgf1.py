@@ -292,3 +292,18 @@ def test_the_eval_command_prints_the_metrics_of_several_files(tmp_path):
     (tmp_path / "bad.json").write_text("{nope")
     bad = subprocess.run([sys.executable, "-m", "sam3_engine", "eval", "--pred", str(tmp_path / "bad.json"), "--gt", str(paths[0])], capture_output=True, text=True)
     assert bad.returncode == 2 and "not valid JSON" in bad.stderr
+    (tmp_path / "elsewhere.json").write_text(json.dumps(predictions + [_pred(1000, A)]))
+    elsewhere = [sys.executable, "-m", "sam3_engine", "eval", "--pred", str(tmp_path / "elsewhere.json"), "--gt", str(paths[0])]
+    refused = subprocess.run(elsewhere, capture_output=True, text=True)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr == (f"error: {tmp_path / 'elsewhere.json'}: 1 prediction(s) with an image_id that no ground-truth file has "
+                              f"([{len(predictions)}] image_id 1000); --allow-mismatch evaluates anyway, "
+                              "counting them under `mismatches`\n")
+    allowed = subprocess.run([*elsewhere, "--allow-mismatch"], capture_output=True, text=True)
+    assert allowed.returncode == 0 and "predictions_unknown_pair': 1" in allowed.stderr
+    assert json.loads(allowed.stdout)["mismatches"]["predictions_unknown_pair"] == 1
+    (tmp_path / "scores.json").write_text(json.dumps([{**p, "score": str(p["score"])} for p in predictions]))
+    strings = subprocess.run([sys.executable, "-m", "sam3_engine", "eval", "--pred", str(tmp_path / "scores.json"), "--gt", str(paths[0])],
+                             capture_output=True, text=True)
+    assert strings.returncode == 2 and strings.stderr.startswith(f"error: {tmp_path / 'scores.json'}[0]: `score` must be a number")
+    assert "Traceback" not in strings.stderr and len(strings.stderr.splitlines()) == 1
