@@ -112,7 +112,7 @@ def main() -> None:
     from sam3_engine.engine.config import StorageConfig, load_config
     from sam3_engine.app.pipeline import run_pipeline
     from sam3_engine.engine.store import TableStore
-    from sam3_engine.stages.export import export
+    from sam3_engine.app.export import export
 
     result = {"pairs": args.pairs}
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,5 +1,5 @@
 """``python -m sam3_engine`` is the ``sam3-engine`` command."""
 
-from sam3_engine.engine.cli import main
+from sam3_engine.app.cli import main
 
 main()

@@ -18,7 +18,7 @@ from sam3_engine.engine.store import TableStore
 from sam3_engine.metrics.cgf1 import evaluate
 from sam3_engine.schemas.tables import MASK_VERIFICATIONS, MASKS, PAIR_VERIFICATIONS, PAIRS
 from sam3_engine.text.concepts import concept_id, pair_id
-from sam3_engine.stages.export import ExportError, export, predictions
+from sam3_engine.app.export import ExportError, export, predictions
 from tests.helpers import ingest, rows
 
 UNIT = "constructed"
@@ -180,7 +180,7 @@ def test_the_run_evaluated_against_its_own_split(split_run, tmp_path):
 def test_human_labels_become_a_verifier_that_makes_gold(split_run, tmp_path):
     import shutil
 
-    from sam3_engine.stages.labels import import_labels
+    from sam3_engine.app.labels import import_labels
 
     run_dir = tmp_path / "run"
     shutil.copytree(split_run[0], run_dir)
@@ -217,7 +217,7 @@ def test_a_label_csv_mixing_pair_and_mask_rows_reads_blank_cells_as_missing(spli
 
     from sam3_engine.engine import storage
     from sam3_engine.stages.calibration import calibrate
-    from sam3_engine.stages.labels import import_labels
+    from sam3_engine.app.labels import import_labels
 
     run_dir = tmp_path / "run"
     shutil.copytree(split_run[0], run_dir)

@@ -271,7 +271,7 @@ def import_labels(
 ) -> None:
     """Store human labels as a verifier's verdicts (replacing its earlier import): splits make them Gold, calibrate scores machines against them."""
     from sam3_engine.engine.store import TableStore
-    from sam3_engine.stages.labels import import_labels as store_labels
+    from sam3_engine.app.labels import import_labels as store_labels
 
     storage_config = StorageConfig(endpoint_url=endpoint_url)
     _run_dir(run_dir, storage_config)
@@ -302,7 +302,7 @@ def evaluate(
 
     from sam3_engine.engine.store import TableStore
     from sam3_engine.metrics.cgf1 import EvaluationError, evaluate as cgf1, load_json
-    from sam3_engine.stages.export import ExportError, export, predictions
+    from sam3_engine.app.export import ExportError, export, predictions
 
     storage_config = StorageConfig(endpoint_url=endpoint_url)
     read = lambda path: storage.read_text(path, storage_config)  # noqa: E731
@@ -340,7 +340,7 @@ def export_split(
 ) -> None:
     """Export one split of the benchmark as SA-Co JSON, COCO instances JSON or Parquet."""
     from sam3_engine.engine.store import TableStore
-    from sam3_engine.stages.export import ExportError, export
+    from sam3_engine.app.export import ExportError, export
 
     storage_config = StorageConfig(endpoint_url=endpoint_url)
     _run_dir(run_dir, storage_config)
