@@ -268,18 +268,26 @@ def import_labels(
     labels: Annotated[str, typer.Option("--labels", "-l", help="Human labels: .parquet, .csv or .jsonl with pair_id + present/exhaustive and/or mask_id + good.")],
     verifier: Annotated[str, typer.Option("--verifier", help="Name the labels are stored under (one of splits.human_verifiers for Gold).")] = "human",
     endpoint_url: Annotated[Optional[str], typer.Option("--endpoint-url", help="S3-compatible endpoint for s3:// paths.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="If a run holds the run directory, wait for it instead of refusing.")] = False,
 ) -> None:
     """Store human labels as a verifier's verdicts (replacing its earlier import): splits make them Gold, calibrate scores machines against them."""
-    from sam3_engine.engine.store import TableStore
     from sam3_engine.app.labels import import_labels as store_labels
+    from sam3_engine.engine.lock import RunLock, RunLockedError, describe_holder
+    from sam3_engine.engine.store import TableStore
 
     storage_config = StorageConfig(endpoint_url=endpoint_url)
     _run_dir(run_dir, storage_config)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", verifier):
         _fail(f"--verifier must be letters, digits, '_', '.' or '-', not {verifier!r}")
+
+    def on_wait(holder: dict) -> None:
+        console.print(f"waiting for the run directory: it is in use by {describe_holder(holder)}", highlight=False, soft_wrap=True)
+
     try:
-        counts = store_labels(TableStore(run_dir, storage_config), storage.read_table(labels, storage_config), verifier)
-    except (ValueError, OSError) as exc:
+        table = storage.read_table(labels, storage_config)
+        with RunLock(run_dir, storage_config, command="import-labels").acquire(wait, on_wait):
+            counts = store_labels(TableStore(run_dir, storage_config), table, verifier)
+    except (ValueError, OSError, RunLockedError) as exc:
         _fail(str(exc))
     stored = f"verifier {verifier}: {counts['pairs']} pair and {counts['masks']} mask labels stored"
     console.print(f"{stored}; {counts['unmatched']} labels name no pair or mask of this run", highlight=False, soft_wrap=True)

@@ -115,8 +115,13 @@ class RunLock:
                 pass  # taken over after going stale: the lock is no longer ours to remove
             self._etag = None
 
+    @property
+    def held(self) -> bool:
+        return self._fd is not None or self._etag is not None
+
     def __enter__(self) -> RunLock:
-        return self.acquire()
+        """``with RunLock(...)`` takes the lock; ``with lock.acquire(wait=True)`` uses the one already taken."""
+        return self if self.held else self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()

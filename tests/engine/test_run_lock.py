@@ -114,3 +114,19 @@ def test_s3_lock_of_a_dead_process_on_this_host_is_free_at_once(s3_run, s3_serve
     dead = {"host": socket.gethostname(), "pid": gone.pid, "command": "run", "since": "2026-01-01T00:00:00+00:00"}
     boto3.client("s3", endpoint_url=s3_server).put_object(Bucket=bucket, Key=f"{key}/run.lock", Body=json.dumps(dead).encode())
     RunLock(url, storage, stale_after=3600).acquire().release()
+
+
+def test_import_labels_takes_the_run_lock(tmp_path, photos_dir):
+    from tests.helpers import ingest
+
+    run_dir = tmp_path / "run"
+    ingest(photos_dir, run_dir)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("pair_id,present\nnot-a-pair,true\n")
+    command = [sys.executable, "-m", "sam3_engine", "import-labels", str(run_dir), "--labels", str(labels)]
+    with RunLock(str(run_dir), command="run") as lock:
+        refused = subprocess.run(command, capture_output=True, text=True)
+        assert refused.returncode == 2 and f"in use by pid {lock.holder['pid']} " in refused.stderr and "Traceback" not in refused.stderr
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "1 labels name no pair or mask of this run" in done.stderr
