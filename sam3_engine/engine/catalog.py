@@ -17,7 +17,7 @@ import duckdb
 import pyarrow as pa
 from pycocotools import mask as mask_utils
 
-from sam3_engine.engine.config import StorageConfig
+from sam3_engine.engine.config import MASK_REASONS, VERDICT_THRESHOLDS, StorageConfig
 from sam3_engine.engine.store import TableStore
 from sam3_engine.schemas.tables import TABLES
 
@@ -34,8 +34,26 @@ def connect(run: str | TableStore, storage_config: StorageConfig | None = None) 
     con.create_function(
         "rle_uncovered_fraction", _uncovered_fractions, ["INTEGER", "INTEGER", "VARCHAR", "VARCHAR[]"], "DOUBLE", type="arrow", null_handling="special"
     )
-    con.execute(named_query("verdicts"))
+    con.execute(verdict_macros())
     return con
+
+
+def verdict_macros() -> str:
+    """``verdicts.sql`` with each macro's ``{{<macro> thresholds}}`` filled in from the one declaration of its thresholds."""
+    sql = named_query("verdicts")
+    for macro, declared in VERDICT_THRESHOLDS.items():
+        parameters = ",\n    ".join(f"{name} := {_literal(field.default)}" for name, field in declared.model_fields.items())
+        sql = sql.replace(f"{{{{{macro} thresholds}}}}", parameters)
+    return sql
+
+
+def _literal(value: Any) -> str:
+    """A threshold's default as SQL text: a macro definition binds no parameters, so only numbers and known mask reasons are written."""
+    if isinstance(value, tuple) and set(value) <= set(MASK_REASONS):
+        return "[" + ", ".join(f"'{reason}'" for reason in value) + "]"
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and float("-inf") < value < float("inf"):
+        return repr(value)
+    raise TypeError(f"threshold default {value!r} is neither a finite number nor a tuple of mask reasons")
 
 
 def uncovered_fraction(height: int, width: int, foreground: str | None, masks: list[str]) -> float | None:

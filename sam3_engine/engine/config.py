@@ -130,39 +130,36 @@ MASK_REASONS = ("too_small", "fragmented", "border_hugging", "duplicate", "confl
 """Every reason code the mask verdict can give (see ``schemas/sql/verdicts.sql``)."""
 
 
-class VerifyConfig(_Frozen):
-    """Scoring settings (they decide the stored scores) and thresholds (they decide only the verdicts).
+class MaskThresholds(_Frozen):
+    """The ``verify.*`` thresholds of mask verdicts: declared once here, they are both config keys and, by the same names
+    and defaults, the parameters of the SQL macro ``mask_verdicts`` (``catalog.connect`` writes them into its definition)."""
 
-    Changing a threshold and running the verify stage again re-derives the verdict tables from the
-    stored scores without loading a model; the same thresholds are the parameters of the SQL macros
-    ``mask_verdicts`` and ``pair_verdicts``.
-    """
-
-    verifier: str = Field("sam3-clip", pattern=r"^[A-Za-z0-9_.-]+$", description="Name recorded on every score and verdict, so that independent verifiers can be compared.")
-    unit_size: int = Field(8, ge=1, description="Images per work unit.")
-    crop_padding: float = Field(0.1, ge=0.0, le=1.0, description="Context around a mask's box in its CLIP crop, as a fraction of the box size.")
-    workers: int | None = Field(None, ge=1, description="CLIP actors; default: one per GPU in the Ray cluster, or one CPU actor without GPUs.")
-    gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per CLIP actor; default: 1 when the cluster has GPUs, else 0.")
-    sam_weight: float = Field(1.0, description="Weight of logit(SAM 3 presence) in the presence logit.")
-    clip_weight: float = Field(1.0, description="Weight of the CLIP z-score (image-phrase similarity against the image's other phrases) in the presence logit.")
-    presence_bias: float = Field(0.0, description="Added to the presence logit.")
-    present_threshold: float = Field(0.6, ge=0.0, le=1.0, description="Presence probability at or above which a pair is present.")
-    absent_threshold: float = Field(0.4, ge=0.0, le=1.0, description="Presence probability at or below which a pair is absent (between the two: uncertain).")
     min_area_fraction: float = Field(0.0005, ge=0.0, le=1.0, description="Masks smaller than this share of the image are too_small.")
     max_fragments: int = Field(5, ge=1, description="Masks in more connected pieces than this are fragmented.")
-    min_largest_fragment: float = Field(0.5, ge=0.0, le=1.0, description="Masks whose largest piece holds less than this share of their area are fragmented.")
-    max_border_fraction: float = Field(0.5, ge=0.0, le=1.0, description="Masks covering more than this share of the image's outer frame are border_hugging.")
-    max_duplicate_iou: float = Field(0.5, ge=0.0, le=1.0, description="A mask overlapping a higher-scored mask of its pair above this IoU is a duplicate.")
-    max_conflict_iou: float = Field(0.5, ge=0.0, le=1.0, description="A mask overlapping a higher-scored mask of an unrelated phrase above this IoU is a conflict.")
+    min_largest_fragment: float = Field(
+        0.5, ge=0.0, le=1.0, description="Masks whose largest piece holds less than this share of their area are fragmented."
+    )
+    max_border_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="Masks covering more than this share of the image's outer frame are border_hugging."
+    )
+    max_duplicate_iou: float = Field(
+        0.5, ge=0.0, le=1.0, description="A mask overlapping a higher-scored mask of its pair above this IoU is a duplicate."
+    )
+    max_conflict_iou: float = Field(
+        0.5, ge=0.0, le=1.0, description="A mask overlapping a higher-scored mask of an unrelated phrase above this IoU is a conflict."
+    )
     min_stability: float = Field(0.8, ge=0.0, le=1.0, description="Masks with a lower stability score are unstable.")
-    min_reprompt_iou: float = Field(0.5, ge=0.0, le=1.0, description="Masks that SAM 3, prompted with their box, reproduces below this IoU are reprompt_inconsistent.")
-    min_clip_margin: float = Field(0.0, ge=-2.0, le=2.0, description="Masks whose CLIP crop similarity to their phrase is below the best unrelated phrase's plus this are clip_mismatch.")
+    min_reprompt_iou: float = Field(
+        0.5, ge=0.0, le=1.0, description="Masks that SAM 3, prompted with their box, reproduces below this IoU are reprompt_inconsistent."
+    )
+    min_clip_margin: float = Field(
+        0.0, ge=-2.0, le=2.0,
+        description="Masks whose CLIP crop similarity to their phrase is below the best unrelated phrase's plus this are clip_mismatch.",
+    )
     reject_reasons: tuple[str, ...] = Field(
         ("too_small", "fragmented", "border_hugging", "duplicate", "conflict"),
         description="Reasons that reject a mask; the other reasons make it uncertain.",
     )
-    max_uncovered_fraction: float = Field(0.2, ge=0.0, le=1.0, description="A pair whose semantic foreground is uncovered by its accepted masks beyond this share is not exhaustive.")
-    high_score: float = Field(0.5, ge=0.0, le=1.0, description="A rejected mask (not a duplicate or conflict) scoring at least this makes its pair not exhaustive.")
 
     @field_validator("reject_reasons")
     @classmethod
@@ -172,15 +169,63 @@ class VerifyConfig(_Frozen):
             raise ValueError(f"unknown reason(s) {unknown}; known: {list(MASK_REASONS)}")
         return reasons
 
+
+class PairThresholds(_Frozen):
+    """The ``verify.*`` thresholds of presence and exhaustivity verdicts: config keys and, by the same names and defaults,
+    the parameters of the SQL macro ``pair_verdicts``."""
+
+    sam_weight: float = Field(1.0, description="Weight of logit(SAM 3 presence) in the presence logit.")
+    clip_weight: float = Field(
+        1.0, description="Weight of the CLIP z-score (image-phrase similarity against the image's other phrases) in the presence logit."
+    )
+    presence_bias: float = Field(0.0, description="Added to the presence logit.")
+    present_threshold: float = Field(0.6, ge=0.0, le=1.0, description="Presence probability at or above which a pair is present.")
+    absent_threshold: float = Field(
+        0.4, ge=0.0, le=1.0, description="Presence probability at or below which a pair is absent (between the two: uncertain)."
+    )
+    max_uncovered_fraction: float = Field(
+        0.2, ge=0.0, le=1.0,
+        description="A pair whose semantic foreground is uncovered by its accepted masks beyond this share is not exhaustive.",
+    )
+    high_score: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="A rejected mask (not a duplicate or conflict) scoring at least this makes its pair not exhaustive.",
+    )
+
     @model_validator(mode="after")
-    def _ordered(self) -> VerifyConfig:
+    def _ordered(self) -> PairThresholds:
         if self.absent_threshold > self.present_threshold:
             raise ValueError(f"absent_threshold ({self.absent_threshold}) must not exceed present_threshold ({self.present_threshold})")
         return self
 
+
+VERDICT_THRESHOLDS: dict[str, type[_Frozen]] = {"mask_verdicts": MaskThresholds, "pair_verdicts": PairThresholds}
+"""Each verdict macro of ``schemas/sql/verdicts.sql`` and the declaration of its thresholds."""
+
+
+class VerifyConfig(PairThresholds, MaskThresholds):
+    """Scoring settings (they decide the stored scores) and, inherited, the thresholds (they decide only the verdicts).
+
+    Changing a threshold and running the verify stage again re-derives the verdict tables from the
+    stored scores without loading a model.
+    """
+
+    verifier: str = Field(
+        "sam3-clip", pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Name recorded on every score and verdict, so that independent verifiers can be compared.",
+    )
+    unit_size: int = Field(8, ge=1, description="Images per work unit.")
+    crop_padding: float = Field(
+        0.1, ge=0.0, le=1.0, description="Context around a mask's box in its CLIP crop, as a fraction of the box size."
+    )
+    workers: int | None = Field(
+        None, ge=1, description="CLIP actors; default: one per GPU in the Ray cluster, or one CPU actor without GPUs."
+    )
+    gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per CLIP actor; default: 1 when the cluster has GPUs, else 0.")
+
     def thresholds(self) -> dict[str, Any]:
         """The verdict parameters, named as the SQL macros' parameters."""
-        return self.model_dump(mode="json", exclude={"verifier", "unit_size", "crop_padding", "workers", "gpus_per_worker"})
+        return self.model_dump(mode="json", include={name for model in VERDICT_THRESHOLDS.values() for name in model.model_fields})
 
 
 class SplitsConfig(_Frozen):

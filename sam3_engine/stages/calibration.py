@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sam3_engine.engine.catalog import connect, named_query
+from sam3_engine.engine.config import VERDICT_THRESHOLDS
 from sam3_engine.engine.store import TableStore
 
 LABEL_COLUMNS = {"pair_id": pa.string(), "present": pa.bool_(), "exhaustive": pa.bool_(), "mask_id": pa.string(), "good": pa.bool_()}
@@ -37,6 +38,11 @@ class Signal:
     """True when a higher score means the label holds; False when a lower score does."""
     positive: bool = True
     """Which label value the signal predicts (False: absence)."""
+
+    def __post_init__(self) -> None:
+        """A fit is written as ``verify.<config_key>`` (``calibrate --write``): the key must be a threshold of its level's macro."""
+        if self.config_key is not None and self.config_key not in VERDICT_THRESHOLDS[f"{self.level}_verdicts"].model_fields:
+            raise ValueError(f"{self.config_key!r} is not a threshold of {self.level}_verdicts")
 
 
 SIGNALS = (

@@ -15,7 +15,6 @@ stored scores: every scoring unit is skipped and no model loads.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +23,7 @@ import pyarrow as pa
 from pycocotools import mask as mask_utils
 
 from sam3_engine.engine.catalog import connect, named_query
-from sam3_engine.engine.config import ClipConfig, StorageConfig, VerifyConfig
+from sam3_engine.engine.config import VERDICT_THRESHOLDS, ClipConfig, StorageConfig, VerifyConfig
 from sam3_engine.engine.store import TableStore
 from sam3_engine.models.clip import ClipChoice, image_transform, input_size, shared_embedder
 from sam3_engine.schemas.tables import MASK_SCORES, MASK_VERIFICATIONS, MASKS, PAIR_SCORES, PAIR_VERIFICATIONS, PAIRS, REJECTS
@@ -211,20 +210,26 @@ class VerifyStage(Stage):
         """Mask then pair verdicts at the config's thresholds, from the stored scores (SQL macros, no model)."""
         thresholds = self.config.thresholds()
         payload = {"version": VERSION, "verifier": self.config.verifier, "thresholds": thresholds, "units": done_units}
-        params = {**thresholds, "verifier_name": self.config.verifier, "thresholds": json.dumps(thresholds, sort_keys=True)}
         con = connect(store)
         try:
-            mask_params = {k: params[k] for k in _parameters(named_query("current_mask_verdicts"))}
-            con.execute(f"CREATE TEMP TABLE current_mask_verdicts AS {named_query('current_mask_verdicts')}", mask_params)
+            mask_sql, mask_params = self._at_thresholds("mask_verdicts", thresholds)
+            con.execute(f"CREATE TEMP TABLE current_mask_verdicts AS {mask_sql}", mask_params)
             masks = con.sql("SELECT * FROM current_mask_verdicts").to_arrow_table()
-            pair_sql = named_query("current_pair_verdicts")
-            pairs = con.sql(pair_sql, params={k: params[k] for k in _parameters(pair_sql)}).to_arrow_table()
+            pair_sql, pair_params = self._at_thresholds("pair_verdicts", thresholds, "mask_table := 'current_mask_verdicts'")
+            pairs = con.sql(pair_sql, params=pair_params).to_arrow_table()
         finally:
             con.close()
         return [
             Derivation(fingerprint(f"{self.ledger}.masks", payload), MASK_VERIFICATIONS, _reader(MASK_VERIFICATIONS, masks), key=self.config.verifier),
             Derivation(fingerprint(f"{self.ledger}.pairs", payload), PAIR_VERIFICATIONS, _reader(PAIR_VERIFICATIONS, pairs), key=self.config.verifier),
         ]
+
+    def _at_thresholds(self, macro: str, thresholds: dict[str, Any], *arguments: str) -> tuple[str, dict[str, Any]]:
+        """(SQL, parameters) of ``macro`` with each threshold declared for it bound, and all of them as JSON: built from the
+        declaration, so that a threshold added there reaches the stored verdicts."""
+        params = {"verifier_name": self.config.verifier, **{name: thresholds[name] for name in VERDICT_THRESHOLDS[macro].model_fields}}
+        call = ", ".join([*arguments, *(f"{name} := ${name}" for name in params)])
+        return f"SELECT *, $thresholds AS thresholds FROM {macro}({call})", {**params, "thresholds": json.dumps(thresholds, sort_keys=True)}
 
     def summarize(self, con) -> dict[str, Any]:
         verifier = {"verifier": self.config.verifier}
@@ -273,11 +278,6 @@ def _z_score(similarity: np.ndarray, index: int) -> float | None:
     others = np.delete(similarity, index)
     spread = float(others.std())
     return None if spread == 0 else float((similarity[index] - others.mean()) / spread)
-
-
-def _parameters(sql: str) -> list[str]:
-    """The $names a query binds: DuckDB refuses parameters a query does not use."""
-    return sorted(set(re.findall(r"\$([a-z_]+)", sql)))
 
 
 def _reader(spec, table: pa.Table) -> pa.RecordBatchReader:

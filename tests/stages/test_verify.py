@@ -21,16 +21,16 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from sam3_engine.engine.catalog import connect, uncovered_fraction
-from sam3_engine.engine.config import MASK_REASONS, ConfigError, VerifyConfig, load_config
+from sam3_engine.engine.config import MASK_REASONS, VERDICT_THRESHOLDS, ConfigError, VerifyConfig, load_config
 from sam3_engine.app.pipeline import run_pipeline
 from sam3_engine.engine.runner import KILL_AFTER_COMMITS_ENV
 from sam3_engine.engine.store import TableStore
 from sam3_engine.models.clip import ClipEmbedder, choose_clip, input_size
-from sam3_engine.schemas.tables import MASKS, PAIR_SCORES, PAIRS, UNITS
-from sam3_engine.stages.calibration import calibrate, fit_threshold
+from sam3_engine.schemas.tables import MASK_SCORES, MASKS, PAIR_SCORES, PAIRS, UNITS
+from sam3_engine.stages.calibration import Signal, calibrate, fit_threshold
 from sam3_engine.text.concepts import concept_id, pair_id
 from sam3_engine.metrics.mask_checks import geometry, masked_crop, overlaps
-from sam3_engine.stages.verify import VERSION
+from sam3_engine.stages.verify import VERSION, VerifyStage
 from tests.helpers import ingest, rows
 
 UNIT = "constructed"
@@ -116,17 +116,6 @@ def test_fit_threshold_takes_the_highest_recall_at_the_target_precision():
     tied = fit_threshold(np.array([0.5, 0.5, 0.4]), np.array([True, False, True]), 1.0, at_least=True)
     assert tied is None  # a threshold cannot split equal scores
     assert fit_threshold(scores, np.zeros(6, bool), 0.5, at_least=True) is None
-
-
-def test_verdict_macro_defaults_equal_the_config_defaults():
-    from sam3_engine.engine.catalog import named_query
-    import re
-    import yaml
-
-    sql = named_query("verdicts")
-    defaults = {name: yaml.safe_load(value.replace("'", '"')) for name, value in re.findall(r"^\s+(\w+) := (.+?),?$", sql, re.M)}
-    expected = {**VerifyConfig().thresholds(), "verifier_name": VerifyConfig().verifier, "mask_table": "mask_verifications"}
-    assert defaults == expected
 
 
 def test_config_rejects_unknown_reasons_and_crossed_thresholds():
@@ -351,6 +340,65 @@ def test_thresholds_retune_in_sql_and_by_rerunning_without_a_model(constructed):
     assert _verdicts(run_dir)["duplicate"] == ("reject", ["duplicate"])
 
 
+# Per declared threshold, a value that changes a verdict of _store_boundary_scores's masks and pairs: a threshold declared
+# without one here fails the test below.
+MOVED = {
+    "min_area_fraction": 0.001, "max_fragments": 4, "min_largest_fragment": 0.6, "max_border_fraction": 0.4, "max_duplicate_iou": 0.4,
+    "max_conflict_iou": 0.4, "min_stability": 0.9, "min_reprompt_iou": 0.6, "min_clip_margin": 0.1,
+    "reject_reasons": ["too_small", "unstable"],
+    "sam_weight": 2.0, "clip_weight": 0.0, "presence_bias": 1.0, "present_threshold": 0.95, "absent_threshold": 0.55,
+    "max_uncovered_fraction": 0.05, "high_score": 0.3,
+}
+
+
+def _store_boundary_scores(run_dir):
+    """A 10x10 image with pairs cat (present, 0.1 of its foreground uncovered) and dog (presence 0.5: uncertain). Cat's mask
+    "edge" sits on every mask threshold's default, passing each; "small" is too_small and scores 0.4; "shaky" is only unstable."""
+    image = {"image_id": "img", "height": 10, "width": 10}
+    cat, foreground = _box((10, 10), 0, 0, 2, 9), _box((10, 10), 0, 0, 2, 10)
+    pairs = [_pair_row(image, "cat", 0.9, 3, foreground), _pair_row(image, "dog", 0.5, 0)]
+    edge = {"area_fraction": 0.0005, "fragments": 5, "largest_fragment_fraction": 0.5, "border_fraction": 0.5, "duplicate_iou": 0.5,
+            "conflict_iou": 0.5, "clip_crop_similarity": 0.3, "clip_crop_margin": 0.0}
+    verifier = {"verifier": "sam3-clip", "verifier_version": "test"}
+    ids = ("pair_id", "image_id", "concept_id", "unit_id")
+    masks, scores = [], []
+    for name, score, stability, changed in (("edge", 0.9, 0.8, {}), ("small", 0.4, 0.8, {"area_fraction": 1e-4}), ("shaky", 0.3, 0.5, {})):
+        row = {**_mask_row(image, name, "cat", score, cat, 0.9), "stability_score": stability, "reprompt_iou": 0.5}
+        masks.append(row)
+        scores.append({"mask_id": name, **{k: row[k] for k in ids}, **edge, **changed, **verifier})
+    pair_scores = [{**{k: p[k] for k in ids}, "clip_similarity": 0.3, "clip_z": z, **verifier} for p, z in zip(pairs, (0.5, 0.0))]
+    store = TableStore(str(run_dir))
+    for spec, table in ((PAIRS, pairs), (MASKS, masks), (MASK_SCORES, scores), (PAIR_SCORES, pair_scores)):
+        store.replace(spec, UNIT, pa.Table.from_pylist(table, schema=spec.schema))
+    return store
+
+
+def test_every_declared_threshold_is_a_config_key_and_a_macro_parameter_that_decides_verdicts(tmp_path):
+    """Set in the config, each threshold declared for a verdict macro changes the verdicts the verify stage derives with that
+    macro; at the config's defaults they are what the macros give called bare (same defaults)."""
+    store = _store_boundary_scores(tmp_path / "run")
+
+    def derived(settings):
+        config = load_config(None, {"output": str(tmp_path / "run"), **settings})
+        stage = VerifyStage(config.verify, config.clip, choose_clip("tiny-random", None, False), None, config.output, config.storage)
+        return [d.rows.read_all().drop_columns(["thresholds"]).sort_by(d.table.key[0]).to_pylist() for d in stage.derive(store, [])]
+
+    declared = {macro: set(model.model_fields) for macro, model in VERDICT_THRESHOLDS.items()}
+    assert declared["mask_verdicts"] | declared["pair_verdicts"] == set(VerifyConfig().thresholds()) == set(MOVED)
+    defaults = dict(zip(VERDICT_THRESHOLDS, derived({})))  # derive gives the mask verdicts, then the pair verdicts
+    default_masks, default_pairs = defaults["mask_verdicts"], defaults["pair_verdicts"]
+    con = connect(store)
+    con.execute("CREATE TEMP TABLE bare AS SELECT * FROM mask_verdicts()")
+    assert con.sql("SELECT * FROM bare ORDER BY mask_id").to_arrow_table().to_pylist() == default_masks
+    assert con.sql("SELECT * FROM pair_verdicts(mask_table := 'bare') ORDER BY pair_id").to_arrow_table().to_pylist() == default_pairs
+    assert [(m["mask_id"], m["verdict"]) for m in default_masks] == [("edge", "accept"), ("shaky", "uncertain"), ("small", "reject")]
+    assert {p["phrase"]: (p["presence"], p["exhaustivity_reason"]) for p in default_pairs} == {"cat": ("present", "covered"),
+                                                                                              "dog": ("uncertain", "presence_uncertain")}
+    for macro, names in declared.items():
+        for name in names:
+            assert dict(zip(VERDICT_THRESHOLDS, derived({f"verify.{name}": MOVED[name]})))[macro] != defaults[macro], name
+
+
 def test_uncovered_fraction_function():
     shape = (50, 60)
     fg = _box(shape, 10, 10, 20, 20)
@@ -406,6 +454,12 @@ def test_a_second_verifier_writes_beside_the_first_and_calibration_compares_them
     accept = {v["verifier"]: v for v in report["verdicts"] if v["verdict"] == "verdict=accept"}
     assert (accept["sam3-clip"]["precision"], accept["sam3-clip"]["recall"]) == (1.0, 1.0)
     assert (accept["strict"]["precision"], accept["strict"]["recall"]) == (None, 0.0)
+    fitted = calibrate(TableStore(str(run_dir)), labels, "sam3-clip", target_precision=0.5)["thresholds"]
+    assert fitted == {"min_area_fraction": pytest.approx(constructed[2]["person"][2].mean(), rel=1e-6)}  # the smallest good mask's: person's
+    # calibrate --write writes them as the `verify:` section: they load, by their declared names, as the config's thresholds
+    assert load_config(None, {f"verify.{k}": v for k, v in fitted.items()}).verify.thresholds().items() >= fitted.items()
+    with pytest.raises(ValueError, match="'present_threshold' is not a threshold of mask_verdicts"):
+        Signal("mask", "score", "good", "present_threshold", True)
     with pytest.raises(ValueError, match="no verdicts of verifier 'other'"):
         calibrate(TableStore(str(run_dir)), labels, "other", 0.9)
 

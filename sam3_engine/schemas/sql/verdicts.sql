@@ -1,6 +1,6 @@
 -- Verdicts from stored scores, as two table macros: thresholds re-tune in SQL, no model runs.
--- The parameters are the config's `verify` thresholds; their defaults here equal the config's defaults
--- (a test checks). Examples:
+-- The parameters are the config's `verify` thresholds, same names, same defaults: catalog.connect fills in
+-- each {{... thresholds}} from their one declaration (MaskThresholds, PairThresholds in engine/config.py). Examples:
 --   SELECT verdict, count(*) FROM mask_verdicts(min_stability := 0.9) GROUP BY verdict;
 --   SELECT exhaustivity, count(*) FROM pair_verdicts(max_uncovered_fraction := 0.1) GROUP BY exhaustivity;
 -- pair_verdicts reads mask verdicts from the table named by `mask_table` (by default the stored
@@ -13,16 +13,7 @@
 -- that was not computed, such as reprompt_iou with re-prompting off) gives no reason.
 CREATE OR REPLACE MACRO mask_verdicts(
     verifier_name := 'sam3-clip',
-    min_area_fraction := 0.0005,
-    max_fragments := 5,
-    min_largest_fragment := 0.5,
-    max_border_fraction := 0.5,
-    max_duplicate_iou := 0.5,
-    max_conflict_iou := 0.5,
-    min_stability := 0.8,
-    min_reprompt_iou := 0.5,
-    min_clip_margin := 0.0,
-    reject_reasons := ['too_small', 'fragmented', 'border_hugging', 'duplicate', 'conflict']
+    {{mask_verdicts thresholds}}
 ) AS TABLE
 WITH reasoned AS (
     SELECT
@@ -59,13 +50,7 @@ FROM reasoned;
 CREATE OR REPLACE MACRO pair_verdicts(
     verifier_name := 'sam3-clip',
     mask_table := 'mask_verifications',
-    sam_weight := 1.0,
-    clip_weight := 1.0,
-    presence_bias := 0.0,
-    present_threshold := 0.6,
-    absent_threshold := 0.4,
-    max_uncovered_fraction := 0.2,
-    high_score := 0.5
+    {{pair_verdicts thresholds}}
 ) AS TABLE
 WITH mask_verdict AS (
     SELECT v.pair_id, v.verdict, v.score, v.reasons, m.rle_counts
