@@ -229,7 +229,7 @@ def calibrate(
 ) -> None:
     """Fit verification thresholds to human labels at a target precision; report each signal's and verdict's precision and recall."""
     from sam3_engine.engine.store import TableStore
-    from sam3_engine.stages.calibration import calibrate as fit
+    from sam3_engine.app.calibration import calibrate as fit
 
     if format not in ("table", "json"):
         _fail(f"--format must be table or json, not {format!r}")

@@ -20,7 +20,7 @@ from sam3_engine.engine.catalog import connect, named_query
 from sam3_engine.engine.stage import fingerprint
 from sam3_engine.engine.store import TableStore
 from sam3_engine.schemas.tables import MASK_VERIFICATIONS, PAIR_VERIFICATIONS, UNITS, validate
-from sam3_engine.stages.calibration import label_counts, normalised_labels
+from sam3_engine.app.calibration import label_counts, normalised_labels
 
 
 def import_labels(store: TableStore, labels: pa.Table, verifier: str) -> dict[str, int]:

@@ -216,7 +216,7 @@ def test_a_label_csv_mixing_pair_and_mask_rows_reads_blank_cells_as_missing(spli
     import shutil
 
     from sam3_engine.engine import storage
-    from sam3_engine.stages.calibration import calibrate
+    from sam3_engine.app.calibration import calibrate
     from sam3_engine.app.labels import import_labels
 
     run_dir = tmp_path / "run"

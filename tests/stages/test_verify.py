@@ -27,7 +27,7 @@ from sam3_engine.engine.runner import KILL_AFTER_COMMITS_ENV
 from sam3_engine.engine.store import TableStore
 from sam3_engine.models.clip import ClipEmbedder, choose_clip, input_size
 from sam3_engine.schemas.tables import MASK_SCORES, MASKS, PAIR_SCORES, PAIRS, UNITS
-from sam3_engine.stages.calibration import Signal, calibrate, fit_threshold
+from sam3_engine.app.calibration import Signal, calibrate, fit_threshold
 from sam3_engine.text.concepts import concept_id, pair_id
 from sam3_engine.metrics.mask_checks import geometry, masked_crop, overlaps
 from sam3_engine.stages.verify import VERSION, VerifyStage
