@@ -36,11 +36,6 @@ from tests.helpers import ingest, rows
 UNIT = "constructed"
 
 
-@pytest.fixture(autouse=True)
-def _shared_ray(ray_cluster):
-    """In-process runs use the session's Ray cluster instead of starting their own."""
-
-
 def _box(shape, top, left, height, width):
     mask = np.zeros(shape, bool)
     mask[top : top + height, left : left + width] = True
@@ -215,8 +210,9 @@ def _construct_units(folder, run_dir):
 
 
 @pytest.fixture(scope="module")
-def units_run(photos_dir, tmp_path_factory):
-    """Verification of the four images, uninterrupted, in one process: the rows every other run of them must write."""
+def units_run(ray_cluster, photos_dir, tmp_path_factory):
+    """Verification of the four images, uninterrupted, in one process: the rows every other run of them must write.
+    Shared by the module: read it, or copy it (shutil.copytree into tmp_path) to change it."""
     run_dir = tmp_path_factory.mktemp("units") / "run"
     _construct_units(tmp_path_factory.mktemp("scenes"), run_dir)
     report = _verify(run_dir, **UNITS_SETTINGS).stages[0]
@@ -225,11 +221,20 @@ def units_run(photos_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def constructed(photos_dir, tmp_path_factory):
+def constructed(ray_cluster, photos_dir, tmp_path_factory):
+    """The constructed photo verified once, shared by the module's tests: read-only (a test that writes takes ``own_constructed``)."""
     run_dir = tmp_path_factory.mktemp("run") / "run"
     image, masks, foregrounds = _construct(photos_dir, tmp_path_factory.mktemp("photo"), run_dir)
     result = _verify(run_dir, **SETTINGS)
     return run_dir, image, masks, foregrounds, SETTINGS, result
+
+
+@pytest.fixture()
+def own_constructed(constructed, tmp_path):
+    """``constructed`` with a copy of its run directory that this test alone may change."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(constructed[0], run_dir)
+    return (run_dir, *constructed[1:])
 
 
 def _verify(run_dir, **settings):
@@ -318,8 +323,8 @@ def test_presence_needs_both_signals(constructed):
     assert got["person"][1:] == ("present", "sam_outweighs_clip")  # logit(0.95) - 0.3 = 2.64: 0.93
 
 
-def test_thresholds_retune_in_sql_and_by_rerunning_without_a_model(constructed):
-    run_dir, _, _, _, settings, _ = constructed
+def test_thresholds_retune_in_sql_and_by_rerunning_without_a_model(own_constructed):
+    run_dir, _, _, _, settings, _ = own_constructed
     stored = rows(run_dir, "SELECT verdict, count(*) AS n FROM mask_verdicts(min_clip_margin := -2.0) GROUP BY ALL ORDER BY ALL")
     assert stored == [{"verdict": "accept", "n": 3}, {"verdict": "reject", "n": 5}]  # the run's thresholds give the stored verdicts
     clip_decides = rows(run_dir, "SELECT count(*) AS n FROM mask_verdicts() WHERE list_contains(reasons, 'clip_mismatch')")
@@ -440,8 +445,8 @@ def test_killed_between_commits_then_resumed_writes_the_same_rows(ray_cluster, u
     assert _snapshot(run_dir) == units_run[1]
 
 
-def test_a_second_verifier_writes_beside_the_first_and_calibration_compares_them(constructed):
-    run_dir = constructed[0]
+def test_a_second_verifier_writes_beside_the_first_and_calibration_compares_them(own_constructed):
+    run_dir = own_constructed[0]
     strict = {"verify.verifier": "strict", "verify.min_stability": 0.99, "verify.reject_reasons": list(MASK_REASONS)}
     _verify(run_dir, **SETTINGS, **strict)
     counts = rows(run_dir, "SELECT verifier, verdict, count(*) AS n FROM mask_verifications GROUP BY ALL ORDER BY ALL")
@@ -455,7 +460,7 @@ def test_a_second_verifier_writes_beside_the_first_and_calibration_compares_them
     assert (accept["sam3-clip"]["precision"], accept["sam3-clip"]["recall"]) == (1.0, 1.0)
     assert (accept["strict"]["precision"], accept["strict"]["recall"]) == (None, 0.0)
     fitted = calibrate(TableStore(str(run_dir)), labels, "sam3-clip", target_precision=0.5)["thresholds"]
-    assert fitted == {"min_area_fraction": pytest.approx(constructed[2]["person"][2].mean(), rel=1e-6)}  # the smallest good mask's: person's
+    assert fitted == {"min_area_fraction": pytest.approx(own_constructed[2]["person"][2].mean(), rel=1e-6)}  # the smallest good mask's: person's
     # calibrate --write writes them as the `verify:` section: they load, by their declared names, as the config's thresholds
     assert load_config(None, {f"verify.{k}": v for k, v in fitted.items()}).verify.thresholds().items() >= fitted.items()
     with pytest.raises(ValueError, match="'present_threshold' is not a threshold of mask_verdicts"):
@@ -464,7 +469,7 @@ def test_a_second_verifier_writes_beside_the_first_and_calibration_compares_them
         calibrate(TableStore(str(run_dir)), labels, "other", 0.9)
 
 
-def test_an_image_gone_before_verification_is_a_reject_and_the_run_reconciles(photos_dir, tmp_path):
+def test_an_image_gone_before_verification_is_a_reject_and_the_run_reconciles(ray_cluster, photos_dir, tmp_path):
     run_dir = tmp_path / "run"
     _construct(photos_dir, tmp_path / "photo", run_dir)
     (tmp_path / "photo" / "truck.jpg").unlink()
