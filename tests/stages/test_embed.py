@@ -1,6 +1,7 @@
 """CLIP embeddings, retrieval and CLIP-filtered hard negatives, with a tiny random-weight open_clip model."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -49,6 +50,7 @@ def test_unreachable_clip_weights_fail_with_advice_unless_fallback(monkeypatch):
 
 @pytest.fixture(scope="module")
 def clip_run(ray_cluster, tmp_path_factory):
+    """The manifest's photos through every CLIP stage, shared by the module: read-only (copy it to change it)."""
     run_dir = tmp_path_factory.mktemp("clip") / "run"
     config = load_config(None, {"input": str(EXAMPLES / "manifest.jsonl"), "output": str(run_dir),
                                 "stages": "ingest,mine,embed,retrieve,negatives", **SETTINGS})
@@ -107,8 +109,9 @@ def test_hard_negatives_drop_concepts_the_image_scores_high_on(clip_run):
             assert similarity[n["phrase"]] >= sorted(similarity.values())[-5] - 1e-6
 
 
-def test_a_rerun_embeds_nothing_again(clip_run):
-    run_dir, _ = clip_run
+def test_a_rerun_embeds_nothing_again(clip_run, tmp_path):
+    run_dir = tmp_path / "run"  # a run of its own: the module's run stays as its other tests read it
+    shutil.copytree(clip_run[0], run_dir)
     config = load_config(None, {"output": str(run_dir), "stages": "embed,retrieve,negatives", **SETTINGS})
     again = run_pipeline(config)
     assert all(s.units_committed == 0 and s.units_skipped == s.units_total > 0 for s in again.stages)

@@ -1,6 +1,7 @@
 """Concept mining on the example photos' captions: normal forms, ontologies, rejects, hard negatives, and proposal on the mined pairs."""
 
 import json
+import shutil
 
 import pytest
 
@@ -90,7 +91,8 @@ def test_bad_run_level_phrases_are_config_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def mined_run(photos_dir, tmp_path_factory):
-    """Ingest and mine the photos from a manifest with captions, per-image phrases (one empty, one too long) and a vocabulary."""
+    """Ingest and mine the photos from a manifest with captions, per-image phrases (one empty, one too long) and a vocabulary.
+    Shared by the module: read-only (a test that runs stages on it copies it)."""
     folder = tmp_path_factory.mktemp("mine")
     captions = {json.loads(line)["file_name"]: json.loads(line)["caption"] for line in (EXAMPLES / "captions.jsonl").read_text().splitlines()}
     extra = {"truck.jpg": ["wheels", "--", " ".join(["very"] * 40) + " long thing"], "groceries.jpg": ["Grocery Bags"]}
@@ -155,9 +157,10 @@ def test_hard_negatives_are_absent_relatives_of_present_concepts(mined_run, buil
     assert result.stages[2].counts["hard_negatives"] == len(negatives)
 
 
-def test_a_rerun_skips_every_mining_unit(mined_run):
-    run_dir, first = mined_run
-    config = load_config(None, {"output": str(run_dir), "stages": "mine,negatives", "mine.vocabulary": str(run_dir.parent / "vocabulary.txt"),
+def test_a_rerun_skips_every_mining_unit(mined_run, tmp_path):
+    run_dir = tmp_path / "run"  # a run of its own: the module's run stays as its other tests read it
+    shutil.copytree(mined_run[0], run_dir)
+    config = load_config(None, {"output": str(run_dir), "stages": "mine,negatives", "mine.vocabulary": str(mined_run[0].parent / "vocabulary.txt"),
                                 "mine.phrases": ["Person"], "negatives.max_per_image": 12})
     before = rows(run_dir, "SELECT * EXCLUDE (unit_id) FROM candidates ORDER BY pair_id, origin")
     again = run_pipeline(config)
@@ -166,8 +169,6 @@ def test_a_rerun_skips_every_mining_unit(mined_run):
 
 
 def test_propose_asks_each_image_its_mined_concepts(mined_run, ray_cluster, tmp_path):
-    import shutil
-
     run_dir = tmp_path / "run"
     shutil.copytree(mined_run[0], run_dir)
     config = load_config(None, {"output": str(run_dir), "stages": "propose", "model.name": "tiny-random", "propose.unit_size": 2})

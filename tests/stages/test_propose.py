@@ -3,8 +3,10 @@
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,12 +22,8 @@ from tests.helpers import rows
 PHRASES = ["grocery bag", "pickup truck", "child", "Pickup  Truck"]
 
 
-@pytest.fixture(autouse=True)
-def _shared_ray(ray_cluster):
-    """In-process runs use the session's Ray cluster instead of starting their own."""
-
-
 def _run(input_dir, run_dir, **overrides):
+    """ingest and propose in-process: callers request ``ray_cluster`` so that propose's model actors join the session's cluster."""
     settings = {
         "input": str(input_dir),
         "output": str(run_dir),
@@ -40,8 +38,8 @@ def _run(input_dir, run_dir, **overrides):
 
 
 @pytest.fixture(scope="module")
-def photo_run(photos_dir, tmp_path_factory):
-    """The three photos plus an EXIF-rotated copy of the truck (stored 1800x1200, shown 1200x1800)."""
+def photo_run(ray_cluster, photos_dir, tmp_path_factory):
+    """The three photos plus an EXIF-rotated copy of the truck (stored 1800x1200, shown 1200x1800); read-only for its tests."""
     folder = tmp_path_factory.mktemp("photos")
     for photo in photos_dir.glob("*.jpg"):
         (folder / photo.name).write_bytes(photo.read_bytes())
@@ -93,19 +91,21 @@ def test_masks_decode_to_their_stored_area_and_box_at_the_oriented_resolution(ph
     assert non_empty > 0
 
 
-def test_rerun_skips_and_a_new_threshold_reruns_every_unit(photos_dir, tmp_path):
-    first = _run(photos_dir, tmp_path / "run")
-    again = _run(photos_dir, tmp_path / "run", stages="propose")
+def test_rerun_skips_and_a_new_threshold_reruns_every_unit(ray_cluster, photo_run, tmp_path):
+    shutil.copytree(photo_run[0], tmp_path / "run")  # the module's run, copied: this test changes it
+    first = photo_run[1]
+    folder = Path(rows(tmp_path / "run", "SELECT uri FROM images LIMIT 1")[0]["uri"]).parent
+    again = _run(folder, tmp_path / "run", stages="propose")
     assert again.stages[0].units_committed == 0 and again.stages[0].units_skipped == first.stages[1].units_total
     before = rows(tmp_path / "run", "SELECT count(*) AS n FROM masks")[0]["n"]
-    stricter = _run(photos_dir, tmp_path / "run", stages="propose", **{"propose.threshold": 0.32})
+    stricter = _run(folder, tmp_path / "run", stages="propose", **{"propose.threshold": 0.32})
     assert stricter.stages[0].units_removed == stricter.stages[0].units_committed == first.stages[1].units_total
     after = rows(tmp_path / "run", "SELECT count(*) AS n, min(score) AS low FROM masks")[0]
     assert after["n"] < before and after["low"] >= 0.32
-    assert rows(tmp_path / "run", "SELECT count(*) AS n FROM pairs")[0]["n"] == 9
+    assert rows(tmp_path / "run", "SELECT count(*) AS n FROM pairs")[0]["n"] == 4 * 3  # every image's pair per concept, masks or not
 
 
-def test_an_image_gone_at_proposal_time_is_rejected(photos_dir, tmp_path):
+def test_an_image_gone_at_proposal_time_is_rejected(ray_cluster, photos_dir, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
     for name in ("groceries.jpg", "truck.jpg"):
@@ -127,12 +127,15 @@ def test_phrases_from_a_vocabulary_file(tmp_path):
     assert load_phrases(ProposeConfig(), StorageConfig()) == ()  # then the mined candidates are asked
 
 
-def test_an_unreachable_checkpoint_fails_unless_fallback_is_asked_for(photos_dir, tmp_path):
+def test_an_unreachable_checkpoint_fails_unless_fallback_is_asked_for(ray_cluster, photos_dir, tmp_path):
+    """The checkpoint is unreachable for sure (offline), wherever the test runs; the fallback run joins the session's cluster."""
     command = [sys.executable, "-m", "sam3_engine", "run", "-q", "--input", str(photos_dir), "--output", str(tmp_path / "run"),
                "--stages", "ingest,propose", "--set", "propose.phrases=[car]"]
-    failed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    offline = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    failed = subprocess.run(command, capture_output=True, text=True, env=offline)
     assert failed.returncode == 2 and "huggingface-cli login" in failed.stderr and "--model tiny-random" in failed.stderr
-    fallback = subprocess.run([*command, "--set", "model.fallback_to_tiny_random=true"], capture_output=True, text=True)
+    fallback = subprocess.run([*command, "--set", "model.fallback_to_tiny_random=true"], capture_output=True, text=True,
+                              env={**offline, "RAY_ADDRESS": ray_cluster.address})
     assert fallback.returncode == 0, fallback.stderr
     assert fallback.stderr.count("NOT REAL SAM 3") == 2
     runs = json.loads(subprocess.run([sys.executable, "-m", "sam3_engine", "query", str(tmp_path / "run"), "SELECT summary_json FROM runs", "-f", "json"], capture_output=True, text=True).stdout)
