@@ -78,7 +78,9 @@ def test_a_killed_driver_leaves_no_ray_process_behind(tmp_path):
     driver.send_signal(signal.SIGKILL)
     driver.communicate()
     reaper[0].wait(timeout=60)
-    assert not _gone(tree, within=0), "Ray processes outlived a killed driver"
+    # The reaper exits right after its SIGKILLs; the kernel tears a killed process down a moment later (longer on a
+    # loaded machine). Unreaped, the agents wait on the dead GCS for a minute or more, so seconds still tell them apart.
+    assert not _gone(tree, within=10), "Ray processes outlived a killed driver"
 
 
 def test_a_ray_out_of_memory_kill_ends_in_one_line_and_a_traceback_file(tmp_path):
