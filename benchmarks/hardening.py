@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def mining(sizes: list[int]) -> None:
-    from sam3_engine.engine.config import MineConfig
+    from sam3_engine.stages.mine import MineConfig
     from sam3_engine.text.concepts import noun_phrases
 
     noun_phrases("warm up the tagger")

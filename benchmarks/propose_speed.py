@@ -165,7 +165,8 @@ def pipeline(args, checkpoint: Path) -> dict:
     The executor's results are collected rather than committed, so that this measures scheduling and
     data movement; a Delta commit costs the driver a few milliseconds per unit (see BENCHMARKS.md).
     """
-    from sam3_engine.engine.config import ModelConfig, ProposeConfig, StorageConfig
+    from sam3_engine.engine.config import ModelConfig, StorageConfig
+    from sam3_engine.stages.propose import ProposeConfig
     from sam3_engine.engine.ray_executor import RayExecutor, ensure_ray
     from sam3_engine.models.sam3 import ModelChoice, Sam3Segmenter
     from sam3_engine.engine.stage import WorkUnit

@@ -79,7 +79,8 @@ def _rectangle_counts(height: int, width: int, top: int, left: int, box_h: int, 
 
 
 def verdicts(args) -> dict:
-    from sam3_engine.engine.config import ClipConfig, StorageConfig, VerifyConfig
+    from sam3_engine.engine.config import ClipConfig, StorageConfig
+    from sam3_engine.stages.verify import VerifyConfig
     from sam3_engine.engine.store import TableStore
     from sam3_engine.models.clip import ClipChoice
     from sam3_engine.schemas.tables import MASK_SCORES, MASKS, PAIR_SCORES, PAIRS

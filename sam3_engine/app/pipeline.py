@@ -29,21 +29,11 @@ from sam3_engine.engine.lock import RunLock, RunLockedError
 from sam3_engine.engine.ray_executor import RayExecutor, release_ray
 from sam3_engine.engine.runner import Executor, ProcessExecutor, StageReport, UnitRunner
 from sam3_engine.engine.store import TableStore
-from sam3_engine.models.clip import choose_clip
 from sam3_engine.models.hub import ModelLoadError
-from sam3_engine.models.sam3 import choose_model
 from sam3_engine.schemas.tables import RUNS
-from sam3_engine.engine.stage import Stage
-from sam3_engine.stages.embed import EmbedStage
-from sam3_engine.io.embeddings import EmbeddingStore
-from sam3_engine.stages.ingest import IngestStage
+from sam3_engine.engine.stage import BuildContext, Stage, stage_class
 from sam3_engine.io.inputs import InputError
-from sam3_engine.stages.mine import MineStage, run_ontology
-from sam3_engine.stages.negatives import NegativesStage
 from sam3_engine.stages.propose import ProposeStage
-from sam3_engine.stages.retrieve import RetrieveStage
-from sam3_engine.stages.splits import SplitsStage
-from sam3_engine.stages.verify import VerifyStage
 
 
 class ReconciliationError(RuntimeError):
@@ -114,42 +104,11 @@ class RunResult:
 
 
 def build_stages(config: RunConfig, run_id: str) -> list[Stage]:
-    """The configured stages, checked up front: a missing input or unreachable model fails before any work."""
-    stages: list[Stage] = []
-    run_url = storage.absolute_url(config.output)
+    """The configured stages, built from the registry and checked up front: a missing input or unreachable model fails before any work."""
+    context = BuildContext(config, run_id, storage.absolute_url(config.output))
     for name in config.stages:
-        if name == "ingest":
-            if not config.input:
-                raise ConfigError("the ingest stage needs an input: set `input:` in the config or pass --input")
-            stages.append(IngestStage(storage.absolute_url(config.input), config.ingest, config.storage))
-        elif name == "mine":
-            stages.append(MineStage(config.mine, config.storage))
-        elif name == "embed":
-            choice = choose_clip(config.clip.model, config.clip.pretrained, config.clip.fallback_to_tiny_random)
-            stages.append(EmbedStage(config.clip, choice, config.storage))
-        elif name == "retrieve":
-            stages.append(RetrieveStage(config.retrieve, run_url, config.storage))
-        elif name == "negatives":
-            stages.append(NegativesStage(config.negatives, _ontology(stages, config), EmbeddingStore(run_url, config.storage)))
-        elif name == "propose":
-            choice = choose_model(config.model.name, config.model.revision, config.model.fallback_to_tiny_random)
-            stages.append(ProposeStage(config.propose, config.model, choice, config.storage, run_id))
-        elif name == "verify":
-            choice = choose_clip(config.clip.model, config.clip.pretrained, config.clip.fallback_to_tiny_random)
-            stages.append(VerifyStage(config.verify, config.clip, choice, _ontology(stages, config), run_url, config.storage))
-        elif name == "splits":
-            stages.append(SplitsStage(config.splits))
-        else:
-            raise ConfigError(f"unknown stage {name!r}")
-    return stages
-
-
-def _ontology(stages: list[Stage], config: RunConfig):
-    """The run's ontology, loaded once: the mine stage's when it runs."""
-    for stage in stages:
-        if isinstance(stage, (MineStage, NegativesStage)):
-            return stage.ontology
-    return run_ontology(config.mine, config.storage)
+        context.built.append(stage_class(name).build(context))
+    return context.built
 
 
 def notices(stages: list[Stage]) -> list[str]:

@@ -7,30 +7,35 @@ relative paths given as flags are relative to the working directory.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-STAGE_NAMES = ("ingest", "mine", "embed", "retrieve", "negatives", "propose", "verify", "splits")
-"""Every stage the engine knows, in pipeline order."""
+from sam3_engine.engine.stage import stage_class, stage_names
 
 DEFAULT_RUNS_DIR = "runs"
-_PATH_KEYS = (("propose", "vocabulary"), ("mine", "vocabulary"), ("mine", "ontology"))
-"""Config keys holding file paths: relative ones are relative to the config file (or to the working directory for flags)."""
 
 
 class ConfigError(ValueError):
     """A configuration that cannot be used, with a message that names the file and the key."""
 
 
-class _Frozen(BaseModel):
+class ConfigSection(BaseModel):
+    """A section of the run config: unknown keys are errors, values never change after validation."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class StorageConfig(_Frozen):
+def file_field(default: str | None, description: str) -> Any:
+    """A key holding a file path: a relative one is relative to the config file (to the working directory for a flag)."""
+    return Field(default, description=description, json_schema_extra={"file": True})
+
+
+class StorageConfig(ConfigSection):
     """How to reach object storage; credentials come from the standard AWS_* environment."""
 
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:9000 for MinIO.")
@@ -42,26 +47,7 @@ class StorageConfig(_Frozen):
     )
 
 
-class IngestConfig(_Frozen):
-    input_format: Literal["auto", "files", "manifest", "coco"] = Field(
-        "auto", description="How to read `input`: auto picks by suffix (.jsonl/.csv/.parquet manifest, .json COCO, else files)."
-    )
-    unit_size: int = Field(256, ge=1, description="Average inputs per work unit (one atomic commit).")
-    workers: int | None = Field(None, ge=1, description="Decoding processes; default: the machine's CPU count.")
-    max_pixels: int = Field(100_000_000, ge=1, description="Images with more pixels are rejected as too_large (decompression bombs).")
-    max_bytes: int = Field(512 * 2**20, ge=1, description="Files with more bytes are rejected as file_too_large without being read whole.")
-    formats: tuple[str, ...] = Field(
-        ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "MPO"),
-        description="Pillow formats accepted; others are rejected as unsupported_format.",
-    )
-
-    @field_validator("formats")
-    @classmethod
-    def _upper(cls, formats: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(f.upper() for f in formats)
-
-
-class ModelConfig(_Frozen):
+class ModelConfig(ConfigSection):
     name: str = Field("facebook/sam3", description="Hugging Face id or local directory of the SAM 3 checkpoint, or tiny-random (random weights, for smoke runs).")
     revision: str | None = Field(None, description="Pinned revision of the checkpoint.")
     device: str | None = Field(None, description="Torch device for the model; default: cuda when the worker has a GPU, else cpu.")
@@ -71,22 +57,7 @@ class ModelConfig(_Frozen):
     )
 
 
-class MineConfig(_Frozen):
-    captions: bool = Field(True, description="Mine noun phrases from the images' captions and alt texts.")
-    max_caption_chars: int = Field(
-        10_000, ge=1, description="Characters of captions and alt texts mined per image; the rest is a caption_truncated reject."
-    )
-    phrases: tuple[str, ...] = Field((), description="Phrases asked on every image (origin user). Per-image phrases come from the manifest's `phrases`.")
-    vocabulary: str | None = Field(
-        None, description="A vocabulary asked on every image (origin vocabulary): a text file, one phrase per line, or a YAML/JSON tree of concepts (name, synonyms, parent, children)."
-    )
-    ontology: str | None = Field(
-        "builtin", description="Synonyms and parents: builtin (COCO's 80 and LVIS's 1,203 categories with WordNet parents), a YAML/JSON file, or null."
-    )
-    unit_size: int = Field(1024, ge=1, description="Images per work unit.")
-
-
-class ClipConfig(_Frozen):
+class ClipConfig(ConfigSection):
     model: str = Field("ViT-B-32", description="open_clip architecture, or tiny-random (random weights, for smoke runs).")
     pretrained: str | None = Field("laion2b_s34b_b79k", description="open_clip pretrained tag (weights from the Hugging Face hub) or a local weights file.")
     device: str | None = Field(None, description="Torch device; default: cuda when the worker has a GPU, else cpu.")
@@ -97,40 +68,11 @@ class ClipConfig(_Frozen):
     gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per model actor; default: 1 when the cluster has GPUs, else 0.")
 
 
-class RetrieveConfig(_Frozen):
-    top_k: int = Field(10, ge=0, description="At most this many concepts per image from CLIP retrieval (origin clip).")
-    min_similarity: float = Field(0.25, ge=-1.0, le=1.0, description="CLIP cosine similarity a retrieved concept needs (ViT-B-32: present concepts score about 0.25-0.35).")
-    unit_size: int = Field(1024, ge=1, description="Images per work unit.")
-
-
-class NegativesConfig(_Frozen):
-    max_per_image: int = Field(30, ge=0, description="At most this many hard negatives per image: absent concepts easy to confuse with present ones.")
-    clip_neighbours: int = Field(5, ge=0, description="Per present concept, this many nearest concepts by CLIP text similarity are candidate negatives (needs the embed stage).")
-    max_image_similarity: float = Field(
-        0.2, ge=-1.0, le=1.0, description="A candidate negative whose CLIP similarity to the image is above this may be present: it is dropped (needs the embed stage)."
-    )
-    unit_size: int = Field(1024, ge=1, description="Images per work unit.")
-
-
-class ProposeConfig(_Frozen):
-    phrases: tuple[str, ...] = Field((), description="Phrases to ask SAM 3 about on every image, instead of the mined candidates.")
-    vocabulary: str | None = Field(None, description="A text file of phrases, one per line, added to `phrases`.")
-    threshold: float = Field(0.3, ge=0.0, le=1.0, description="Keep instances whose combined score (object x presence) is at least this.")
-    reprompt_boxes: bool = Field(
-        True, description="Prompt SAM 3 again with each kept instance's box and phrase, for verification's consistency check (costs one more head per instance)."
-    )
-    unit_size: int = Field(16, ge=1, description="Images per work unit (one atomic commit).")
-    image_batch: int = Field(4, ge=1, description="Images per vision-encoder batch.")
-    phrase_batch: int = Field(16, ge=1, description="Phrases per text-conditioned head batch, against one image's cached features.")
-    workers: int | None = Field(None, ge=1, description="Model actors; default: one per GPU in the Ray cluster, or one CPU actor without GPUs.")
-    gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per model actor; default: 1 when the cluster has GPUs, else 0 (CPU actors).")
-
-
 MASK_REASONS = ("too_small", "fragmented", "border_hugging", "duplicate", "conflict", "unstable", "reprompt_inconsistent", "clip_mismatch")
 """Every reason code the mask verdict can give (see ``schemas/sql/verdicts.sql``)."""
 
 
-class MaskThresholds(_Frozen):
+class MaskThresholds(ConfigSection):
     """The ``verify.*`` thresholds of mask verdicts: declared once here, they are both config keys and, by the same names
     and defaults, the parameters of the SQL macro ``mask_verdicts`` (``catalog.connect`` writes them into its definition)."""
 
@@ -170,7 +112,7 @@ class MaskThresholds(_Frozen):
         return reasons
 
 
-class PairThresholds(_Frozen):
+class PairThresholds(ConfigSection):
     """The ``verify.*`` thresholds of presence and exhaustivity verdicts: config keys and, by the same names and defaults,
     the parameters of the SQL macro ``pair_verdicts``."""
 
@@ -199,70 +141,22 @@ class PairThresholds(_Frozen):
         return self
 
 
-VERDICT_THRESHOLDS: dict[str, type[_Frozen]] = {"mask_verdicts": MaskThresholds, "pair_verdicts": PairThresholds}
+VERDICT_THRESHOLDS: dict[str, type[ConfigSection]] = {"mask_verdicts": MaskThresholds, "pair_verdicts": PairThresholds}
 """Each verdict macro of ``schemas/sql/verdicts.sql`` and the declaration of its thresholds."""
 
 
-class VerifyConfig(PairThresholds, MaskThresholds):
-    """Scoring settings (they decide the stored scores) and, inherited, the thresholds (they decide only the verdicts).
-
-    Changing a threshold and running the verify stage again re-derives the verdict tables from the
-    stored scores without loading a model.
-    """
-
-    verifier: str = Field(
-        "sam3-clip", pattern=r"^[A-Za-z0-9_.-]+$",
-        description="Name recorded on every score and verdict, so that independent verifiers can be compared.",
-    )
-    unit_size: int = Field(8, ge=1, description="Images per work unit.")
-    crop_padding: float = Field(
-        0.1, ge=0.0, le=1.0, description="Context around a mask's box in its CLIP crop, as a fraction of the box size."
-    )
-    workers: int | None = Field(
-        None, ge=1, description="CLIP actors; default: one per GPU in the Ray cluster, or one CPU actor without GPUs."
-    )
-    gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per CLIP actor; default: 1 when the cluster has GPUs, else 0.")
-
-    def thresholds(self) -> dict[str, Any]:
-        """The verdict parameters, named as the SQL macros' parameters."""
-        return self.model_dump(mode="json", include={name for model in VERDICT_THRESHOLDS.values() for name in model.model_fields})
-
-
-class SplitsConfig(_Frozen):
-    """Who may confirm a pair, how many must agree for Gold, and how images are dealt to train/val/test."""
-
-    verifiers: tuple[str, ...] = Field((), description="Verifiers whose verdicts count as sources; empty: every verifier in the run.")
-    human_verifiers: tuple[str, ...] = Field(("human",), description="Verifiers that are human labels: one of them confirming a pair makes it Gold, and it overrides machines.")
-    gold_min_sources: int = Field(2, ge=1, description="Independent machine verifiers that must agree for Gold.")
-    max_negatives_per_image: int = Field(30, ge=0, description="At most this many negative pairs per image, hard negatives first.")
-    train_fraction: float = Field(0.8, ge=0.0, le=1.0, description="Share of images (not pairs) in train.")
-    val_fraction: float = Field(0.1, ge=0.0, le=1.0, description="Share of images in val; test takes the rest.")
-    salt: str = Field("sam3-engine", description="Mixed into the hash of each image id that picks its split: change it for another deal.")
-
-    @model_validator(mode="after")
-    def _fractions(self) -> SplitsConfig:
-        if self.train_fraction + self.val_fraction > 1.0:
-            raise ValueError(f"train_fraction + val_fraction ({self.train_fraction} + {self.val_fraction}) exceeds 1")
-        return self
-
-
-class RayConfig(_Frozen):
+class RayConfig(ConfigSection):
     address: str | None = Field(None, description="Ray cluster to join (else RAY_ADDRESS; else a local Ray is started).")
 
 
-class RunConfig(_Frozen):
+class RunConfig(ConfigSection):
+    """The keys every run has; each registered stage with a ``config_model`` adds its section (``run_config_model``)."""
+
     input: str | None = Field(None, description="Images: a folder, a glob, a manifest (.jsonl/.csv/.parquet) or a COCO .json; any fsspec URL.")
     output: str | None = Field(None, description="Run directory (any fsspec URL); default runs/<config or input name>.")
-    stages: tuple[str, ...] = Field(STAGE_NAMES, description="Stages to run, in pipeline order.")
+    stages: tuple[str, ...] = Field(default_factory=stage_names, description="Stages to run, in pipeline order (default: every stage).")
     model: ModelConfig = ModelConfig()
-    ingest: IngestConfig = IngestConfig()
-    mine: MineConfig = MineConfig()
     clip: ClipConfig = ClipConfig()
-    retrieve: RetrieveConfig = RetrieveConfig()
-    negatives: NegativesConfig = NegativesConfig()
-    propose: ProposeConfig = ProposeConfig()
-    verify: VerifyConfig = VerifyConfig()
-    splits: SplitsConfig = SplitsConfig()
     ray: RayConfig = RayConfig()
     storage: StorageConfig = StorageConfig()
 
@@ -274,15 +168,36 @@ class RunConfig(_Frozen):
     @field_validator("stages")
     @classmethod
     def _known(cls, stages: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = [s for s in stages if s not in STAGE_NAMES]
+        known = stage_names()
+        unknown = [s for s in stages if s not in known]
         if unknown:
-            raise ValueError(f"unknown stage(s) {unknown}; known stages: {list(STAGE_NAMES)}")
+            raise ValueError(f"unknown stage(s) {unknown}; known stages: {list(known)}")
         if not stages:
             raise ValueError("at least one stage is needed")
-        return tuple(sorted(set(stages), key=STAGE_NAMES.index))
+        return tuple(sorted(set(stages), key=known.index))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def run_config_model() -> type[RunConfig]:
+    """``RunConfig`` with a section per registered stage that declares a config model, keyed by the stage's name."""
+    return _with_sections(tuple((name, stage_class(name).config_model) for name in stage_names() if stage_class(name).config_model))
+
+
+@functools.cache
+def _with_sections(sections: tuple[tuple[str, type[ConfigSection]], ...]) -> type[RunConfig]:
+    fields = {name: (model, Field(default_factory=model, description=model.__doc__)) for name, model in sections}
+    return create_model("RunConfig", __base__=RunConfig, __module__=__name__, **fields)
+
+
+def sections(model: type[BaseModel]) -> dict[str, type[BaseModel]]:
+    """The model's nested sections by key: ``model``, ``mine``, ``verify``, ..."""
+    return {name: field.annotation for name, field in model.model_fields.items() if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)}
+
+
+def _file_keys(model: type[RunConfig]) -> set[tuple[str, str]]:
+    return {(name, key) for name, section in sections(model).items() for key, field in section.model_fields.items() if (field.json_schema_extra or {}).get("file")}
 
 
 def _is_local(url: str) -> bool:
@@ -296,6 +211,8 @@ def _rebase(url: str, base: Path) -> str:
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Load a YAML file (optional), apply flag overrides, validate, and fill in the output default."""
+    model = run_config_model()
+    file_keys = _file_keys(model)
     data: dict[str, Any] = {}
     source = "command-line flags"
     if path is not None:
@@ -315,18 +232,18 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
         for key in ("input", "output"):
             if isinstance(data.get(key), str):
                 data[key] = _rebase(data[key], base)
-        for section, key in _PATH_KEYS:
+        for section, key in file_keys:
             values = data.get(section)
             if isinstance(values, dict) and isinstance(values.get(key), str) and values[key] != "builtin":
                 values[key] = _rebase(values[key], base)
     for key, value in (overrides or {}).items():
         if value is None:
             continue
-        if (key in ("input", "output") or tuple(key.split(".")) in _PATH_KEYS) and isinstance(value, str) and value != "builtin":
+        if (key in ("input", "output") or tuple(key.split(".")) in file_keys) and isinstance(value, str) and value != "builtin":
             value = _rebase(value, Path.cwd())
         _set_dotted(data, key, value)
     try:
-        config = RunConfig.model_validate(data)
+        config = model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source)) from None
     if config.output is None:

@@ -59,15 +59,18 @@ def crash_if_asked(unit: WorkUnit) -> None:
         os._exit(70)
 
 
-def die_with_parent() -> None:
+def die_with_parent(parent: int) -> None:
     """Pool worker initializer: on Linux, the worker is killed when the driver dies (even by kill -9).
 
-    Without it, the idle workers of a killed run linger as orphans, holding memory.
+    Without it, the idle workers of a killed run linger as orphans, holding memory. A worker whose
+    driver died before the signal was asked for exits at once.
     """
     if sys.platform.startswith("linux"):
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(0)
 
 
 def _process(stage: Stage, unit: WorkUnit) -> dict[str, pa.Table]:
@@ -186,7 +189,7 @@ class ProcessExecutor:
         return sum(self._run_suspect(stage, unit, committed) for unit in suspects)
 
     def _pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent)
+        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent, initargs=(os.getpid(),))
 
     def _run_pool(self, stage: Stage, units: list[WorkUnit], committed) -> list[WorkUnit]:
         """Run units with a bounded number in flight; return those lost to a broken pool."""

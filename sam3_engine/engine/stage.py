@@ -2,6 +2,12 @@
 
 A stage never schedules anything: ``engine.runner`` decides where ``process`` runs (a worker
 process, later a Ray actor), commits each unit's rows, and skips units already in the ledger.
+
+Stages are found, not listed: a stage class marked ``@register_stage`` declares its name, its place
+in the pipeline (``order``), its tables (``outputs``, ``derived``) and how it is built from a run's
+config (``build``). The packages named in the ``sam3_engine.stages`` entry-point group are imported
+on first use (the engine's own is ``sam3_engine.stages``, which imports every module in it), so a
+new stage is one module, here or in another installed package.
 """
 
 from __future__ import annotations
@@ -9,13 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from typing import Any, ClassVar, TypeVar
 
 import pyarrow as pa
 
-from sam3_engine.schemas.tables import TableSpec
+from sam3_engine.schemas.tables import TABLES, TableSpec
 
 T = TypeVar("T")
 
@@ -92,10 +100,35 @@ class Derivation:
     verdicts beside another's); otherwise the whole table is."""
 
 
+@dataclass
+class BuildContext:
+    """What building a run's stages needs: the run's config and where it lives, and the stages built so far."""
+
+    config: Any
+    """The run's ``RunConfig``."""
+    run_id: str
+    run_url: str
+    built: list[Stage] = field(default_factory=list)
+    """Stages already built for this run, in order: a later one may share an earlier one's state (the ontology)."""
+
+
 class Stage(ABC):
     name: ClassVar[str]
+    order: ClassVar[int]
+    """Place in the pipeline: a run's stages run in ascending order."""
     outputs: ClassVar[tuple[TableSpec, ...]]
     """Tables each unit writes; a unit's rows in each are replaced together."""
+    derived: ClassVar[tuple[TableSpec, ...]] = ()
+    """Tables the stage's ``derive`` writes."""
+    config_model: ClassVar[type | None] = None
+    """The pydantic model of the stage's config section, keyed by ``name`` (``mine.unit_size``); None: no section."""
+    reasons: ClassVar[dict[str, str]] = {}
+    """Reject reason codes the stage writes to ``rejects``, and what each means."""
+
+    @classmethod
+    @abstractmethod
+    def build(cls, context: BuildContext) -> Stage:
+        """The stage for this run, from ``context.config``; a config it cannot run with raises ``ConfigError``."""
 
     @property
     def ledger(self) -> str:
@@ -137,3 +170,54 @@ class Stage(ABC):
     def summarize(self, con) -> dict[str, Any]:
         """Counts for the run summary, from the run's DuckDB catalog."""
         return {}
+
+
+ENTRY_POINT_GROUP = "sam3_engine.stages"
+_REGISTRY: dict[str, type[Stage]] = {}
+_discovered: list[bool] = []
+
+S = TypeVar("S", bound=type[Stage])
+
+
+def register_stage(cls: S) -> S:
+    """Class decorator: make a stage known by its ``name``, and its tables known to the catalog."""
+    known = _REGISTRY.get(cls.name)
+    if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"two stages named {cls.name!r}: {known.__module__}.{known.__qualname__} and {cls.__module__}.{cls.__qualname__}")
+    _REGISTRY[cls.name] = cls
+    for spec in (*cls.outputs, *cls.derived):
+        TABLES.setdefault(spec.name, spec)
+    return cls
+
+
+@contextmanager
+def registered(cls: type[Stage]) -> Iterator[type[Stage]]:
+    """Register a stage (and its new tables) for the length of a block: a stage defined in a test."""
+    new_tables = [spec.name for spec in (*cls.outputs, *cls.derived) if spec.name not in TABLES]
+    register_stage(cls)
+    try:
+        yield cls
+    finally:
+        _REGISTRY.pop(cls.name, None)
+        for name in new_tables:
+            TABLES.pop(name, None)
+
+
+def discover() -> None:
+    """Import the stage packages of the ``sam3_engine.stages`` entry-point group, once per process."""
+    if _discovered:
+        return
+    _discovered.append(True)
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        entry.load()
+
+
+def stage_names() -> tuple[str, ...]:
+    """Every known stage, in pipeline order."""
+    discover()
+    return tuple(sorted(_REGISTRY, key=lambda name: (_REGISTRY[name].order, name)))
+
+
+def stage_class(name: str) -> type[Stage]:
+    discover()
+    return _REGISTRY[name]

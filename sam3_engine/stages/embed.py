@@ -14,9 +14,9 @@ import numpy as np
 import pyarrow as pa
 
 from sam3_engine.engine.config import ClipConfig, StorageConfig
-from sam3_engine.models.clip import ClipChoice, image_transform, shared_embedder
+from sam3_engine.models.clip import ClipChoice, choose_clip, image_transform, shared_embedder
 from sam3_engine.schemas.tables import CONCEPTS, IMAGE_EMBEDDINGS, IMAGES, PHRASE_EMBEDDINGS, REJECTS
-from sam3_engine.engine.stage import Stage, WorkUnit, content_defined_chunks, fingerprint, image_reject, reject_reasons, rows_table
+from sam3_engine.engine.stage import BuildContext, Stage, WorkUnit, content_defined_chunks, fingerprint, image_reject, register_stage, reject_reasons, rows_table
 from sam3_engine.io.inputs import load_image
 
 VERSION = 1
@@ -49,10 +49,18 @@ class PreparedImages:
     rejects: tuple[dict[str, Any], ...]
 
 
+@register_stage
 class EmbedStage(Stage):
     name = "embed"
-    outputs = (IMAGE_EMBEDDINGS, PHRASE_EMBEDDINGS, REJECTS)
+    order = 30
+    reasons = REASONS
     uses_model = True
+    outputs = (IMAGE_EMBEDDINGS, PHRASE_EMBEDDINGS, REJECTS)
+
+    @classmethod
+    def build(cls, context: BuildContext) -> EmbedStage:
+        clip = context.config.clip
+        return cls(clip, choose_clip(clip.model, clip.pretrained, clip.fallback_to_tiny_random), context.config.storage)
 
     def __init__(self, config: ClipConfig, choice: ClipChoice, storage_config: StorageConfig):
         self.config = config

@@ -10,20 +10,40 @@ import hashlib
 import io
 import warnings
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
+from pydantic import Field, field_validator
 from PIL import Image, UnidentifiedImageError
 
 from sam3_engine.engine import storage
 from sam3_engine.engine.catalog import connect, named_query
-from sam3_engine.engine.config import IngestConfig, StorageConfig
+from sam3_engine.engine.config import ConfigError, ConfigSection, StorageConfig
 from sam3_engine.schemas.tables import IMAGES, REJECTS, SOURCES
-from sam3_engine.engine.stage import Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, reject_reasons, rows_table
+from sam3_engine.engine.stage import BuildContext, Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, register_stage, reject_reasons, rows_table
 from sam3_engine.io.inputs import InputEntry, list_inputs
 
 VERSION = 2
 """Bump when a change to this module changes the rows it writes: every unit then re-runs."""
+
+
+class IngestConfig(ConfigSection):
+    input_format: Literal["auto", "files", "manifest", "coco"] = Field(
+        "auto", description="How to read `input`: auto picks by suffix (.jsonl/.csv/.parquet manifest, .json COCO, else files)."
+    )
+    unit_size: int = Field(256, ge=1, description="Average inputs per work unit (one atomic commit).")
+    workers: int | None = Field(None, ge=1, description="Decoding processes; default: the machine's CPU count.")
+    max_pixels: int = Field(100_000_000, ge=1, description="Images with more pixels are rejected as too_large (decompression bombs).")
+    max_bytes: int = Field(512 * 2**20, ge=1, description="Files with more bytes are rejected as file_too_large without being read whole.")
+    formats: tuple[str, ...] = Field(
+        ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "MPO"),
+        description="Pillow formats accepted; others are rejected as unsupported_format.",
+    )
+
+    @field_validator("formats")
+    @classmethod
+    def _upper(cls, formats: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(f.upper() for f in formats)
 
 SWAPS_AXES = {5, 6, 7, 8}
 
@@ -185,9 +205,21 @@ def _reject_row(entry: InputEntry, reject: Reject) -> dict[str, Any]:
     }
 
 
+@register_stage
 class IngestStage(Stage):
     name = "ingest"
+    order = 10
+    config_model = IngestConfig
+    reasons = REASONS
     outputs = (SOURCES, REJECTS)
+    derived = (IMAGES,)
+
+    @classmethod
+    def build(cls, context: BuildContext) -> IngestStage:
+        config = context.config
+        if not config.input:
+            raise ConfigError("the ingest stage needs an input: set `input:` in the config or pass --input")
+        return cls(storage.absolute_url(config.input), config.ingest, config.storage)
 
     def __init__(self, input_url: str, config: IngestConfig, storage_config: StorageConfig):
         self.input_url = input_url

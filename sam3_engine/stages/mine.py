@@ -15,16 +15,28 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+from pydantic import Field
 
 from sam3_engine.engine import storage
 from sam3_engine.engine.catalog import connect, named_query
-from sam3_engine.engine.config import ConfigError, MineConfig, StorageConfig
+from sam3_engine.engine.config import ConfigError, ConfigSection, StorageConfig, file_field
 from sam3_engine.schemas.tables import CANDIDATES, CONCEPTS, IMAGES, REJECTS
-from sam3_engine.engine.stage import Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, reject_reasons, rows_table
+from sam3_engine.engine.stage import BuildContext, Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, register_stage, reject_reasons, rows_table
 from sam3_engine.text.concepts import TEXT_CONTEXT, Ontology, concept_id, load_ontology, noun_phrases, pair_id, phrase_lines, token_count
 
 VERSION = 3
 """Bump when a change to this module changes the rows it writes: every unit then re-runs."""
+
+
+class MineConfig(ConfigSection):
+    captions: bool = Field(True, description="Mine noun phrases from the images' captions and alt texts.")
+    max_caption_chars: int = Field(
+        10_000, ge=1, description="Characters of captions and alt texts mined per image; the rest is a caption_truncated reject."
+    )
+    phrases: tuple[str, ...] = Field((), description="Phrases asked on every image (origin user). Per-image phrases come from the manifest's `phrases`.")
+    vocabulary: str | None = file_field(None, "A vocabulary asked on every image (origin vocabulary): a text file, one phrase per line, or a YAML/JSON tree of concepts (name, synonyms, parent, children).")
+    ontology: str | None = file_field("builtin", "Synonyms and parents: builtin (COCO's 80 and LVIS's 1,203 categories with WordNet parents), a YAML/JSON file, or null.")
+    unit_size: int = Field(1024, ge=1, description="Images per work unit.")
 
 FREQUENCY_LIST = 5
 """Concepts listed as most and least frequent in the run summary."""
@@ -87,6 +99,14 @@ def _shown(raw: str) -> str:
     return repr(raw) if len(raw) <= SHOWN_CHARS else f"{raw[:SHOWN_CHARS]!r}... ({len(raw)} characters)"
 
 
+def shared_ontology(context: BuildContext) -> Ontology:
+    """The run's ontology, loaded once: the one an earlier stage of this run built (mine, negatives), else from the config."""
+    for stage in context.built:
+        if isinstance(getattr(stage, "ontology", None), Ontology):
+            return stage.ontology
+    return run_ontology(context.config.mine, context.config.storage)
+
+
 @dataclass(frozen=True)
 class ImageText:
     image_id: str
@@ -97,9 +117,18 @@ class ImageText:
     """The user's phrases for this image."""
 
 
+@register_stage
 class MineStage(Stage):
     name = "mine"
+    order = 20
+    config_model = MineConfig
+    reasons = REASONS
     outputs = (CANDIDATES, REJECTS)
+    derived = (CONCEPTS,)
+
+    @classmethod
+    def build(cls, context: BuildContext) -> MineStage:
+        return cls(context.config.mine, context.config.storage)
 
     def __init__(self, config: MineConfig, storage_config: StorageConfig):
         self.config = config

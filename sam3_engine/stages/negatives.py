@@ -18,16 +18,27 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from pydantic import Field
 
+from sam3_engine.engine.config import ConfigSection
 from sam3_engine.engine.catalog import connect, named_query
-from sam3_engine.engine.config import NegativesConfig
 from sam3_engine.schemas.tables import CANDIDATES, IMAGE_EMBEDDINGS
-from sam3_engine.engine.stage import Stage, WorkUnit, content_defined_chunks, fingerprint, rows_table
+from sam3_engine.engine.stage import BuildContext, Stage, WorkUnit, content_defined_chunks, fingerprint, register_stage, rows_table
 from sam3_engine.text.concepts import Ontology, concept_id, pair_id
 from sam3_engine.io.embeddings import EmbeddingStore, PhraseVectors
+from sam3_engine.stages.mine import shared_ontology
 
 VERSION = 1
 """Bump when a change to this module changes the rows it writes: every unit then re-runs."""
+
+
+class NegativesConfig(ConfigSection):
+    max_per_image: int = Field(30, ge=0, description="At most this many hard negatives per image: absent concepts easy to confuse with present ones.")
+    clip_neighbours: int = Field(5, ge=0, description="Per present concept, this many nearest concepts by CLIP text similarity are candidate negatives (needs the embed stage).")
+    max_image_similarity: float = Field(
+        0.2, ge=-1.0, le=1.0, description="A candidate negative whose CLIP similarity to the image is above this may be present: it is dropped (needs the embed stage)."
+    )
+    unit_size: int = Field(1024, ge=1, description="Images per work unit.")
 
 RELATIONS = ("sibling", "cousin", "clip_neighbour")
 ONTOLOGY_SCORES = {"sibling": 1.0, "cousin": 0.5}
@@ -39,9 +50,17 @@ class PresentConcepts:
     present: tuple[str, ...]
 
 
+@register_stage
 class NegativesStage(Stage):
     name = "negatives"
+    order = 50
+    config_model = NegativesConfig
     outputs = (CANDIDATES,)
+
+    @classmethod
+    def build(cls, context: BuildContext) -> NegativesStage:
+        config = context.config
+        return cls(config.negatives, shared_ontology(context), EmbeddingStore(context.run_url, config.storage))
 
     def __init__(self, config: NegativesConfig, ontology: Ontology, embeddings: EmbeddingStore):
         self.config = config

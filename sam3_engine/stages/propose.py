@@ -16,19 +16,34 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from pydantic import Field
 from pycocotools import mask as mask_utils
 
 from sam3_engine.engine import storage
 from sam3_engine.engine.catalog import connect, named_query
-from sam3_engine.engine.config import ConfigError, ModelConfig, ProposeConfig, StorageConfig
-from sam3_engine.models.sam3 import ModelChoice, PairPrediction, Sam3Segmenter, load_image_processor, preprocess
+from sam3_engine.engine.config import ConfigError, ConfigSection, ModelConfig, StorageConfig, file_field
+from sam3_engine.models.sam3 import ModelChoice, PairPrediction, choose_model, Sam3Segmenter, load_image_processor, preprocess
 from sam3_engine.schemas.tables import CONCEPTS, IMAGES, MASKS, PAIRS, REJECTS
-from sam3_engine.engine.stage import STATS_KEY, Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, image_reject, reject_reasons, rows_table
+from sam3_engine.engine.stage import BuildContext, Derivation, STATS_KEY, Stage, WorkUnit, content_defined_chunks, fingerprint, image_reject, register_stage, reject_reasons, rows_table
 from sam3_engine.text.concepts import concept_id, normal_form, pair_id, phrase_lines
 from sam3_engine.io.inputs import load_image
 
 VERSION = 3
 """Bump when a change to this module changes the rows it writes: every unit then re-runs."""
+
+
+class ProposeConfig(ConfigSection):
+    phrases: tuple[str, ...] = Field((), description="Phrases to ask SAM 3 about on every image, instead of the mined candidates.")
+    vocabulary: str | None = file_field(None, "A text file of phrases, one per line, added to `phrases`.")
+    threshold: float = Field(0.3, ge=0.0, le=1.0, description="Keep instances whose combined score (object x presence) is at least this.")
+    reprompt_boxes: bool = Field(
+        True, description="Prompt SAM 3 again with each kept instance's box and phrase, for verification's consistency check (costs one more head per instance)."
+    )
+    unit_size: int = Field(16, ge=1, description="Images per work unit (one atomic commit).")
+    image_batch: int = Field(4, ge=1, description="Images per vision-encoder batch.")
+    phrase_batch: int = Field(16, ge=1, description="Phrases per text-conditioned head batch, against one image's cached features.")
+    workers: int | None = Field(None, ge=1, description="Model actors; default: one per GPU in the Ray cluster, or one CPU actor without GPUs.")
+    gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per model actor; default: 1 when the cluster has GPUs, else 0 (CPU actors).")
 
 OOM_ABOVE_ENV = "SAM3_ENGINE_OOM_ABOVE"
 """Fault injection for tests: a batch of more than this many (image, phrase) pairs raises CUDA out-of-memory."""
@@ -121,10 +136,21 @@ def _is_out_of_memory(exc: Exception) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
+@register_stage
 class ProposeStage(Stage):
     name = "propose"
-    outputs = (PAIRS, MASKS, REJECTS)
+    order = 60
+    config_model = ProposeConfig
+    reasons = REASONS
     uses_model = True
+    outputs = (PAIRS, MASKS, REJECTS)
+    derived = (CONCEPTS,)
+
+    @classmethod
+    def build(cls, context: BuildContext) -> ProposeStage:
+        config = context.config
+        choice = choose_model(config.model.name, config.model.revision, config.model.fallback_to_tiny_random)
+        return cls(config.propose, config.model, choice, config.storage, context.run_id)
 
     def __init__(self, config: ProposeConfig, model: ModelConfig, choice: ModelChoice, storage_config: StorageConfig, run_id: str):
         self.config = config

@@ -12,10 +12,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from pydantic import Field
 
-from sam3_engine.engine.config import RetrieveConfig, StorageConfig
+from sam3_engine.engine.config import ConfigSection, StorageConfig
 from sam3_engine.schemas.tables import CANDIDATES, IMAGE_EMBEDDINGS
-from sam3_engine.engine.stage import Stage, WorkUnit, content_defined_chunks, fingerprint, rows_table
+from sam3_engine.engine.stage import BuildContext, Stage, WorkUnit, content_defined_chunks, fingerprint, register_stage, rows_table
 from sam3_engine.text.concepts import pair_id
 from sam3_engine.io.embeddings import EmbeddingStore
 
@@ -23,9 +24,22 @@ VERSION = 1
 """Bump when a change to this module changes the rows it writes: every unit then re-runs."""
 
 
+class RetrieveConfig(ConfigSection):
+    top_k: int = Field(10, ge=0, description="At most this many concepts per image from CLIP retrieval (origin clip).")
+    min_similarity: float = Field(0.25, ge=-1.0, le=1.0, description="CLIP cosine similarity a retrieved concept needs (ViT-B-32: present concepts score about 0.25-0.35).")
+    unit_size: int = Field(1024, ge=1, description="Images per work unit.")
+
+
+@register_stage
 class RetrieveStage(Stage):
     name = "retrieve"
+    order = 40
+    config_model = RetrieveConfig
     outputs = (CANDIDATES,)
+
+    @classmethod
+    def build(cls, context: BuildContext) -> RetrieveStage:
+        return cls(context.config.retrieve, context.run_url, context.config.storage)
 
     def __init__(self, config: RetrieveConfig, run_url: str, storage_config: StorageConfig):
         self.config = config

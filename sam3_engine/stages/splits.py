@@ -10,19 +10,47 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import Field, model_validator
+
+from sam3_engine.engine.config import ConfigSection
 from sam3_engine.engine.catalog import connect, named_query
-from sam3_engine.engine.config import SplitsConfig
 from sam3_engine.schemas.tables import SPLITS
-from sam3_engine.engine.stage import Derivation, Stage, WorkUnit, fingerprint
+from sam3_engine.engine.stage import BuildContext, Derivation, Stage, WorkUnit, fingerprint, register_stage
 
 VERSION = 2
 """Bump when a change to this module or its SQL changes the rows it writes.
 2: the table's ledger is ``splits.splits`` (was the stage's own, so every run removed and rebuilt it)."""
 
 
+class SplitsConfig(ConfigSection):
+    """Who may confirm a pair, how many must agree for Gold, and how images are dealt to train/val/test."""
+
+    verifiers: tuple[str, ...] = Field((), description="Verifiers whose verdicts count as sources; empty: every verifier in the run.")
+    human_verifiers: tuple[str, ...] = Field(("human",), description="Verifiers that are human labels: one of them confirming a pair makes it Gold, and it overrides machines.")
+    gold_min_sources: int = Field(2, ge=1, description="Independent machine verifiers that must agree for Gold.")
+    max_negatives_per_image: int = Field(30, ge=0, description="At most this many negative pairs per image, hard negatives first.")
+    train_fraction: float = Field(0.8, ge=0.0, le=1.0, description="Share of images (not pairs) in train.")
+    val_fraction: float = Field(0.1, ge=0.0, le=1.0, description="Share of images in val; test takes the rest.")
+    salt: str = Field("sam3-engine", description="Mixed into the hash of each image id that picks its split: change it for another deal.")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> SplitsConfig:
+        if self.train_fraction + self.val_fraction > 1.0:
+            raise ValueError(f"train_fraction + val_fraction ({self.train_fraction} + {self.val_fraction}) exceeds 1")
+        return self
+
+
+@register_stage
 class SplitsStage(Stage):
     name = "splits"
+    order = 80
+    config_model = SplitsConfig
     outputs = ()
+    derived = (SPLITS,)
+
+    @classmethod
+    def build(cls, context: BuildContext) -> SplitsStage:
+        return cls(context.config.splits)
 
     def __init__(self, config: SplitsConfig):
         self.config = config

@@ -20,21 +20,48 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from pydantic import Field
 from pycocotools import mask as mask_utils
 
 from sam3_engine.engine.catalog import connect, named_query
-from sam3_engine.engine.config import VERDICT_THRESHOLDS, ClipConfig, StorageConfig, VerifyConfig
+from sam3_engine.engine.config import VERDICT_THRESHOLDS, ClipConfig, MaskThresholds, PairThresholds, StorageConfig
 from sam3_engine.engine.store import TableStore
-from sam3_engine.models.clip import ClipChoice, image_transform, input_size, shared_embedder
+from sam3_engine.models.clip import ClipChoice, choose_clip, image_transform, input_size, shared_embedder
 from sam3_engine.schemas.tables import MASK_SCORES, MASK_VERIFICATIONS, MASKS, PAIR_SCORES, PAIR_VERIFICATIONS, PAIRS, REJECTS
-from sam3_engine.engine.stage import Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, image_reject, reject_reasons, rows_table
+from sam3_engine.engine.stage import BuildContext, Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, image_reject, register_stage, reject_reasons, rows_table
 from sam3_engine.text.concepts import Ontology
 from sam3_engine.io.inputs import load_image
 from sam3_engine.metrics.mask_checks import geometry, masked_crop, overlaps, rle
+from sam3_engine.stages.mine import shared_ontology
 
 VERSION = 2
 """Bump when a change to this module changes the scores it writes: every unit then re-runs.
 2: a unit's phrases are embedded in its own batches (were: batches of a per-process cache)."""
+
+
+class VerifyConfig(PairThresholds, MaskThresholds):
+    """Scoring settings (they decide the stored scores) and, inherited, the thresholds (they decide only the verdicts).
+
+    Changing a threshold and running the verify stage again re-derives the verdict tables from the
+    stored scores without loading a model.
+    """
+
+    verifier: str = Field(
+        "sam3-clip", pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Name recorded on every score and verdict, so that independent verifiers can be compared.",
+    )
+    unit_size: int = Field(8, ge=1, description="Images per work unit.")
+    crop_padding: float = Field(
+        0.1, ge=0.0, le=1.0, description="Context around a mask's box in its CLIP crop, as a fraction of the box size."
+    )
+    workers: int | None = Field(
+        None, ge=1, description="CLIP actors; default: one per GPU in the Ray cluster, or one CPU actor without GPUs."
+    )
+    gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per CLIP actor; default: 1 when the cluster has GPUs, else 0.")
+
+    def thresholds(self) -> dict[str, Any]:
+        """The verdict parameters, named as the SQL macros' parameters."""
+        return self.model_dump(mode="json", include={name for model in VERDICT_THRESHOLDS.values() for name in model.model_fields})
 
 REASONS = {
     "image_unreadable": "The image could not be read or decoded at verification time; its proposals get no scores.",
@@ -77,10 +104,21 @@ def _rows_by_image(store: TableStore, name: str, image_ids: list[str], columns: 
     return grouped
 
 
+@register_stage
 class VerifyStage(Stage):
     name = "verify"
-    outputs = (MASK_SCORES, PAIR_SCORES, REJECTS)
+    order = 70
+    config_model = VerifyConfig
+    reasons = REASONS
     uses_model = True
+    outputs = (MASK_SCORES, PAIR_SCORES, REJECTS)
+    derived = (MASK_VERIFICATIONS, PAIR_VERIFICATIONS)
+
+    @classmethod
+    def build(cls, context: BuildContext) -> VerifyStage:
+        config = context.config
+        choice = choose_clip(config.clip.model, config.clip.pretrained, config.clip.fallback_to_tiny_random)
+        return cls(config.verify, config.clip, choice, shared_ontology(context), context.run_url, config.storage)
 
     def __init__(self, config: VerifyConfig, clip: ClipConfig, choice: ClipChoice, ontology: Ontology, run_url: str, storage_config: StorageConfig):
         self.config = config

@@ -1,6 +1,6 @@
 import pytest
 
-from sam3_engine.engine.config import ConfigError, RunConfig, load_config
+from sam3_engine.engine.config import ConfigError, load_config, run_config_model
 
 
 def test_unknown_key_is_an_error_naming_the_key_and_file(tmp_path):
@@ -43,7 +43,7 @@ def test_flags_override_the_file_and_paths_resolve_relative_to_their_origin(tmp_
 
 
 def test_configs_are_immutable_and_defaults_are_complete():
-    config = RunConfig()
+    config = run_config_model()()
     with pytest.raises(Exception):
         config.ingest.unit_size = 5
     assert config.stages == ("ingest", "mine", "embed", "retrieve", "negatives", "propose", "verify", "splits") and config.ingest.max_pixels == 100_000_000

@@ -5,7 +5,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from sam3_engine.engine.config import IngestConfig, StorageConfig
+from sam3_engine.engine.config import StorageConfig
+
+from sam3_engine.stages.ingest import IngestConfig
 from sam3_engine.engine.stage import content_defined_chunks
 from sam3_engine.stages.ingest import REASONS, Reject, probe
 from sam3_engine.io.inputs import InputEntry, list_inputs

@@ -5,7 +5,9 @@ import shutil
 
 import pytest
 
-from sam3_engine.engine.config import ConfigError, MineConfig, StorageConfig, load_config
+from sam3_engine.engine.config import ConfigError, StorageConfig, load_config
+
+from sam3_engine.stages.mine import MineConfig
 from sam3_engine.app.pipeline import build_stages, run_pipeline
 from sam3_engine.text.concepts import COLOURS, NOT_CONCEPTS, Ontology, concept_id, noun_phrases, normal_form, pair_id
 from sam3_engine.engine.stage import WorkUnit

@@ -13,7 +13,9 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from sam3_engine.engine.config import ConfigError, ProposeConfig, StorageConfig, load_config
+from sam3_engine.engine.config import ConfigError, StorageConfig, load_config
+
+from sam3_engine.stages.propose import ProposeConfig
 from sam3_engine.app.pipeline import run_pipeline
 from sam3_engine.text.concepts import concept_id
 from sam3_engine.stages.propose import load_phrases

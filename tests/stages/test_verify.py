@@ -21,7 +21,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from sam3_engine.engine.catalog import connect, uncovered_fraction
-from sam3_engine.engine.config import MASK_REASONS, VERDICT_THRESHOLDS, ConfigError, VerifyConfig, load_config
+from sam3_engine.engine.config import MASK_REASONS, VERDICT_THRESHOLDS, ConfigError, load_config
+from sam3_engine.stages.verify import VerifyConfig
 from sam3_engine.app.pipeline import run_pipeline
 from sam3_engine.engine.runner import KILL_AFTER_COMMITS_ENV
 from sam3_engine.engine.store import TableStore
