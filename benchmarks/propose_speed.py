@@ -169,7 +169,7 @@ def pipeline(args, checkpoint: Path) -> dict:
     from sam3_engine.stages.propose import ProposeConfig
     from sam3_engine.engine.ray_executor import RayExecutor, ensure_ray
     from sam3_engine.models.sam3 import ModelChoice, Sam3Segmenter
-    from sam3_engine.engine.stage import WorkUnit
+    from sam3_engine.engine.stage import WorkerContext, WorkUnit
     from sam3_engine.stages.propose import ImageRef, ProposeStage
 
     phrases = (PHRASES * 4)[: args.phrases]
@@ -203,7 +203,8 @@ def pipeline(args, checkpoint: Path) -> dict:
         units = [WorkUnit(f"propose:{i:08d}", tuple(refs[i : i + args.unit_size])) for i in range(0, len(refs), args.unit_size)]
         collected = []
         start = time.perf_counter()
-        RayExecutor(actors=args.actors).execute(stage, units, lambda unit, tables: collected.append((time.perf_counter(), unit.size, tables)))
+        RayExecutor(actors=args.actors).execute(stage, units, lambda unit, tables: collected.append((time.perf_counter(), unit.size, tables)),
+                                                WorkerContext(tmp, StorageConfig()))
         total = time.perf_counter() - start
         masks = sum(t["masks"].num_rows for _, _, t in collected)
         actor_peaks = [t["stats"] for _, _, t in collected]

@@ -135,7 +135,7 @@ def verdicts(args) -> dict:
             "pair_id": pair_ids, "image_id": image_ids, "concept_id": concept_ids, "clip_similarity": rng.uniform(0, 0.4, pairs_n).astype(np.float32),
             "clip_z": rng.normal(0, 1, pairs_n).astype(np.float32), **{k: v[:pairs_n] for k, v in stamp.items()},
         }, schema=PAIR_SCORES.schema))
-        verify = VerifyStage(VerifyConfig(), ClipConfig(), ClipChoice("tiny-random", None), Ontology.load(None), tmp, StorageConfig())
+        verify = VerifyStage(VerifyConfig(), ClipConfig(), ClipChoice("tiny-random", None), Ontology.load(None), StorageConfig())
         started = time.perf_counter()
         derived = verify.derive(store, [unit])
         derive_s = time.perf_counter() - started

@@ -1,6 +1,6 @@
 """Runs a model stage on Ray: CPU tasks prepare units, model actors process them, the driver commits.
 
-Each model actor is pinned to one GPU by Ray (``num_gpus=1``) and loads the model once; on a
+Each model actor is pinned to one GPU by Ray (``num_gpus=1``) and sets its stage up once (loads the model); on a
 cluster without GPUs the actors are CPU actors. Preparation (decode, orient, resize) runs as Ray
 CPU tasks apart from the actors. Every actor holds at most two units: while it runs one, the next
 one's inputs are being prepared, so the GPU does not wait, and memory stays bounded at any corpus
@@ -17,14 +17,13 @@ import subprocess
 import sys
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-import pyarrow as pa
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError
 
-from sam3_engine.engine.runner import crash_if_asked
-from sam3_engine.engine.stage import Stage, WorkUnit
+from sam3_engine.engine.runner import crash_if_asked, isolate
+from sam3_engine.engine.stage import Stage, WorkerContext, WorkUnit, start_worker
 
 KILL_ACTOR_ONCE_ENV = "SAM3_ENGINE_KILL_MODEL_ACTOR_ONCE"
 """Fault injection for tests: a path; the first actor to create it SIGKILLs itself mid-unit."""
@@ -79,14 +78,14 @@ def _start_reaper() -> int:
 
 
 class _ModelWorker:
-    """One model actor: the stage's model is loaded by its first unit and kept."""
+    """One model actor: its stage is set up (the model loaded) once, here, and kept for every unit."""
 
-    def __init__(self, stage: Stage, torch_threads: int | None):
-        self.stage = stage
+    def __init__(self, stage: Stage, context: WorkerContext, torch_threads: int | None):
         if torch_threads:
             import torch
 
             torch.set_num_threads(torch_threads)
+        self.stage = start_worker(stage, context)
 
     def process(self, unit: WorkUnit, prepared):
         crash_if_asked(unit)
@@ -116,8 +115,8 @@ def _cpu_actor_threads(actors: int) -> int:
     return max(1, int(min(cpus)) // actors_per_node)
 
 
-def _prepare(stage: Stage, unit: WorkUnit):
-    return stage.prepare(unit)
+def _prepare(stage: Stage, context: WorkerContext, unit: WorkUnit):
+    return start_worker(stage, context, setup=False).prepare(unit)
 
 
 @dataclass
@@ -133,7 +132,7 @@ class RayExecutor:
     def describe(self) -> dict:
         return self.placement
 
-    def execute(self, stage: Stage, units: list[WorkUnit], committed) -> int:
+    def execute(self, stage: Stage, units: list[WorkUnit], committed, context: WorkerContext) -> int:
         if not units:  # every unit done (say, a verdict-only re-run): no cluster, no model
             self.placement = {"executor": "ray", "model_actors": 0}
             return 0
@@ -157,7 +156,8 @@ class RayExecutor:
         prepare = ray.remote(num_cpus=1, max_retries=3)(_prepare)
         stage_ref = ray.put(stage)
         threads = None if gpus else _cpu_actor_threads(count)
-        new_actor = lambda: actor_class.remote(stage_ref, threads)  # noqa: E731
+        actor_context = replace(context, device="cuda" if gpus else "cpu")
+        new_actor = lambda: actor_class.remote(stage_ref, actor_context, threads)  # noqa: E731
         actors = [new_actor() for _ in range(count)]
         pending = deque(units)
         strikes: dict[str, int] = {}
@@ -169,7 +169,7 @@ class RayExecutor:
                 for actor in list(load):
                     while pending and load[actor] < IN_FLIGHT_PER_ACTOR:
                         unit = pending.popleft()
-                        inflight[actor.process.remote(unit, prepare.remote(stage_ref, unit))] = (unit, actor)
+                        inflight[actor.process.remote(unit, prepare.remote(stage_ref, context, unit))] = (unit, actor)
                         load[actor] += 1
                 ready, _ = ray.wait(list(inflight), num_returns=1)
                 unit, actor = inflight.pop(ready[0])
@@ -177,7 +177,7 @@ class RayExecutor:
                     load[actor] -= 1
                 try:
                     tables = ray.get(ready[0])
-                except _DEATHS as exc:
+                except _DEATHS:
                     crashes += actor in load
                     if actor in load:
                         del load[actor]
@@ -187,7 +187,7 @@ class RayExecutor:
                     if strikes[unit.unit_id] < 2:
                         pending.appendleft(unit)
                     else:
-                        crashes += self._isolate(stage, stage_ref, new_actor, prepare, unit, committed, str(exc))
+                        crashes += isolate(stage, unit, lambda single: self._run_alone(new_actor, prepare, stage_ref, context, single), _DEATHS, committed)
                     continue
                 committed(unit, tables)
         finally:
@@ -195,18 +195,11 @@ class RayExecutor:
                 ray.kill(actor, no_restart=True)
         return crashes
 
-    def _isolate(self, stage: Stage, stage_ref, new_actor, prepare, unit: WorkUnit, committed, error: str) -> int:
-        """Run a unit's items one by one, each on a fresh actor; an item that kills its actor is rejected."""
-        parts, crashes = [], 0
-        for item in unit.items:
-            single = WorkUnit(unit.unit_id, (item,))
-            actor = new_actor()
-            try:
-                parts.append(ray.get(actor.process.remote(single, prepare.remote(stage_ref, single))))
-            except _DEATHS as exc:
-                crashes += 1
-                parts.append(stage.process_isolated(unit, item, str(exc).splitlines()[0] if str(exc) else error))
-            finally:
-                ray.kill(actor, no_restart=True)
-        committed(unit, {spec.name: pa.concat_tables([p[spec.name] for p in parts]) for spec in stage.outputs})
-        return crashes
+    @staticmethod
+    def _run_alone(new_actor, prepare, stage_ref, context: WorkerContext, unit: WorkUnit):
+        """One unit on a fresh actor, killed afterwards: an item that crashes it harms nothing else."""
+        actor = new_actor()
+        try:
+            return ray.get(actor.process.remote(unit, prepare.remote(stage_ref, context, unit)))
+        finally:
+            ray.kill(actor, no_restart=True)

@@ -24,7 +24,7 @@ import pyarrow as pa
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from sam3_engine.schemas.tables import UNITS
-from sam3_engine.engine.stage import STATS_KEY, Derivation, Stage, WorkUnit
+from sam3_engine.engine.stage import STATS_KEY, Derivation, Stage, WorkerContext, WorkUnit, start_worker
 
 if TYPE_CHECKING:
     from sam3_engine.engine.store import TableStore
@@ -73,9 +73,34 @@ def die_with_parent(parent: int) -> None:
         os._exit(0)
 
 
-def _process(stage: Stage, unit: WorkUnit) -> dict[str, pa.Table]:
+_worker_stage: Stage | None = None
+"""A pool worker's stage, set up once by the pool's initializer and kept for every unit the worker runs."""
+
+
+def _start_pool_worker(parent: int, stage: Stage, context: WorkerContext) -> None:
+    global _worker_stage
+    die_with_parent(parent)
+    _worker_stage = start_worker(stage, context)
+
+
+def _process(unit: WorkUnit) -> dict[str, pa.Table]:
     crash_if_asked(unit)
-    return stage.process(unit, stage.prepare(unit))
+    return _worker_stage.process(unit, _worker_stage.prepare(unit))
+
+
+def isolate(stage: Stage, unit: WorkUnit, run_alone: Callable[[WorkUnit], dict[str, pa.Table]], deaths: tuple[type[BaseException], ...],
+            committed: Callable[[WorkUnit, dict[str, pa.Table]], None]) -> int:
+    """Run a unit that killed its worker twice item by item, each on a fresh worker (``run_alone``); an item
+    that kills its worker again gets the stage's ``process_isolated`` rows. Commits the unit; returns the crashes."""
+    parts, crashes = [], 0
+    for item in unit.items:
+        try:
+            parts.append(run_alone(WorkUnit(unit.unit_id, (item,))))
+        except deaths as exc:
+            crashes += 1
+            parts.append(stage.process_isolated(unit, item, str(exc).splitlines()[0] if str(exc) else "the worker process died"))
+    committed(unit, {spec.name: pa.concat_tables([part[spec.name] for part in parts]) for spec in stage.outputs})
+    return crashes
 
 
 class _Commits:
@@ -96,7 +121,8 @@ class _Commits:
 class Executor(Protocol):
     """Where units run. ``execute`` calls ``committed(unit, tables)`` for every unit and returns the worker crashes it saw."""
 
-    def execute(self, stage: Stage, units: list[WorkUnit], committed: Callable[[WorkUnit, dict[str, pa.Table]], None]) -> int: ...
+    def execute(self, stage: Stage, units: list[WorkUnit], committed: Callable[[WorkUnit, dict[str, pa.Table]], None],
+                context: WorkerContext) -> int: ...
 
     def describe(self) -> dict:
         """Where the last ``execute`` ran its units, for the run summary."""
@@ -138,7 +164,8 @@ class UnitRunner:
             if task is not None:
                 self.progress.advance(task, unit.size)
 
-        report.worker_crashes = executor.execute(stage, todo, committed)
+        context = WorkerContext(self.store.run_url, self.store.storage_config)
+        report.worker_crashes = executor.execute(stage, todo, committed, context)
         report.executor = executor.describe()
         for derivation in stage.derive(self.store, sorted(planned)):
             self._derive(stage, derivation, report.items_total)
@@ -184,25 +211,27 @@ class ProcessExecutor:
     def describe(self) -> dict:
         return {"executor": "processes", "workers": self.workers}
 
-    def execute(self, stage: Stage, units: list[WorkUnit], committed) -> int:
-        suspects = self._run_pool(stage, units, committed)
-        return sum(self._run_suspect(stage, unit, committed) for unit in suspects)
+    def execute(self, stage: Stage, units: list[WorkUnit], committed, context: WorkerContext) -> int:
+        suspects = self._run_pool(stage, context, units, committed)
+        return sum(self._run_suspect(stage, context, unit, committed) for unit in suspects)
 
-    def _pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent, initargs=(os.getpid(),))
+    def _pool(self, stage: Stage, context: WorkerContext, workers: int | None = None) -> ProcessPoolExecutor:
+        """Workers that each receive the stage once and set it up before their first unit."""
+        return ProcessPoolExecutor(workers or self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_start_pool_worker, initargs=(os.getpid(), stage, context))
 
-    def _run_pool(self, stage: Stage, units: list[WorkUnit], committed) -> list[WorkUnit]:
+    def _run_pool(self, stage: Stage, context: WorkerContext, units: list[WorkUnit], committed) -> list[WorkUnit]:
         """Run units with a bounded number in flight; return those lost to a broken pool."""
         pending = deque(units)
         suspects: list[WorkUnit] = []
-        pool = self._pool()
+        pool = self._pool(stage, context)
         inflight: dict[Future, WorkUnit] = {}
         try:
             while pending or inflight:
                 broken = False
                 while pending and len(inflight) < 2 * self.workers:
                     try:
-                        future = pool.submit(_process, stage, pending[0])
+                        future = pool.submit(_process, pending[0])
                     except BrokenProcessPool:
                         broken = True
                         break
@@ -213,7 +242,7 @@ class ProcessExecutor:
                 if broken:
                     self._collect(wait(inflight).done, inflight, suspects, committed)
                     pool.shutdown(wait=False, cancel_futures=True)
-                    pool = self._pool()
+                    pool = self._pool(stage, context)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         return suspects
@@ -233,26 +262,18 @@ class ProcessExecutor:
             committed(unit, tables)
         return broken
 
-    def _run_suspect(self, stage: Stage, unit: WorkUnit, committed) -> int:
-        """Retry a unit alone; if it kills its worker again, run its items one by one. Returns crashes seen."""
-        with self._pool() as pool:
-            try:
-                committed(unit, pool.submit(_process, stage, unit).result())
-                return 0
-            except BrokenProcessPool:
-                pass
-        parts: list[dict[str, pa.Table]] = []
-        crashes = 1
-        for item in unit.items:
-            single = WorkUnit(unit.unit_id, (item,))
-            with self._pool() as pool:
-                try:
-                    parts.append(pool.submit(_process, stage, single).result())
-                except BrokenProcessPool as exc:
-                    crashes += 1
-                    parts.append(stage.process_isolated(unit, item, str(exc) or "worker process died"))
-        committed(unit, {spec.name: pa.concat_tables([p[spec.name] for p in parts]) for spec in stage.outputs})
-        return crashes
+    def _run_suspect(self, stage: Stage, context: WorkerContext, unit: WorkUnit, committed) -> int:
+        """Retry a unit alone on a fresh worker; if it kills that one too, isolate its items. Returns crashes seen."""
+
+        def run_alone(single: WorkUnit) -> dict[str, pa.Table]:
+            with self._pool(stage, context, workers=1) as pool:
+                return pool.submit(_process, single).result()
+
+        try:
+            committed(unit, run_alone(unit))
+            return 0
+        except BrokenProcessPool:
+            return 1 + isolate(stage, unit, run_alone, (BrokenProcessPool,), committed)
 
 
 def default_progress() -> Progress:

@@ -49,6 +49,16 @@ def fingerprint(stage: str, payload: Any) -> str:
     return f"{stage}:{digest[:32]}"
 
 
+def plan_units(ledger: str, settings: dict[str, Any], items: list[T], key: Callable[[T], str], unit_size: int,
+               identity: Callable[[T], Any], field: str = "images") -> list[WorkUnit]:
+    """Content-defined shards of ``items`` (sorted by ``key``), each a unit whose id hashes ``settings`` and the
+    ``identity`` of every item in it under ``field``: what decides the unit's rows, so a change to either re-runs it."""
+    return [
+        WorkUnit(fingerprint(ledger, {**settings, field: [identity(item) for item in shard]}), tuple(shard))
+        for shard in content_defined_chunks(items, key, unit_size)
+    ]
+
+
 def content_defined_chunks(items: list[T], key: Callable[[T], str], unit_size: int) -> list[list[T]]:
     """Shards of sorted ``items`` that end after an item whose key hashes to 0 mod ``unit_size``.
 
@@ -112,6 +122,26 @@ class BuildContext:
     """Stages already built for this run, in order: a later one may share an earlier one's state (the ontology)."""
 
 
+@dataclass(frozen=True)
+class WorkerContext:
+    """Where a worker runs: handed to its stage once per worker process or model actor (``Stage.setup``)."""
+
+    run_url: str
+    """The run directory: a worker reopens the run's tables from it."""
+    storage: Any
+    """The run's ``StorageConfig``: how to reach the run directory and the images."""
+    device: str = "cpu"
+    """Torch device the executor gave this worker: ``cuda`` on an actor holding a GPU, else ``cpu``."""
+
+
+def start_worker(stage: Stage, context: WorkerContext, setup: bool = True) -> Stage:
+    """Give a stage its worker's context and, unless it only prepares units, set it up (load its model)."""
+    stage.context = context
+    if setup:
+        stage.setup(context)
+    return stage
+
+
 class Stage(ABC):
     name: ClassVar[str]
     order: ClassVar[int]
@@ -148,13 +178,22 @@ class Stage(ABC):
     gpus_per_actor: float | None = None
     """GPUs per model actor (default: 1 when the cluster has GPUs, else 0)."""
 
+    context: WorkerContext | None = None
+    """Set by the engine in every process that runs the stage's ``prepare`` or ``process``."""
+
+    def setup(self, context: WorkerContext) -> None:
+        """Once per worker process or model actor, before its first unit: load the model here and keep it on ``self``.
+
+        Not called where units are only prepared (CPU tasks beside model actors): ``prepare`` must not need it.
+        """
+
     def prepare(self, unit: WorkUnit) -> Any:
         """CPU work for a unit (decoding, resizing), run apart from ``process`` so a GPU never waits on it."""
         return None
 
     @abstractmethod
     def process(self, unit: WorkUnit, prepared: Any = None) -> dict[str, pa.Table]:
-        """The rows of one unit, per output table, from ``prepare``'s result. Pure: may run in any process.
+        """The rows of one unit, per output table, from ``prepare``'s result; runs in a set-up worker.
 
         The result may also hold counters under ``STATS_KEY``; they are recorded in the ledger.
         """

@@ -1,4 +1,4 @@
-"""Reading the embed stage's tables from any worker: all phrase embeddings (kept per process), a unit's image embeddings."""
+"""Reading the embed stage's tables in a worker: all phrase embeddings (read once per worker), a unit's image embeddings."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sam3_engine.engine.config import StorageConfig
 from sam3_engine.engine.store import TableStore
 from sam3_engine.schemas.tables import IMAGE_EMBEDDINGS, PHRASE_EMBEDDINGS
 
@@ -28,33 +27,27 @@ def _matrix(column) -> np.ndarray:
     return values.flatten().to_numpy(zero_copy_only=False).reshape(len(values), -1).astype(np.float32, copy=False)
 
 
+def phrase_digest(store: TableStore) -> str:
+    """Changes when any phrase embedding changes: part of the fingerprints of units that use them."""
+    table = store.read(PHRASE_EMBEDDINGS.name, columns=["concept_id", "model"]).sort_by("concept_id")
+    text = "\n".join(f"{c}\t{m}" for c, m in zip(table.column("concept_id").to_pylist(), table.column("model").to_pylist()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 class EmbeddingStore:
-    """Picklable: a stage holds one and workers open the run's tables themselves."""
+    """A worker's reader of the run's embeddings (made in ``Stage.setup``): phrase vectors are read once and kept."""
 
-    def __init__(self, run_url: str, storage_config: StorageConfig):
-        self.run_url = run_url
-        self.storage_config = storage_config
+    def __init__(self, store: TableStore):
+        self._store = store
         self._phrases: PhraseVectors | None = None
-
-    def __getstate__(self):
-        return {"run_url": self.run_url, "storage_config": self.storage_config, "_phrases": None}
-
-    def _store(self) -> TableStore:
-        return TableStore(self.run_url, self.storage_config)
-
-    def phrase_digest(self, store: TableStore) -> str:
-        """Changes when any phrase embedding changes: part of the fingerprints of units that use them."""
-        table = store.read(PHRASE_EMBEDDINGS.name, columns=["concept_id", "model"]).sort_by("concept_id")
-        text = "\n".join(f"{c}\t{m}" for c, m in zip(table.column("concept_id").to_pylist(), table.column("model").to_pylist()))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def phrases(self) -> PhraseVectors:
         if self._phrases is None:
-            table = self._store().read(PHRASE_EMBEDDINGS.name, columns=["concept_id", "phrase", "embedding"]).sort_by("concept_id")
+            table = self._store.read(PHRASE_EMBEDDINGS.name, columns=["concept_id", "phrase", "embedding"]).sort_by("concept_id")
             ids = table.column("concept_id").to_pylist()
             self._phrases = PhraseVectors(ids, table.column("phrase").to_pylist(), _matrix(table.column("embedding")), {c: i for i, c in enumerate(ids)})
         return self._phrases
 
     def images(self, image_ids: list[str]) -> tuple[list[str], np.ndarray]:
-        table = self._store().read_images(IMAGE_EMBEDDINGS.name, image_ids, ["image_id", "embedding"]).sort_by("image_id")
+        table = self._store.read_images(IMAGE_EMBEDDINGS.name, image_ids, ["image_id", "embedding"]).sort_by("image_id")
         return table.column("image_id").to_pylist(), _matrix(table.column("embedding"))

@@ -144,14 +144,3 @@ class ClipEmbedder:
     def embed_phrases(self, phrases: list[str]) -> np.ndarray:
         tokens = self.tokenizer([PROMPT.format(p) for p in phrases]).to(self.device)
         return torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu().numpy()
-
-
-_EMBEDDERS: dict[tuple, ClipEmbedder] = {}
-
-
-def shared_embedder(choice: ClipChoice, device: str | None) -> ClipEmbedder:
-    """The worker process's model, loaded on first use and kept for every later unit of any stage."""
-    key = (choice, device)
-    if key not in _EMBEDDERS:
-        _EMBEDDERS[key] = ClipEmbedder.load(choice, device)
-    return _EMBEDDERS[key]

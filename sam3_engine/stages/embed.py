@@ -14,10 +14,10 @@ import numpy as np
 import pyarrow as pa
 
 from sam3_engine.engine.config import ClipConfig, StorageConfig
-from sam3_engine.models.clip import ClipChoice, choose_clip, image_transform, shared_embedder
+from sam3_engine.engine.stage import BuildContext, WorkUnit, plan_units, register_stage, reject_reasons, rows_table
+from sam3_engine.models.clip import ClipChoice, ClipEmbedder, choose_clip, image_transform
 from sam3_engine.schemas.tables import CONCEPTS, IMAGE_EMBEDDINGS, IMAGES, PHRASE_EMBEDDINGS, REJECTS
-from sam3_engine.engine.stage import BuildContext, Stage, WorkUnit, content_defined_chunks, fingerprint, image_reject, register_stage, reject_reasons, rows_table
-from sam3_engine.io.inputs import load_image
+from sam3_engine.stages.image_model import ImageModelStage
 
 VERSION = 1
 """Bump when a change to this module changes the rows it writes: every unit then re-runs."""
@@ -50,11 +50,10 @@ class PreparedImages:
 
 
 @register_stage
-class EmbedStage(Stage):
+class EmbedStage(ImageModelStage):
     name = "embed"
     order = 30
     reasons = REASONS
-    uses_model = True
     outputs = (IMAGE_EMBEDDINGS, PHRASE_EMBEDDINGS, REJECTS)
 
     @classmethod
@@ -63,45 +62,36 @@ class EmbedStage(Stage):
         return cls(clip, choose_clip(clip.model, clip.pretrained, clip.fallback_to_tiny_random), context.config.storage)
 
     def __init__(self, config: ClipConfig, choice: ClipChoice, storage_config: StorageConfig):
+        super().__init__(storage_config, config.workers, config.gpus_per_worker)
         self.config = config
         self.choice = choice
-        self.storage_config = storage_config
-        self.actors = config.workers
-        self.gpus_per_actor = config.gpus_per_worker
+
+    def load_model(self, device: str) -> ClipEmbedder:
+        return ClipEmbedder.load(self.choice, self.config.device or device)
 
     def plan(self, store) -> list[WorkUnit]:
         settings = {"version": VERSION, "model": self.choice.label}
         images = [ImageItem(**r) for r in store.read(IMAGES.name, columns=["image_id", "uri"]).sort_by("image_id").to_pylist()]
         concepts = [ConceptItem(**r) for r in store.read(CONCEPTS.name, columns=["concept_id", "phrase"]).sort_by("concept_id").to_pylist()]
-        units = [
-            WorkUnit(fingerprint(self.name, {**settings, "images": [i.image_id for i in shard]}), tuple(shard))
-            for shard in content_defined_chunks(images, lambda i: i.image_id, self.config.unit_size)
-        ]
-        units += [
-            WorkUnit(fingerprint(self.name, {**settings, "concepts": [(c.concept_id, c.phrase) for c in shard]}), tuple(shard))
-            for shard in content_defined_chunks(concepts, lambda c: c.concept_id, self.config.unit_size * PHRASES_PER_IMAGE_UNIT)
-        ]
-        return units
+        by_id = lambda item: item.image_id  # noqa: E731
+        return plan_units(self.name, settings, images, by_id, self.config.unit_size, by_id) + plan_units(
+            self.name, settings, concepts, lambda c: c.concept_id, self.config.unit_size * PHRASES_PER_IMAGE_UNIT,
+            lambda c: (c.concept_id, c.phrase), field="concepts",
+        )
 
     def prepare(self, unit: WorkUnit) -> PreparedImages | None:
         """Decode, orient and transform a unit's images on a CPU worker; unreadable ones become rejects."""
         if not isinstance(unit.items[0], ImageItem):
             return None
         transform = image_transform(self.choice)
-        ready, pixels, rejects = [], [], []
-        for item in unit.items:
-            try:
-                pixels.append(transform(load_image(item.uri, self.storage_config)).numpy())
-            except Exception as exc:  # noqa: BLE001 - a bad file is a reject, not a crash
-                rejects.append(image_reject(self.name, item, "image_unreadable", f"{type(exc).__name__}: {exc}"))
-                continue
-            ready.append(item)
-        return PreparedImages(tuple(ready), np.stack(pixels) if pixels else None, tuple(rejects))
+        loaded = self.load_images(unit.items)
+        pixels = np.stack([transform(image).numpy() for image in loaded.images]) if loaded.images else None
+        return PreparedImages(loaded.items, pixels, loaded.rejects)
 
     def process(self, unit: WorkUnit, prepared: PreparedImages | None = None) -> dict[str, pa.Table]:
         import torch
 
-        embedder = shared_embedder(self.choice, self.config.device)
+        embedder = self.model
         images, phrases, rejects = [], [], []
         if isinstance(unit.items[0], ImageItem):
             prepared = prepared if prepared is not None else self.prepare(unit)
@@ -120,11 +110,6 @@ class EmbedStage(Stage):
             PHRASE_EMBEDDINGS.name: rows_table(PHRASE_EMBEDDINGS, phrases, unit.unit_id),
             REJECTS.name: rows_table(REJECTS, rejects, unit.unit_id),
         }
-
-    def process_isolated(self, unit: WorkUnit, item, error: str) -> dict[str, pa.Table]:
-        rejects = [image_reject(self.name, item, "worker_crashed", f"the model worker died on this image: {error}")] if isinstance(item, ImageItem) else []
-        return {IMAGE_EMBEDDINGS.name: rows_table(IMAGE_EMBEDDINGS, [], unit.unit_id),
-                PHRASE_EMBEDDINGS.name: rows_table(PHRASE_EMBEDDINGS, [], unit.unit_id), REJECTS.name: rows_table(REJECTS, rejects, unit.unit_id)}
 
     def summarize(self, con) -> dict[str, Any]:
         images, phrases = con.execute("SELECT (SELECT count(*) FROM image_embeddings), (SELECT count(*) FROM phrase_embeddings)").fetchone()

@@ -20,7 +20,7 @@ from sam3_engine.engine import storage
 from sam3_engine.engine.catalog import connect, named_query
 from sam3_engine.engine.config import ConfigError, ConfigSection, StorageConfig
 from sam3_engine.schemas.tables import IMAGES, REJECTS, SOURCES
-from sam3_engine.engine.stage import BuildContext, Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, register_stage, reject_reasons, rows_table
+from sam3_engine.engine.stage import BuildContext, Derivation, Stage, WorkUnit, fingerprint, plan_units, register_stage, reject_reasons, rows_table
 from sam3_engine.io.inputs import InputEntry, list_inputs
 
 VERSION = 2
@@ -229,12 +229,8 @@ class IngestStage(Stage):
     def plan(self, store) -> list[WorkUnit]:
         entries = list_inputs(self.input_url, self.config.input_format, self.storage_config)
         settings = self.config.model_dump(mode="json", include={"max_pixels", "max_bytes", "formats"})
-        units = []
-        for shard in content_defined_chunks(entries, lambda e: e.uri, self.config.unit_size):
-            described = [(e.input_id, e.uri, e.captions, e.alt_text, e.source, e.phrases, e.version, e.problem, e.reason) for e in shard]
-            unit_id = fingerprint(self.name, {"version": VERSION, "settings": settings, "inputs": described})
-            units.append(WorkUnit(unit_id, tuple(shard)))
-        return units
+        described = lambda e: (e.input_id, e.uri, e.captions, e.alt_text, e.source, e.phrases, e.version, e.problem, e.reason)  # noqa: E731
+        return plan_units(self.name, {"version": VERSION, "settings": settings}, entries, lambda e: e.uri, self.config.unit_size, described, field="inputs")
 
     def process(self, unit: WorkUnit, prepared: Any = None) -> dict[str, pa.Table]:
         accepted, rejected = [], []

@@ -21,7 +21,7 @@ from sam3_engine.engine import storage
 from sam3_engine.engine.catalog import connect, named_query
 from sam3_engine.engine.config import ConfigError, ConfigSection, StorageConfig, file_field
 from sam3_engine.schemas.tables import CANDIDATES, CONCEPTS, IMAGES, REJECTS
-from sam3_engine.engine.stage import BuildContext, Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, register_stage, reject_reasons, rows_table
+from sam3_engine.engine.stage import BuildContext, Derivation, Stage, WorkUnit, fingerprint, plan_units, register_stage, reject_reasons, rows_table
 from sam3_engine.text.concepts import TEXT_CONTEXT, Ontology, concept_id, load_ontology, noun_phrases, pair_id, phrase_lines, token_count
 
 VERSION = 3
@@ -160,10 +160,7 @@ class MineStage(Stage):
             "ontology": self.ontology.digest,
             "everywhere": [list(p) for p in self.everywhere],
         }
-        return [
-            WorkUnit(fingerprint(self.name, {**settings, "images": [(i.image_id, i.texts, i.phrases) for i in shard]}), tuple(shard))
-            for shard in content_defined_chunks(images, lambda i: i.image_id, self.config.unit_size)
-        ]
+        return plan_units(self.name, settings, images, lambda i: i.image_id, self.config.unit_size, lambda i: (i.image_id, i.texts, i.phrases))
 
     def process(self, unit: WorkUnit, prepared: Any = None) -> dict[str, pa.Table]:
         candidates: dict[tuple[str, str], dict[str, Any]] = {}

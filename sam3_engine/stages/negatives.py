@@ -23,9 +23,10 @@ from pydantic import Field
 from sam3_engine.engine.config import ConfigSection
 from sam3_engine.engine.catalog import connect, named_query
 from sam3_engine.schemas.tables import CANDIDATES, IMAGE_EMBEDDINGS
-from sam3_engine.engine.stage import BuildContext, Stage, WorkUnit, content_defined_chunks, fingerprint, register_stage, rows_table
+from sam3_engine.engine.stage import BuildContext, Stage, WorkerContext, WorkUnit, plan_units, register_stage, rows_table
 from sam3_engine.text.concepts import Ontology, concept_id, pair_id
-from sam3_engine.io.embeddings import EmbeddingStore, PhraseVectors
+from sam3_engine.engine.store import TableStore
+from sam3_engine.io.embeddings import EmbeddingStore, PhraseVectors, phrase_digest
 from sam3_engine.stages.mine import shared_ontology
 
 VERSION = 1
@@ -60,23 +61,22 @@ class NegativesStage(Stage):
     @classmethod
     def build(cls, context: BuildContext) -> NegativesStage:
         config = context.config
-        return cls(config.negatives, shared_ontology(context), EmbeddingStore(context.run_url, config.storage))
+        return cls(config.negatives, shared_ontology(context))
 
-    def __init__(self, config: NegativesConfig, ontology: Ontology, embeddings: EmbeddingStore):
+    def __init__(self, config: NegativesConfig, ontology: Ontology):
         self.config = config
         self.ontology = ontology
-        self.embeddings = embeddings
+
+    def setup(self, context: WorkerContext) -> None:
+        self.embeddings = EmbeddingStore(TableStore(context.run_url, context.storage))
 
     def plan(self, store) -> list[WorkUnit]:
         con = connect(store)
         images = [PresentConcepts(image_id, tuple(present)) for image_id, present in con.sql(named_query("present_concepts_per_image")).fetchall()]
         con.close()
         settings = {"version": VERSION, "ontology": self.ontology.digest, **self.config.model_dump(exclude={"unit_size"}),
-                    "phrases": self.embeddings.phrase_digest(store), "images": store.read(IMAGE_EMBEDDINGS.name, columns=["image_id"]).num_rows}
-        return [
-            WorkUnit(fingerprint(self.name, {**settings, "images": [(i.image_id, i.present) for i in shard]}), tuple(shard))
-            for shard in content_defined_chunks(images, lambda i: i.image_id, self.config.unit_size)
-        ]
+                    "phrases": phrase_digest(store), "images": store.read(IMAGE_EMBEDDINGS.name, columns=["image_id"]).num_rows}
+        return plan_units(self.name, settings, images, lambda i: i.image_id, self.config.unit_size, lambda i: (i.image_id, i.present))
 
     def process(self, unit: WorkUnit, prepared: Any = None) -> dict[str, pa.Table]:
         phrases = self.embeddings.phrases()

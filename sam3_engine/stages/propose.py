@@ -2,7 +2,7 @@
 
 Entry point: ``ProposeStage``. A unit is a shard of images; each image gets one vision pass and
 all phrases run against its cached features (``models.sam3``). Masks are stored as COCO RLE at
-the image's EXIF-oriented resolution. The model is loaded once per worker process.
+the image's EXIF-oriented resolution. The model is loaded once per model actor (``setup``).
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from pycocotools import mask as mask_utils
 from sam3_engine.engine import storage
 from sam3_engine.engine.catalog import connect, named_query
 from sam3_engine.engine.config import ConfigError, ConfigSection, ModelConfig, StorageConfig, file_field
-from sam3_engine.models.sam3 import ModelChoice, PairPrediction, choose_model, Sam3Segmenter, load_image_processor, preprocess
+from sam3_engine.engine.stage import STATS_KEY, BuildContext, Derivation, WorkUnit, fingerprint, image_reject, plan_units, register_stage, reject_reasons, rows_table
+from sam3_engine.models.sam3 import ModelChoice, PairPrediction, Sam3Segmenter, choose_model, load_image_processor, preprocess
 from sam3_engine.schemas.tables import CONCEPTS, IMAGES, MASKS, PAIRS, REJECTS
-from sam3_engine.engine.stage import BuildContext, Derivation, STATS_KEY, Stage, WorkUnit, content_defined_chunks, fingerprint, image_reject, register_stage, reject_reasons, rows_table
+from sam3_engine.stages.image_model import ImageModelStage
 from sam3_engine.text.concepts import concept_id, normal_form, pair_id, phrase_lines
-from sam3_engine.io.inputs import load_image
 
 VERSION = 3
 """Bump when a change to this module changes the rows it writes: every unit then re-runs."""
@@ -93,24 +93,6 @@ class Prepared:
     rejects: tuple[dict[str, Any], ...]
 
 
-_SEGMENTERS: dict[tuple, Sam3Segmenter] = {}
-_IMAGE_PROCESSORS: dict[ModelChoice, Any] = {}
-
-
-def _image_processor(choice: ModelChoice):
-    if choice not in _IMAGE_PROCESSORS:
-        _IMAGE_PROCESSORS[choice] = load_image_processor(choice)
-    return _IMAGE_PROCESSORS[choice]
-
-
-def _segmenter(choice: ModelChoice, model: ModelConfig) -> Sam3Segmenter:
-    """The worker's model, loaded on first use and kept for every later unit."""
-    key = (choice.name, choice.revision, model.device, model.dtype)
-    if key not in _SEGMENTERS:
-        _SEGMENTERS[key] = Sam3Segmenter.load(choice.name, choice.revision, device=model.device, dtype=model.dtype)
-    return _SEGMENTERS[key]
-
-
 def _oom_if_asked(images: int, phrases: int) -> None:
     """Fault injection (see OOM_ABOVE_ENV): the error a too-large batch raises on a real GPU."""
     import torch
@@ -137,12 +119,11 @@ def _is_out_of_memory(exc: Exception) -> bool:
 
 
 @register_stage
-class ProposeStage(Stage):
+class ProposeStage(ImageModelStage):
     name = "propose"
     order = 60
     config_model = ProposeConfig
     reasons = REASONS
-    uses_model = True
     outputs = (PAIRS, MASKS, REJECTS)
     derived = (CONCEPTS,)
 
@@ -153,14 +134,17 @@ class ProposeStage(Stage):
         return cls(config.propose, config.model, choice, config.storage, context.run_id)
 
     def __init__(self, config: ProposeConfig, model: ModelConfig, choice: ModelChoice, storage_config: StorageConfig, run_id: str):
+        super().__init__(storage_config, config.workers, config.gpus_per_worker)
         self.config = config
-        self.model = model
+        self.model_config = model
         self.choice = choice
-        self.storage_config = storage_config
         self.run_id = run_id
         self.phrases = load_phrases(config, storage_config)
-        self.actors = config.workers
-        self.gpus_per_actor = config.gpus_per_worker
+        self.image_processor = load_image_processor(choice)
+        """Loaded once here (a small JSON): it travels with the stage to every preparation task."""
+
+    def load_model(self, device: str) -> Sam3Segmenter:
+        return Sam3Segmenter.load(self.choice.name, self.choice.revision, device=self.model_config.device or device, dtype=self.model_config.dtype)
 
     def plan(self, store) -> list[WorkUnit]:
         """One item per image with its phrases: the config's on every image, else the mined candidates."""
@@ -176,30 +160,18 @@ class ProposeStage(Stage):
                     "the propose stage has no phrases for any image: run the mine stage on images with captions, "
                     "or set mine.phrases, mine.vocabulary, or propose.phrases"
                 )
-        settings = {"version": VERSION, "model": [self.choice.name, self.choice.revision, self.model.dtype], "threshold": self.config.threshold, "reprompt_boxes": self.config.reprompt_boxes}
-        return [
-            WorkUnit(fingerprint(self.name, {**settings, "images": [(r.image_id, r.phrases) for r in shard]}), tuple(shard))
-            for shard in content_defined_chunks(refs, lambda r: r.image_id, self.config.unit_size)
-        ]
+        settings = {"version": VERSION, "model": [self.choice.name, self.choice.revision, self.model_config.dtype], "threshold": self.config.threshold, "reprompt_boxes": self.config.reprompt_boxes}
+        return plan_units(self.name, settings, refs, lambda r: r.image_id, self.config.unit_size, lambda r: (r.image_id, r.phrases))
 
     def prepare(self, unit: WorkUnit) -> Prepared:
         """Decode, orient and resize the unit's images on a CPU worker; unreadable ones become rejects."""
-        ready, sizes, images, rejects = [], [], [], []
-        for ref in unit.items:
-            try:
-                image = load_image(ref.uri, self.storage_config)
-            except Exception as exc:  # noqa: BLE001 - a bad file is a reject, not a crash
-                rejects.append(image_reject(self.name, ref, "image_unreadable", f"{type(exc).__name__}: {exc}"))
-                continue
-            ready.append(ref)
-            sizes.append((image.height, image.width))
-            images.append(image)
-        pixels = preprocess(_image_processor(self.choice), images).numpy() if images else None
-        return Prepared(tuple(ready), tuple(sizes), pixels, tuple(rejects))
+        loaded = self.load_images(unit.items)
+        pixels = preprocess(self.image_processor, list(loaded.images)).numpy() if loaded.images else None
+        return Prepared(loaded.items, tuple((image.height, image.width) for image in loaded.images), pixels, loaded.rejects)
 
     def process(self, unit: WorkUnit, prepared: Prepared | None = None) -> dict[str, pa.Table]:
         prepared = prepared if prepared is not None else self.prepare(unit)
-        segmenter = _segmenter(self.choice, self.model)
+        segmenter = self.model
         segmenter.reprompt_boxes = self.config.reprompt_boxes
         distinct = sorted({p for ref in prepared.refs for p in ref.phrases})
         truncated = dict(zip(distinct, segmenter.tokenize(distinct).truncated if distinct else ()))
@@ -225,10 +197,6 @@ class ProposeStage(Stage):
             REJECTS.name: rows_table(REJECTS, rejects, unit.unit_id),
             STATS_KEY: {**stats, **_peak_memory_mib()},
         }
-
-    def process_isolated(self, unit: WorkUnit, item: ImageRef, error: str) -> dict[str, pa.Table]:
-        rejects = [image_reject(self.name, item, "worker_crashed", f"the model worker died on this image: {error}")]
-        return {PAIRS.name: rows_table(PAIRS, [], unit.unit_id), MASKS.name: rows_table(MASKS, [], unit.unit_id), REJECTS.name: rows_table(REJECTS, rejects, unit.unit_id)}
 
     def _predict(self, segmenter: Sam3Segmenter, prepared: Prepared, batch: list[int], phrase_batch: int, stats: dict[str, float]):
         """Yield (index, predictions or (reason, detail)).

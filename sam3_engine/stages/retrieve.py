@@ -14,11 +14,12 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from sam3_engine.engine.config import ConfigSection, StorageConfig
+from sam3_engine.engine.config import ConfigSection
 from sam3_engine.schemas.tables import CANDIDATES, IMAGE_EMBEDDINGS
-from sam3_engine.engine.stage import BuildContext, Stage, WorkUnit, content_defined_chunks, fingerprint, register_stage, rows_table
+from sam3_engine.engine.stage import BuildContext, Stage, WorkerContext, WorkUnit, plan_units, register_stage, rows_table
 from sam3_engine.text.concepts import pair_id
-from sam3_engine.io.embeddings import EmbeddingStore
+from sam3_engine.engine.store import TableStore
+from sam3_engine.io.embeddings import EmbeddingStore, phrase_digest
 
 VERSION = 1
 """Bump when a change to this module changes the rows it writes: every unit then re-runs."""
@@ -39,20 +40,20 @@ class RetrieveStage(Stage):
 
     @classmethod
     def build(cls, context: BuildContext) -> RetrieveStage:
-        return cls(context.config.retrieve, context.run_url, context.config.storage)
+        return cls(context.config.retrieve)
 
-    def __init__(self, config: RetrieveConfig, run_url: str, storage_config: StorageConfig):
+    def __init__(self, config: RetrieveConfig):
         self.config = config
-        self.embeddings = EmbeddingStore(run_url, storage_config)
+
+    def setup(self, context: WorkerContext) -> None:
+        self.embeddings = EmbeddingStore(TableStore(context.run_url, context.storage))
 
     def plan(self, store) -> list[WorkUnit]:
         image_ids = store.read(IMAGE_EMBEDDINGS.name, columns=["image_id"]).column("image_id").to_pylist()
         settings = {"version": VERSION, "top_k": self.config.top_k, "min_similarity": self.config.min_similarity,
-                    "phrases": self.embeddings.phrase_digest(store)}
-        return [
-            WorkUnit(fingerprint(self.name, {**settings, "images": list(shard)}), tuple(shard))
-            for shard in content_defined_chunks(sorted(image_ids), lambda i: i, self.config.unit_size)
-        ]
+                    "phrases": phrase_digest(store)}
+        same = lambda image_id: image_id  # noqa: E731
+        return plan_units(self.name, settings, sorted(image_ids), same, self.config.unit_size, same)
 
     def process(self, unit: WorkUnit, prepared: Any = None) -> dict[str, pa.Table]:
         concepts = self.embeddings.phrases()

@@ -26,13 +26,13 @@ from pycocotools import mask as mask_utils
 from sam3_engine.engine.catalog import connect, named_query
 from sam3_engine.engine.config import VERDICT_THRESHOLDS, ClipConfig, MaskThresholds, PairThresholds, StorageConfig
 from sam3_engine.engine.store import TableStore
-from sam3_engine.models.clip import ClipChoice, choose_clip, image_transform, input_size, shared_embedder
-from sam3_engine.schemas.tables import MASK_SCORES, MASK_VERIFICATIONS, MASKS, PAIR_SCORES, PAIR_VERIFICATIONS, PAIRS, REJECTS
-from sam3_engine.engine.stage import BuildContext, Derivation, Stage, WorkUnit, content_defined_chunks, fingerprint, image_reject, register_stage, reject_reasons, rows_table
-from sam3_engine.text.concepts import Ontology
-from sam3_engine.io.inputs import load_image
+from sam3_engine.engine.stage import BuildContext, Derivation, WorkUnit, fingerprint, plan_units, register_stage, reject_reasons, rows_table
 from sam3_engine.metrics.mask_checks import geometry, masked_crop, overlaps, rle
+from sam3_engine.models.clip import ClipChoice, ClipEmbedder, choose_clip, image_transform, input_size
+from sam3_engine.schemas.tables import MASK_SCORES, MASK_VERIFICATIONS, MASKS, PAIR_SCORES, PAIR_VERIFICATIONS, PAIRS, REJECTS
+from sam3_engine.stages.image_model import ImageModelStage
 from sam3_engine.stages.mine import shared_ontology
+from sam3_engine.text.concepts import Ontology
 
 VERSION = 2
 """Bump when a change to this module changes the scores it writes: every unit then re-runs.
@@ -105,12 +105,11 @@ def _rows_by_image(store: TableStore, name: str, image_ids: list[str], columns: 
 
 
 @register_stage
-class VerifyStage(Stage):
+class VerifyStage(ImageModelStage):
     name = "verify"
     order = 70
     config_model = VerifyConfig
     reasons = REASONS
-    uses_model = True
     outputs = (MASK_SCORES, PAIR_SCORES, REJECTS)
     derived = (MASK_VERIFICATIONS, PAIR_VERIFICATIONS)
 
@@ -118,18 +117,18 @@ class VerifyStage(Stage):
     def build(cls, context: BuildContext) -> VerifyStage:
         config = context.config
         choice = choose_clip(config.clip.model, config.clip.pretrained, config.clip.fallback_to_tiny_random)
-        return cls(config.verify, config.clip, choice, shared_ontology(context), context.run_url, config.storage)
+        return cls(config.verify, config.clip, choice, shared_ontology(context), config.storage)
 
-    def __init__(self, config: VerifyConfig, clip: ClipConfig, choice: ClipChoice, ontology: Ontology, run_url: str, storage_config: StorageConfig):
+    def __init__(self, config: VerifyConfig, clip: ClipConfig, choice: ClipChoice, ontology: Ontology, storage_config: StorageConfig):
+        super().__init__(storage_config, config.workers, config.gpus_per_worker)
         self.config = config
         self.clip = clip
         self.choice = choice
         self.ontology = ontology
-        self.run_url = run_url
-        self.storage_config = storage_config
-        self.actors = config.workers
-        self.gpus_per_actor = config.gpus_per_worker
         self.verifier_version = f"{VERSION};clip={choice.label}"
+
+    def load_model(self, device: str) -> ClipEmbedder:
+        return ClipEmbedder.load(self.choice, self.clip.device or device)
 
     @property
     def ledger(self) -> str:
@@ -143,35 +142,29 @@ class VerifyStage(Stage):
         con.close()
         settings = {"version": VERSION, "clip": self.choice.label, "crop_padding": self.config.crop_padding,
                     "verifier": self.config.verifier, "ontology": self.ontology.digest}
-        tasks = [(ImageTask(image_id, uri), proposals) for image_id, uri, proposals in rows]
-        return [
-            WorkUnit(fingerprint(self.ledger, {**settings, "images": [(t.image_id, p) for t, p in shard]}), tuple(t for t, _ in shard))
-            for shard in content_defined_chunks(tasks, lambda t: t[0].image_id, self.config.unit_size)
-        ]
+        proposals = {image_id: units for image_id, _, units in rows}
+        tasks = [ImageTask(image_id, uri) for image_id, uri, _ in rows]
+        return plan_units(self.ledger, settings, tasks, lambda t: t.image_id, self.config.unit_size, lambda t: (t.image_id, proposals[t.image_id]))
 
     def prepare(self, unit: WorkUnit) -> PreparedUnit:
         """Decode each image and its masks; geometry, overlaps and CLIP inputs, all on a CPU worker."""
         import torch
 
-        store = TableStore(self.run_url, self.storage_config)
+        store = TableStore(self.context.run_url, self.context.storage)
         ids = [task.image_id for task in unit.items]
         pairs = _rows_by_image(store, PAIRS.name, ids, ["pair_id", "image_id", "concept_id", "phrase"], "pair_id")
         masks = _rows_by_image(store, MASKS.name, ids, ["mask_id", "pair_id", "image_id", "concept_id", "height", "width", "rle_counts", "bbox", "score"], "mask_id")
         transform = image_transform(self.choice)
-        images, whole, crops, rejects = [], [], [], []
-        for task in unit.items:
-            try:
-                image = load_image(task.uri, self.storage_config)
-            except Exception as exc:  # noqa: BLE001 - a bad file is a reject, not a crash
-                rejects.append(image_reject(self.name, task, "image_unreadable", f"{type(exc).__name__}: {exc}"))
-                continue
+        loaded = self.load_images(unit.items)
+        images, whole, crops = [], [], []
+        for task, image in zip(loaded.items, loaded.images):
             prepared, image_crops = self._prepare_image(task, image, pairs.get(task.image_id, []), masks.get(task.image_id, []), len(crops))
             whole.append(transform(image))
             crops.extend(transform(crop) for crop in image_crops)
             images.append(prepared)
         tensors = whole + crops
         pixels = torch.stack(tensors).numpy() if tensors else None
-        return PreparedUnit(tuple(images), pixels, tuple(rejects))
+        return PreparedUnit(tuple(images), pixels, loaded.rejects)
 
     def _prepare_image(self, task: ImageTask, image, pairs: list[dict], masks: list[dict], first_crop: int):
         unrelated = frozenset(
@@ -206,7 +199,7 @@ class VerifyStage(Stage):
         import torch
 
         prepared = prepared if prepared is not None else self.prepare(unit)
-        embedder = shared_embedder(self.choice, self.clip.device)
+        embedder = self.model
         vectors = np.zeros((0, 0), np.float32)
         if prepared.pixels is not None:
             embed = lambda batch: embedder.embed_pixels(torch.from_numpy(batch.copy()))  # noqa: E731
@@ -238,11 +231,6 @@ class VerifyStage(Stage):
             PAIR_SCORES.name: rows_table(PAIR_SCORES, pair_rows, unit.unit_id),
             REJECTS.name: rows_table(REJECTS, list(prepared.rejects), unit.unit_id),
         }
-
-    def process_isolated(self, unit: WorkUnit, item: ImageTask, error: str) -> dict[str, pa.Table]:
-        rejects = [image_reject(self.name, item, "worker_crashed", f"the verification worker died on this image: {error}")]
-        return {MASK_SCORES.name: rows_table(MASK_SCORES, [], unit.unit_id), PAIR_SCORES.name: rows_table(PAIR_SCORES, [], unit.unit_id),
-                REJECTS.name: rows_table(REJECTS, rejects, unit.unit_id)}
 
     def derive(self, store, done_units: list[str]) -> list[Derivation]:
         """Mask then pair verdicts at the config's thresholds, from the stored scores (SQL macros, no model)."""

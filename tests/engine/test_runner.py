@@ -13,6 +13,10 @@ class _DerivesIntoItsOwnLedger(Stage):
     name = "selfish"
     outputs = ()
 
+    @classmethod
+    def build(cls, context):
+        return cls()
+
     def plan(self, store):
         return []
 

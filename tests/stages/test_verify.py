@@ -386,7 +386,7 @@ def test_every_declared_threshold_is_a_config_key_and_a_macro_parameter_that_dec
 
     def derived(settings):
         config = load_config(None, {"output": str(tmp_path / "run"), **settings})
-        stage = VerifyStage(config.verify, config.clip, choose_clip("tiny-random", None, False), None, config.output, config.storage)
+        stage = VerifyStage(config.verify, config.clip, choose_clip("tiny-random", None, False), None, config.storage)
         return [d.rows.read_all().drop_columns(["thresholds"]).sort_by(d.table.key[0]).to_pylist() for d in stage.derive(store, [])]
 
     declared = {macro: set(model.model_fields) for macro, model in VERDICT_THRESHOLDS.items()}
