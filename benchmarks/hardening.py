@@ -42,8 +42,23 @@ def mining(sizes: list[int]) -> None:
 
 
 def query_memory(sizes: list[int], run_dir: Path) -> None:
-    subprocess.run([sys.executable, "-m", "sam3_engine", "run", "--input", str(REPO / "examples" / "images"), "--output", str(run_dir),
-                    "--stages", "ingest", "-q"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sam3_engine",
+            "run",
+            "--input",
+            str(REPO / "examples" / "images"),
+            "--output",
+            str(run_dir),
+            "--stages",
+            "ingest",
+            "-q",
+        ],
+        check=True,
+        capture_output=True,
+    )
     print("| rows in the result | --max-rows | peak RSS MiB | wall s |\n|---:|---:|---:|---:|")
     for rows in sizes:
         started = time.perf_counter()

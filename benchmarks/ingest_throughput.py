@@ -20,8 +20,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from sam3_engine.engine.config import load_config
 from sam3_engine.app.pipeline import run_pipeline
+from sam3_engine.engine.config import load_config
 
 PHOTOS = Path(__file__).resolve().parent.parent / "examples" / "images"
 
@@ -54,7 +54,12 @@ def main() -> None:
         corpus = Path(tmp, "corpus")
         corpus.mkdir()
         size = make_corpus(corpus, args.images)
-        overrides = {"input": str(corpus), "output": str(Path(tmp, "run")), "ingest.workers": args.workers, "ingest.unit_size": args.unit_size}
+        overrides = {
+            "input": str(corpus),
+            "output": str(Path(tmp, "run")),
+            "ingest.workers": args.workers,
+            "ingest.unit_size": args.unit_size,
+        }
         config = load_config(None, overrides)
         start = time.perf_counter()
         first = run_pipeline(config)
@@ -66,7 +71,10 @@ def main() -> None:
     print(f"corpus: {args.images} JPEGs, {size / 2**20:.0f} MiB, units: {report.units_total}, workers: {args.workers}")
     print(f"ingest: {cold:.1f} s, {args.images / cold:.1f} images/s, {size / 2**20 / cold:.1f} MiB/s; counts {report.counts}")
     print(f"resume with nothing to do: {warm:.2f} s ({again.stages[0].units_skipped} units skipped)")
-    print(f"peak RSS: driver {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB, largest worker {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MiB")
+    print(
+        f"peak RSS: driver {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB, largest "
+        f"worker {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MiB"
+    )
 
 
 if __name__ == "__main__":

@@ -31,9 +31,9 @@ PLACES = ["street", "table", "beach", "kitchen", "field", "sidewalk", "shelf", "
 
 def corpus(folder: Path, count: int, seed: int = 0) -> Path:
     """``count`` distinct 96x64 JPEG crops and a JSONL manifest with one caption each."""
-    from sam3_engine.text.concepts import Ontology
-
     import inflect
+
+    from sam3_engine.text.concepts import Ontology
 
     plural = inflect.engine().plural
     rng = random.Random(seed)
@@ -89,15 +89,20 @@ def main() -> None:
     parser.add_argument("--clip", default="tiny-random", choices=["tiny-random", "ViT-B-32"])
     args = parser.parse_args()
 
-    from sam3_engine.engine.config import load_config
     from sam3_engine.app.pipeline import run_pipeline
+    from sam3_engine.engine.config import load_config
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         manifest = corpus(Path(tmp, "corpus"), args.images)
         made = time.perf_counter() - start
-        settings = {"input": str(manifest), "output": str(Path(tmp, "run")), "stages": "ingest,mine,embed,retrieve,negatives",
-                    "clip.model": args.clip, "retrieve.min_similarity": 0.0 if args.clip == "tiny-random" else 0.25}
+        settings = {
+            "input": str(manifest),
+            "output": str(Path(tmp, "run")),
+            "stages": "ingest,mine,embed,retrieve,negatives",
+            "clip.model": args.clip,
+            "retrieve.min_similarity": 0.0 if args.clip == "tiny-random" else 0.25,
+        }
         if args.clip != "tiny-random":
             settings["clip.pretrained"] = str(random_vit_b_32(Path(tmp)))
         memory = PeakMemory()
@@ -105,17 +110,28 @@ def main() -> None:
         result = run_pipeline(load_config(None, settings))
         memory.running = False
         memory.join()
-    stages = {s.name: {"seconds": round(s.seconds, 1), "items_per_s": round(s.items_total / s.seconds, 1),
-                       **{k: v for k, v in s.counts.items() if not isinstance(v, dict)}} for s in result.stages}
-    print(json.dumps({
-        "images": args.images,
-        "clip": args.clip,
-        "corpus_seconds": round(made, 1),
-        "total_seconds": round(result.seconds, 1),
-        "stages": stages,
-        "peak_rss_process_tree_mib": round(memory.peak_total / 2**20),
-        "peak_rss_largest_process_mib": round(memory.peak_single / 2**20),
-    }, indent=2))
+    stages = {
+        s.name: {
+            "seconds": round(s.seconds, 1),
+            "items_per_s": round(s.items_total / s.seconds, 1),
+            **{k: v for k, v in s.counts.items() if not isinstance(v, dict)},
+        }
+        for s in result.stages
+    }
+    print(
+        json.dumps(
+            {
+                "images": args.images,
+                "clip": args.clip,
+                "corpus_seconds": round(made, 1),
+                "total_seconds": round(result.seconds, 1),
+                "stages": stages,
+                "peak_rss_process_tree_mib": round(memory.peak_total / 2**20),
+                "peak_rss_largest_process_mib": round(memory.peak_single / 2**20),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

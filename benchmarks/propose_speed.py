@@ -25,8 +25,28 @@ import torch
 from PIL import Image, ImageOps
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-PHRASES = ["grocery bag", "car", "vegetable", "pickup truck", "child", "basketball court", "wall", "stairs",
-           "building", "bib", "tree", "window", "door", "person", "wheel", "bag", "box", "road", "sky", "shoe"]
+PHRASES = [
+    "grocery bag",
+    "car",
+    "vegetable",
+    "pickup truck",
+    "child",
+    "basketball court",
+    "wall",
+    "stairs",
+    "building",
+    "bib",
+    "tree",
+    "window",
+    "door",
+    "person",
+    "wheel",
+    "bag",
+    "box",
+    "road",
+    "sky",
+    "shoe",
+]
 
 
 def full_size_checkpoint(image_size: int, folder: Path) -> Path:
@@ -43,7 +63,9 @@ def full_size_checkpoint(image_size: int, folder: Path) -> Path:
     torch.manual_seed(0)
     model = Sam3Model(config)
     model.save_pretrained(folder)
-    Sam3Processor(image_processor=Sam3ImageProcessor(size={"height": image_size, "width": image_size}), tokenizer=offline_clip_tokenizer()).save_pretrained(folder)
+    Sam3Processor(
+        image_processor=Sam3ImageProcessor(size={"height": image_size, "width": image_size}), tokenizer=offline_clip_tokenizer()
+    ).save_pretrained(folder)
     return folder
 
 
@@ -92,10 +114,15 @@ def encode_once(args, checkpoint: Path) -> dict:
 
         for k in args.k:
             phrases = (PHRASES * 4)[:k]
-            batched = timed(lambda: segmenter.predict_pixels(pixels, size, [phrases], args.threshold, phrase_batch=k))
-            looped = timed(lambda: naive(phrases))
+            batched = timed(lambda phrases=phrases, k=k: segmenter.predict_pixels(pixels, size, [phrases], args.threshold, phrase_batch=k))
+            looped = timed(lambda phrases=phrases: naive(phrases))
             ideal = k * (vision_s + head_s) / (vision_s + k * head_s)
-            results[k] = {"encode_once_s": round(batched, 4), "naive_s": round(looped, 4), "speedup": round(looped / batched, 2), "ideal_from_measured_parts": round(ideal, 2)}
+            results[k] = {
+                "encode_once_s": round(batched, 4),
+                "naive_s": round(looped, 4),
+                "speedup": round(looped / batched, 2),
+                "ideal_from_measured_parts": round(ideal, 2),
+            }
     return {"vision_pass_s": round(vision_s, 4), "head_per_phrase_s": round(head_s, 4), "by_k": results}
 
 
@@ -166,11 +193,10 @@ def pipeline(args, checkpoint: Path) -> dict:
     data movement; a Delta commit costs the driver a few milliseconds per unit (see BENCHMARKS.md).
     """
     from sam3_engine.engine.config import ModelConfig, StorageConfig
-    from sam3_engine.stages.propose import ProposeConfig
     from sam3_engine.engine.ray_executor import RayExecutor, ensure_ray
-    from sam3_engine.models.sam3 import ModelChoice, Sam3Segmenter
     from sam3_engine.engine.stage import WorkerContext, WorkUnit
-    from sam3_engine.stages.propose import ImageRef, ProposeStage
+    from sam3_engine.models.sam3 import ModelChoice, Sam3Segmenter
+    from sam3_engine.stages.propose import ImageRef, ProposeConfig, ProposeStage
 
     phrases = (PHRASES * 4)[: args.phrases]
     with tempfile.TemporaryDirectory() as tmp:
@@ -199,12 +225,18 @@ def pipeline(args, checkpoint: Path) -> dict:
 
         ensure_ray()
         config = ProposeConfig(phrases=tuple(phrases), threshold=args.threshold, image_batch=args.image_batch, phrase_batch=args.phrases)
-        stage = ProposeStage(config, ModelConfig(name=str(checkpoint), device=args.device), ModelChoice(str(checkpoint), None), StorageConfig(), "bench")
+        stage = ProposeStage(
+            config, ModelConfig(name=str(checkpoint), device=args.device), ModelChoice(str(checkpoint), None), StorageConfig(), "bench"
+        )
         units = [WorkUnit(f"propose:{i:08d}", tuple(refs[i : i + args.unit_size])) for i in range(0, len(refs), args.unit_size)]
         collected = []
         start = time.perf_counter()
-        RayExecutor(actors=args.actors).execute(stage, units, lambda unit, tables: collected.append((time.perf_counter(), unit.size, tables)),
-                                                WorkerContext(tmp, StorageConfig()))
+        RayExecutor(actors=args.actors).execute(
+            stage,
+            units,
+            lambda unit, tables: collected.append((time.perf_counter(), unit.size, tables)),
+            WorkerContext(tmp, StorageConfig()),
+        )
         total = time.perf_counter() - start
         masks = sum(t["masks"].num_rows for _, _, t in collected)
         actor_peaks = [t["stats"] for _, _, t in collected]

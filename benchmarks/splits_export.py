@@ -38,7 +38,7 @@ def build(store, pairs_n: int, per_pair: int) -> None:
     rng = np.random.default_rng(0)
     height, width = 480, 640
     pool = []
-    for i in range(1000):
+    for _ in range(1000):
         mask = np.zeros((height, width), np.uint8)
         top, left = rng.integers(0, height - 50), rng.integers(0, width - 50)
         mask[top : top + 40, left : left + 40] = 1
@@ -55,32 +55,98 @@ def build(store, pairs_n: int, per_pair: int) -> None:
     image_numbers = np.arange(images_n)
     empty = pa.array([[]] * images_n, pa.list_(pa.string()))
     uris = _ids("s3://bucket/images/", image_numbers)
-    store.replace(IMAGES, unit, pa.table({
-        "image_id": _ids("i", image_numbers), "uri": uris, "uris": pa.array([[u] for u in uris.to_pylist()], pa.list_(pa.string())),
-        "width": np.full(images_n, width, np.int32), "height": np.full(images_n, height, np.int32), "format": pa.array(["JPEG"] * images_n),
-        "mode": pa.array(["RGB"] * images_n), "num_bytes": np.full(images_n, 100_000, np.int64), "exif_orientation": np.ones(images_n, np.int8),
-        "captions": empty, "alt_texts": empty, "sources": empty, "phrases": empty, "unit_id": pa.array([unit] * images_n),
-    }, schema=IMAGES.schema))
+    store.replace(
+        IMAGES,
+        unit,
+        pa.table(
+            {
+                "image_id": _ids("i", image_numbers),
+                "uri": uris,
+                "uris": pa.array([[u] for u in uris.to_pylist()], pa.list_(pa.string())),
+                "width": np.full(images_n, width, np.int32),
+                "height": np.full(images_n, height, np.int32),
+                "format": pa.array(["JPEG"] * images_n),
+                "mode": pa.array(["RGB"] * images_n),
+                "num_bytes": np.full(images_n, 100_000, np.int64),
+                "exif_orientation": np.ones(images_n, np.int8),
+                "captions": empty,
+                "alt_texts": empty,
+                "sources": empty,
+                "phrases": empty,
+                "unit_id": pa.array([unit] * images_n),
+            },
+            schema=IMAGES.schema,
+        ),
+    )
     strings = lambda value: pa.array([value] * pairs_n)  # noqa: E731
-    store.replace(PAIRS, unit, pa.table({
-        "pair_id": pair_ids, "image_id": image_ids, "concept_id": concept_ids, "phrase": concept_ids, "presence_score": rng.random(pairs_n).astype(np.float32),
-        "instance_count": np.where(positive, per_pair * 2, 0).astype(np.int32), "max_score": np.ones(pairs_n, np.float32),
-        "height": np.full(pairs_n, height, np.int32), "width": np.full(pairs_n, width, np.int32), "foreground_counts": pa.nulls(pairs_n, pa.string()),
-        "foreground_area": pa.nulls(pairs_n, pa.int64()), "phrase_truncated": np.zeros(pairs_n, bool), "model_id": strings("synthetic"),
-        "model_revision": pa.nulls(pairs_n, pa.string()), "random_weights": np.ones(pairs_n, bool), "run_id": strings("bench"), "unit_id": strings(unit),
-    }, schema=PAIRS.schema))
-    store.replace(CANDIDATES, unit, pa.table({
-        "pair_id": pair_ids, "image_id": image_ids, "concept_id": concept_ids, "phrase": concept_ids,
-        "origin": pa.array(np.where(hard, "hard_negative", "caption")), "raw_phrase": pa.nulls(pairs_n, pa.string()), "score": np.ones(pairs_n, np.float32),
-        "related_concept_id": pa.nulls(pairs_n, pa.string()), "relation": pa.nulls(pairs_n, pa.string()), "unit_id": strings(unit),
-    }, schema=CANDIDATES.schema))
-    store.replace(PAIR_VERIFICATIONS, "v1", pa.table({
-        "pair_id": pair_ids, "image_id": image_ids, "concept_id": concept_ids, "phrase": concept_ids, "presence_probability": rng.random(pairs_n),
-        "presence": pa.array(np.where(positive, "present", "absent")), "presence_reason": strings("signals_agree"),
-        "accepted_masks": np.where(positive, per_pair * 2, 0).astype(np.int32), "uncovered_fraction": np.zeros(pairs_n),
-        "exhaustivity": strings("exhaustive"), "exhaustivity_reason": pa.array(np.where(positive, "covered", "absent_without_masks")),
-        "verifier": strings("v1"), "verifier_version": strings("bench"), "thresholds": strings("{}"),
-    }, schema=PAIR_VERIFICATIONS.schema))
+    store.replace(
+        PAIRS,
+        unit,
+        pa.table(
+            {
+                "pair_id": pair_ids,
+                "image_id": image_ids,
+                "concept_id": concept_ids,
+                "phrase": concept_ids,
+                "presence_score": rng.random(pairs_n).astype(np.float32),
+                "instance_count": np.where(positive, per_pair * 2, 0).astype(np.int32),
+                "max_score": np.ones(pairs_n, np.float32),
+                "height": np.full(pairs_n, height, np.int32),
+                "width": np.full(pairs_n, width, np.int32),
+                "foreground_counts": pa.nulls(pairs_n, pa.string()),
+                "foreground_area": pa.nulls(pairs_n, pa.int64()),
+                "phrase_truncated": np.zeros(pairs_n, bool),
+                "model_id": strings("synthetic"),
+                "model_revision": pa.nulls(pairs_n, pa.string()),
+                "random_weights": np.ones(pairs_n, bool),
+                "run_id": strings("bench"),
+                "unit_id": strings(unit),
+            },
+            schema=PAIRS.schema,
+        ),
+    )
+    store.replace(
+        CANDIDATES,
+        unit,
+        pa.table(
+            {
+                "pair_id": pair_ids,
+                "image_id": image_ids,
+                "concept_id": concept_ids,
+                "phrase": concept_ids,
+                "origin": pa.array(np.where(hard, "hard_negative", "caption")),
+                "raw_phrase": pa.nulls(pairs_n, pa.string()),
+                "score": np.ones(pairs_n, np.float32),
+                "related_concept_id": pa.nulls(pairs_n, pa.string()),
+                "relation": pa.nulls(pairs_n, pa.string()),
+                "unit_id": strings(unit),
+            },
+            schema=CANDIDATES.schema,
+        ),
+    )
+    store.replace(
+        PAIR_VERIFICATIONS,
+        "v1",
+        pa.table(
+            {
+                "pair_id": pair_ids,
+                "image_id": image_ids,
+                "concept_id": concept_ids,
+                "phrase": concept_ids,
+                "presence_probability": rng.random(pairs_n),
+                "presence": pa.array(np.where(positive, "present", "absent")),
+                "presence_reason": strings("signals_agree"),
+                "accepted_masks": np.where(positive, per_pair * 2, 0).astype(np.int32),
+                "uncovered_fraction": np.zeros(pairs_n),
+                "exhaustivity": strings("exhaustive"),
+                "exhaustivity_reason": pa.array(np.where(positive, "covered", "absent_without_masks")),
+                "verifier": strings("v1"),
+                "verifier_version": strings("bench"),
+                "thresholds": strings("{}"),
+            },
+            schema=PAIR_VERIFICATIONS.schema,
+        ),
+    )
     owners = np.repeat(np.flatnonzero(positive), per_pair * 2)  # positives hold all the masks: 5 per pair on average
     masks_n = len(owners)
     mask_numbers = np.arange(masks_n)
@@ -88,19 +154,51 @@ def build(store, pairs_n: int, per_pair: int) -> None:
     mask_ids, owner_pairs = _ids("m", mask_numbers), _ids("p", owners)
     owner_images, owner_concepts = _ids("i", owners // 30), _ids("c", owners % 500)
     scores = rng.uniform(0.3, 1, masks_n).astype(np.float32)
-    store.replace(MASKS, unit, pa.table({
-        "mask_id": mask_ids, "pair_id": owner_pairs, "image_id": owner_images, "concept_id": owner_concepts,
-        "query_index": (mask_numbers % 200).astype(np.int32), "height": np.full(masks_n, height, np.int32), "width": np.full(masks_n, width, np.int32),
-        "rle_counts": pa.array([pool[i][0] for i in drawn]), "bbox": pa.array([pool[i][1] for i in drawn], pa.list_(pa.float64(), 4)),
-        "area": np.array([pool[i][2] for i in drawn], np.int64), "model_box": pa.array([[0.0, 0.0, 1.0, 1.0]] * masks_n, pa.list_(pa.float32(), 4)),
-        "object_score": scores, "presence_score": scores, "score": scores, "stability_score": scores, "reprompt_iou": scores,
-        "unit_id": pa.array([unit] * masks_n),
-    }, schema=MASKS.schema))
-    store.replace(MASK_VERIFICATIONS, "v1", pa.table({
-        "mask_id": mask_ids, "pair_id": owner_pairs, "image_id": owner_images, "concept_id": owner_concepts, "score": scores,
-        "verdict": pa.array(["accept"] * masks_n), "reasons": pa.array([[]] * masks_n, pa.list_(pa.string())), "verifier": pa.array(["v1"] * masks_n),
-        "verifier_version": pa.array(["bench"] * masks_n), "thresholds": pa.array(["{}"] * masks_n),
-    }, schema=MASK_VERIFICATIONS.schema))
+    store.replace(
+        MASKS,
+        unit,
+        pa.table(
+            {
+                "mask_id": mask_ids,
+                "pair_id": owner_pairs,
+                "image_id": owner_images,
+                "concept_id": owner_concepts,
+                "query_index": (mask_numbers % 200).astype(np.int32),
+                "height": np.full(masks_n, height, np.int32),
+                "width": np.full(masks_n, width, np.int32),
+                "rle_counts": pa.array([pool[i][0] for i in drawn]),
+                "bbox": pa.array([pool[i][1] for i in drawn], pa.list_(pa.float64(), 4)),
+                "area": np.array([pool[i][2] for i in drawn], np.int64),
+                "model_box": pa.array([[0.0, 0.0, 1.0, 1.0]] * masks_n, pa.list_(pa.float32(), 4)),
+                "object_score": scores,
+                "presence_score": scores,
+                "score": scores,
+                "stability_score": scores,
+                "reprompt_iou": scores,
+                "unit_id": pa.array([unit] * masks_n),
+            },
+            schema=MASKS.schema,
+        ),
+    )
+    store.replace(
+        MASK_VERIFICATIONS,
+        "v1",
+        pa.table(
+            {
+                "mask_id": mask_ids,
+                "pair_id": owner_pairs,
+                "image_id": owner_images,
+                "concept_id": owner_concepts,
+                "score": scores,
+                "verdict": pa.array(["accept"] * masks_n),
+                "reasons": pa.array([[]] * masks_n, pa.list_(pa.string())),
+                "verifier": pa.array(["v1"] * masks_n),
+                "verifier_version": pa.array(["bench"] * masks_n),
+                "thresholds": pa.array(["{}"] * masks_n),
+            },
+            schema=MASK_VERIFICATIONS.schema,
+        ),
+    )
 
 
 def main() -> None:
@@ -109,10 +207,10 @@ def main() -> None:
     parser.add_argument("--masks-per-pair", type=int, default=5)
     args = parser.parse_args()
 
-    from sam3_engine.engine.config import StorageConfig, load_config
-    from sam3_engine.app.pipeline import run_pipeline
-    from sam3_engine.engine.store import TableStore
     from sam3_engine.app.export import export
+    from sam3_engine.app.pipeline import run_pipeline
+    from sam3_engine.engine.config import StorageConfig, load_config
+    from sam3_engine.engine.store import TableStore
 
     result = {"pairs": args.pairs}
     with tempfile.TemporaryDirectory() as tmp:

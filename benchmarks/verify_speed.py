@@ -24,14 +24,27 @@ import pyarrow as pa
 from PIL import Image, ImageOps
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-PHRASES = ["grocery bag", "car", "vegetable", "pickup truck", "child", "basketball court", "wall", "stairs", "building", "bib", "tree", "window"]
+PHRASES = [
+    "grocery bag",
+    "car",
+    "vegetable",
+    "pickup truck",
+    "child",
+    "basketball court",
+    "wall",
+    "stairs",
+    "building",
+    "bib",
+    "tree",
+    "window",
+]
 
 
 def stage(args) -> dict:
     from mine_throughput import random_vit_b_32
 
-    from sam3_engine.engine.config import load_config
     from sam3_engine.app.pipeline import run_pipeline
+    from sam3_engine.engine.config import load_config
 
     base = [ImageOps.exif_transpose(Image.open(p)).convert("RGB") for p in sorted((EXAMPLES / "images").glob("*.jpg"))]
     with tempfile.TemporaryDirectory() as tmp:
@@ -39,9 +52,18 @@ def stage(args) -> dict:
         folder.mkdir()
         for i in range(args.images):
             image = base[i % 3]
-            image.crop((i, 0, image.width, image.height)).resize((args.width, args.width * image.height // image.width)).save(folder / f"{i:05d}.jpg", quality=90)
-        settings = {"input": str(folder), "output": str(Path(tmp, "run")), "model.name": "tiny-random", "clip.model": args.clip,
-                    "propose.phrases": PHRASES[: args.phrases], "propose.unit_size": 8, "verify.unit_size": args.unit_size}
+            image.crop((i, 0, image.width, image.height)).resize((args.width, args.width * image.height // image.width)).save(
+                folder / f"{i:05d}.jpg", quality=90
+            )
+        settings = {
+            "input": str(folder),
+            "output": str(Path(tmp, "run")),
+            "model.name": "tiny-random",
+            "clip.model": args.clip,
+            "propose.phrases": PHRASES[: args.phrases],
+            "propose.unit_size": 8,
+            "verify.unit_size": args.unit_size,
+        }
         if args.clip != "tiny-random":  # a seeded random-weight checkpoint: real weights cost the same
             settings["clip.pretrained"] = str(random_vit_b_32(Path(tmp)))
         run_pipeline(load_config(None, {**settings, "stages": "ingest,propose"}))
@@ -80,12 +102,11 @@ def _rectangle_counts(height: int, width: int, top: int, left: int, box_h: int, 
 
 def verdicts(args) -> dict:
     from sam3_engine.engine.config import ClipConfig, StorageConfig
-    from sam3_engine.stages.verify import VerifyConfig
     from sam3_engine.engine.store import TableStore
     from sam3_engine.models.clip import ClipChoice
     from sam3_engine.schemas.tables import MASK_SCORES, MASKS, PAIR_SCORES, PAIRS
+    from sam3_engine.stages.verify import VerifyConfig, VerifyStage
     from sam3_engine.text.concepts import Ontology
-    from sam3_engine.stages.verify import VerifyStage
 
     rng = np.random.default_rng(0)
     height = width = args.size
@@ -96,7 +117,7 @@ def verdicts(args) -> dict:
     concept_ids = np.array([f"c{i % 30:03d}" for i in range(pairs_n)])
     tops, lefts = rng.integers(0, height // 2, masks_n), rng.integers(0, width // 2, masks_n)
     sides = rng.integers(2, height // 4, masks_n)
-    counts = [_rectangle_counts(height, width, int(t), int(l), int(s), int(s)) for t, l, s in zip(tops, lefts, sides)]
+    counts = [_rectangle_counts(height, width, int(t), int(left), int(s), int(s)) for t, left, s in zip(tops, lefts, sides, strict=True)]
     foreground = _rectangle_counts(height, width, 0, 0, height // 2, width // 2)
     unit = "synthetic"
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,36 +126,105 @@ def verdicts(args) -> dict:
         mask_image, mask_concept = np.repeat(image_ids, per_pair), np.repeat(concept_ids, per_pair)
         mask_ids = pa.array([f"m{i:010d}" for i in range(masks_n)])
         scores = rng.uniform(0.3, 1.0, masks_n).astype(np.float32)
-        store.replace(PAIRS, unit, pa.table({
-            "pair_id": pair_ids, "image_id": image_ids, "concept_id": concept_ids, "phrase": concept_ids,
-            "presence_score": rng.uniform(0, 1, pairs_n).astype(np.float32), "instance_count": np.full(pairs_n, per_pair, np.int32),
-            "max_score": np.ones(pairs_n, np.float32), "height": np.full(pairs_n, height, np.int32), "width": np.full(pairs_n, width, np.int32),
-            "foreground_counts": pa.array([foreground] * pairs_n), "foreground_area": np.full(pairs_n, height * width // 4, np.int64),
-            "phrase_truncated": np.zeros(pairs_n, bool), "model_id": pa.array(["synthetic"] * pairs_n), "model_revision": pa.nulls(pairs_n, pa.string()),
-            "random_weights": np.ones(pairs_n, bool), "run_id": pa.array(["bench"] * pairs_n), "unit_id": pa.array([unit] * pairs_n),
-        }, schema=PAIRS.schema))
-        store.replace(MASKS, unit, pa.table({
-            "mask_id": mask_ids, "pair_id": mask_pair, "image_id": mask_image, "concept_id": mask_concept, "query_index": np.zeros(masks_n, np.int32),
-            "height": np.full(masks_n, height, np.int32), "width": np.full(masks_n, width, np.int32), "rle_counts": pa.array(counts),
-            "bbox": pa.array([[float(l), float(t), float(s), float(s)] for t, l, s in zip(tops, lefts, sides)], pa.list_(pa.float64(), 4)),
-            "area": (sides.astype(np.int64) ** 2), "model_box": pa.array([[0.0, 0.0, 1.0, 1.0]] * masks_n, pa.list_(pa.float32(), 4)),
-            "object_score": scores, "presence_score": scores, "score": scores, "stability_score": rng.uniform(0.5, 1, masks_n).astype(np.float32),
-            "reprompt_iou": rng.uniform(0, 1, masks_n).astype(np.float32), "unit_id": pa.array([unit] * masks_n),
-        }, schema=MASKS.schema))
-        stamp = {"verifier": pa.array(["sam3-clip"] * masks_n), "verifier_version": pa.array(["bench"] * masks_n), "unit_id": pa.array([unit] * masks_n)}
-        store.replace(MASK_SCORES, unit, pa.table({
-            "mask_id": mask_ids, "pair_id": mask_pair, "image_id": mask_image, "concept_id": mask_concept,
-            "area_fraction": (sides.astype(np.float32) ** 2 / (height * width)), "fragments": np.ones(masks_n, np.int32),
-            "largest_fragment_fraction": np.ones(masks_n, np.float32), "border_fraction": np.zeros(masks_n, np.float32),
-            "duplicate_iou": rng.uniform(0, 0.7, masks_n).astype(np.float32), "duplicate_of": pa.nulls(masks_n, pa.string()),
-            "conflict_iou": rng.uniform(0, 0.7, masks_n).astype(np.float32), "conflict_with": pa.nulls(masks_n, pa.string()),
-            "clip_crop_similarity": rng.uniform(0, 0.4, masks_n).astype(np.float32), "clip_crop_margin": rng.uniform(-0.1, 0.1, masks_n).astype(np.float32),
-            **stamp,
-        }, schema=MASK_SCORES.schema))
-        store.replace(PAIR_SCORES, unit, pa.table({
-            "pair_id": pair_ids, "image_id": image_ids, "concept_id": concept_ids, "clip_similarity": rng.uniform(0, 0.4, pairs_n).astype(np.float32),
-            "clip_z": rng.normal(0, 1, pairs_n).astype(np.float32), **{k: v[:pairs_n] for k, v in stamp.items()},
-        }, schema=PAIR_SCORES.schema))
+        store.replace(
+            PAIRS,
+            unit,
+            pa.table(
+                {
+                    "pair_id": pair_ids,
+                    "image_id": image_ids,
+                    "concept_id": concept_ids,
+                    "phrase": concept_ids,
+                    "presence_score": rng.uniform(0, 1, pairs_n).astype(np.float32),
+                    "instance_count": np.full(pairs_n, per_pair, np.int32),
+                    "max_score": np.ones(pairs_n, np.float32),
+                    "height": np.full(pairs_n, height, np.int32),
+                    "width": np.full(pairs_n, width, np.int32),
+                    "foreground_counts": pa.array([foreground] * pairs_n),
+                    "foreground_area": np.full(pairs_n, height * width // 4, np.int64),
+                    "phrase_truncated": np.zeros(pairs_n, bool),
+                    "model_id": pa.array(["synthetic"] * pairs_n),
+                    "model_revision": pa.nulls(pairs_n, pa.string()),
+                    "random_weights": np.ones(pairs_n, bool),
+                    "run_id": pa.array(["bench"] * pairs_n),
+                    "unit_id": pa.array([unit] * pairs_n),
+                },
+                schema=PAIRS.schema,
+            ),
+        )
+        store.replace(
+            MASKS,
+            unit,
+            pa.table(
+                {
+                    "mask_id": mask_ids,
+                    "pair_id": mask_pair,
+                    "image_id": mask_image,
+                    "concept_id": mask_concept,
+                    "query_index": np.zeros(masks_n, np.int32),
+                    "height": np.full(masks_n, height, np.int32),
+                    "width": np.full(masks_n, width, np.int32),
+                    "rle_counts": pa.array(counts),
+                    "bbox": pa.array(
+                        [[float(left), float(t), float(s), float(s)] for t, left, s in zip(tops, lefts, sides, strict=True)],
+                        pa.list_(pa.float64(), 4),
+                    ),
+                    "area": (sides.astype(np.int64) ** 2),
+                    "model_box": pa.array([[0.0, 0.0, 1.0, 1.0]] * masks_n, pa.list_(pa.float32(), 4)),
+                    "object_score": scores,
+                    "presence_score": scores,
+                    "score": scores,
+                    "stability_score": rng.uniform(0.5, 1, masks_n).astype(np.float32),
+                    "reprompt_iou": rng.uniform(0, 1, masks_n).astype(np.float32),
+                    "unit_id": pa.array([unit] * masks_n),
+                },
+                schema=MASKS.schema,
+            ),
+        )
+        stamp = {
+            "verifier": pa.array(["sam3-clip"] * masks_n),
+            "verifier_version": pa.array(["bench"] * masks_n),
+            "unit_id": pa.array([unit] * masks_n),
+        }
+        store.replace(
+            MASK_SCORES,
+            unit,
+            pa.table(
+                {
+                    "mask_id": mask_ids,
+                    "pair_id": mask_pair,
+                    "image_id": mask_image,
+                    "concept_id": mask_concept,
+                    "area_fraction": (sides.astype(np.float32) ** 2 / (height * width)),
+                    "fragments": np.ones(masks_n, np.int32),
+                    "largest_fragment_fraction": np.ones(masks_n, np.float32),
+                    "border_fraction": np.zeros(masks_n, np.float32),
+                    "duplicate_iou": rng.uniform(0, 0.7, masks_n).astype(np.float32),
+                    "duplicate_of": pa.nulls(masks_n, pa.string()),
+                    "conflict_iou": rng.uniform(0, 0.7, masks_n).astype(np.float32),
+                    "conflict_with": pa.nulls(masks_n, pa.string()),
+                    "clip_crop_similarity": rng.uniform(0, 0.4, masks_n).astype(np.float32),
+                    "clip_crop_margin": rng.uniform(-0.1, 0.1, masks_n).astype(np.float32),
+                    **stamp,
+                },
+                schema=MASK_SCORES.schema,
+            ),
+        )
+        store.replace(
+            PAIR_SCORES,
+            unit,
+            pa.table(
+                {
+                    "pair_id": pair_ids,
+                    "image_id": image_ids,
+                    "concept_id": concept_ids,
+                    "clip_similarity": rng.uniform(0, 0.4, pairs_n).astype(np.float32),
+                    "clip_z": rng.normal(0, 1, pairs_n).astype(np.float32),
+                    **{k: v[:pairs_n] for k, v in stamp.items()},
+                },
+                schema=PAIR_SCORES.schema,
+            ),
+        )
         verify = VerifyStage(VerifyConfig(), ClipConfig(), ClipChoice("tiny-random", None), Ontology.load(None), StorageConfig())
         started = time.perf_counter()
         derived = verify.derive(store, [unit])

@@ -35,7 +35,18 @@ COCO = {
     "outdoor": ["traffic light", "fire hydrant", "stop sign", "parking meter", "bench"],
     "animal": ["bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe"],
     "accessory": ["backpack", "umbrella", "handbag", "tie", "suitcase"],
-    "sports": ["frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket"],
+    "sports": [
+        "frisbee",
+        "skis",
+        "snowboard",
+        "sports ball",
+        "kite",
+        "baseball bat",
+        "baseball glove",
+        "skateboard",
+        "surfboard",
+        "tennis racket",
+    ],
     "kitchen": ["bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl"],
     "food": ["banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake"],
     "furniture": ["chair", "couch", "potted plant", "bed", "dining table", "toilet"],
@@ -43,7 +54,19 @@ COCO = {
     "appliance": ["microwave", "oven", "toaster", "sink", "refrigerator"],
     "indoor": ["book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush"],
 }
-TOO_ABSTRACT = {"entity", "physical entity", "abstraction", "object", "whole", "artifact", "living thing", "matter", "thing", "causal agent", "physical object"}
+TOO_ABSTRACT = {
+    "entity",
+    "physical entity",
+    "abstraction",
+    "object",
+    "whole",
+    "artifact",
+    "living thing",
+    "matter",
+    "thing",
+    "causal agent",
+    "physical object",
+}
 
 
 def wordnet():
@@ -123,21 +146,36 @@ def build(lvis_file: str) -> dict:
         name = readable(category["name"])
         if name in by_name:  # "mouse" (animal) and "mouse" (computer equipment): the second keeps its qualifier
             name = category["name"].replace("_", " ").lower()
-        lemmas = {readable(lemma.name()) for lemma in wn.synset(category["synset"]).lemmas()} if has_synset(wn, category["synset"]) else None
+        lemmas = (
+            {readable(lemma.name()) for lemma in wn.synset(category["synset"]).lemmas()} if has_synset(wn, category["synset"]) else None
+        )
         aliases = {readable(s) for s in category["synonyms"]} - {name}
         # LVIS lumps narrower words in as synonyms (person: baby, boy, child...). A synonym that is
         # not a lemma of the category's WordNet synset becomes a concept of its own under the category.
         synonyms = sorted(aliases if lemmas is None else aliases & lemmas)
         ancestors = chain(wn, category["synset"], name)
-        entry = {"name": name, "synonyms": synonyms, "parent": ancestors[0] if ancestors else None, "ancestors": ancestors,
-                 "synset": category["synset"], "sources": ["lvis"]}
+        entry = {
+            "name": name,
+            "synonyms": synonyms,
+            "parent": ancestors[0] if ancestors else None,
+            "ancestors": ancestors,
+            "synset": category["synset"],
+            "sources": ["lvis"],
+        }
         concepts.append(entry)
         for alias in [name, *synonyms]:
             by_name.setdefault(alias, entry)
         hyponyms += [(narrower, entry) for narrower in sorted(aliases - set(synonyms))]
     for narrower, entry in hyponyms:
         if narrower not in by_name:
-            child = {"name": narrower, "synonyms": [], "parent": entry["name"], "ancestors": [entry["name"], *entry["ancestors"]], "synset": None, "sources": ["lvis"]}
+            child = {
+                "name": narrower,
+                "synonyms": [],
+                "parent": entry["name"],
+                "ancestors": [entry["name"], *entry["ancestors"]],
+                "synset": None,
+                "sources": ["lvis"],
+            }
             concepts.append(child)
             by_name[narrower] = child
     for supercategory, names in COCO.items():

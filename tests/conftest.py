@@ -35,7 +35,9 @@ def _save(image: Image.Image, fmt: str, **kwargs) -> bytes:
 def _gradient(size: tuple[int, int], seed: int) -> Image.Image:
     width, height = size
     image = Image.new("RGB", size)
-    image.putdata([((x * 7 + seed * 31) % 256, (y * 5 + seed * 17) % 256, (x + y + seed) % 256) for y in range(height) for x in range(width)])
+    image.putdata(
+        [((x * 7 + seed * 31) % 256, (y * 5 + seed * 17) % 256, (x + y + seed) % 256) for y in range(height) for x in range(width)]
+    )
     return image
 
 
@@ -48,9 +50,15 @@ def odd_images() -> dict[str, tuple[bytes, dict]]:
         "cmyk.jpg": (_save(_gradient((32, 24), 2).convert("CMYK"), "JPEG"), {"mode": "CMYK", "width": 32, "height": 24, "format": "JPEG"}),
         "gray16.png": (_save(Image.new("I;16", (30, 10), 40000), "PNG"), {"mode": "I;16", "width": 30, "height": 10, "format": "PNG"}),
         "palette.png": (_save(_gradient((16, 16), 3).convert("P"), "PNG"), {"mode": "P", "width": 16, "height": 16, "format": "PNG"}),
-        "alpha.png": (_save(Image.new("RGBA", (12, 8), (255, 0, 0, 128)), "PNG"), {"mode": "RGBA", "width": 12, "height": 8, "format": "PNG"}),
+        "alpha.png": (
+            _save(Image.new("RGBA", (12, 8), (255, 0, 0, 128)), "PNG"),
+            {"mode": "RGBA", "width": 12, "height": 8, "format": "PNG"},
+        ),
         "gray.jpg": (_save(_gradient((20, 30), 4).convert("L"), "JPEG"), {"mode": "L", "width": 20, "height": 30, "format": "JPEG"}),
-        "exif_rotated.jpg": (_save(rotated, "JPEG", exif=exif), {"mode": "RGB", "width": 20, "height": 40, "format": "JPEG", "exif_orientation": 6}),
+        "exif_rotated.jpg": (
+            _save(rotated, "JPEG", exif=exif),
+            {"mode": "RGB", "width": 20, "height": 40, "format": "JPEG", "exif_orientation": 6},
+        ),
         "photo.webp": (_save(_gradient((24, 24), 5), "WEBP"), {"mode": "RGB", "width": 24, "height": 24, "format": "WEBP"}),
     }
 
@@ -131,10 +139,10 @@ def s3_server():
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             break
-        except OSError:
+        except OSError as exc:
             if time.monotonic() > deadline or process.poll() is not None:
                 process.kill()
-                raise RuntimeError("moto server did not start")
+                raise RuntimeError("moto server did not start") from exc
             time.sleep(0.2)
     yield endpoint
     process.terminate()

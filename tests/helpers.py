@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from sam3_engine.app.pipeline import run_pipeline
 from sam3_engine.engine import catalog
 from sam3_engine.engine.config import load_config
-from sam3_engine.app.pipeline import run_pipeline
 
 
 def ingest(input_url, output, **overrides):

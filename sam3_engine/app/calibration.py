@@ -158,12 +158,21 @@ def _verdict_scores(verifier: str, rows: dict[str, pa.Table]) -> list[dict[str, 
     scored = []
     for level, column, value, label, positive in VERDICTS:
         table = rows[level]
-        judged = [(v, t) for v, t in zip(table.column(column).to_pylist(), table.column(label).to_pylist()) if t is not None]
+        judged = [(v, t) for v, t in zip(table.column(column).to_pylist(), table.column(label).to_pylist(), strict=True) if t is not None]
         said = sum(v == value for v, _ in judged)
         right = sum(v == value and t is positive for v, t in judged)
         actual = sum(t is positive for _, t in judged)
-        scored.append({"verifier": verifier, "level": level, "verdict": f"{column}={value}", "label": label if positive else f"not {label}",
-                       "labelled": len(judged), "precision": right / said if said else None, "recall": right / actual if actual else None})
+        scored.append(
+            {
+                "verifier": verifier,
+                "level": level,
+                "verdict": f"{column}={value}",
+                "label": label if positive else f"not {label}",
+                "labelled": len(judged),
+                "precision": right / said if said else None,
+                "recall": right / actual if actual else None,
+            }
+        )
     return scored
 
 
@@ -173,7 +182,12 @@ def calibrate(store: TableStore, labels: pa.Table, verifier: str, target_precisi
     con = connect(store)
     try:
         con.register("labels", labels)
-        verifiers = [v for (v,) in con.sql("SELECT verifier FROM pair_verifications UNION SELECT verifier FROM mask_verifications ORDER BY 1").fetchall()]
+        verifiers = [
+            v
+            for (v,) in con.sql(
+                "SELECT verifier FROM pair_verifications UNION SELECT verifier FROM mask_verifications ORDER BY 1"
+            ).fetchall()
+        ]
         if verifier not in verifiers:
             raise ValueError(f"no verdicts of verifier {verifier!r} in this run (verifiers: {verifiers or 'none: run the verify stage'})")
         labelled = {name: _labelled(con, name) for name in verifiers}

@@ -8,7 +8,7 @@ import re
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import yaml
@@ -18,14 +18,16 @@ from rich.text import Text
 
 from sam3_engine.engine import catalog, storage
 from sam3_engine.engine.config import ConfigError, StorageConfig, load_config
+from sam3_engine.io.inputs import InputError
 from sam3_engine.models.hub import ModelLoadError
 from sam3_engine.schemas.tables import TABLES
-from sam3_engine.io.inputs import InputError
 
 if TYPE_CHECKING:
     from sam3_engine.app.pipeline import RunResult
 
-app = typer.Typer(help="SAM 3 data engine: build verified segmentation datasets from a pile of images.", no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="SAM 3 data engine: build verified segmentation datasets from a pile of images.", no_args_is_help=True, add_completion=False
+)
 console = Console(stderr=True)
 out = Console()
 
@@ -37,19 +39,21 @@ def _fail(message: str, code: int = 2) -> None:
 
 @app.command()
 def run(
-    config: Annotated[Optional[Path], typer.Argument(help="YAML run configuration (optional: flags alone are enough).")] = None,
-    input: Annotated[Optional[str], typer.Option("--input", "-i", help="Images: folder, glob, manifest or COCO JSON; any fsspec URL.")] = None,
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Run directory (any fsspec URL).")] = None,
-    stages: Annotated[Optional[str], typer.Option("--stages", help="Comma-separated stages to run, e.g. ingest.")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="SAM 3 checkpoint id or directory (proposal stage).")] = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", help="Decoding worker processes.")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="KEY=VALUE config override, e.g. ingest.unit_size=64 (YAML value).")] = None,
+    config: Annotated[Path | None, typer.Argument(help="YAML run configuration (optional: flags alone are enough).")] = None,
+    input: Annotated[str | None, typer.Option("--input", "-i", help="Images: folder, glob, manifest or COCO JSON; any fsspec URL.")] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Run directory (any fsspec URL).")] = None,
+    stages: Annotated[str | None, typer.Option("--stages", help="Comma-separated stages to run, e.g. ingest.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="SAM 3 checkpoint id or directory (proposal stage).")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="Decoding worker processes.")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="KEY=VALUE config override, e.g. ingest.unit_size=64 (YAML value).")
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="If another run holds the run directory, wait for it instead of refusing.")] = False,
 ) -> None:
     """Run the pipeline; run it again with the same output to resume after a crash or an interruption."""
-    from sam3_engine.engine.lock import RunLockedError, describe_holder
     from sam3_engine.app.pipeline import ReconciliationError, RunFailed, run_pipeline, signal_of, stop_on_signals  # torch, Ray: only to run
+    from sam3_engine.engine.lock import RunLockedError, describe_holder
     from sam3_engine.engine.runner import default_progress
 
     overrides = dict(_parse_setting(s) for s in set_ or [])
@@ -75,7 +79,9 @@ def run(
         _fail(str(exc), code=1)
     except KeyboardInterrupt as exc:
         signum = signal_of(exc)
-        _fail(f"interrupted by {signal.Signals(signum).name}: committed work is kept; run the same command again to resume", code=128 + signum)
+        _fail(
+            f"interrupted by {signal.Signals(signum).name}: committed work is kept; run the same command again to resume", code=128 + signum
+        )
     _print_summary(result)
 
 
@@ -105,11 +111,12 @@ def _print_summary(result: RunResult) -> None:
         if {"images", "duplicates", "rejects"} <= report.counts.keys():
             c = report.counts
             console.print(
-                f"{report.name}: {report.items_total} inputs = {c['images']} images + {c['duplicates']} duplicates + {c['rejects']} rejects",
+                f"{report.name}: {report.items_total} inputs = {c['images']} images + "
+                f"{c['duplicates']} duplicates + {c['rejects']} rejects",
                 highlight=False,
             )
     _announce(result.notices)
-    console.print(f"query it: sam3-engine query {result.output} \"SELECT * FROM images LIMIT 5\"", highlight=False, soft_wrap=True)
+    console.print(f'query it: sam3-engine query {result.output} "SELECT * FROM images LIMIT 5"', highlight=False, soft_wrap=True)
 
 
 def _summary_value(value: Any) -> str:
@@ -145,19 +152,35 @@ def _parse_param(text: str) -> tuple[str, Any]:
 @app.command()
 def query(
     run_dir: Annotated[str, typer.Argument(help="Run directory (any fsspec URL).")],
-    sql: Annotated[str, typer.Argument(help="DuckDB SQL over the run's tables (see `sam3-engine tables`) and the verdict macros mask_verdicts(...) and pair_verdicts(...).")],
+    sql: Annotated[
+        str,
+        typer.Argument(
+            help=(
+                "DuckDB SQL over the run's tables (see `sam3-engine tables`) and the "
+                "verdict macros mask_verdicts(...) and pair_verdicts(...)."
+            )
+        ),
+    ],
     format: Annotated[str, typer.Option("--format", "-f", help="table, csv or json.")] = "table",
-    param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="NAME=VALUE bound to $NAME in the SQL (JSON values are parsed).")] = None,
-    endpoint_url: Annotated[Optional[str], typer.Option("--endpoint-url", help="S3-compatible endpoint for s3:// run directories.")] = None,
-    max_rows: Annotated[Optional[int], typer.Option(
-        "--max-rows", min=0, show_default=False, help="Stop after this many rows, in every format [default: 100 for table, all otherwise].",
-    )] = None,
+    param: Annotated[
+        list[str] | None, typer.Option("--param", "-p", help="NAME=VALUE bound to $NAME in the SQL (JSON values are parsed).")
+    ] = None,
+    endpoint_url: Annotated[str | None, typer.Option("--endpoint-url", help="S3-compatible endpoint for s3:// run directories.")] = None,
+    max_rows: Annotated[
+        int | None,
+        typer.Option(
+            "--max-rows",
+            min=0,
+            show_default=False,
+            help="Stop after this many rows, in every format [default: 100 for table, all otherwise].",
+        ),
+    ] = None,
 ) -> None:
     """Run SQL over a run's committed tables and print the result, streamed: rows past --max-rows are never computed."""
     if format not in ("table", "csv", "json"):
         _fail(f"--format must be table, csv or json, not {format!r}")
     if not sql.strip():
-        _fail("the SQL argument is empty: give a query, e.g. \"SELECT * FROM images LIMIT 5\"")
+        _fail('the SQL argument is empty: give a query, e.g. "SELECT * FROM images LIMIT 5"')
     params = dict(_parse_param(p) for p in param or [])
     storage_config = StorageConfig(endpoint_url=endpoint_url)
     _run_dir(run_dir, storage_config)
@@ -184,13 +207,13 @@ def _print_rows(reader, format: str, limit: int | None) -> tuple[int, bool]:
     for batch in reader:
         if limit is not None and batch.num_rows > limit - printed:
             more, batch = True, batch.slice(0, limit - printed)
-        for row in zip(*(column.to_pylist() for column in batch.columns)):  # not dicts: two columns may share a name
+        for row in zip(*(column.to_pylist() for column in batch.columns), strict=True):  # not dicts: two columns may share a name
             if format == "table":
                 table.add_row(*[Text(str(v)) for v in row])  # Text: a value such as "[red]" is not markup
             elif format == "csv":
                 writer.writerow([json.dumps(v, default=str) if isinstance(v, list | dict) else v for v in row])
             else:
-                record = json.dumps(dict(zip(reader.schema.names, row)), default=str, ensure_ascii=False)
+                record = json.dumps(dict(zip(reader.schema.names, row, strict=True)), default=str, ensure_ascii=False)
                 sys.stdout.write(("," if printed else "") + "\n" + record)
             printed += 1
         if more:
@@ -220,16 +243,25 @@ def _run_dir(run_dir: str, storage_config: StorageConfig) -> None:
 @app.command()
 def calibrate(
     run_dir: Annotated[str, typer.Argument(help="Run directory (any fsspec URL) whose verify stage has run.")],
-    labels: Annotated[str, typer.Option("--labels", "-l", help="Human labels: .parquet, .csv or .jsonl with pair_id + present/exhaustive and/or mask_id + good.")],
-    target_precision: Annotated[float, typer.Option("--target-precision", "-t", min=0.0, max=1.0, help="Precision each fitted threshold must reach.")] = 0.9,
+    labels: Annotated[
+        str,
+        typer.Option(
+            "--labels", "-l", help="Human labels: .parquet, .csv or .jsonl with pair_id + present/exhaustive and/or mask_id + good."
+        ),
+    ],
+    target_precision: Annotated[
+        float, typer.Option("--target-precision", "-t", min=0.0, max=1.0, help="Precision each fitted threshold must reach.")
+    ] = 0.9,
     verifier: Annotated[str, typer.Option("--verifier", help="Whose scores and verdicts to calibrate (verify.verifier).")] = "sam3-clip",
-    write: Annotated[Optional[Path], typer.Option("--write", "-w", help="Write the fitted thresholds as a YAML `verify:` section to this file.")] = None,
+    write: Annotated[
+        Path | None, typer.Option("--write", "-w", help="Write the fitted thresholds as a YAML `verify:` section to this file.")
+    ] = None,
     format: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
-    endpoint_url: Annotated[Optional[str], typer.Option("--endpoint-url", help="S3-compatible endpoint for s3:// paths.")] = None,
+    endpoint_url: Annotated[str | None, typer.Option("--endpoint-url", help="S3-compatible endpoint for s3:// paths.")] = None,
 ) -> None:
     """Fit verification thresholds to human labels at a target precision; report each signal's and verdict's precision and recall."""
-    from sam3_engine.engine.store import TableStore
     from sam3_engine.app.calibration import calibrate as fit
+    from sam3_engine.engine.store import TableStore
 
     if format not in ("table", "json"):
         _fail(f"--format must be table or json, not {format!r}")
@@ -248,29 +280,67 @@ def calibrate(
         out.print_json(json.dumps(report))
         return
     given, matched = report["labels"]["given"], report["labels"]["matched"]
-    console.print(f"labels: {matched['pairs']} of {given['pairs']} pairs and {matched['masks']} of {given['masks']} masks found in the run (verifier {verifier})")
-    signals = Table("level", "signal", "predicts", "config key", "threshold", "precision", "recall", "labelled",
-                    title=f"thresholds at precision >= {target_precision}", title_justify="left")
+    console.print(
+        f"labels: {matched['pairs']} of {given['pairs']} pairs and {matched['masks']} of "
+        f"{given['masks']} masks found in the run (verifier {verifier})"
+    )
+    signals = Table(
+        "level",
+        "signal",
+        "predicts",
+        "config key",
+        "threshold",
+        "precision",
+        "recall",
+        "labelled",
+        title=f"thresholds at precision >= {target_precision}",
+        title_justify="left",
+    )
     for f in report["signals"]:
-        signals.add_row(f["level"], f["signal"], f["predicts"], f["config_key"] or "-", _number(f["threshold"]), _number(f["precision"]), _number(f["recall"]), str(f["labelled"]))
-    verdicts = Table("verifier", "level", "verdict", "label", "precision", "recall", "labelled", title="verdicts as they stand", title_justify="left")
+        signals.add_row(
+            f["level"],
+            f["signal"],
+            f["predicts"],
+            f["config_key"] or "-",
+            _number(f["threshold"]),
+            _number(f["precision"]),
+            _number(f["recall"]),
+            str(f["labelled"]),
+        )
+    verdicts = Table(
+        "verifier", "level", "verdict", "label", "precision", "recall", "labelled", title="verdicts as they stand", title_justify="left"
+    )
     for v in report["verdicts"]:
-        verdicts.add_row(v["verifier"], v["level"], v["verdict"], v["label"], _number(v["precision"]), _number(v["recall"]), str(v["labelled"]))
+        verdicts.add_row(
+            v["verifier"], v["level"], v["verdict"], v["label"], _number(v["precision"]), _number(v["recall"]), str(v["labelled"])
+        )
     out.print(signals)
     out.print(verdicts)
     if write is not None:
-        console.print(f"wrote {len(report['thresholds'])} threshold(s) to {write}: merge its verify section into the config and run `--stages verify` (no model runs)")
+        console.print(
+            f"wrote {len(report['thresholds'])} threshold(s) to {write}: merge its verify "
+            "section into the config and run `--stages verify` (no model runs)"
+        )
 
 
 @app.command("import-labels")
 def import_labels(
     run_dir: Annotated[str, typer.Argument(help="Run directory (any fsspec URL).")],
-    labels: Annotated[str, typer.Option("--labels", "-l", help="Human labels: .parquet, .csv or .jsonl with pair_id + present/exhaustive and/or mask_id + good.")],
-    verifier: Annotated[str, typer.Option("--verifier", help="Name the labels are stored under (one of splits.human_verifiers for Gold).")] = "human",
-    endpoint_url: Annotated[Optional[str], typer.Option("--endpoint-url", help="S3-compatible endpoint for s3:// paths.")] = None,
+    labels: Annotated[
+        str,
+        typer.Option(
+            "--labels", "-l", help="Human labels: .parquet, .csv or .jsonl with pair_id + present/exhaustive and/or mask_id + good."
+        ),
+    ],
+    verifier: Annotated[
+        str, typer.Option("--verifier", help="Name the labels are stored under (one of splits.human_verifiers for Gold).")
+    ] = "human",
+    endpoint_url: Annotated[str | None, typer.Option("--endpoint-url", help="S3-compatible endpoint for s3:// paths.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="If a run holds the run directory, wait for it instead of refusing.")] = False,
 ) -> None:
-    """Store human labels as a verifier's verdicts (replacing its earlier import): splits make them Gold, calibrate scores machines against them."""
+    """Store human labels as a verifier's verdicts (replacing its earlier import): splits make them Gold,
+    calibrate scores machines against them.
+    """
     from sam3_engine.app.labels import import_labels as store_labels
     from sam3_engine.engine.lock import RunLock, RunLockedError, describe_holder
     from sam3_engine.engine.store import TableStore
@@ -295,22 +365,43 @@ def import_labels(
 
 @app.command("eval")
 def evaluate(
-    paths: Annotated[Optional[list[str]], typer.Argument(help="RUN_DIR with --split; or more ground-truth files after --gt (SA-Co Gold ships three).", show_default=False)] = None,
-    pred: Annotated[Optional[str], typer.Option("--pred", help="Predictions: a COCO results JSON list (image_id = the SA-Co pair id, segmentation RLE, score, bbox).")] = None,
-    gt: Annotated[Optional[list[str]], typer.Option("--gt", help="SA-Co ground-truth JSON; repeat it, or list more files after it, for several annotators.")] = None,
-    split: Annotated[Optional[str], typer.Option("--split", "-s", help="With RUN_DIR: evaluate the run's own proposals against this split (train, val, test).")] = None,
+    paths: Annotated[
+        list[str] | None,
+        typer.Argument(help="RUN_DIR with --split; or more ground-truth files after --gt (SA-Co Gold ships three).", show_default=False),
+    ] = None,
+    pred: Annotated[
+        str | None,
+        typer.Option("--pred", help="Predictions: a COCO results JSON list (image_id = the SA-Co pair id, segmentation RLE, score, bbox)."),
+    ] = None,
+    gt: Annotated[
+        list[str] | None,
+        typer.Option("--gt", help="SA-Co ground-truth JSON; repeat it, or list more files after it, for several annotators."),
+    ] = None,
+    split: Annotated[
+        str | None,
+        typer.Option("--split", "-s", help="With RUN_DIR: evaluate the run's own proposals against this split (train, val, test)."),
+    ] = None,
     tier: Annotated[str, typer.Option("--tier", "-t", help="With --split: gold, silver or all.")] = "gold",
     iou_type: Annotated[str, typer.Option("--iou-type", help="segm (masks) or bbox (boxes).")] = "segm",
-    allow_mismatch: Annotated[bool, typer.Option("--allow-mismatch", help="Evaluate despite bad references (predictions of unknown pairs, "
-                                                 "annotations of missing images, RLEs that do not decode or are not their image's size).")] = False,
-    endpoint_url: Annotated[Optional[str], typer.Option("--endpoint-url", help="S3-compatible endpoint for s3:// paths.")] = None,
+    allow_mismatch: Annotated[
+        bool,
+        typer.Option(
+            "--allow-mismatch",
+            help="Evaluate despite bad references (predictions of unknown pairs, "
+            "annotations of missing images, RLEs that do not decode or are not their image's size).",
+        ),
+    ] = False,
+    endpoint_url: Annotated[str | None, typer.Option("--endpoint-url", help="S3-compatible endpoint for s3:// paths.")] = None,
 ) -> None:
-    """SA-Co metrics as JSON: cgF1, IL_MCC, pmF1 (cgF1 and pmF1 in percent), also at IoU 0.5 and 0.75, with precision, recall and image-level counts."""
+    """SA-Co metrics as JSON: cgF1, IL_MCC, pmF1 (cgF1 and pmF1 in percent), also at IoU 0.5 and 0.75, with
+    precision, recall and image-level counts.
+    """
     import tempfile
 
-    from sam3_engine.engine.store import TableStore
-    from sam3_engine.metrics.cgf1 import EvaluationError, evaluate as cgf1, load_json
     from sam3_engine.app.export import ExportError, export, predictions
+    from sam3_engine.engine.store import TableStore
+    from sam3_engine.metrics.cgf1 import EvaluationError, load_json
+    from sam3_engine.metrics.cgf1 import evaluate as cgf1
 
     storage_config = StorageConfig(endpoint_url=endpoint_url)
     read = lambda path: storage.read_text(path, storage_config)  # noqa: E731
@@ -333,7 +424,9 @@ def evaluate(
         _fail(str(exc))
     mismatched = {kind: n for kind, n in result["mismatches"].items() if n}
     if mismatched:
-        console.print(f"[bold yellow]warning:[/] evaluated despite bad references (--allow-mismatch): {mismatched}", highlight=False, soft_wrap=True)
+        console.print(
+            f"[bold yellow]warning:[/] evaluated despite bad references (--allow-mismatch): {mismatched}", highlight=False, soft_wrap=True
+        )
     out.print_json(json.dumps(result))
 
 
@@ -341,14 +434,22 @@ def evaluate(
 def export_split(
     run_dir: Annotated[str, typer.Argument(help="Run directory (any fsspec URL) whose splits stage has run.")],
     split: Annotated[str, typer.Option("--split", "-s", help="train, val or test.")],
-    out: Annotated[str, typer.Option("--out", "-o", help="Output file (any fsspec URL); SA-Co Gold with several sources writes OUT_a.json, OUT_b.json, ...")],
-    format: Annotated[str, typer.Option("--format", "-f", help="saco (one entry per image-phrase pair), coco (instances, categories = concepts) or parquet.")] = "saco",
+    out: Annotated[
+        str,
+        typer.Option(
+            "--out", "-o", help="Output file (any fsspec URL); SA-Co Gold with several sources writes OUT_a.json, OUT_b.json, ..."
+        ),
+    ],
+    format: Annotated[
+        str,
+        typer.Option("--format", "-f", help="saco (one entry per image-phrase pair), coco (instances, categories = concepts) or parquet."),
+    ] = "saco",
     tier: Annotated[str, typer.Option("--tier", "-t", help="gold, silver or all.")] = "all",
-    endpoint_url: Annotated[Optional[str], typer.Option("--endpoint-url", help="S3-compatible endpoint for s3:// paths.")] = None,
+    endpoint_url: Annotated[str | None, typer.Option("--endpoint-url", help="S3-compatible endpoint for s3:// paths.")] = None,
 ) -> None:
     """Export one split of the benchmark as SA-Co JSON, COCO instances JSON or Parquet."""
-    from sam3_engine.engine.store import TableStore
     from sam3_engine.app.export import ExportError, export
+    from sam3_engine.engine.store import TableStore
 
     storage_config = StorageConfig(endpoint_url=endpoint_url)
     _run_dir(run_dir, storage_config)
@@ -365,12 +466,14 @@ def _number(value: float | None) -> str:
 
 
 @app.command()
-def tables(name: Annotated[Optional[str], typer.Argument(help="One table to describe.")] = None) -> None:
+def tables(name: Annotated[str | None, typer.Argument(help="One table to describe.")] = None) -> None:
     """Describe the engine's tables: columns, types and what each means."""
     if name is not None and name not in TABLES:
         _fail(f"no table {name!r}; tables: {', '.join(TABLES)}")
     for spec in [TABLES[name]] if name else TABLES.values():
-        table = Table("column", "type", "nullable", "meaning", title=f"{spec.name} (schema v{spec.version}): {spec.doc}", title_justify="left")
+        table = Table(
+            "column", "type", "nullable", "meaning", title=f"{spec.name} (schema v{spec.version}): {spec.doc}", title_justify="left"
+        )
         for column in spec.columns:
             table.add_row(column.name, str(column.type), "yes" if column.nullable else "no", column.doc)
         out.print(table)

@@ -84,7 +84,9 @@ def export(store: TableStore, split: str, tier: str, format: str, out: str, stor
     try:
         con.execute(named_query("export"))
         params = {"split": split, "tiers": TIERS[tier]}
-        ((pairs, sources),) = con.sql("SELECT count(*), coalesce(max(source_count), 0) FROM export_pairs($split, $tiers, 1)", params=params).fetchall()
+        ((pairs, sources),) = con.sql(
+            "SELECT count(*), coalesce(max(source_count), 0) FROM export_pairs($split, $tiers, 1)", params=params
+        ).fetchall()
         if not pairs:
             raise ExportError(_empty_split(con, split, tier))
         fs, path = storage.filesystem(out, storage_config)
@@ -125,27 +127,42 @@ def _saco(con, fs, out: str, params: dict[str, Any], sources: int) -> ExportRepo
         selection = {**params, "source": index}
         counts = {"pairs": 0, "positives": 0, "masks": 0}
 
-        def images() -> Iterator[dict[str, Any]]:
+        def images(selection=selection, counts=counts) -> Iterator[dict[str, Any]]:
             for row in _batches(con, "SELECT * FROM export_pairs($split, $tiers, $source)", selection):
                 counts["pairs"] += 1
                 counts["positives"] += row["kind"] == "positive"
                 uncovered = row["uncovered_fraction"]
                 pixel = row["kind"] == "negative" or (uncovered is not None and uncovered <= PIXEL_EXHAUSTIVE_UNCOVERED)
                 yield {
-                    "id": row["pair_number"], "file_name": row["uri"], "text_input": row["phrase"], "width": row["width"], "height": row["height"],
-                    "queried_category": row["concept_id"], "is_instance_exhaustive": 1, "is_pixel_exhaustive": int(pixel),
-                    "pair_id": row["pair_id"], "image_id": row["image_id"], "tier": row["tier"], "split": row["split"], "source": row["source"],
+                    "id": row["pair_number"],
+                    "file_name": row["uri"],
+                    "text_input": row["phrase"],
+                    "width": row["width"],
+                    "height": row["height"],
+                    "queried_category": row["concept_id"],
+                    "is_instance_exhaustive": 1,
+                    "is_pixel_exhaustive": int(pixel),
+                    "pair_id": row["pair_id"],
+                    "image_id": row["image_id"],
+                    "tier": row["tier"],
+                    "split": row["split"],
+                    "source": row["source"],
                 }
 
-        def masks() -> Iterator[dict[str, Any]]:
+        def masks(selection=selection, counts=counts) -> Iterator[dict[str, Any]]:
             for row in _batches(con, "SELECT * FROM export_masks($split, $tiers, $source)", selection):
                 counts["masks"] += 1
                 size = row["width"] * row["height"]
                 yield {
-                    "id": row["mask_number"], "image_id": row["pair_number"], "category_id": 1, "iscrowd": 0,
+                    "id": row["mask_number"],
+                    "image_id": row["pair_number"],
+                    "category_id": 1,
+                    "iscrowd": 0,
                     "segmentation": {"size": [row["height"], row["width"]], "counts": row["rle_counts"]},
-                    "bbox": _normalised_box(row["bbox"], row["width"], row["height"]), "area": row["area"] / size,
-                    "source": f"created by SAM 3, verified by {row['source']}", "mask_id": row["mask_id"],
+                    "bbox": _normalised_box(row["bbox"], row["width"], row["height"]),
+                    "area": row["area"] / size,
+                    "source": f"created by SAM 3, verified by {row['source']}",
+                    "mask_id": row["mask_id"],
                 }
 
         _write_json(fs, path, {"images": images(), "annotations": masks(), "categories": [{"id": 1, "name": "object"}]})
@@ -163,8 +180,18 @@ def _coco(con, fs, out: str, params: dict[str, Any], sources: int) -> ExportRepo
     category_of = {concept_id: number for (concept_id, _), number in concepts.items()}
     photos: dict[str, dict[str, Any]] = {}
     for pair in pairs:
-        photo = photos.setdefault(pair["image_id"], {"id": len(photos) + 1, "file_name": pair["uri"], "width": pair["width"], "height": pair["height"],
-                                                     "image_id": pair["image_id"], "neg_category_ids": [], "pos_category_ids": []})
+        photo = photos.setdefault(
+            pair["image_id"],
+            {
+                "id": len(photos) + 1,
+                "file_name": pair["uri"],
+                "width": pair["width"],
+                "height": pair["height"],
+                "image_id": pair["image_id"],
+                "neg_category_ids": [],
+                "pos_category_ids": [],
+            },
+        )
         photo["neg_category_ids" if pair["kind"] == "negative" else "pos_category_ids"].append(category_of[pair["concept_id"]])
     report = ExportReport(files=[out], pairs=len(pairs), positives=sum(p["kind"] == "positive" for p in pairs))
     report.negatives = report.pairs - report.positives
@@ -173,9 +200,15 @@ def _coco(con, fs, out: str, params: dict[str, Any], sources: int) -> ExportRepo
         for row in _batches(con, "SELECT * FROM export_masks($split, $tiers, $source)", selection):
             report.masks += 1
             yield {
-                "id": row["mask_number"], "image_id": photos[row["image_id"]]["id"], "category_id": category_of[row["concept_id"]], "iscrowd": 0,
-                "segmentation": {"size": [row["height"], row["width"]], "counts": row["rle_counts"]}, "bbox": row["bbox"], "area": row["area"],
-                "score": row["score"], "mask_id": row["mask_id"],
+                "id": row["mask_number"],
+                "image_id": photos[row["image_id"]]["id"],
+                "category_id": category_of[row["concept_id"]],
+                "iscrowd": 0,
+                "segmentation": {"size": [row["height"], row["width"]], "counts": row["rle_counts"]},
+                "bbox": row["bbox"],
+                "area": row["area"],
+                "score": row["score"],
+                "mask_id": row["mask_id"],
             }
 
     categories = [{"id": number, "name": phrase, "concept_id": concept_id} for (concept_id, phrase), number in concepts.items()]
@@ -206,8 +239,12 @@ def predictions(store: TableStore, split: str, tier: str) -> list[dict[str, Any]
     finally:
         con.close()
     return [
-        {"image_id": row["pair_number"], "category_id": 1, "score": row["score"],
-         "segmentation": {"size": [row["height"], row["width"]], "counts": row["rle_counts"]},
-         "bbox": _normalised_box(row["bbox"], row["width"], row["height"])}
+        {
+            "image_id": row["pair_number"],
+            "category_id": 1,
+            "score": row["score"],
+            "segmentation": {"size": [row["height"], row["width"]], "counts": row["rle_counts"]},
+            "bbox": _normalised_box(row["bbox"], row["width"], row["height"]),
+        }
         for row in rows
     ]

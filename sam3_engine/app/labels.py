@@ -16,11 +16,11 @@ from collections import Counter
 
 import pyarrow as pa
 
+from sam3_engine.app.calibration import label_counts, normalised_labels
 from sam3_engine.engine.catalog import connect, named_query
 from sam3_engine.engine.stage import fingerprint
 from sam3_engine.engine.store import TableStore
 from sam3_engine.schemas.tables import MASK_VERIFICATIONS, PAIR_VERIFICATIONS, UNITS, validate
-from sam3_engine.app.calibration import label_counts, normalised_labels
 
 
 def import_labels(store: TableStore, labels: pa.Table, verifier: str) -> dict[str, int]:
@@ -42,7 +42,12 @@ def import_labels(store: TableStore, labels: pa.Table, verifier: str) -> dict[st
     ledger = f"labels.{verifier}"
     unit_id = fingerprint(ledger, {"labels": labels.to_pylist()})
     store.delete_units(UNITS, store.done_units(ledger) - {unit_id})
-    store.record_unit(ledger, unit_id, f"import-labels-{uuid.uuid4().hex}", labels.num_rows,
-                      {MASK_VERIFICATIONS.name: written_masks, PAIR_VERIFICATIONS.name: written_pairs})
+    store.record_unit(
+        ledger,
+        unit_id,
+        f"import-labels-{uuid.uuid4().hex}",
+        labels.num_rows,
+        {MASK_VERIFICATIONS.name: written_masks, PAIR_VERIFICATIONS.name: written_pairs},
+    )
     given = label_counts(labels)
     return {"pairs": written_pairs, "masks": written_masks, "unmatched": given["pairs"] + given["masks"] - written_pairs - written_masks}

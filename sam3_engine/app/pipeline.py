@@ -16,7 +16,7 @@ import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -28,11 +28,11 @@ from sam3_engine.engine.config import ConfigError, RunConfig
 from sam3_engine.engine.lock import RunLock, RunLockedError
 from sam3_engine.engine.ray_executor import RayExecutor, release_ray
 from sam3_engine.engine.runner import Executor, ProcessExecutor, StageReport, UnitRunner
+from sam3_engine.engine.stage import BuildContext, Stage, stage_class
 from sam3_engine.engine.store import TableStore
+from sam3_engine.io.inputs import InputError
 from sam3_engine.models.hub import ModelLoadError
 from sam3_engine.schemas.tables import RUNS
-from sam3_engine.engine.stage import BuildContext, Stage, stage_class
-from sam3_engine.io.inputs import InputError
 from sam3_engine.stages.propose import ProposeStage
 
 
@@ -152,7 +152,7 @@ def _read_run_metadata(config: RunConfig) -> dict:
         with fs.open(meta_path, "r") as f:
             meta = json.load(f)
     else:
-        meta = {"run_id": uuid.uuid4().hex, "created_at": datetime.now(timezone.utc).isoformat()}
+        meta = {"run_id": uuid.uuid4().hex, "created_at": datetime.now(UTC).isoformat()}
     return {**meta, "engine_version": sam3_engine.__version__, "git_commit": git_commit()}
 
 
@@ -174,7 +174,7 @@ def _runs_row(meta: dict, attempt_id: str, config: RunConfig, started: datetime,
                 "run_id": meta["run_id"],
                 "status": status,
                 "started_at": started,
-                "finished_at": None if status == "running" else datetime.now(timezone.utc),
+                "finished_at": None if status == "running" else datetime.now(UTC),
                 "engine_version": meta["engine_version"],
                 "git_commit": meta["git_commit"],
                 "stages": list(config.stages),
@@ -228,8 +228,13 @@ def _log_failure(config: RunConfig, attempt_id: str, exc: BaseException) -> RunF
     return RunFailed(f"{what}; committed work is kept and re-running the same command resumes (traceback: {log_url})", log_url)
 
 
-def run_pipeline(config: RunConfig, progress=None, announce: Callable[[list[str]], None] | None = None,
-                 wait_for_lock: bool = False, on_wait: Callable[[dict], None] | None = None) -> RunResult:
+def run_pipeline(
+    config: RunConfig,
+    progress=None,
+    announce: Callable[[list[str]], None] | None = None,
+    wait_for_lock: bool = False,
+    on_wait: Callable[[dict], None] | None = None,
+) -> RunResult:
     """Run ``config.stages`` in order into ``config.output``; safe to call again after a crash.
 
     One run at a time holds the run directory (``engine.lock``): another refuses with
@@ -263,7 +268,7 @@ def _run_locked(config: RunConfig, lock: RunLock, progress, announce, created: b
         announce(found)
     store = TableStore(config.output, config.storage)
     attempt_id = uuid.uuid4().hex
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     store.replace(RUNS, attempt_id, _runs_row(meta, attempt_id, config, started, "running"))
     runner = UnitRunner(store, attempt_id, progress)
     reports: list[StageReport] = []
@@ -292,7 +297,9 @@ def _run_locked(config: RunConfig, lock: RunLock, progress, announce, created: b
         if isinstance(exc, Exception) and not isinstance(exc, EXPECTED):
             raise _log_failure(config, attempt_id, exc) from exc
         raise
-    result = RunResult(meta["run_id"], attempt_id, store.run_url, meta["engine_version"], meta["git_commit"], time.monotonic() - clock, reports, found)
+    result = RunResult(
+        meta["run_id"], attempt_id, store.run_url, meta["engine_version"], meta["git_commit"], time.monotonic() - clock, reports, found
+    )
     summary = {"seconds": result.seconds, "notices": result.notices, "stages": [asdict(r) for r in reports]}
     store.replace(RUNS, attempt_id, _runs_row(meta, attempt_id, config, started, "finished", summary))
     return result

@@ -32,7 +32,12 @@ def connect(run: str | TableStore, storage_config: StorageConfig | None = None) 
     for name in TABLES:
         con.register(name, store.dataset(name))
     con.create_function(
-        "rle_uncovered_fraction", _uncovered_fractions, ["INTEGER", "INTEGER", "VARCHAR", "VARCHAR[]"], "DOUBLE", type="arrow", null_handling="special"
+        "rle_uncovered_fraction",
+        _uncovered_fractions,
+        ["INTEGER", "INTEGER", "VARCHAR", "VARCHAR[]"],
+        "DOUBLE",
+        type="arrow",
+        null_handling="special",
     )
     con.execute(verdict_macros())
     return con
@@ -75,7 +80,7 @@ def uncovered_fraction(height: int, width: int, foreground: str | None, masks: l
 
 
 def _uncovered_fractions(heights: pa.Array, widths: pa.Array, foregrounds: pa.Array, masks: pa.Array) -> pa.Array:
-    rows = zip(heights.to_pylist(), widths.to_pylist(), foregrounds.to_pylist(), masks.to_pylist())
+    rows = zip(heights.to_pylist(), widths.to_pylist(), foregrounds.to_pylist(), masks.to_pylist(), strict=True)
     return pa.array([uncovered_fraction(h, w, f, m or []) for h, w, f, m in rows], pa.float64())
 
 
@@ -87,7 +92,10 @@ def query(run: str | TableStore, sql: str, params: dict[str, Any] | list[Any] | 
 
 @contextmanager
 def stream(
-    run: str | TableStore, sql: str, params: dict[str, Any] | list[Any] | None = None, storage_config: StorageConfig | None = None,
+    run: str | TableStore,
+    sql: str,
+    params: dict[str, Any] | list[Any] | None = None,
+    storage_config: StorageConfig | None = None,
     batch_rows: int = STREAM_BATCH_ROWS,
 ) -> Iterator[pa.RecordBatchReader]:
     """Run ``sql`` with bound ``params`` over the run's tables; yields its result as batches that DuckDB makes as they are read.

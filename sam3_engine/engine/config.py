@@ -48,23 +48,35 @@ class StorageConfig(ConfigSection):
 
 
 class ModelConfig(ConfigSection):
-    name: str = Field("facebook/sam3", description="Hugging Face id or local directory of the SAM 3 checkpoint, or tiny-random (random weights, for smoke runs).")
+    name: str = Field(
+        "facebook/sam3",
+        description="Hugging Face id or local directory of the SAM 3 checkpoint, or tiny-random (random weights, for smoke runs).",
+    )
     revision: str | None = Field(None, description="Pinned revision of the checkpoint.")
     device: str | None = Field(None, description="Torch device for the model; default: cuda when the worker has a GPU, else cpu.")
-    dtype: Literal["bfloat16", "float16", "float32"] | None = Field(None, description="Weights and activations; default: bfloat16 on CUDA, float32 on CPU.")
+    dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
+        None, description="Weights and activations; default: bfloat16 on CUDA, float32 on CPU."
+    )
     fallback_to_tiny_random: bool = Field(
-        False, description="When the checkpoint cannot be reached, run tiny-random instead of failing (the quickstart only; announced loudly)."
+        False,
+        description="When the checkpoint cannot be reached, run tiny-random instead of failing (the quickstart only; announced loudly).",
     )
 
 
 class ClipConfig(ConfigSection):
     model: str = Field("ViT-B-32", description="open_clip architecture, or tiny-random (random weights, for smoke runs).")
-    pretrained: str | None = Field("laion2b_s34b_b79k", description="open_clip pretrained tag (weights from the Hugging Face hub) or a local weights file.")
+    pretrained: str | None = Field(
+        "laion2b_s34b_b79k", description="open_clip pretrained tag (weights from the Hugging Face hub) or a local weights file."
+    )
     device: str | None = Field(None, description="Torch device; default: cuda when the worker has a GPU, else cpu.")
-    fallback_to_tiny_random: bool = Field(False, description="When the weights cannot be reached, run tiny-random instead of failing (announced loudly).")
+    fallback_to_tiny_random: bool = Field(
+        False, description="When the weights cannot be reached, run tiny-random instead of failing (announced loudly)."
+    )
     batch_size: int = Field(64, ge=1, description="Images or phrases per forward pass.")
     unit_size: int = Field(256, ge=1, description="Images (or 4x as many phrases) per work unit.")
-    workers: int | None = Field(None, ge=1, description="Model actors; default: one per GPU in the Ray cluster, or one CPU actor without GPUs.")
+    workers: int | None = Field(
+        None, ge=1, description="Model actors; default: one per GPU in the Ray cluster, or one CPU actor without GPUs."
+    )
     gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per model actor; default: 1 when the cluster has GPUs, else 0.")
 
 
@@ -95,7 +107,9 @@ class MaskThresholds(ConfigSection):
         0.5, ge=0.0, le=1.0, description="Masks that SAM 3, prompted with their box, reproduces below this IoU are reprompt_inconsistent."
     )
     min_clip_margin: float = Field(
-        0.0, ge=-2.0, le=2.0,
+        0.0,
+        ge=-2.0,
+        le=2.0,
         description="Masks whose CLIP crop similarity to their phrase is below the best unrelated phrase's plus this are clip_mismatch.",
     )
     reject_reasons: tuple[str, ...] = Field(
@@ -126,11 +140,15 @@ class PairThresholds(ConfigSection):
         0.4, ge=0.0, le=1.0, description="Presence probability at or below which a pair is absent (between the two: uncertain)."
     )
     max_uncovered_fraction: float = Field(
-        0.2, ge=0.0, le=1.0,
+        0.2,
+        ge=0.0,
+        le=1.0,
         description="A pair whose semantic foreground is uncovered by its accepted masks beyond this share is not exhaustive.",
     )
     high_score: float = Field(
-        0.5, ge=0.0, le=1.0,
+        0.5,
+        ge=0.0,
+        le=1.0,
         description="A rejected mask (not a duplicate or conflict) scoring at least this makes its pair not exhaustive.",
     )
 
@@ -152,7 +170,9 @@ class RayConfig(ConfigSection):
 class RunConfig(ConfigSection):
     """The keys every run has; each registered stage with a ``config_model`` adds its section (``run_config_model``)."""
 
-    input: str | None = Field(None, description="Images: a folder, a glob, a manifest (.jsonl/.csv/.parquet) or a COCO .json; any fsspec URL.")
+    input: str | None = Field(
+        None, description="Images: a folder, a glob, a manifest (.jsonl/.csv/.parquet) or a COCO .json; any fsspec URL."
+    )
     output: str | None = Field(None, description="Run directory (any fsspec URL); default runs/<config or input name>.")
     stages: tuple[str, ...] = Field(default_factory=stage_names, description="Stages to run, in pipeline order (default: every stage).")
     model: ModelConfig = ModelConfig()
@@ -193,11 +213,20 @@ def _with_sections(sections: tuple[tuple[str, type[ConfigSection]], ...]) -> typ
 
 def sections(model: type[BaseModel]) -> dict[str, type[BaseModel]]:
     """The model's nested sections by key: ``model``, ``mine``, ``verify``, ..."""
-    return {name: field.annotation for name, field in model.model_fields.items() if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)}
+    return {
+        name: field.annotation
+        for name, field in model.model_fields.items()
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+    }
 
 
 def _file_keys(model: type[RunConfig]) -> set[tuple[str, str]]:
-    return {(name, key) for name, section in sections(model).items() for key, field in section.model_fields.items() if (field.json_schema_extra or {}).get("file")}
+    return {
+        (name, key)
+        for name, section in sections(model).items()
+        for key, field in section.model_fields.items()
+        if (field.json_schema_extra or {}).get("file")
+    }
 
 
 def _is_local(url: str) -> bool:

@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from fsspec.asyn import sync
 
@@ -36,7 +36,7 @@ class RunLockedError(RuntimeError):
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def describe_holder(holder: dict) -> str:
@@ -62,8 +62,14 @@ def _alive_here(holder: dict) -> bool:
 class RunLock:
     """Held for the length of a ``with`` block; ``acquire(wait=True)`` polls until the holder is done."""
 
-    def __init__(self, run_url: str, storage_config: StorageConfig | None = None, command: str = "run",
-                 stale_after: float = 120.0, poll_seconds: float = 2.0):
+    def __init__(
+        self,
+        run_url: str,
+        storage_config: StorageConfig | None = None,
+        command: str = "run",
+        stale_after: float = 120.0,
+        poll_seconds: float = 2.0,
+    ):
         self.run_url = storage.absolute_url(run_url)
         self.storage_config = storage_config or StorageConfig()
         self.stale_after = stale_after
@@ -90,8 +96,7 @@ class RunLock:
                 return self
             if not wait:
                 raise RunLockedError(
-                    f"run directory {self.run_url} is in use by {describe_holder(holder)}; "
-                    "wait for it to finish, or pass --wait"
+                    f"run directory {self.run_url} is in use by {describe_holder(holder)}; wait for it to finish, or pass --wait"
                 )
             if on_wait is not None and not announced:
                 on_wait(holder)
@@ -167,7 +172,7 @@ class RunLock:
         except FileNotFoundError:
             return self._try_object()  # released in between: try again
         holder = json.loads(sync(self._fs.loop, found["Body"].read) or b"{}")
-        age = (datetime.now(timezone.utc) - found["LastModified"]).total_seconds()
+        age = (datetime.now(UTC) - found["LastModified"]).total_seconds()
         if age <= self.stale_after and _alive_here(holder):
             return holder
         try:

@@ -187,7 +187,9 @@ class RayExecutor:
                     if strikes[unit.unit_id] < 2:
                         pending.appendleft(unit)
                     else:
-                        crashes += isolate(stage, unit, lambda single: self._run_alone(new_actor, prepare, stage_ref, context, single), _DEATHS, committed)
+                        crashes += isolate(
+                            stage, unit, lambda single: self._run_alone(new_actor, prepare, stage_ref, context, single), _DEATHS, committed
+                        )
                     continue
                 committed(unit, tables)
         finally:

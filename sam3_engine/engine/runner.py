@@ -14,17 +14,17 @@ import signal
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import pyarrow as pa
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from sam3_engine.schemas.tables import UNITS
 from sam3_engine.engine.stage import STATS_KEY, Derivation, Stage, WorkerContext, WorkUnit, start_worker
+from sam3_engine.schemas.tables import UNITS
 
 if TYPE_CHECKING:
     from sam3_engine.engine.store import TableStore
@@ -88,8 +88,13 @@ def _process(unit: WorkUnit) -> dict[str, pa.Table]:
     return _worker_stage.process(unit, _worker_stage.prepare(unit))
 
 
-def isolate(stage: Stage, unit: WorkUnit, run_alone: Callable[[WorkUnit], dict[str, pa.Table]], deaths: tuple[type[BaseException], ...],
-            committed: Callable[[WorkUnit, dict[str, pa.Table]], None]) -> int:
+def isolate(
+    stage: Stage,
+    unit: WorkUnit,
+    run_alone: Callable[[WorkUnit], dict[str, pa.Table]],
+    deaths: tuple[type[BaseException], ...],
+    committed: Callable[[WorkUnit, dict[str, pa.Table]], None],
+) -> int:
     """Run a unit that killed its worker twice item by item, each on a fresh worker (``run_alone``); an item
     that kills its worker again gets the stage's ``process_isolated`` rows. Commits the unit; returns the crashes."""
     parts, crashes = [], 0
@@ -121,8 +126,9 @@ class _Commits:
 class Executor(Protocol):
     """Where units run. ``execute`` calls ``committed(unit, tables)`` for every unit and returns the worker crashes it saw."""
 
-    def execute(self, stage: Stage, units: list[WorkUnit], committed: Callable[[WorkUnit, dict[str, pa.Table]], None],
-                context: WorkerContext) -> int: ...
+    def execute(
+        self, stage: Stage, units: list[WorkUnit], committed: Callable[[WorkUnit, dict[str, pa.Table]], None], context: WorkerContext
+    ) -> int: ...
 
     def describe(self) -> dict:
         """Where the last ``execute`` ran its units, for the run summary."""
@@ -217,8 +223,12 @@ class ProcessExecutor:
 
     def _pool(self, stage: Stage, context: WorkerContext, workers: int | None = None) -> ProcessPoolExecutor:
         """Workers that each receive the stage once and set it up before their first unit."""
-        return ProcessPoolExecutor(workers or self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_start_pool_worker, initargs=(os.getpid(), stage, context))
+        return ProcessPoolExecutor(
+            workers or self.workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_pool_worker,
+            initargs=(os.getpid(), stage, context),
+        )
 
     def _run_pool(self, stage: Stage, context: WorkerContext, units: list[WorkUnit], committed) -> list[WorkUnit]:
         """Run units with a bounded number in flight; return those lost to a broken pool."""

@@ -49,8 +49,15 @@ def fingerprint(stage: str, payload: Any) -> str:
     return f"{stage}:{digest[:32]}"
 
 
-def plan_units(ledger: str, settings: dict[str, Any], items: list[T], key: Callable[[T], str], unit_size: int,
-               identity: Callable[[T], Any], field: str = "images") -> list[WorkUnit]:
+def plan_units(
+    ledger: str,
+    settings: dict[str, Any],
+    items: list[T],
+    key: Callable[[T], str],
+    unit_size: int,
+    identity: Callable[[T], Any],
+    field: str = "images",
+) -> list[WorkUnit]:
     """Content-defined shards of ``items`` (sorted by ``key``), each a unit whose id hashes ``settings`` and the
     ``identity`` of every item in it under ``field``: what decides the unit's rows, so a change to either re-runs it."""
     return [
@@ -82,10 +89,12 @@ def content_defined_chunks(items: list[T], key: Callable[[T], str], unit_size: i
 
 def reject_reasons(con, stage: Stage) -> dict[str, int]:
     """Rejects per reason code of one stage's ledger (one verifier's, say), from the run's DuckDB catalog, for its summary."""
-    return dict(con.execute(
-        "SELECT reason, count(*) FROM rejects WHERE stage = $stage AND starts_with(unit_id, $ledger) GROUP BY reason ORDER BY reason",
-        {"stage": stage.name, "ledger": f"{stage.ledger}:"},
-    ).fetchall())
+    return dict(
+        con.execute(
+            "SELECT reason, count(*) FROM rejects WHERE stage = $stage AND starts_with(unit_id, $ledger) GROUP BY reason ORDER BY reason",
+            {"stage": stage.name, "ledger": f"{stage.ledger}:"},
+        ).fetchall()
+    )
 
 
 def image_reject(stage: str, item: Any, reason: str, detail: str) -> dict[str, Any]:
@@ -181,7 +190,7 @@ class Stage(ABC):
     context: WorkerContext | None = None
     """Set by the engine in every process that runs the stage's ``prepare`` or ``process``."""
 
-    def setup(self, context: WorkerContext) -> None:
+    def setup(self, context: WorkerContext) -> None:  # noqa: B027 - a hook: most stages load nothing
         """Once per worker process or model actor, before its first unit: load the model here and keep it on ``self``.
 
         Not called where units are only prepared (CPU tasks beside model actors): ``prepare`` must not need it.

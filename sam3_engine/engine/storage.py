@@ -79,8 +79,10 @@ def read_table(url: str, storage: StorageConfig):
 
     blank_is_null = pyarrow.csv.ConvertOptions(null_values=[""], strings_can_be_null=True)
     readers = {
-        ".parquet": pyarrow.parquet.read_table, ".csv": lambda f: pyarrow.csv.read_csv(f, convert_options=blank_is_null),
-        ".jsonl": pyarrow.json.read_json, ".ndjson": pyarrow.json.read_json,
+        ".parquet": pyarrow.parquet.read_table,
+        ".csv": lambda f: pyarrow.csv.read_csv(f, convert_options=blank_is_null),
+        ".jsonl": pyarrow.json.read_json,
+        ".ndjson": pyarrow.json.read_json,
     }
     suffix = next((s for s in readers if url.lower().endswith(s)), None)
     if suffix is None:
@@ -101,4 +103,3 @@ def absolute_url(url: str) -> str:
 
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
-

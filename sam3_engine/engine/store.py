@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -112,9 +112,17 @@ class TableStore:
 
     def done_units(self, stage: str) -> set[str]:
         ledger = self.read(UNITS.name, columns=["unit_id", "stage"])
-        return {u for u, s in zip(ledger["unit_id"].to_pylist(), ledger["stage"].to_pylist()) if s == stage}
+        return {u for u, s in zip(ledger["unit_id"].to_pylist(), ledger["stage"].to_pylist(), strict=True) if s == stage}
 
-    def record_unit(self, stage: str, unit_id: str, attempt_id: str, num_inputs: int, rows_written: dict[str, int], stats: dict[str, float] | None = None) -> None:
+    def record_unit(
+        self,
+        stage: str,
+        unit_id: str,
+        attempt_id: str,
+        num_inputs: int,
+        rows_written: dict[str, int],
+        stats: dict[str, float] | None = None,
+    ) -> None:
         row = pa.table(
             {
                 "unit_id": [unit_id],
@@ -123,7 +131,7 @@ class TableStore:
                 "num_inputs": [num_inputs],
                 "rows_written": pa.array([list(rows_written.items())], type=pa.map_(pa.string(), pa.int64())),
                 "stats": pa.array([list((stats or {}).items())], type=pa.map_(pa.string(), pa.float64())),
-                "committed_at": [datetime.now(timezone.utc)],
+                "committed_at": [datetime.now(UTC)],
             }
         )
         self.replace(UNITS, unit_id, row)

@@ -30,7 +30,7 @@ def _matrix(column) -> np.ndarray:
 def phrase_digest(store: TableStore) -> str:
     """Changes when any phrase embedding changes: part of the fingerprints of units that use them."""
     table = store.read(PHRASE_EMBEDDINGS.name, columns=["concept_id", "model"]).sort_by("concept_id")
-    text = "\n".join(f"{c}\t{m}" for c, m in zip(table.column("concept_id").to_pylist(), table.column("model").to_pylist()))
+    text = "\n".join(f"{c}\t{m}" for c, m in zip(table.column("concept_id").to_pylist(), table.column("model").to_pylist(), strict=True))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -45,7 +45,9 @@ class EmbeddingStore:
         if self._phrases is None:
             table = self._store.read(PHRASE_EMBEDDINGS.name, columns=["concept_id", "phrase", "embedding"]).sort_by("concept_id")
             ids = table.column("concept_id").to_pylist()
-            self._phrases = PhraseVectors(ids, table.column("phrase").to_pylist(), _matrix(table.column("embedding")), {c: i for i, c in enumerate(ids)})
+            self._phrases = PhraseVectors(
+                ids, table.column("phrase").to_pylist(), _matrix(table.column("embedding")), {c: i for i, c in enumerate(ids)}
+            )
         return self._phrases
 
     def images(self, image_ids: list[str]) -> tuple[list[str], np.ndarray]:

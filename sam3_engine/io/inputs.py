@@ -100,8 +100,11 @@ def _file_entries(fs, found: dict, root: str, descend: bool) -> list[InputEntry]
             try:
                 info = fs.info(name)  # follows the link
             except FileNotFoundError:
-                entries.append(InputEntry(uri=uri, problem=f"{uri}: a symbolic link to {info.get('destination')!r}, which does not exist",
-                                          reason="missing"))
+                entries.append(
+                    InputEntry(
+                        uri=uri, problem=f"{uri}: a symbolic link to {info.get('destination')!r}, which does not exist", reason="missing"
+                    )
+                )
                 continue
             except OSError as exc:
                 reason = "symlink_loop" if exc.errno == errno.ELOOP else "unreadable"
@@ -233,7 +236,7 @@ def _read_csv(url: str, text: str) -> list[InputEntry]:
                 if len(record) > len(fieldnames):
                     entries.append(InputEntry(uri=where, problem=f"{where}: {len(record)} fields, the header has {len(fieldnames)}"))
                 elif record:
-                    entries.append(_entry(url, dict(zip(fieldnames, record)), where))
+                    entries.append(_entry(url, dict(zip(fieldnames, record, strict=False)), where))
                 first = end
             break
         except csv.Error as exc:

@@ -102,8 +102,10 @@ class Mismatches:
         return {kind: sum(n for (k, _), (n, _) in self.found.items() if k == kind) for kind in MISMATCHES}
 
     def message(self) -> str:
-        return "; ".join(f"{name}: {n} {MISMATCHES[kind]} ({', '.join(examples)}{', ...' if n > len(examples) else ''})"
-                         for (kind, name), (n, examples) in self.found.items())
+        return "; ".join(
+            f"{name}: {n} {MISMATCHES[kind]} ({', '.join(examples)}{', ...' if n > len(examples) else ''})"
+            for (kind, name), (n, examples) in self.found.items()
+        )
 
 
 class GroundTruth:
@@ -208,7 +210,7 @@ def _undecodable(masks: list[MaskRef], name: str, mismatches: Mismatches) -> set
             raise EvaluationError(f'{mask.where}: `segmentation` must be polygons or an RLE {{"size": [height, width], "counts": ...}}')
         rles.append((mask, size))
     undecodable = set()
-    for (mask, size), pixels in zip(rles, _rle_pixels([mask.segmentation["counts"] for mask, _ in rles])):
+    for (mask, size), pixels in zip(rles, _rle_pixels([mask.segmentation["counts"] for mask, _ in rles]), strict=True):
         expected = [mask.image["height"], mask.image["width"]]
         if pixels != size[0] * size[1]:
             mismatches.add("rle_undecodable", name, f"{mask.example}: size {size}")
@@ -228,12 +230,15 @@ def _rle_pixels(all_counts: list[Any]) -> list[int | None]:
     for index, counts in enumerate(all_counts):
         if isinstance(counts, list):
             pixels[index] = sum(counts) if all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts) else None
-    strings = [(index, counts if counts.isascii() else "\x00")  # \x00: a character no RLE has
-               for index, counts in enumerate(all_counts) if isinstance(counts, str)]
+    strings = [
+        (index, counts if counts.isascii() else "\x00")  # \x00: a character no RLE has
+        for index, counts in enumerate(all_counts)
+        if isinstance(counts, str)
+    ]
     chunk_of = np.cumsum([len(text) + 1 for _, text in strings]) // RLE_CHUNK
-    for _, chunk in itertools.groupby(zip(chunk_of, strings), key=lambda item: item[0]):
+    for _, chunk in itertools.groupby(zip(chunk_of, strings, strict=True), key=lambda item: item[0]):
         entries = [entry for _, entry in chunk]
-        for (index, _), total in zip(entries, _string_pixels([text for _, text in entries])):
+        for (index, _), total in zip(entries, _string_pixels([text for _, text in entries]), strict=True):
             pixels[index] = total
     return pixels
 
@@ -269,7 +274,7 @@ def _string_pixels(strings: list[str]) -> list[int | None]:
         runs = np.where(parity, summed - before[run_owner], runs)
     bad |= np.bincount(run_owner, weights=runs < 0, minlength=count) > 0
     totals = np.bincount(run_owner, weights=runs, minlength=count)
-    return [None if wrong else int(total) for wrong, total in zip(bad, totals)]
+    return [None if wrong else int(total) for wrong, total in zip(bad, totals, strict=True)]
 
 
 def _as_result(prediction: dict[str, Any]) -> dict[str, Any]:
@@ -318,8 +323,14 @@ def _best(outcomes: list[PairOutcome]) -> PairOutcome:
     return best
 
 
-def evaluate(predictions: list[dict[str, Any]], truths: list[dict[str, Any]], iou_type: str = "segm", names: list[str] | None = None,
-             prediction_name: str = "predictions", allow_mismatch: bool = False) -> dict[str, Any]:
+def evaluate(
+    predictions: list[dict[str, Any]],
+    truths: list[dict[str, Any]],
+    iou_type: str = "segm",
+    names: list[str] | None = None,
+    prediction_name: str = "predictions",
+    allow_mismatch: bool = False,
+) -> dict[str, Any]:
     """The SA-Co metrics of ``predictions`` (a COCO results list) against one or more ground-truth files.
 
     Bad references (see ``Mismatches``) are an EvaluationError unless ``allow_mismatch``; then they score as the official evaluator
@@ -332,15 +343,14 @@ def evaluate(predictions: list[dict[str, Any]], truths: list[dict[str, Any]], io
         raise EvaluationError("at least one ground-truth file is needed")
     names = names or [f"ground truth {i + 1}" for i in range(len(truths))]
     mismatches = Mismatches()
-    files = [GroundTruth(data, name, iou_type, mismatches) for data, name in zip(truths, names)]
+    files = [GroundTruth(data, name, iou_type, mismatches) for data, name in zip(truths, names, strict=True)]
     by_pair, undecodable = _predictions_by_pair(predictions, prediction_name, files, iou_type, mismatches)
     if mismatches.found and not allow_mismatch:
         raise EvaluationError(f"{mismatches.message()}; --allow-mismatch evaluates anyway, counting them under `mismatches`")
     excluded = set().union(*(f.not_exhaustive() for f in files[1:])) if len(files) > 1 else set()
     first = files[0]
     pairs = [image["id"] for image in first.coco.dataset["images"] if image["is_instance_exhaustive"] and image["id"] not in excluded]
-    outcomes = [_best([match(f.predicted(by_pair.get(pair, []), undecodable), f.regions(pair), iou_type) for f in files])
-                for pair in pairs]
+    outcomes = [_best([match(f.predicted(by_pair.get(pair, []), undecodable), f.regions(pair), iou_type) for f in files]) for pair in pairs]
     return {**summarize(outcomes, iou_type), "mismatches": mismatches.counts()}
 
 
@@ -408,8 +418,13 @@ def summarize(outcomes: list[PairOutcome], iou_type: str = "segm") -> dict[str, 
     il_fpr = fp / (fp + tn + IL_EPS)
     il_mcc = float(tp * tn - fp * fn) / ((float(tp + fp) * float(tp + fn) * float(tn + fp) * float(tn + fn)) ** 0.5 + IL_EPS)
     per_threshold = {
-        "cgF1": positive_f1 * il_mcc, "precision": precision, "recall": recall, "F1": f1, "positive_macro_F1": positive_macro,
-        "positive_micro_F1": positive_f1, "positive_micro_precision": positive_precision,
+        "cgF1": positive_f1 * il_mcc,
+        "precision": precision,
+        "recall": recall,
+        "F1": f1,
+        "positive_macro_F1": positive_macro,
+        "positive_micro_F1": positive_f1,
+        "positive_micro_precision": positive_precision,
     }
     image_level = {"IL_precision": il_precision, "IL_recall": il_recall, "IL_F1": il_f1, "IL_FPR": il_fpr, "IL_MCC": il_mcc}
     official = {}

@@ -97,7 +97,9 @@ def overlaps(
     return duplicates, conflicts
 
 
-def masked_crop(image: Image.Image, mask: np.ndarray, box: tuple[float, float, float, float], padding: float, size: int) -> Image.Image | None:
+def masked_crop(
+    image: Image.Image, mask: np.ndarray, box: tuple[float, float, float, float], padding: float, size: int
+) -> Image.Image | None:
     """The mask's ``box`` ([x, y, w, h]) plus ``padding`` of its size, everything outside the mask filled, centred on a ``size`` square.
 
     Cropped and scaled in one resampling step (Pillow reads only the box), so a large mask on a

@@ -101,8 +101,14 @@ def image_transform(choice: ClipChoice):
 
     size = input_size(choice)
     source = {} if choice.random_weights else (open_clip.get_pretrained_cfg(choice.model, choice.pretrained) or {})
-    return open_clip.image_transform(size, is_train=False, mean=source.get("mean"), std=source.get("std"),
-                                     resize_mode=source.get("resize_mode"), interpolation=source.get("interpolation"))
+    return open_clip.image_transform(
+        size,
+        is_train=False,
+        mean=source.get("mean"),
+        std=source.get("std"),
+        resize_mode=source.get("resize_mode"),
+        interpolation=source.get("interpolation"),
+    )
 
 
 class ClipEmbedder:

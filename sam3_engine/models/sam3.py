@@ -132,13 +132,20 @@ def tiny_random_config():
         Sam3DETREncoderConfig,
         Sam3GeometryEncoderConfig,
         Sam3MaskDecoderConfig,
-        Sam3ViTConfig,
         Sam3VisionConfig,
+        Sam3ViTConfig,
     )
 
     backbone = Sam3ViTConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        image_size=224, patch_size=14, window_size=8, global_attn_indexes=[1], pretrain_image_size=224,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=224,
+        patch_size=14,
+        window_size=8,
+        global_attn_indexes=[1],
+        pretrain_image_size=224,
     )
     config = Sam3Config(
         vision_config=Sam3VisionConfig(backbone_config=backbone, fpn_hidden_size=32, backbone_feature_sizes=[[64, 64], [32, 32], [16, 16]]),
@@ -151,8 +158,16 @@ def tiny_random_config():
     # At the default init (0.02) a model this small outputs mask logits of ~1e-4, so float noise
     # flips mask pixels and every score sits at 0.25. At 0.1, logits are ~0.1 and combined scores
     # spread over ~0.2-0.35: the default keep-threshold of 0.3 keeps real, stable masks.
-    for part in (config, config.vision_config, config.vision_config.backbone_config, config.text_config,
-                 config.geometry_encoder_config, config.detr_encoder_config, config.detr_decoder_config, config.mask_decoder_config):
+    for part in (
+        config,
+        config.vision_config,
+        config.vision_config.backbone_config,
+        config.text_config,
+        config.geometry_encoder_config,
+        config.detr_encoder_config,
+        config.detr_decoder_config,
+        config.mask_decoder_config,
+    ):
         part.initializer_range = TINY_RANDOM_INIT_RANGE
     return config
 
@@ -244,7 +259,9 @@ class Sam3Segmenter:
             config = tiny_random_config()
             torch.manual_seed(TINY_RANDOM_SEED)
             model = Sam3Model(config)
-            processor = Sam3Processor(image_processor=load_image_processor(ModelChoice(TINY_RANDOM, None)), tokenizer=offline_clip_tokenizer())
+            processor = Sam3Processor(
+                image_processor=load_image_processor(ModelChoice(TINY_RANDOM, None)), tokenizer=offline_clip_tokenizer()
+            )
             return cls(model.to(device=device, dtype=torch_dtype), processor, TINY_RANDOM, None, random_weights=True)
         try:
             model = Sam3Model.from_pretrained(name, revision=revision, dtype=torch_dtype)
@@ -289,7 +306,7 @@ class Sam3Segmenter:
         """``predict`` on pixels from ``preprocess`` (made elsewhere, e.g. on a CPU worker); sizes are (H, W)."""
         vision = self.encode_images(pixel_values)
         results = []
-        for index, (size, image_phrases) in enumerate(zip(sizes, phrases)):
+        for index, (size, image_phrases) in enumerate(zip(sizes, phrases, strict=True)):
             predictions: list[PairPrediction] = []
             for start in range(0, len(image_phrases), phrase_batch):
                 batch = image_phrases[start : start + phrase_batch]
@@ -325,12 +342,16 @@ class Sam3Segmenter:
         height, width = size
         boxes = out.pred_boxes.float().cpu() * torch.tensor([width, height, width, height])
         kept = [(row, query) for row, keep in enumerate(keeps) for query in keep.tolist()]
-        reprompt = self._reprompt_ious(vision, index, tokens, out.pred_boxes, pred_masks, rows, kept) if self.reprompt_boxes and kept else {}
+        reprompt = (
+            self._reprompt_ious(vision, index, tokens, out.pred_boxes, pred_masks, rows, kept) if self.reprompt_boxes and kept else {}
+        )
         predictions = []
         for row, keep in enumerate(keeps):
             instances: tuple[Instance, ...] = ()
             if len(keep):
-                logits = F.interpolate(pred_masks[rows.index(row), keep.to(self.device)][:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+                logits = F.interpolate(
+                    pred_masks[rows.index(row), keep.to(self.device)][:, None].float(), size=size, mode="bilinear", align_corners=False
+                )[:, 0]
                 high, low = logits > STABILITY_OFFSET, logits > -STABILITY_OFFSET
                 stability = (high.flatten(1).sum(1).float() / low.flatten(1).sum(1).clamp(min=1).float()).cpu()
                 instances = tuple(
@@ -343,13 +364,15 @@ class Sam3Segmenter:
                         stability=float(stability[j]),
                         reprompt_iou=reprompt.get((row, query)),
                     )
-                    for j, (query, rle) in enumerate(zip(keep.tolist(), rle_encode(logits > 0)))
+                    for j, (query, rle) in enumerate(zip(keep.tolist(), rle_encode(logits > 0), strict=True))
                 )
             foreground = foregrounds[rows.index(row)] if row in rows else None
             predictions.append(PairPrediction(float(presence[row]), float(scores[row].max()), instances, foreground))
         return predictions
 
-    def _reprompt_ious(self, vision, index: int, tokens: Tokens, pred_boxes, pred_masks, rows: list[int], kept: list[tuple[int, int]]) -> dict[tuple[int, int], float]:
+    def _reprompt_ious(
+        self, vision, index: int, tokens: Tokens, pred_boxes, pred_masks, rows: list[int], kept: list[tuple[int, int]]
+    ) -> dict[tuple[int, int], float]:
         """Per kept (row, query): IoU of its mask with the mask SAM 3 gives when prompted with its phrase and its box.
 
         SAM 3 treats a box as an exemplar and may return every similar instance; the instance whose

@@ -78,7 +78,11 @@ SOURCES = TableSpec(
     version=2,
     key=("input_id",),
     columns=(
-        Column("input_id", pa.string(), "Hash of the input's URI and its occurrence number among equal URIs: unique per input, stable when inputs are added."),
+        Column(
+            "input_id",
+            pa.string(),
+            "Hash of the input's URI and its occurrence number among equal URIs: unique per input, stable when inputs are added.",
+        ),
         Column("uri", pa.string(), "Fully qualified URI the bytes were read from."),
         Column("image_id", pa.string(), "SHA-256 of the file's bytes (hex): the same photo under two paths has one id."),
         *_PROBE_COLUMNS,
@@ -135,7 +139,11 @@ UNITS = TableSpec(
         Column("attempt_id", pa.string(), "Run attempt (see `runs`) that committed the unit."),
         Column("num_inputs", pa.int64(), "Inputs the unit covered."),
         Column("rows_written", pa.map_(pa.string(), pa.int64()), "Rows committed per table."),
-        Column("stats", pa.map_(pa.string(), pa.float64()), "What the stage measured on the unit (OOM retries, batch splits, peak memory, seconds); see each stage."),
+        Column(
+            "stats",
+            pa.map_(pa.string(), pa.float64()),
+            "What the stage measured on the unit (OOM retries, batch splits, peak memory, seconds); see each stage.",
+        ),
         Column("committed_at", pa.timestamp("us", tz="UTC"), "When the unit's last table commit finished."),
     ),
 )
@@ -168,11 +176,20 @@ CONCEPTS = TableSpec(
     key=("concept_id",),
     columns=(
         Column("concept_id", pa.string(), "Hash of the normal form: the same concept has the same id in every run."),
-        Column("phrase", pa.string(), "The normal form (lower case, no articles or punctuation, head noun singular, synonyms collapsed): the phrase given to the model."),
+        Column(
+            "phrase",
+            pa.string(),
+            "The normal form (lower case, no articles or punctuation, head noun "
+            "singular, synonyms collapsed): the phrase given to the model.",
+        ),
         Column("spellings", pa.list_(pa.string()), "Distinct raw spellings mined for it (captions, user phrases), sorted."),
         Column("parent", pa.string(), "Parent concept in the ontology (LVIS: WordNet hypernym; COCO: supercategory).", nullable=True),
         Column("synonyms", pa.list_(pa.string()), "Synonyms that collapse to this concept."),
-        Column("sources", pa.list_(pa.string()), "Where it came from: ontology sources (lvis, coco, user_ontology) and mining origins (caption, user, vocabulary)."),
+        Column(
+            "sources",
+            pa.list_(pa.string()),
+            "Where it came from: ontology sources (lvis, coco, user_ontology) and mining origins (caption, user, vocabulary).",
+        ),
         _unit_column(),
     ),
 )
@@ -189,9 +206,19 @@ CANDIDATES = TableSpec(
         Column("phrase", pa.string(), "The concept's normal form."),
         Column("origin", pa.string(), "caption, user, vocabulary, clip or hard_negative."),
         Column("raw_phrase", pa.string(), "The phrase as found (caption text, user spelling).", nullable=True),
-        Column("score", pa.float32(), "Mining score: 1 for text origins; clip: the CLIP similarity; hard negatives: how confusable (1 sibling, 0.5 cousin, CLIP text similarity for a neighbour)."),
+        Column(
+            "score",
+            pa.float32(),
+            "Mining score: 1 for text origins; clip: the CLIP similarity; hard negatives: how "
+            "confusable (1 sibling, 0.5 cousin, CLIP text similarity for a neighbour).",
+        ),
         Column("related_concept_id", pa.string(), "Hard negatives: the present concept it is confusable with.", nullable=True),
-        Column("relation", pa.string(), "Hard negatives: sibling or cousin (in the ontology) or clip_neighbour (by CLIP text similarity) of the related concept.", nullable=True),
+        Column(
+            "relation",
+            pa.string(),
+            "Hard negatives: sibling or cousin (in the ontology) or clip_neighbour (by CLIP text similarity) of the related concept.",
+            nullable=True,
+        ),
         _unit_column(),
     ),
 )
@@ -297,7 +324,10 @@ def _verifier_columns() -> tuple[Column, ...]:
 
 MASK_SCORES = TableSpec(
     name="mask_scores",
-    doc="The verify stage's raw scores per mask; verdicts are derived from them (and from `masks`) by SQL, so thresholds re-tune without a model.",
+    doc=(
+        "The verify stage's raw scores per mask; verdicts are derived from them (and "
+        "from `masks`) by SQL, so thresholds re-tune without a model."
+    ),
     version=1,
     key=("mask_id", "verifier"),
     columns=(
@@ -311,13 +341,21 @@ MASK_SCORES = TableSpec(
         Column("border_fraction", pa.float32(), "Share of the image's outer frame of pixels that the mask covers."),
         Column("duplicate_iou", pa.float32(), "Highest mask IoU with a higher-scored mask of the same pair (0 when none)."),
         Column("duplicate_of", pa.string(), "That higher-scored mask.", nullable=True),
-        Column("conflict_iou", pa.float32(), "Highest mask IoU with a higher-scored mask of an unrelated phrase on the image (0 when none)."),
+        Column(
+            "conflict_iou", pa.float32(), "Highest mask IoU with a higher-scored mask of an unrelated phrase on the image (0 when none)."
+        ),
         Column("conflict_with", pa.string(), "That mask.", nullable=True),
-        Column("clip_crop_similarity", pa.float32(), "CLIP cosine similarity of the masked crop with the mask's phrase; null for an empty mask.", nullable=True),
+        Column(
+            "clip_crop_similarity",
+            pa.float32(),
+            "CLIP cosine similarity of the masked crop with the mask's phrase; null for an empty mask.",
+            nullable=True,
+        ),
         Column(
             "clip_crop_margin",
             pa.float32(),
-            "That similarity minus the best similarity of the crop with the image's unrelated phrases; null when the image has no other phrase.",
+            "That similarity minus the best similarity of the crop with the image's "
+            "unrelated phrases; null when the image has no other phrase.",
             nullable=True,
         ),
         *_verifier_columns(),
@@ -338,7 +376,8 @@ PAIR_SCORES = TableSpec(
         Column(
             "clip_z",
             pa.float32(),
-            "That similarity as a z-score against the image's other phrases (calibrates CLIP per image); null with fewer than 2 other phrases.",
+            "That similarity as a z-score against the image's other phrases (calibrates "
+            "CLIP per image); null with fewer than 2 other phrases.",
             nullable=True,
         ),
         *_verifier_columns(),
@@ -380,7 +419,12 @@ PAIR_VERIFICATIONS = TableSpec(
         Column("presence", pa.string(), "present, absent or uncertain."),
         Column("presence_reason", pa.string(), "Why (README: presence reasons)."),
         Column("accepted_masks", pa.int32(), "Masks of the pair accepted by mask verification."),
-        Column("uncovered_fraction", pa.float64(), "Share of SAM 3's semantic foreground outside the union of accepted masks; null without a foreground.", nullable=True),
+        Column(
+            "uncovered_fraction",
+            pa.float64(),
+            "Share of SAM 3's semantic foreground outside the union of accepted masks; null without a foreground.",
+            nullable=True,
+        ),
         Column("exhaustivity", pa.string(), "exhaustive, not_exhaustive or unknown: do the accepted masks cover every instance."),
         Column("exhaustivity_reason", pa.string(), "Why (README: exhaustivity reasons)."),
         *_verifier_columns(),
@@ -401,7 +445,12 @@ SPLITS = TableSpec(
         Column("phrase", pa.string(), "The phrase."),
         Column("split", pa.string(), "train, val or test: from a hash of the image id and `splits.salt`."),
         Column("tier", pa.string(), "gold, silver or excluded."),
-        Column("kind", pa.string(), "positive (present, exhaustive, with masks) or negative (verified absent); null when excluded.", nullable=True),
+        Column(
+            "kind",
+            pa.string(),
+            "positive (present, exhaustive, with masks) or negative (verified absent); null when excluded.",
+            nullable=True,
+        ),
         Column("reason", pa.string(), "Why this tier (README: split reasons)."),
         Column("sources", pa.list_(pa.string()), "The verifiers whose verdicts confirm the pair's kind."),
         Column("hard_negative", pa.bool_(), "A negative mined as a hard negative (a relative of a present concept)."),
@@ -409,7 +458,27 @@ SPLITS = TableSpec(
     ),
 )
 
-TABLES: dict[str, TableSpec] = {t.name: t for t in (IMAGES, SOURCES, REJECTS, CONCEPTS, CANDIDATES, IMAGE_EMBEDDINGS, PHRASE_EMBEDDINGS, PAIRS, MASKS, MASK_SCORES, PAIR_SCORES, MASK_VERIFICATIONS, PAIR_VERIFICATIONS, SPLITS, UNITS, RUNS)}
+TABLES: dict[str, TableSpec] = {
+    t.name: t
+    for t in (
+        IMAGES,
+        SOURCES,
+        REJECTS,
+        CONCEPTS,
+        CANDIDATES,
+        IMAGE_EMBEDDINGS,
+        PHRASE_EMBEDDINGS,
+        PAIRS,
+        MASKS,
+        MASK_SCORES,
+        PAIR_SCORES,
+        MASK_VERIFICATIONS,
+        PAIR_VERIFICATIONS,
+        SPLITS,
+        UNITS,
+        RUNS,
+    )
+}
 
 
 def validate(spec: TableSpec, table: pa.Table) -> pa.Table:
@@ -422,13 +491,15 @@ def validate(spec: TableSpec, table: pa.Table) -> pa.Table:
     if table.column_names != expected.names:
         raise SchemaError(f"table {spec.name!r}: columns {table.column_names} do not match the schema's {expected.names}")
     columns = []
-    for field, column in zip(expected, table.columns):
+    for field, column in zip(expected, table.columns, strict=True):
         if field.nullable is False and column.null_count:
             raise SchemaError(f"table {spec.name!r}: column {field.name!r} is not nullable but has {column.null_count} null(s)")
         try:
             columns.append(column.cast(field.type, safe=True))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-            raise SchemaError(f"table {spec.name!r}: column {field.name!r} of type {column.type} does not cast to {field.type}: {exc}") from exc
+            raise SchemaError(
+                f"table {spec.name!r}: column {field.name!r} of type {column.type} does not cast to {field.type}: {exc}"
+            ) from exc
     result = pa.Table.from_arrays(columns, schema=expected)
     if result.num_rows and len(spec.key):
         distinct = result.group_by(list(spec.key)).aggregate([]).num_rows

@@ -75,8 +75,13 @@ class EmbedStage(ImageModelStage):
         concepts = [ConceptItem(**r) for r in store.read(CONCEPTS.name, columns=["concept_id", "phrase"]).sort_by("concept_id").to_pylist()]
         by_id = lambda item: item.image_id  # noqa: E731
         return plan_units(self.name, settings, images, by_id, self.config.unit_size, by_id) + plan_units(
-            self.name, settings, concepts, lambda c: c.concept_id, self.config.unit_size * PHRASES_PER_IMAGE_UNIT,
-            lambda c: (c.concept_id, c.phrase), field="concepts",
+            self.name,
+            settings,
+            concepts,
+            lambda c: c.concept_id,
+            self.config.unit_size * PHRASES_PER_IMAGE_UNIT,
+            lambda c: (c.concept_id, c.phrase),
+            field="concepts",
         )
 
     def prepare(self, unit: WorkUnit) -> PreparedImages | None:
@@ -98,12 +103,12 @@ class EmbedStage(ImageModelStage):
             rejects = list(prepared.rejects)
             for start in range(0, len(prepared.items), self.config.batch_size):
                 batch = torch.from_numpy(prepared.pixels[start : start + self.config.batch_size].copy())
-                for item, vector in zip(prepared.items[start : start + self.config.batch_size], embedder.embed_pixels(batch)):
+                for item, vector in zip(prepared.items[start : start + self.config.batch_size], embedder.embed_pixels(batch), strict=True):
                     images.append({"image_id": item.image_id, "model": self.choice.label, "embedding": vector})
         else:
             for start in range(0, len(unit.items), self.config.batch_size):
                 batch = unit.items[start : start + self.config.batch_size]
-                for item, vector in zip(batch, embedder.embed_phrases([c.phrase for c in batch])):
+                for item, vector in zip(batch, embedder.embed_phrases([c.phrase for c in batch]), strict=True):
                     phrases.append({"concept_id": item.concept_id, "phrase": item.phrase, "model": self.choice.label, "embedding": vector})
         return {
             IMAGE_EMBEDDINGS.name: rows_table(IMAGE_EMBEDDINGS, images, unit.unit_id),
@@ -114,7 +119,13 @@ class EmbedStage(ImageModelStage):
     def summarize(self, con) -> dict[str, Any]:
         images, phrases = con.execute("SELECT (SELECT count(*) FROM image_embeddings), (SELECT count(*) FROM phrase_embeddings)").fetchone()
         reasons = reject_reasons(con, self)
-        counts = {"images": images, "phrases": phrases, "rejects": sum(reasons.values()), "reject_reasons": reasons, "model": self.choice.label}
+        counts = {
+            "images": images,
+            "phrases": phrases,
+            "rejects": sum(reasons.values()),
+            "reject_reasons": reasons,
+            "model": self.choice.label,
+        }
         if self.choice.random_weights:
             counts["random_weights"] = True
         return counts

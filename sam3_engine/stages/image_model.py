@@ -63,5 +63,9 @@ class ImageModelStage(Stage):
 
     def process_isolated(self, unit: WorkUnit, item: Any, error: str) -> dict[str, pa.Table]:
         """No rows for an item that killed its worker twice, and a ``worker_crashed`` reject if it is an image."""
-        rejects = [image_reject(self.name, item, "worker_crashed", f"the model worker died on this image: {error}")] if hasattr(item, "uri") else []
+        rejects = (
+            [image_reject(self.name, item, "worker_crashed", f"the model worker died on this image: {error}")]
+            if hasattr(item, "uri")
+            else []
+        )
         return {spec.name: rows_table(spec, rejects if spec is REJECTS else [], unit.unit_id) for spec in self.outputs}

@@ -13,15 +13,25 @@ from contextlib import contextmanager
 from typing import Any, Literal
 
 import pyarrow as pa
-from pydantic import Field, field_validator
 from PIL import Image, UnidentifiedImageError
+from pydantic import Field, field_validator
 
 from sam3_engine.engine import storage
 from sam3_engine.engine.catalog import connect, named_query
 from sam3_engine.engine.config import ConfigError, ConfigSection, StorageConfig
-from sam3_engine.schemas.tables import IMAGES, REJECTS, SOURCES
-from sam3_engine.engine.stage import BuildContext, Derivation, Stage, WorkUnit, fingerprint, plan_units, register_stage, reject_reasons, rows_table
+from sam3_engine.engine.stage import (
+    BuildContext,
+    Derivation,
+    Stage,
+    WorkUnit,
+    fingerprint,
+    plan_units,
+    register_stage,
+    reject_reasons,
+    rows_table,
+)
 from sam3_engine.io.inputs import InputEntry, list_inputs
+from sam3_engine.schemas.tables import IMAGES, REJECTS, SOURCES
 
 VERSION = 2
 """Bump when a change to this module changes the rows it writes: every unit then re-runs."""
@@ -44,6 +54,7 @@ class IngestConfig(ConfigSection):
     @classmethod
     def _upper(cls, formats: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(f.upper() for f in formats)
+
 
 SWAPS_AXES = {5, 6, 7, 8}
 
@@ -164,7 +175,9 @@ def probe(entry: InputEntry, config: IngestConfig, storage_config: StorageConfig
             raise Reject("unsupported_format", f"{fmt} is not in ingest.formats {list(config.formats)}", image_id)
         width, height = image.size
         if width * height > config.max_pixels:
-            raise Reject("too_large", f"{width}x{height} = {width * height} pixels exceeds ingest.max_pixels = {config.max_pixels}", image_id)
+            raise Reject(
+                "too_large", f"{width}x{height} = {width * height} pixels exceeds ingest.max_pixels = {config.max_pixels}", image_id
+            )
         try:
             orientation = int(image.getexif().get(0x0112, 1))
         except Exception:  # noqa: BLE001 - an unreadable EXIF block leaves the pixels usable
@@ -230,7 +243,15 @@ class IngestStage(Stage):
         entries = list_inputs(self.input_url, self.config.input_format, self.storage_config)
         settings = self.config.model_dump(mode="json", include={"max_pixels", "max_bytes", "formats"})
         described = lambda e: (e.input_id, e.uri, e.captions, e.alt_text, e.source, e.phrases, e.version, e.problem, e.reason)  # noqa: E731
-        return plan_units(self.name, {"version": VERSION, "settings": settings}, entries, lambda e: e.uri, self.config.unit_size, described, field="inputs")
+        return plan_units(
+            self.name,
+            {"version": VERSION, "settings": settings},
+            entries,
+            lambda e: e.uri,
+            self.config.unit_size,
+            described,
+            field="inputs",
+        )
 
     def process(self, unit: WorkUnit, prepared: Any = None) -> dict[str, pa.Table]:
         accepted, rejected = [], []

@@ -20,8 +20,18 @@ from pydantic import Field
 from sam3_engine.engine import storage
 from sam3_engine.engine.catalog import connect, named_query
 from sam3_engine.engine.config import ConfigError, ConfigSection, StorageConfig, file_field
+from sam3_engine.engine.stage import (
+    BuildContext,
+    Derivation,
+    Stage,
+    WorkUnit,
+    fingerprint,
+    plan_units,
+    register_stage,
+    reject_reasons,
+    rows_table,
+)
 from sam3_engine.schemas.tables import CANDIDATES, CONCEPTS, IMAGES, REJECTS
-from sam3_engine.engine.stage import BuildContext, Derivation, Stage, WorkUnit, fingerprint, plan_units, register_stage, reject_reasons, rows_table
 from sam3_engine.text.concepts import TEXT_CONTEXT, Ontology, concept_id, load_ontology, noun_phrases, pair_id, phrase_lines, token_count
 
 VERSION = 3
@@ -33,10 +43,19 @@ class MineConfig(ConfigSection):
     max_caption_chars: int = Field(
         10_000, ge=1, description="Characters of captions and alt texts mined per image; the rest is a caption_truncated reject."
     )
-    phrases: tuple[str, ...] = Field((), description="Phrases asked on every image (origin user). Per-image phrases come from the manifest's `phrases`.")
-    vocabulary: str | None = file_field(None, "A vocabulary asked on every image (origin vocabulary): a text file, one phrase per line, or a YAML/JSON tree of concepts (name, synonyms, parent, children).")
-    ontology: str | None = file_field("builtin", "Synonyms and parents: builtin (COCO's 80 and LVIS's 1,203 categories with WordNet parents), a YAML/JSON file, or null.")
+    phrases: tuple[str, ...] = Field(
+        (), description="Phrases asked on every image (origin user). Per-image phrases come from the manifest's `phrases`."
+    )
+    vocabulary: str | None = file_field(
+        None,
+        "A vocabulary asked on every image (origin vocabulary): a text file, one phrase per line, "
+        "or a YAML/JSON tree of concepts (name, synonyms, parent, children).",
+    )
+    ontology: str | None = file_field(
+        "builtin", "Synonyms and parents: builtin (COCO's 80 and LVIS's 1,203 categories with WordNet parents), a YAML/JSON file, or null."
+    )
     unit_size: int = Field(1024, ge=1, description="Images per work unit.")
+
 
 FREQUENCY_LIST = 5
 """Concepts listed as most and least frequent in the run summary."""
@@ -160,7 +179,9 @@ class MineStage(Stage):
             "ontology": self.ontology.digest,
             "everywhere": [list(p) for p in self.everywhere],
         }
-        return plan_units(self.name, settings, images, lambda i: i.image_id, self.config.unit_size, lambda i: (i.image_id, i.texts, i.phrases))
+        return plan_units(
+            self.name, settings, images, lambda i: i.image_id, self.config.unit_size, lambda i: (i.image_id, i.texts, i.phrases)
+        )
 
     def process(self, unit: WorkUnit, prepared: Any = None) -> dict[str, pa.Table]:
         candidates: dict[tuple[str, str], dict[str, Any]] = {}
@@ -189,16 +210,31 @@ class MineStage(Stage):
 
     def _reject(self, rejects: dict, image: ImageText, reason: str, key: str, detail: str) -> None:
         input_id = hashlib.sha256(f"{image.image_id}\0{key}".encode()).hexdigest()[:24]
-        rejects[input_id] = {"input_id": input_id, "stage": self.name, "uri": image.uri, "image_id": image.image_id,
-                             "reason": reason, "detail": detail}
+        rejects[input_id] = {
+            "input_id": input_id,
+            "stage": self.name,
+            "uri": image.uri,
+            "image_id": image.image_id,
+            "reason": reason,
+            "detail": detail,
+        }
 
     @staticmethod
     def _add(candidates: dict, image: ImageText, name: str, raw: str, origin: str) -> None:
         cid = concept_id(name)
         candidates.setdefault(
             (image.image_id, cid, origin),
-            {"pair_id": pair_id(image.image_id, cid), "image_id": image.image_id, "concept_id": cid, "phrase": name, "origin": origin,
-             "raw_phrase": raw, "score": 1.0, "related_concept_id": None, "relation": None},
+            {
+                "pair_id": pair_id(image.image_id, cid),
+                "image_id": image.image_id,
+                "concept_id": cid,
+                "phrase": name,
+                "origin": origin,
+                "raw_phrase": raw,
+                "score": 1.0,
+                "related_concept_id": None,
+                "relation": None,
+            },
         )
 
     def derive(self, store, done_units: list[str]) -> list[Derivation]:
@@ -213,7 +249,11 @@ class MineStage(Stage):
             "SELECT (SELECT count(*) FROM images), (SELECT count(DISTINCT pair_id) FROM candidates WHERE origin <> 'hard_negative'), "
             "(SELECT count(DISTINCT concept_id) FROM candidates WHERE origin <> 'hard_negative')"
         ).fetchone()
-        by_origin = dict(con.execute("SELECT origin, count(*) FROM candidates WHERE origin <> 'hard_negative' GROUP BY origin ORDER BY origin").fetchall())
+        by_origin = dict(
+            con.execute(
+                "SELECT origin, count(*) FROM candidates WHERE origin <> 'hard_negative' GROUP BY origin ORDER BY origin"
+            ).fetchall()
+        )
         reasons = reject_reasons(con, self)
         frequency = con.sql(named_query("concept_frequency")).fetchall()
         return {

@@ -20,26 +20,40 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from sam3_engine.engine.config import ConfigSection
 from sam3_engine.engine.catalog import connect, named_query
-from sam3_engine.schemas.tables import CANDIDATES, IMAGE_EMBEDDINGS
+from sam3_engine.engine.config import ConfigSection
 from sam3_engine.engine.stage import BuildContext, Stage, WorkerContext, WorkUnit, plan_units, register_stage, rows_table
-from sam3_engine.text.concepts import Ontology, concept_id, pair_id
 from sam3_engine.engine.store import TableStore
 from sam3_engine.io.embeddings import EmbeddingStore, PhraseVectors, phrase_digest
+from sam3_engine.schemas.tables import CANDIDATES, IMAGE_EMBEDDINGS
 from sam3_engine.stages.mine import shared_ontology
+from sam3_engine.text.concepts import Ontology, concept_id, pair_id
 
 VERSION = 1
 """Bump when a change to this module changes the rows it writes: every unit then re-runs."""
 
 
 class NegativesConfig(ConfigSection):
-    max_per_image: int = Field(30, ge=0, description="At most this many hard negatives per image: absent concepts easy to confuse with present ones.")
-    clip_neighbours: int = Field(5, ge=0, description="Per present concept, this many nearest concepts by CLIP text similarity are candidate negatives (needs the embed stage).")
+    max_per_image: int = Field(
+        30, ge=0, description="At most this many hard negatives per image: absent concepts easy to confuse with present ones."
+    )
+    clip_neighbours: int = Field(
+        5,
+        ge=0,
+        description=(
+            "Per present concept, this many nearest concepts by CLIP text similarity are candidate negatives (needs the embed stage)."
+        ),
+    )
     max_image_similarity: float = Field(
-        0.2, ge=-1.0, le=1.0, description="A candidate negative whose CLIP similarity to the image is above this may be present: it is dropped (needs the embed stage)."
+        0.2,
+        ge=-1.0,
+        le=1.0,
+        description=(
+            "A candidate negative whose CLIP similarity to the image is above this may be present: it is dropped (needs the embed stage)."
+        ),
     )
     unit_size: int = Field(1024, ge=1, description="Images per work unit.")
+
 
 RELATIONS = ("sibling", "cousin", "clip_neighbour")
 ONTOLOGY_SCORES = {"sibling": 1.0, "cousin": 0.5}
@@ -72,16 +86,23 @@ class NegativesStage(Stage):
 
     def plan(self, store) -> list[WorkUnit]:
         con = connect(store)
-        images = [PresentConcepts(image_id, tuple(present)) for image_id, present in con.sql(named_query("present_concepts_per_image")).fetchall()]
+        images = [
+            PresentConcepts(image_id, tuple(present)) for image_id, present in con.sql(named_query("present_concepts_per_image")).fetchall()
+        ]
         con.close()
-        settings = {"version": VERSION, "ontology": self.ontology.digest, **self.config.model_dump(exclude={"unit_size"}),
-                    "phrases": phrase_digest(store), "images": store.read(IMAGE_EMBEDDINGS.name, columns=["image_id"]).num_rows}
+        settings = {
+            "version": VERSION,
+            "ontology": self.ontology.digest,
+            **self.config.model_dump(exclude={"unit_size"}),
+            "phrases": phrase_digest(store),
+            "images": store.read(IMAGE_EMBEDDINGS.name, columns=["image_id"]).num_rows,
+        }
         return plan_units(self.name, settings, images, lambda i: i.image_id, self.config.unit_size, lambda i: (i.image_id, i.present))
 
     def process(self, unit: WorkUnit, prepared: Any = None) -> dict[str, pa.Table]:
         phrases = self.embeddings.phrases()
         image_ids, vectors = self.embeddings.images([i.image_id for i in unit.items]) if len(phrases.ids) else ([], None)
-        image_vectors = dict(zip(image_ids, vectors)) if vectors is not None else {}
+        image_vectors = dict(zip(image_ids, vectors, strict=True)) if vectors is not None else {}
         rows = [row for image in unit.items for row in self.negatives(image, phrases, image_vectors.get(image.image_id))]
         return {CANDIDATES.name: rows_table(CANDIDATES, rows, unit.unit_id)}
 
@@ -98,17 +119,24 @@ class NegativesStage(Stage):
         present = set(image.present)
         excluded = present | {ancestor for name in present for ancestor in self.ontology.lineage(name)}
         per_concept = {
-            name: [(other, relation, ONTOLOGY_SCORES[relation]) for other, relation in self.ontology.relatives(name)] + self._neighbours(name, phrases)
+            name: [(other, relation, ONTOLOGY_SCORES[relation]) for other, relation in self.ontology.relatives(name)]
+            + self._neighbours(name, phrases)
             for name in sorted(present)
         }
 
         def maybe_present(other: str) -> bool:
             index = phrases.index.get(concept_id(other))
-            return image_vector is not None and index is not None and float(phrases.vectors[index] @ image_vector) > self.config.max_image_similarity
+            return (
+                image_vector is not None
+                and index is not None
+                and float(phrases.vectors[index] @ image_vector) > self.config.max_image_similarity
+            )
 
         chosen: dict[str, dict[str, Any]] = {}
         for relation in RELATIONS:  # every sibling before any cousin, in turns across the present concepts
-            tier = [[(other, score, name) for other, kind, score in candidates if kind == relation] for name, candidates in per_concept.items()]
+            tier = [
+                [(other, score, name) for other, kind, score in candidates if kind == relation] for name, candidates in per_concept.items()
+            ]
             for round_ in zip_longest(*tier):
                 for entry in round_:
                     if entry is None or entry[0] in excluded or entry[0] in chosen or maybe_present(entry[0]):
@@ -118,15 +146,22 @@ class NegativesStage(Stage):
                     other, score, related = entry
                     cid = concept_id(other)
                     chosen[other] = {
-                        "pair_id": pair_id(image.image_id, cid), "image_id": image.image_id, "concept_id": cid, "phrase": other,
-                        "origin": "hard_negative", "raw_phrase": None, "score": score,
-                        "related_concept_id": concept_id(related), "relation": relation,
+                        "pair_id": pair_id(image.image_id, cid),
+                        "image_id": image.image_id,
+                        "concept_id": cid,
+                        "phrase": other,
+                        "origin": "hard_negative",
+                        "raw_phrase": None,
+                        "score": score,
+                        "related_concept_id": concept_id(related),
+                        "relation": relation,
                     }
         return list(chosen.values())
 
     def summarize(self, con) -> dict[str, Any]:
         images, negatives, positives = con.execute(
-            "SELECT count(DISTINCT image_id), count(*) FILTER (origin = 'hard_negative'), count(DISTINCT pair_id) FILTER (origin <> 'hard_negative') FROM candidates"
+            "SELECT count(DISTINCT image_id), count(*) FILTER (origin = 'hard_negative'), "
+            "count(DISTINCT pair_id) FILTER (origin <> 'hard_negative') FROM candidates"
         ).fetchone()
         return {
             "images": images,

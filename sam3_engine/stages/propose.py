@@ -16,13 +16,24 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field
 from pycocotools import mask as mask_utils
+from pydantic import Field
 
 from sam3_engine.engine import storage
 from sam3_engine.engine.catalog import connect, named_query
 from sam3_engine.engine.config import ConfigError, ConfigSection, ModelConfig, StorageConfig, file_field
-from sam3_engine.engine.stage import STATS_KEY, BuildContext, Derivation, WorkUnit, fingerprint, image_reject, plan_units, register_stage, reject_reasons, rows_table
+from sam3_engine.engine.stage import (
+    STATS_KEY,
+    BuildContext,
+    Derivation,
+    WorkUnit,
+    fingerprint,
+    image_reject,
+    plan_units,
+    register_stage,
+    reject_reasons,
+    rows_table,
+)
 from sam3_engine.models.sam3 import ModelChoice, PairPrediction, Sam3Segmenter, choose_model, load_image_processor, preprocess
 from sam3_engine.schemas.tables import CONCEPTS, IMAGES, MASKS, PAIRS, REJECTS
 from sam3_engine.stages.image_model import ImageModelStage
@@ -37,13 +48,22 @@ class ProposeConfig(ConfigSection):
     vocabulary: str | None = file_field(None, "A text file of phrases, one per line, added to `phrases`.")
     threshold: float = Field(0.3, ge=0.0, le=1.0, description="Keep instances whose combined score (object x presence) is at least this.")
     reprompt_boxes: bool = Field(
-        True, description="Prompt SAM 3 again with each kept instance's box and phrase, for verification's consistency check (costs one more head per instance)."
+        True,
+        description=(
+            "Prompt SAM 3 again with each kept instance's box and phrase, for "
+            "verification's consistency check (costs one more head per instance)."
+        ),
     )
     unit_size: int = Field(16, ge=1, description="Images per work unit (one atomic commit).")
     image_batch: int = Field(4, ge=1, description="Images per vision-encoder batch.")
     phrase_batch: int = Field(16, ge=1, description="Phrases per text-conditioned head batch, against one image's cached features.")
-    workers: int | None = Field(None, ge=1, description="Model actors; default: one per GPU in the Ray cluster, or one CPU actor without GPUs.")
-    gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per model actor; default: 1 when the cluster has GPUs, else 0 (CPU actors).")
+    workers: int | None = Field(
+        None, ge=1, description="Model actors; default: one per GPU in the Ray cluster, or one CPU actor without GPUs."
+    )
+    gpus_per_worker: float | None = Field(
+        None, ge=0, description="GPUs per model actor; default: 1 when the cluster has GPUs, else 0 (CPU actors)."
+    )
+
 
 OOM_ABOVE_ENV = "SAM3_ENGINE_OOM_ABOVE"
 """Fault injection for tests: a batch of more than this many (image, phrase) pairs raises CUDA out-of-memory."""
@@ -144,7 +164,9 @@ class ProposeStage(ImageModelStage):
         """Loaded once here (a small JSON): it travels with the stage to every preparation task."""
 
     def load_model(self, device: str) -> Sam3Segmenter:
-        return Sam3Segmenter.load(self.choice.name, self.choice.revision, device=self.model_config.device or device, dtype=self.model_config.dtype)
+        return Sam3Segmenter.load(
+            self.choice.name, self.choice.revision, device=self.model_config.device or device, dtype=self.model_config.dtype
+        )
 
     def plan(self, store) -> list[WorkUnit]:
         """One item per image with its phrases: the config's on every image, else the mined candidates."""
@@ -153,14 +175,21 @@ class ProposeStage(ImageModelStage):
             refs = [ImageRef(row["image_id"], row["uri"], self.phrases) for row in images]
         else:
             con = connect(store)
-            refs = [ImageRef(image_id, uri, tuple(phrases)) for image_id, uri, phrases in con.sql(named_query("phrases_per_image")).fetchall()]
+            refs = [
+                ImageRef(image_id, uri, tuple(phrases)) for image_id, uri, phrases in con.sql(named_query("phrases_per_image")).fetchall()
+            ]
             con.close()
             if not refs and store.read(IMAGES.name, columns=["image_id"]).num_rows:
                 raise ConfigError(
                     "the propose stage has no phrases for any image: run the mine stage on images with captions, "
                     "or set mine.phrases, mine.vocabulary, or propose.phrases"
                 )
-        settings = {"version": VERSION, "model": [self.choice.name, self.choice.revision, self.model_config.dtype], "threshold": self.config.threshold, "reprompt_boxes": self.config.reprompt_boxes}
+        settings = {
+            "version": VERSION,
+            "model": [self.choice.name, self.choice.revision, self.model_config.dtype],
+            "threshold": self.config.threshold,
+            "reprompt_boxes": self.config.reprompt_boxes,
+        }
         return plan_units(self.name, settings, refs, lambda r: r.image_id, self.config.unit_size, lambda r: (r.image_id, r.phrases))
 
     def prepare(self, unit: WorkUnit) -> Prepared:
@@ -174,7 +203,7 @@ class ProposeStage(ImageModelStage):
         segmenter = self.model
         segmenter.reprompt_boxes = self.config.reprompt_boxes
         distinct = sorted({p for ref in prepared.refs for p in ref.phrases})
-        truncated = dict(zip(distinct, segmenter.tokenize(distinct).truncated if distinct else ()))
+        truncated = dict(zip(distinct, segmenter.tokenize(distinct).truncated if distinct else (), strict=True))
         pairs, masks, rejects = [], [], list(prepared.rejects)
         stats = {"images": float(len(prepared.refs)), "oom_retries": 0.0, "batch_splits": 0.0}
         started = time.perf_counter()
@@ -232,7 +261,7 @@ class ProposeStage(ImageModelStage):
                 return
             yield batch[0], ("out_of_memory" if oom else "model_error", f"{type(exc).__name__}: {exc}")
             return
-        yield from zip(batch, results)
+        yield from zip(batch, results, strict=True)
 
     def _pair_row(self, ref: ImageRef, size: tuple[int, int], phrase: str, truncated: bool, prediction: PairPrediction) -> dict[str, Any]:
         cid = concept_id(phrase)
@@ -285,7 +314,10 @@ class ProposeStage(ImageModelStage):
         """The concepts of the config's phrases; mined concepts are the mine stage's to write."""
         if not self.phrases:
             return []
-        rows = [{"concept_id": concept_id(p), "phrase": p, "spellings": [], "parent": None, "synonyms": [], "sources": ["propose.phrases"]} for p in self.phrases]
+        rows = [
+            {"concept_id": concept_id(p), "phrase": p, "spellings": [], "parent": None, "synonyms": [], "sources": ["propose.phrases"]}
+            for p in self.phrases
+        ]
         unit_id = fingerprint(f"{self.name}.concepts", {"version": VERSION, "phrases": list(self.phrases)})
         table = rows_table(CONCEPTS, rows, unit_id)
         return [Derivation(unit_id, CONCEPTS, pa.RecordBatchReader.from_batches(CONCEPTS.schema, table.to_batches()))]
@@ -297,7 +329,8 @@ class ProposeStage(ImageModelStage):
         ).fetchone()
         reasons = reject_reasons(con, self)
         oom_retries, batch_splits, peak_rss, peak_gpu = con.execute(
-            "SELECT coalesce(sum(stats['oom_retries']), 0), coalesce(sum(stats['batch_splits']), 0), max(stats['peak_rss_mib']), max(stats['peak_gpu_mib']) "
+            "SELECT coalesce(sum(stats['oom_retries']), 0), "
+            "coalesce(sum(stats['batch_splits']), 0), max(stats['peak_rss_mib']), max(stats['peak_gpu_mib']) "
             "FROM units WHERE stage = $stage",
             {"stage": self.name},
         ).fetchone()

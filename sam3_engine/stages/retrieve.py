@@ -15,11 +15,11 @@ import pyarrow as pa
 from pydantic import Field
 
 from sam3_engine.engine.config import ConfigSection
-from sam3_engine.schemas.tables import CANDIDATES, IMAGE_EMBEDDINGS
 from sam3_engine.engine.stage import BuildContext, Stage, WorkerContext, WorkUnit, plan_units, register_stage, rows_table
-from sam3_engine.text.concepts import pair_id
 from sam3_engine.engine.store import TableStore
 from sam3_engine.io.embeddings import EmbeddingStore, phrase_digest
+from sam3_engine.schemas.tables import CANDIDATES, IMAGE_EMBEDDINGS
+from sam3_engine.text.concepts import pair_id
 
 VERSION = 1
 """Bump when a change to this module changes the rows it writes: every unit then re-runs."""
@@ -27,7 +27,12 @@ VERSION = 1
 
 class RetrieveConfig(ConfigSection):
     top_k: int = Field(10, ge=0, description="At most this many concepts per image from CLIP retrieval (origin clip).")
-    min_similarity: float = Field(0.25, ge=-1.0, le=1.0, description="CLIP cosine similarity a retrieved concept needs (ViT-B-32: present concepts score about 0.25-0.35).")
+    min_similarity: float = Field(
+        0.25,
+        ge=-1.0,
+        le=1.0,
+        description="CLIP cosine similarity a retrieved concept needs (ViT-B-32: present concepts score about 0.25-0.35).",
+    )
     unit_size: int = Field(1024, ge=1, description="Images per work unit.")
 
 
@@ -50,8 +55,12 @@ class RetrieveStage(Stage):
 
     def plan(self, store) -> list[WorkUnit]:
         image_ids = store.read(IMAGE_EMBEDDINGS.name, columns=["image_id"]).column("image_id").to_pylist()
-        settings = {"version": VERSION, "top_k": self.config.top_k, "min_similarity": self.config.min_similarity,
-                    "phrases": phrase_digest(store)}
+        settings = {
+            "version": VERSION,
+            "top_k": self.config.top_k,
+            "min_similarity": self.config.min_similarity,
+            "phrases": phrase_digest(store),
+        }
         same = lambda image_id: image_id  # noqa: E731
         return plan_units(self.name, settings, sorted(image_ids), same, self.config.unit_size, same)
 
@@ -61,14 +70,25 @@ class RetrieveStage(Stage):
         similarity = vectors @ concepts.vectors.T if len(concepts.ids) else np.zeros((len(image_ids), 0), np.float32)
         rows = []
         k = min(self.config.top_k, similarity.shape[1])
-        for image_id, scores in zip(image_ids, similarity):
+        for image_id, scores in zip(image_ids, similarity, strict=True):
             best = np.argsort(-scores, kind="stable")[:k]
             for index in best:
                 if scores[index] < self.config.min_similarity:
                     break
                 cid = concepts.ids[index]
-                rows.append({"pair_id": pair_id(image_id, cid), "image_id": image_id, "concept_id": cid, "phrase": concepts.phrases[index],
-                             "origin": "clip", "raw_phrase": None, "score": float(scores[index]), "related_concept_id": None, "relation": None})
+                rows.append(
+                    {
+                        "pair_id": pair_id(image_id, cid),
+                        "image_id": image_id,
+                        "concept_id": cid,
+                        "phrase": concepts.phrases[index],
+                        "origin": "clip",
+                        "raw_phrase": None,
+                        "score": float(scores[index]),
+                        "related_concept_id": None,
+                        "relation": None,
+                    }
+                )
         return {CANDIDATES.name: rows_table(CANDIDATES, rows, unit.unit_id)}
 
     def summarize(self, con) -> dict[str, Any]:

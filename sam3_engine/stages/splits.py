@@ -12,10 +12,10 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from sam3_engine.engine.config import ConfigSection
 from sam3_engine.engine.catalog import connect, named_query
-from sam3_engine.schemas.tables import SPLITS
+from sam3_engine.engine.config import ConfigSection
 from sam3_engine.engine.stage import BuildContext, Derivation, Stage, WorkUnit, fingerprint, register_stage
+from sam3_engine.schemas.tables import SPLITS
 
 VERSION = 2
 """Bump when a change to this module or its SQL changes the rows it writes.
@@ -26,7 +26,9 @@ class SplitsConfig(ConfigSection):
     """Who may confirm a pair, how many must agree for Gold, and how images are dealt to train/val/test."""
 
     verifiers: tuple[str, ...] = Field((), description="Verifiers whose verdicts count as sources; empty: every verifier in the run.")
-    human_verifiers: tuple[str, ...] = Field(("human",), description="Verifiers that are human labels: one of them confirming a pair makes it Gold, and it overrides machines.")
+    human_verifiers: tuple[str, ...] = Field(
+        ("human",), description="Verifiers that are human labels: one of them confirming a pair makes it Gold, and it overrides machines."
+    )
     gold_min_sources: int = Field(2, ge=1, description="Independent machine verifiers that must agree for Gold.")
     max_negatives_per_image: int = Field(30, ge=0, description="At most this many negative pairs per image, hard negatives first.")
     train_fraction: float = Field(0.8, ge=0.0, le=1.0, description="Share of images (not pairs) in train.")
@@ -65,13 +67,20 @@ class SplitsStage(Stage):
         """The ``splits`` table, rebuilt when the config or any upstream unit changes."""
         ledger = f"{self.name}.{SPLITS.name}"
         con = connect(store)
-        ((upstream,),) = con.sql("SELECT md5(coalesce(string_agg(unit_id, ',' ORDER BY unit_id), '')) FROM units WHERE stage <> $ledger",
-                                 params={"ledger": ledger}).fetchall()
+        ((upstream,),) = con.sql(
+            "SELECT md5(coalesce(string_agg(unit_id, ',' ORDER BY unit_id), '')) FROM units WHERE stage <> $ledger",
+            params={"ledger": ledger},
+        ).fetchall()
         unit_id = fingerprint(ledger, {"version": VERSION, "config": self.config.model_dump(mode="json"), "upstream": upstream})
         params = {
-            "verifiers": list(self.config.verifiers), "human": list(self.config.human_verifiers), "gold_min_sources": self.config.gold_min_sources,
-            "max_negatives": self.config.max_negatives_per_image, "train": self.config.train_fraction, "val": self.config.val_fraction,
-            "salt": self.config.salt, "unit_id": unit_id,
+            "verifiers": list(self.config.verifiers),
+            "human": list(self.config.human_verifiers),
+            "gold_min_sources": self.config.gold_min_sources,
+            "max_negatives": self.config.max_negatives_per_image,
+            "train": self.config.train_fraction,
+            "val": self.config.val_fraction,
+            "salt": self.config.salt,
+            "unit_id": unit_id,
         }
         return [Derivation(unit_id, SPLITS, con.sql(named_query("splits"), params=params).to_arrow_reader())]
 
@@ -79,8 +88,13 @@ class SplitsStage(Stage):
         tiers = dict(con.execute("SELECT tier || coalesce('_' || kind, ''), count(*) FROM splits GROUP BY ALL ORDER BY ALL").fetchall())
         splits = dict(con.execute("SELECT split, count(*) FROM splits WHERE tier <> 'excluded' GROUP BY ALL ORDER BY ALL").fetchall())
         excluded = dict(con.execute("SELECT reason, count(*) FROM splits WHERE tier = 'excluded' GROUP BY ALL ORDER BY ALL").fetchall())
-        ((leaks,),) = con.execute("SELECT count(*) FROM (SELECT image_id FROM splits GROUP BY image_id HAVING count(DISTINCT split) > 1)").fetchall()
-        balance = con.sql(f"SELECT phrase, sum(train_positive) AS train, sum(val_positive) AS val, sum(test_positive) AS test FROM ({named_query('split_balance')}) GROUP BY phrase").fetchall()
+        ((leaks,),) = con.execute(
+            "SELECT count(*) FROM (SELECT image_id FROM splits GROUP BY image_id HAVING count(DISTINCT split) > 1)"
+        ).fetchall()
+        balance = con.sql(
+            "SELECT phrase, sum(train_positive) AS train, sum(val_positive) AS val, "
+            f"sum(test_positive) AS test FROM ({named_query('split_balance')}) GROUP BY phrase"
+        ).fetchall()
         return {
             "pairs": sum(tiers.values()),
             "tiers": tiers,

@@ -20,13 +20,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field
 from pycocotools import mask as mask_utils
+from pydantic import Field
 
 from sam3_engine.engine.catalog import connect, named_query
 from sam3_engine.engine.config import VERDICT_THRESHOLDS, ClipConfig, MaskThresholds, PairThresholds, StorageConfig
-from sam3_engine.engine.store import TableStore
 from sam3_engine.engine.stage import BuildContext, Derivation, WorkUnit, fingerprint, plan_units, register_stage, reject_reasons, rows_table
+from sam3_engine.engine.store import TableStore
 from sam3_engine.metrics.mask_checks import geometry, masked_crop, overlaps, rle
 from sam3_engine.models.clip import ClipChoice, ClipEmbedder, choose_clip, image_transform, input_size
 from sam3_engine.schemas.tables import MASK_SCORES, MASK_VERIFICATIONS, MASKS, PAIR_SCORES, PAIR_VERIFICATIONS, PAIRS, REJECTS
@@ -47,7 +47,8 @@ class VerifyConfig(PairThresholds, MaskThresholds):
     """
 
     verifier: str = Field(
-        "sam3-clip", pattern=r"^[A-Za-z0-9_.-]+$",
+        "sam3-clip",
+        pattern=r"^[A-Za-z0-9_.-]+$",
         description="Name recorded on every score and verdict, so that independent verifiers can be compared.",
     )
     unit_size: int = Field(8, ge=1, description="Images per work unit.")
@@ -62,6 +63,7 @@ class VerifyConfig(PairThresholds, MaskThresholds):
     def thresholds(self) -> dict[str, Any]:
         """The verdict parameters, named as the SQL macros' parameters."""
         return self.model_dump(mode="json", include={name for model in VERDICT_THRESHOLDS.values() for name in model.model_fields})
+
 
 REASONS = {
     "image_unreadable": "The image could not be read or decoded at verification time; its proposals get no scores.",
@@ -140,11 +142,18 @@ class VerifyStage(ImageModelStage):
         con = connect(store)
         rows = con.sql(named_query("verify_inputs")).fetchall()
         con.close()
-        settings = {"version": VERSION, "clip": self.choice.label, "crop_padding": self.config.crop_padding,
-                    "verifier": self.config.verifier, "ontology": self.ontology.digest}
+        settings = {
+            "version": VERSION,
+            "clip": self.choice.label,
+            "crop_padding": self.config.crop_padding,
+            "verifier": self.config.verifier,
+            "ontology": self.ontology.digest,
+        }
         proposals = {image_id: units for image_id, _, units in rows}
         tasks = [ImageTask(image_id, uri) for image_id, uri, _ in rows]
-        return plan_units(self.ledger, settings, tasks, lambda t: t.image_id, self.config.unit_size, lambda t: (t.image_id, proposals[t.image_id]))
+        return plan_units(
+            self.ledger, settings, tasks, lambda t: t.image_id, self.config.unit_size, lambda t: (t.image_id, proposals[t.image_id])
+        )
 
     def prepare(self, unit: WorkUnit) -> PreparedUnit:
         """Decode each image and its masks; geometry, overlaps and CLIP inputs, all on a CPU worker."""
@@ -153,11 +162,17 @@ class VerifyStage(ImageModelStage):
         store = TableStore(self.context.run_url, self.context.storage)
         ids = [task.image_id for task in unit.items]
         pairs = _rows_by_image(store, PAIRS.name, ids, ["pair_id", "image_id", "concept_id", "phrase"], "pair_id")
-        masks = _rows_by_image(store, MASKS.name, ids, ["mask_id", "pair_id", "image_id", "concept_id", "height", "width", "rle_counts", "bbox", "score"], "mask_id")
+        masks = _rows_by_image(
+            store,
+            MASKS.name,
+            ids,
+            ["mask_id", "pair_id", "image_id", "concept_id", "height", "width", "rle_counts", "bbox", "score"],
+            "mask_id",
+        )
         transform = image_transform(self.choice)
         loaded = self.load_images(unit.items)
         images, whole, crops = [], [], []
-        for task, image in zip(loaded.items, loaded.images):
+        for task, image in zip(loaded.items, loaded.images, strict=True):
             prepared, image_crops = self._prepare_image(task, image, pairs.get(task.image_id, []), masks.get(task.image_id, []), len(crops))
             whole.append(transform(image))
             crops.extend(transform(crop) for crop in image_crops)
@@ -172,22 +187,35 @@ class VerifyStage(ImageModelStage):
         )
         rles = [rle(m["rle_counts"], m["height"], m["width"]) for m in masks]
         duplicates, conflicts = overlaps(
-            [m["mask_id"] for m in masks], [m["pair_id"] for m in masks], [m["score"] for m in masks], rles,
+            [m["mask_id"] for m in masks],
+            [m["pair_id"] for m in masks],
+            [m["score"] for m in masks],
+            rles,
             lambda a, b: (a, b) in unrelated,
         )
         rows, crops, side = [], [], input_size(self.choice)
-        for mask_row, encoded, duplicate, conflict in zip(masks, rles, duplicates, conflicts):
+        for mask_row, encoded, duplicate, conflict in zip(masks, rles, duplicates, conflicts, strict=True):
             mask = mask_utils.decode(encoded).astype(bool)
             shape = geometry(mask, mask_row["bbox"])
             fits = mask.shape == (image.height, image.width)
             crop = masked_crop(image, mask, mask_row["bbox"], self.config.crop_padding, side) if fits else None
-            rows.append({
-                "mask_id": mask_row["mask_id"], "pair_id": mask_row["pair_id"], "image_id": task.image_id, "concept_id": mask_row["concept_id"],
-                "area_fraction": shape.area_fraction, "fragments": shape.fragments,
-                "largest_fragment_fraction": shape.largest_fragment_fraction, "border_fraction": shape.border_fraction,
-                "duplicate_iou": duplicate.iou, "duplicate_of": duplicate.other, "conflict_iou": conflict.iou, "conflict_with": conflict.other,
-                "crop": None if crop is None else first_crop + len(crops),
-            })
+            rows.append(
+                {
+                    "mask_id": mask_row["mask_id"],
+                    "pair_id": mask_row["pair_id"],
+                    "image_id": task.image_id,
+                    "concept_id": mask_row["concept_id"],
+                    "area_fraction": shape.area_fraction,
+                    "fragments": shape.fragments,
+                    "largest_fragment_fraction": shape.largest_fragment_fraction,
+                    "border_fraction": shape.border_fraction,
+                    "duplicate_iou": duplicate.iou,
+                    "duplicate_of": duplicate.other,
+                    "conflict_iou": conflict.iou,
+                    "conflict_with": conflict.other,
+                    "crop": None if crop is None else first_crop + len(crops),
+                }
+            )
             if crop is not None:
                 crops.append(crop)
         return PreparedImage(task.image_id, tuple(pairs), tuple(rows), unrelated), crops
@@ -205,17 +233,27 @@ class VerifyStage(ImageModelStage):
             embed = lambda batch: embedder.embed_pixels(torch.from_numpy(batch.copy()))  # noqa: E731
             vectors = np.stack(_in_batches(embed, prepared.pixels, self.clip.batch_size))
         phrases = sorted({p["phrase"] for image in prepared.images for p in image.pairs})
-        text = dict(zip(phrases, _in_batches(embedder.embed_phrases, phrases, self.clip.batch_size)))
+        text = dict(zip(phrases, _in_batches(embedder.embed_phrases, phrases, self.clip.batch_size), strict=True))
         crop_offset = len(prepared.images)
         pair_rows, mask_rows = [], []
         stamp = {"verifier": self.config.verifier, "verifier_version": self.verifier_version}
         for index, image in enumerate(prepared.images):
             pair_ids = [p["pair_id"] for p in image.pairs]
-            phrase_matrix = np.stack([text[p["phrase"]] for p in image.pairs]) if image.pairs else np.zeros((0, vectors.shape[1]), np.float32)
+            phrase_matrix = (
+                np.stack([text[p["phrase"]] for p in image.pairs]) if image.pairs else np.zeros((0, vectors.shape[1]), np.float32)
+            )
             similarity = phrase_matrix @ vectors[index]
             for i, pair in enumerate(image.pairs):
-                pair_rows.append({"pair_id": pair["pair_id"], "image_id": image.image_id, "concept_id": pair["concept_id"],
-                                  "clip_similarity": float(similarity[i]), "clip_z": _z_score(similarity, i), **stamp})
+                pair_rows.append(
+                    {
+                        "pair_id": pair["pair_id"],
+                        "image_id": image.image_id,
+                        "concept_id": pair["concept_id"],
+                        "clip_similarity": float(similarity[i]),
+                        "clip_z": _z_score(similarity, i),
+                        **stamp,
+                    }
+                )
             row_of = {pair_id: i for i, pair_id in enumerate(pair_ids)}
             for mask in image.masks:
                 row = {k: v for k, v in mask.items() if k != "crop"}
@@ -246,8 +284,18 @@ class VerifyStage(ImageModelStage):
         finally:
             con.close()
         return [
-            Derivation(fingerprint(f"{self.ledger}.masks", payload), MASK_VERIFICATIONS, _reader(MASK_VERIFICATIONS, masks), key=self.config.verifier),
-            Derivation(fingerprint(f"{self.ledger}.pairs", payload), PAIR_VERIFICATIONS, _reader(PAIR_VERIFICATIONS, pairs), key=self.config.verifier),
+            Derivation(
+                fingerprint(f"{self.ledger}.masks", payload),
+                MASK_VERIFICATIONS,
+                _reader(MASK_VERIFICATIONS, masks),
+                key=self.config.verifier,
+            ),
+            Derivation(
+                fingerprint(f"{self.ledger}.pairs", payload),
+                PAIR_VERIFICATIONS,
+                _reader(PAIR_VERIFICATIONS, pairs),
+                key=self.config.verifier,
+            ),
         ]
 
     def _at_thresholds(self, macro: str, thresholds: dict[str, Any], *arguments: str) -> tuple[str, dict[str, Any]]:
@@ -275,9 +323,14 @@ class VerifyStage(ImageModelStage):
             "pairs": pairs,
             "masks": masks,
             "mask_verdicts": tally("SELECT verdict, count(*) FROM mask_verifications WHERE verifier = $verifier GROUP BY ALL ORDER BY ALL"),
-            "mask_reasons": tally("SELECT reason, count(*) FROM (SELECT unnest(reasons) AS reason FROM mask_verifications WHERE verifier = $verifier) GROUP BY ALL ORDER BY ALL"),
+            "mask_reasons": tally(
+                "SELECT reason, count(*) FROM (SELECT unnest(reasons) AS reason FROM "
+                "mask_verifications WHERE verifier = $verifier) GROUP BY ALL ORDER BY ALL"
+            ),
             "presence": tally("SELECT presence, count(*) FROM pair_verifications WHERE verifier = $verifier GROUP BY ALL ORDER BY ALL"),
-            "exhaustivity": tally("SELECT exhaustivity, count(*) FROM pair_verifications WHERE verifier = $verifier GROUP BY ALL ORDER BY ALL"),
+            "exhaustivity": tally(
+                "SELECT exhaustivity, count(*) FROM pair_verifications WHERE verifier = $verifier GROUP BY ALL ORDER BY ALL"
+            ),
             "rejects": sum(reasons.values()),
             "reject_reasons": reasons,
             "model": self.choice.label,

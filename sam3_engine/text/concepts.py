@@ -226,7 +226,9 @@ class Ontology:
         siblings = [(other, "sibling") for other in children.get(concept.parent, ()) if other not in lineage]
         grandparent = concept.ancestors[1] if len(concept.ancestors) > 1 else None
         family = [*children.get(grandparent, ()), *grandchildren.get(grandparent, ())] if grandparent is not None else []
-        cousins = [(other, "cousin") for other in dict.fromkeys(family) if other not in lineage and self.concepts[other].parent != concept.parent]
+        cousins = [
+            (other, "cousin") for other in dict.fromkeys(family) if other not in lineage and self.concepts[other].parent != concept.parent
+        ]
         return siblings + cousins
 
     def _family(self) -> tuple[dict[str, list[str]], dict[str, list[str]]]:

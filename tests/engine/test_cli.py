@@ -64,14 +64,19 @@ def test_the_summary_shows_every_count_within_80_columns(quickstart):
 
 def test_quickstart_proposes_masks_for_the_mined_concepts_and_hard_negatives(quickstart):
     run_dir, _ = quickstart
-    sql = ("SELECT c.origin, count(DISTINCT c.pair_id) AS candidates, count(DISTINCT p.pair_id) AS proposed, sum(p.instance_count)::BIGINT AS instances "
-           "FROM candidates c LEFT JOIN pairs p USING (pair_id) GROUP BY c.origin ORDER BY c.origin")
+    sql = (
+        "SELECT c.origin, count(DISTINCT c.pair_id) AS candidates, count(DISTINCT "
+        "p.pair_id) AS proposed, sum(p.instance_count)::BIGINT AS instances "
+        "FROM candidates c LEFT JOIN pairs p USING (pair_id) GROUP BY c.origin ORDER BY c.origin"
+    )
     by_origin = {r["origin"]: r for r in json.loads(cli("query", str(run_dir), sql, "-f", "json").stdout)}
     assert {"caption", "hard_negative"} <= set(by_origin) <= {"caption", "clip", "hard_negative"}
     assert all(r["candidates"] == r["proposed"] > 0 for r in by_origin.values())
     assert by_origin["caption"]["instances"] > 0
     assert by_origin["hard_negative"]["candidates"] <= 3 * 8
-    phrases = json.loads(cli("query", str(run_dir), "SELECT list(DISTINCT phrase) AS p FROM candidates WHERE origin = 'caption'", "-f", "json").stdout)[0]["p"]
+    phrases = json.loads(
+        cli("query", str(run_dir), "SELECT list(DISTINCT phrase) AS p FROM candidates WHERE origin = 'caption'", "-f", "json").stdout
+    )[0]["p"]
     assert {"grocery bag", "car", "pickup truck", "child", "basketball court"} <= set(phrases)
 
 
@@ -103,6 +108,7 @@ def _measured(run_dir, *args):
 
     Its data segment is capped at 4 GiB so that code holding a whole large result fails here instead of taking the machine's memory.
     """
+
     def cap():
         resource.setrlimit(resource.RLIMIT_DATA, (4 << 30, 4 << 30))
 
@@ -162,8 +168,9 @@ def test_query_input_problems_are_one_line_errors(bare_run, s3_server, tmp_path)
     env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_EC2_METADATA_DISABLED="true")
     anonymous = cli("query", "s3://bucket/runs/one", "SELECT 1", "--endpoint-url", s3_server, env=env)
     assert anonymous.returncode == 2
-    assert anonymous.stderr == ("error: cannot read s3://bucket/runs/one: no AWS credentials "
-                                "(set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)\n")
+    assert anonymous.stderr == (
+        "error: cannot read s3://bucket/runs/one: no AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)\n"
+    )
 
 
 def test_run_without_a_config_file(tmp_path, photos_dir):
@@ -188,7 +195,17 @@ def test_bad_config_is_reported_not_raised(tmp_path, photos_dir):
     done = cli("run", "--input", str(tmp_path / "nothing-here"), "--output", str(tmp_path / "o"), "--stages", "ingest")
     assert done.returncode == 2 and "does not exist" in done.stderr
     # A folder has no captions: with no phrases configured either, there is nothing to ask SAM 3.
-    done = cli("run", "--input", str(photos_dir), "--output", str(tmp_path / "p"), "--model", "tiny-random", "--stages", "ingest,mine,negatives,propose")
+    done = cli(
+        "run",
+        "--input",
+        str(photos_dir),
+        "--output",
+        str(tmp_path / "p"),
+        "--model",
+        "tiny-random",
+        "--stages",
+        "ingest,mine,negatives,propose",
+    )
     assert done.returncode == 2 and "has no phrases" in done.stderr and "mine.phrases" in done.stderr
 
 
@@ -202,9 +219,11 @@ def test_every_command_has_help():
 
 def test_quickstart_verifies_every_pair_and_mask_and_verdicts_retune_in_sql(quickstart):
     run_dir, done = quickstart
-    sql = ("SELECT (SELECT count(*) FROM pairs) AS pairs, (SELECT count(*) FROM pair_verifications) AS judged_pairs, "
-           "(SELECT count(*) FROM masks) AS masks, (SELECT count(*) FROM mask_verifications) AS judged_masks, "
-           "(SELECT count(*) FROM mask_verifications WHERE verdict = 'reject') AS rejected")
+    sql = (
+        "SELECT (SELECT count(*) FROM pairs) AS pairs, (SELECT count(*) FROM pair_verifications) AS judged_pairs, "
+        "(SELECT count(*) FROM masks) AS masks, (SELECT count(*) FROM mask_verifications) AS judged_masks, "
+        "(SELECT count(*) FROM mask_verifications WHERE verdict = 'reject') AS rejected"
+    )
     counts = json.loads(cli("query", str(run_dir), sql, "-f", "json").stdout)[0]
     assert counts["pairs"] == counts["judged_pairs"] > 0 and counts["masks"] == counts["judged_masks"] > 0
     assert counts["rejected"] > 0  # random masks overlap and fall apart
@@ -216,8 +235,16 @@ def test_quickstart_verifies_every_pair_and_mask_and_verdicts_retune_in_sql(quic
 def test_calibrate_fits_thresholds_to_labels(quickstart, tmp_path):
     run_dir, _ = quickstart
     # Labels from a rule the run's own signals can learn: present when SAM 3's presence is high, good when the mask is large.
-    labelled = json.loads(cli("query", str(run_dir), "SELECT pair_id, presence_score >= median(presence_score) OVER () AS present FROM pairs", "-f", "json").stdout)
-    masks = json.loads(cli("query", str(run_dir), "SELECT mask_id, area_fraction >= median(area_fraction) OVER () AS good FROM mask_scores", "-f", "json").stdout)
+    labelled = json.loads(
+        cli(
+            "query", str(run_dir), "SELECT pair_id, presence_score >= median(presence_score) OVER () AS present FROM pairs", "-f", "json"
+        ).stdout
+    )
+    masks = json.loads(
+        cli(
+            "query", str(run_dir), "SELECT mask_id, area_fraction >= median(area_fraction) OVER () AS good FROM mask_scores", "-f", "json"
+        ).stdout
+    )
     labels = tmp_path / "labels.jsonl"
     labels.write_text("".join(json.dumps(row) + "\n" for row in labelled + masks))
     written = tmp_path / "thresholds.yaml"
@@ -236,7 +263,9 @@ def test_calibrate_fits_thresholds_to_labels(quickstart, tmp_path):
     assert verdicts["verdict=accept"]["labelled"] == len(masks)
     stored = cli("import-labels", str(run_dir), "--labels", str(labels), "--verifier", "labeller-1")
     assert stored.returncode == 0 and f"{len(labelled)} pair and {len(masks)} mask labels stored; 0 labels name no pair" in stored.stderr
-    counts = json.loads(cli("query", str(run_dir), "SELECT count(*) AS n FROM pair_verifications WHERE verifier = 'labeller-1'", "-f", "json").stdout)
+    counts = json.loads(
+        cli("query", str(run_dir), "SELECT count(*) AS n FROM pair_verifications WHERE verifier = 'labeller-1'", "-f", "json").stdout
+    )
     assert counts == [{"n": len(labelled)}]
     bad = tmp_path / "bad.csv"
     bad.write_text("image,label\nx,1\n")
@@ -257,7 +286,15 @@ def test_quickstart_runs_on_to_splits_export_and_eval(quickstart, tmp_path):
     splits = json.loads(cli("query", str(run_dir), "SELECT tier, count(*) AS n FROM splits GROUP BY ALL", "-f", "json").stdout)
     pairs = json.loads(cli("query", str(run_dir), "SELECT count(*) AS n FROM pairs", "-f", "json").stdout)[0]["n"]
     assert sum(s["n"] for s in splits) == pairs  # every verified pair has a place: a tier or an exclusion reason
-    exported = json.loads(cli("query", str(run_dir), "SELECT split, count(*) AS n FROM splits WHERE tier <> 'excluded' GROUP BY ALL ORDER BY n DESC", "-f", "json").stdout)
+    exported = json.loads(
+        cli(
+            "query",
+            str(run_dir),
+            "SELECT split, count(*) AS n FROM splits WHERE tier <> 'excluded' GROUP BY ALL ORDER BY n DESC",
+            "-f",
+            "json",
+        ).stdout
+    )
     assert exported, "the quickstart's verdicts put some pairs in a split"
     split = exported[0]["split"]
     for fmt, name in (("saco", "out.json"), ("coco", "coco.json"), ("parquet", "out.parquet")):

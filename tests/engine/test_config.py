@@ -1,4 +1,5 @@
 import pytest
+from pydantic import ValidationError
 
 from sam3_engine.engine.config import ConfigError, load_config, run_config_model
 
@@ -44,6 +45,9 @@ def test_flags_override_the_file_and_paths_resolve_relative_to_their_origin(tmp_
 
 def test_configs_are_immutable_and_defaults_are_complete():
     config = run_config_model()()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         config.ingest.unit_size = 5
-    assert config.stages == ("ingest", "mine", "embed", "retrieve", "negatives", "propose", "verify", "splits") and config.ingest.max_pixels == 100_000_000
+    assert (
+        config.stages == ("ingest", "mine", "embed", "retrieve", "negatives", "propose", "verify", "splits")
+        and config.ingest.max_pixels == 100_000_000
+    )

@@ -15,7 +15,6 @@ from sam3_engine.models.clip import ClipEmbedder, choose_clip
 from sam3_engine.schemas.tables import Column, TableSpec
 from sam3_engine.stages.embed import EmbedStage
 
-
 SEEN = TableSpec(
     name="seen",
     doc="What the worker that processed each item saw.",
@@ -57,8 +56,17 @@ class CountingStage(Stage):
 
     def process(self, unit, prepared=None):
         prepared = prepared if prepared is not None else self.prepare(unit)
-        rows = [{"item": item, "pid": os.getpid(), "setups": self.setups, "device": self.context.device,
-                 "run_url": self.context.run_url, "prepared_in": prepared} for item in unit.items]
+        rows = [
+            {
+                "item": item,
+                "pid": os.getpid(),
+                "setups": self.setups,
+                "device": self.context.device,
+                "run_url": self.context.run_url,
+                "prepared_in": prepared,
+            }
+            for item in unit.items
+        ]
         return {SEEN.name: rows_table(SEEN, rows, unit.unit_id)}
 
 

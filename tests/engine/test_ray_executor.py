@@ -8,10 +8,10 @@ import sys
 import pytest
 import ray
 
+from sam3_engine.app.pipeline import build_stages
 from sam3_engine.engine.catalog import connect
 from sam3_engine.engine.config import load_config
 from sam3_engine.engine.ray_executor import KILL_ACTOR_ONCE_ENV, RayExecutor
-from sam3_engine.app.pipeline import build_stages
 from sam3_engine.engine.runner import CRASH_ON_ENV, ProcessExecutor, UnitRunner
 from sam3_engine.engine.store import TableStore
 from sam3_engine.stages.propose import OOM_ABOVE_ENV
@@ -40,8 +40,18 @@ def images_run(photos_dir, tmp_path_factory):
 
 
 def _propose(run_dir, executor, **overrides):
-    config = load_config(None, {"output": str(run_dir), "stages": "propose", "model.name": "tiny-random",
-                                "propose.phrases": ["car", "truck", "child"], "propose.unit_size": 1, "propose.image_batch": 2, **overrides})
+    config = load_config(
+        None,
+        {
+            "output": str(run_dir),
+            "stages": "propose",
+            "model.name": "tiny-random",
+            "propose.phrases": ["car", "truck", "child"],
+            "propose.unit_size": 1,
+            "propose.image_batch": 2,
+            **overrides,
+        },
+    )
     (stage,) = build_stages(config, "test-run")
     store = TableStore(str(run_dir))
     report = UnitRunner(store, "attempt", None).run(stage, executor)
@@ -82,8 +92,25 @@ def test_two_node_cluster_gives_the_rows_of_a_local_run(ray_cluster, images_run,
 
 def test_the_cli_joins_a_running_cluster_through_ray_address(ray_cluster, images_run, reference, tmp_path):
     run_dir = _copy(images_run, tmp_path)
-    command = [sys.executable, "-m", "sam3_engine", "run", "-q", "--output", str(run_dir), "--stages", "propose", "--model", "tiny-random",
-               "--set", "propose.phrases=[car, truck, child]", "--set", "propose.unit_size=1", "--set", "propose.image_batch=2"]
+    command = [
+        sys.executable,
+        "-m",
+        "sam3_engine",
+        "run",
+        "-q",
+        "--output",
+        str(run_dir),
+        "--stages",
+        "propose",
+        "--model",
+        "tiny-random",
+        "--set",
+        "propose.phrases=[car, truck, child]",
+        "--set",
+        "propose.unit_size=1",
+        "--set",
+        "propose.image_batch=2",
+    ]
     done = subprocess.run(command, env={**os.environ, "RAY_ADDRESS": ray_cluster.address}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     (summary,) = rows(run_dir, "SELECT summary_json FROM runs WHERE status = 'finished' AND 'propose' IN stages")
@@ -121,14 +148,16 @@ def _assert_same_rows_up_to_float_noise(got, expected):
 
     for table in ("pairs", "masks", "rejects"):
         assert len(got[table]) == len(expected[table]), table
-        for a, b in zip(got[table], expected[table]):
+        for a, b in zip(got[table], expected[table], strict=True):
             assert a.keys() == b.keys()
             for key in a:
                 if isinstance(a[key], float):
                     assert abs(a[key] - b[key]) < 1e-5, (table, key)
                 elif key in ("rle_counts", "foreground_counts") and a[key] is not None and b[key] is not None:
                     x, y = ({"size": [r["height"], r["width"]], "counts": r[key].encode()} for r in (a, b))
-                    differing = int(mask_utils.area(mask_utils.merge([x, y], intersect=False))) - int(mask_utils.area(mask_utils.merge([x, y], intersect=True)))
+                    differing = int(mask_utils.area(mask_utils.merge([x, y], intersect=False))) - int(
+                        mask_utils.area(mask_utils.merge([x, y], intersect=True))
+                    )
                     # tiny-random's mask logits are flat (~0.1), so more pixels than a real model's sit near zero
                     assert differing <= a["height"] * a["width"] // 100_000, differing
                 elif key in ("area", "bbox", "foreground_area") and a[key] is not None and b[key] is not None:

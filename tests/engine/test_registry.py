@@ -9,8 +9,8 @@ import pytest
 
 from sam3_engine.app.pipeline import run_pipeline
 from sam3_engine.engine.config import ConfigError, load_config
-from sam3_engine.engine.stage import Stage, WorkUnit, content_defined_chunks, fingerprint, registered, rows_table, stage_names
 from sam3_engine.engine.runner import KILL_AFTER_COMMITS_ENV
+from sam3_engine.engine.stage import Stage, WorkUnit, content_defined_chunks, fingerprint, registered, rows_table, stage_names
 from sam3_engine.schemas.tables import Column, TableSpec
 from tests.conftest import REPO
 from tests.helpers import ingest, rows
@@ -39,7 +39,9 @@ class ToyStage(Stage):
 
     def plan(self, store):
         images = store.read("images", columns=["image_id", "width", "height"]).sort_by("image_id").to_pylist()
-        return [WorkUnit(fingerprint(self.name, shard), tuple(shard)) for shard in content_defined_chunks(images, lambda i: i["image_id"], 4)]
+        return [
+            WorkUnit(fingerprint(self.name, shard), tuple(shard)) for shard in content_defined_chunks(images, lambda i: i["image_id"], 4)
+        ]
 
     def process(self, unit, prepared=None):
         sizes = [{"image_id": i["image_id"], "pixels": i["width"] * i["height"]} for i in unit.items]
@@ -90,11 +92,16 @@ def test_a_registered_stage_killed_mid_run_resumes_to_the_same_rows(synthetic_di
     script.write_text(DRIVER)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     log = (tmp_path / "driver.log").open("w")  # a file, not a pipe: a killed driver's workers may hold a pipe open a while
-    drive = lambda run_dir, extra={}: subprocess.run([sys.executable, str(script), str(run_dir)], env={**env, **extra}, stdout=log, stderr=log)  # noqa: E731
+
+    def drive(run_dir, extra=None):
+        return subprocess.run([sys.executable, str(script), str(run_dir)], env={**env, **(extra or {})}, stdout=log, stderr=log)
+
     assert drive(reference).returncode == 0
     assert drive(killed, {KILL_AFTER_COMMITS_ENV: "3"}).returncode == -9
     partial = _sizes(killed)
     assert 0 < len(partial) < 40
     assert drive(killed).returncode == 0
     assert _sizes(killed) == _sizes(reference)
-    assert rows(killed, "SELECT count(*) AS n FROM units WHERE stage = 'toy'") == rows(reference, "SELECT count(*) AS n FROM units WHERE stage = 'toy'")
+    assert rows(killed, "SELECT count(*) AS n FROM units WHERE stage = 'toy'") == rows(
+        reference, "SELECT count(*) AS n FROM units WHERE stage = 'toy'"
+    )

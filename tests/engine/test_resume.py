@@ -8,11 +8,10 @@ import sys
 import time
 
 import pytest
-
 from deltalake import DeltaTable
 
-from sam3_engine.engine.config import StorageConfig, load_config
 from sam3_engine.app.pipeline import run_pipeline
+from sam3_engine.engine.config import StorageConfig, load_config
 from sam3_engine.engine.runner import KILL_AFTER_COMMITS_ENV
 from sam3_engine.engine.stage import content_defined_chunks
 from sam3_engine.io.inputs import list_inputs
@@ -29,7 +28,23 @@ TABLES = {  # every column but when, and by which attempt, a unit was committed
 
 def _cli(input_dir, output, env_extra=None, **popen):
     env = {**os.environ, **(env_extra or {})}
-    command = [sys.executable, "-m", "sam3_engine", "run", "-q", "--input", str(input_dir), "--output", str(output), "--workers", "1", "--stages", "ingest", "--set", "ingest.unit_size=2"]
+    command = [
+        sys.executable,
+        "-m",
+        "sam3_engine",
+        "run",
+        "-q",
+        "--input",
+        str(input_dir),
+        "--output",
+        str(output),
+        "--workers",
+        "1",
+        "--stages",
+        "ingest",
+        "--set",
+        "ingest.unit_size=2",
+    ]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **popen)
 
 

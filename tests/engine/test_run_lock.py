@@ -9,9 +9,9 @@ import sys
 import boto3
 import pytest
 
+from sam3_engine.app.pipeline import run_pipeline
 from sam3_engine.engine.config import StorageConfig, load_config
 from sam3_engine.engine.lock import RunLock, RunLockedError
-from sam3_engine.app.pipeline import run_pipeline
 from tests.conftest import EXAMPLES
 from tests.helpers import rows
 

@@ -4,9 +4,9 @@ import pyarrow as pa
 import pytest
 
 from sam3_engine.engine.runner import ProcessExecutor, UnitRunner
+from sam3_engine.engine.stage import Derivation, Stage, fingerprint
 from sam3_engine.engine.store import TableStore
 from sam3_engine.schemas.tables import SPLITS
-from sam3_engine.engine.stage import Derivation, Stage, fingerprint
 
 
 class _DerivesIntoItsOwnLedger(Stage):

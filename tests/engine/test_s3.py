@@ -7,8 +7,8 @@ import sys
 import boto3
 import pytest
 
-from sam3_engine.engine.config import StorageConfig, load_config
 from sam3_engine.app.pipeline import run_pipeline
+from sam3_engine.engine.config import StorageConfig, load_config
 from tests.helpers import rows
 
 
@@ -21,13 +21,18 @@ def bucket(s3_server, photos_dir, request):
         client.upload_file(str(photo), name, f"photos/{photo.name}")
     client.put_object(Bucket=name, Key="photos/copy/truck.jpg", Body=(photos_dir / "truck.jpg").read_bytes())
     client.put_object(Bucket=name, Key="photos/broken.jpg", Body=b"\xff\xd8\xff\xe0 not really a jpeg")
-    manifest = "\n".join(json.dumps({"uri": f"photos/{p.name}", "caption": f"caption of {p.stem}"}) for p in sorted(photos_dir.glob("*.jpg")))
+    manifest = "\n".join(
+        json.dumps({"uri": f"photos/{p.name}", "caption": f"caption of {p.stem}"}) for p in sorted(photos_dir.glob("*.jpg"))
+    )
     client.put_object(Bucket=name, Key="manifest.jsonl", Body=(manifest + "\n" + json.dumps({"uri": "photos/gone.jpg"})).encode())
     return name
 
 
 def test_s3_folder_in_s3_run_directory_out(bucket, s3_server):
-    config = load_config(None, {"input": f"s3://{bucket}/photos/", "output": f"s3://{bucket}/runs/one", "storage.endpoint_url": s3_server, "stages": "ingest"})
+    config = load_config(
+        None,
+        {"input": f"s3://{bucket}/photos/", "output": f"s3://{bucket}/runs/one", "storage.endpoint_url": s3_server, "stages": "ingest"},
+    )
     result = run_pipeline(config)
     storage = StorageConfig(endpoint_url=s3_server)
     images = rows(f"s3://{bucket}/runs/one", "SELECT uris, width, height FROM images ORDER BY width", storage_config=storage)
@@ -46,10 +51,29 @@ def test_s3_folder_in_s3_run_directory_out(bucket, s3_server):
 
 
 def test_s3_manifest_and_query_cli(bucket, s3_server):
-    config = load_config(None, {"input": f"s3://{bucket}/manifest.jsonl", "output": f"s3://{bucket}/runs/two", "storage.endpoint_url": s3_server, "stages": "ingest"})
+    config = load_config(
+        None,
+        {
+            "input": f"s3://{bucket}/manifest.jsonl",
+            "output": f"s3://{bucket}/runs/two",
+            "storage.endpoint_url": s3_server,
+            "stages": "ingest",
+        },
+    )
     run_pipeline(config)
     out = subprocess.run(
-        [sys.executable, "-m", "sam3_engine", "query", f"s3://{bucket}/runs/two", "SELECT uri, captions FROM images ORDER BY uri", "--format", "json", "--endpoint-url", s3_server],
+        [
+            sys.executable,
+            "-m",
+            "sam3_engine",
+            "query",
+            f"s3://{bucket}/runs/two",
+            "SELECT uri, captions FROM images ORDER BY uri",
+            "--format",
+            "json",
+            "--endpoint-url",
+            s3_server,
+        ],
         capture_output=True,
         text=True,
         check=True,

@@ -16,7 +16,18 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pr
 
 def _start(output):
     """The quickstart's first stages as a user runs them, started without a cluster: the run starts its own Ray."""
-    command = [sys.executable, "-m", "sam3_engine", "run", str(EXAMPLES / "quickstart.yaml"), "--stages", "ingest,mine,embed", "--output", str(output), "-q"]
+    command = [
+        sys.executable,
+        "-m",
+        "sam3_engine",
+        "run",
+        str(EXAMPLES / "quickstart.yaml"),
+        "--stages",
+        "ingest,mine,embed",
+        "--output",
+        str(output),
+        "-q",
+    ]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_without_ray_address())
 
 
@@ -86,7 +97,18 @@ def test_a_killed_driver_leaves_no_ray_process_behind(tmp_path):
 def test_a_ray_out_of_memory_kill_ends_in_one_line_and_a_traceback_file(tmp_path):
     """Ray's own memory monitor, told that 1% of the node's memory is too much, kills the run's workers for real."""
     output = tmp_path / "run"
-    command = [sys.executable, "-m", "sam3_engine", "run", str(EXAMPLES / "quickstart.yaml"), "--stages", "ingest,mine,embed", "--output", str(output), "-q"]
+    command = [
+        sys.executable,
+        "-m",
+        "sam3_engine",
+        "run",
+        str(EXAMPLES / "quickstart.yaml"),
+        "--stages",
+        "ingest,mine,embed",
+        "--output",
+        str(output),
+        "-q",
+    ]
     env = {**_without_ray_address(), "RAY_memory_usage_threshold": "0.01", "RAY_memory_monitor_refresh_ms": "100"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 1, done.stderr[-3000:]

@@ -2,7 +2,7 @@ import pyarrow as pa
 import pytest
 
 from sam3_engine.engine.store import TableStore
-from sam3_engine.schemas.tables import REJECTS, SchemaError, TABLES, validate
+from sam3_engine.schemas.tables import REJECTS, TABLES, SchemaError, validate
 
 
 def _rejects(unit_id, ids, reason="corrupt"):

@@ -27,14 +27,33 @@ def _rle(top, left, height, width, size=SIZE):
 
 def _gt(pairs, exhaustive=None):
     """pairs: {pair_id: [(box, iscrowd), ...]}: an SA-Co ground-truth file."""
-    images = [{"id": p, "file_name": f"{p}.jpg", "text_input": "thing", "width": SIZE, "height": SIZE,
-               "is_instance_exhaustive": int((exhaustive or {}).get(p, 1)), "is_pixel_exhaustive": 1} for p in pairs]
+    images = [
+        {
+            "id": p,
+            "file_name": f"{p}.jpg",
+            "text_input": "thing",
+            "width": SIZE,
+            "height": SIZE,
+            "is_instance_exhaustive": int((exhaustive or {}).get(p, 1)),
+            "is_pixel_exhaustive": 1,
+        }
+        for p in pairs
+    ]
     annotations = []
     for pair, regions in pairs.items():
         for box, crowd in regions:
             rle = _rle(*box)
-            annotations.append({"id": len(annotations) + 1, "image_id": pair, "category_id": 1, "segmentation": rle,
-                                "bbox": mask_utils.toBbox(rle).tolist(), "area": float(mask_utils.area(rle)), "iscrowd": crowd})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": pair,
+                    "category_id": 1,
+                    "segmentation": rle,
+                    "bbox": mask_utils.toBbox(rle).tolist(),
+                    "area": float(mask_utils.area(rle)),
+                    "iscrowd": crowd,
+                }
+            )
     return {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "object"}]}
 
 
@@ -134,8 +153,13 @@ def _without(data, section, key):
 
 def test_malformed_ground_truth_and_predictions_name_the_file_and_key():
     gt = _gt({1: [(A, 0)], 2: []})
-    for section, key, where in (("annotations", "segmentation", "annotations[0]"), ("annotations", "image_id", "annotations[0]"),
-                                ("annotations", "id", "annotations[0]"), ("images", "height", "images[0]"), ("images", "id", "images[0]")):
+    for section, key, where in (
+        ("annotations", "segmentation", "annotations[0]"),
+        ("annotations", "image_id", "annotations[0]"),
+        ("annotations", "id", "annotations[0]"),
+        ("images", "height", "images[0]"),
+        ("images", "id", "images[0]"),
+    ):
         with pytest.raises(EvaluationError, match=re.escape(f"gt.json: {where} has no `{key}`")):
             evaluate([_pred(1, A)], [_without(gt, section, key)], names=["gt.json"], prediction_name="pred.json")
     bad_predictions = {
@@ -166,15 +190,23 @@ def test_bad_references_are_counted_and_fail_unless_allowed():
         evaluate(predictions, [gt], names=["gt.json"], prediction_name="pred.json")
     message = str(raised.value)
     assert "\n" not in message
-    for part in ("gt.json: 1 annotation(s) with an image_id that is not an image of the file (id 99 names image 42)",
-                 "gt.json: 1 RLE mask(s) whose counts do not decode to height x width pixels (annotation id 2: size [20, 20])",
-                 "pred.json: 2 prediction(s) with an image_id that no ground-truth file has ([3] image_id 17, [4] image_id 18)",
-                 "pred.json: 1 RLE mask(s) whose size is not their image's [height, width] ([2]: size [25, 25], image [20, 20])",
-                 "pred.json: 1 RLE mask(s) whose counts do not decode to height x width pixels ([5]: size [20, 20])", "--allow-mismatch"):
+    for part in (
+        "gt.json: 1 annotation(s) with an image_id that is not an image of the file (id 99 names image 42)",
+        "gt.json: 1 RLE mask(s) whose counts do not decode to height x width pixels (annotation id 2: size [20, 20])",
+        "pred.json: 2 prediction(s) with an image_id that no ground-truth file has ([3] image_id 17, [4] image_id 18)",
+        "pred.json: 1 RLE mask(s) whose size is not their image's [height, width] ([2]: size [25, 25], image [20, 20])",
+        "pred.json: 1 RLE mask(s) whose counts do not decode to height x width pixels ([5]: size [20, 20])",
+        "--allow-mismatch",
+    ):
         assert part in message
     allowed = evaluate(predictions, [gt], names=["gt.json"], prediction_name="pred.json", allow_mismatch=True)
-    assert allowed["mismatches"] == {"predictions_unknown_pair": 2, "predictions_unknown_category": 0, "annotations_unknown_pair": 1,
-                                     "rle_undecodable": 2, "rle_wrong_size": 1}
+    assert allowed["mismatches"] == {
+        "predictions_unknown_pair": 2,
+        "predictions_unknown_category": 0,
+        "annotations_unknown_pair": 1,
+        "rle_undecodable": 2,
+        "rle_wrong_size": 1,
+    }
     # As scored: pair 1 a match and a false positive, pairs 2 and 3 a miss and a false positive each (nothing matches their
     # masks), pair 4 a true negative; the orphan annotation and the unknown pairs' predictions count nowhere.
     far = (15, 15, 2, 2)
@@ -194,7 +226,9 @@ def test_a_mask_that_does_not_decode_never_reaches_pycocotools():
 def official(tmp_path_factory):
     """The official evaluator, cgf1_eval.py from the sam3 wheel on PyPI (its package needs CUDA to import; this file does not)."""
     folder = tmp_path_factory.mktemp("official")
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", OFFICIAL_WHEEL, "-d", str(folder)], check=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", OFFICIAL_WHEEL, "-d", str(folder)], check=True, timeout=300
+    )
     (wheel,) = folder.glob("sam3-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         (folder / "cgf1_eval.py").write_bytes(archive.read("sam3/eval/cgf1_eval.py"))
@@ -208,8 +242,13 @@ def _random_case(rng, files):
     pairs = {}
     for pair in range(1, 41):
         count = int(rng.choice([0, 0, 1, 2, 3, 5]))
-        pairs[pair] = [((int(rng.integers(0, 14)), int(rng.integers(0, 14)), int(rng.integers(1, 7)), int(rng.integers(1, 7))), int(rng.random() < 0.1))
-                       for _ in range(count)]
+        pairs[pair] = [
+            (
+                (int(rng.integers(0, 14)), int(rng.integers(0, 14)), int(rng.integers(1, 7)), int(rng.integers(1, 7))),
+                int(rng.random() < 0.1),
+            )
+            for _ in range(count)
+        ]
     truths = []
     for index in range(files):
         # later files disagree on some instances, and on exhaustivity
@@ -280,30 +319,43 @@ def test_the_eval_command_prints_the_metrics_of_several_files(tmp_path):
 
     predictions, truths = _random_case(np.random.default_rng(7), 3)
     paths = [tmp_path / f"gt_{i}.json" for i in range(3)]
-    for path, truth in zip(paths, truths):
+    for path, truth in zip(paths, truths, strict=True):
         path.write_text(json.dumps(truth))
     (tmp_path / "pred.json").write_text(json.dumps(predictions))
-    done = subprocess.run([sys.executable, "-m", "sam3_engine", "eval", "--pred", str(tmp_path / "pred.json"), "--gt", *map(str, paths)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "sam3_engine", "eval", "--pred", str(tmp_path / "pred.json"), "--gt", *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     printed = json.loads(done.stdout)
     assert printed == json.loads(json.dumps(evaluate(predictions, truths)))
     assert printed["pairs"] > 0 and 0 < printed["cgF1"] < 100
     (tmp_path / "bad.json").write_text("{nope")
-    bad = subprocess.run([sys.executable, "-m", "sam3_engine", "eval", "--pred", str(tmp_path / "bad.json"), "--gt", str(paths[0])], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "sam3_engine", "eval", "--pred", str(tmp_path / "bad.json"), "--gt", str(paths[0])],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "not valid JSON" in bad.stderr
     (tmp_path / "elsewhere.json").write_text(json.dumps(predictions + [_pred(1000, A)]))
     elsewhere = [sys.executable, "-m", "sam3_engine", "eval", "--pred", str(tmp_path / "elsewhere.json"), "--gt", str(paths[0])]
     refused = subprocess.run(elsewhere, capture_output=True, text=True)
     assert refused.returncode == 2 and refused.stdout == ""
-    assert refused.stderr == (f"error: {tmp_path / 'elsewhere.json'}: 1 prediction(s) with an image_id that no ground-truth file has "
-                              f"([{len(predictions)}] image_id 1000); --allow-mismatch evaluates anyway, "
-                              "counting them under `mismatches`\n")
+    assert refused.stderr == (
+        f"error: {tmp_path / 'elsewhere.json'}: 1 prediction(s) with an image_id that no ground-truth file has "
+        f"([{len(predictions)}] image_id 1000); --allow-mismatch evaluates anyway, "
+        "counting them under `mismatches`\n"
+    )
     allowed = subprocess.run([*elsewhere, "--allow-mismatch"], capture_output=True, text=True)
     assert allowed.returncode == 0 and "predictions_unknown_pair': 1" in allowed.stderr
     assert json.loads(allowed.stdout)["mismatches"]["predictions_unknown_pair"] == 1
     (tmp_path / "scores.json").write_text(json.dumps([{**p, "score": str(p["score"])} for p in predictions]))
-    strings = subprocess.run([sys.executable, "-m", "sam3_engine", "eval", "--pred", str(tmp_path / "scores.json"), "--gt", str(paths[0])],
-                             capture_output=True, text=True)
+    strings = subprocess.run(
+        [sys.executable, "-m", "sam3_engine", "eval", "--pred", str(tmp_path / "scores.json"), "--gt", str(paths[0])],
+        capture_output=True,
+        text=True,
+    )
     assert strings.returncode == 2 and strings.stderr.startswith(f"error: {tmp_path / 'scores.json'}[0]: `score` must be a number")
     assert "Traceback" not in strings.stderr and len(strings.stderr.splitlines()) == 1

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
-
 from pycocotools import mask as mask_utils
 
 from sam3_engine.models.sam3 import TEXT_CONTEXT, ModelLoadError, Sam3Segmenter, offline_clip_tokenizer, rle_encode
@@ -35,13 +34,16 @@ def test_offline_tokenizer_matches_open_clip_ids():
 def test_batched_phrases_equal_the_one_phrase_loop(segmenter, photos):
     phrases = [["grocery bag", "car", "vegetable", "paper bag", "trunk"], ["pickup truck", "wall", "stairs"]]
     batched = segmenter.predict(photos, phrases, threshold=THRESHOLD, phrase_batch=4)
-    looped = [[segmenter.predict([image], [[p]], threshold=THRESHOLD)[0][0] for p in image_phrases] for image, image_phrases in zip(photos, phrases)]
+    looped = [
+        [segmenter.predict([image], [[p]], threshold=THRESHOLD)[0][0] for p in image_phrases]
+        for image, image_phrases in zip(photos, phrases, strict=True)
+    ]
     total = identical = 0
-    for image_batched, image_looped in zip(batched, looped):
+    for image_batched, image_looped in zip(batched, looped, strict=True):
         for a, b in zip(image_batched, image_looped, strict=True):
             assert abs(a.presence_score - b.presence_score) < 1e-5
             assert len(a.instances) == len(b.instances)
-            for x, y in zip(a.instances, b.instances):
+            for x, y in zip(a.instances, b.instances, strict=True):
                 assert abs(x.score - y.score) < 1e-5 and abs(x.object_score - y.object_score) < 1e-5
                 # Batch size changes float reduction order (logits differ by ~1e-9), which can flip a
                 # pixel whose upsampled logit is within 1e-9 of zero: at most one in a million.
@@ -134,7 +136,7 @@ def test_skipping_masks_of_phrases_without_instances_changes_nothing(segmenter, 
     for a, b in zip(flat_gated, flat_full, strict=True):
         assert a.presence_score == b.presence_score
         assert [(i.query, i.score, i.box_xyxy) for i in a.instances] == [(i.query, i.score, i.box_xyxy) for i in b.instances]
-        for x, y in zip(a.instances, b.instances):
+        for x, y in zip(a.instances, b.instances, strict=True):
             assert np.count_nonzero(x.mask != y.mask) <= x.mask.size // 1_000_000
             assert abs(x.stability - y.stability) < 1e-4
 
@@ -152,14 +154,18 @@ def test_foreground_and_box_reprompt_equal_a_plain_forward(segmenter, photos):
     assert prediction.instances, "the test needs kept instances"
     without = segmenter.predict([photo], [[phrase]], threshold=THRESHOLD)[0][0]
     assert all(i.reprompt_iou is None for i in without.instances)
-    assert [(i.query, i.score) for i in without.instances] == [(i.query, i.score) for i in prediction.instances]  # re-prompting changes nothing else
+    assert [(i.query, i.score) for i in without.instances] == [
+        (i.query, i.score) for i in prediction.instances
+    ]  # re-prompting changes nothing else
 
     model = segmenter.model
     pixels = segmenter.preprocess([photo])
     tokens = segmenter.tokenize([phrase])
     with torch.inference_mode():
         out = model(pixel_values=pixels, input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
-        semantic = torch.nn.functional.interpolate(out.semantic_seg.float(), size=(photo.height, photo.width), mode="bilinear", align_corners=False)[0, 0]
+        semantic = torch.nn.functional.interpolate(
+            out.semantic_seg.float(), size=(photo.height, photo.width), mode="bilinear", align_corners=False
+        )[0, 0]
         expected = mask_utils.encode(np.asfortranarray((semantic > 0).numpy().astype(np.uint8)))
         assert prediction.foreground["counts"] == expected["counts"]
         for instance in prediction.instances:

@@ -7,16 +7,21 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from sam3_engine.engine.config import load_config
 from sam3_engine.app.pipeline import run_pipeline
+from sam3_engine.engine.config import load_config
 from sam3_engine.models.clip import ClipEmbedder, choose_clip
 from sam3_engine.models.sam3 import ModelLoadError
 from sam3_engine.text.concepts import Ontology
 from tests.conftest import EXAMPLES
 from tests.helpers import rows
 
-SETTINGS = {"clip.model": "tiny-random", "retrieve.min_similarity": 0.0, "retrieve.top_k": 4,
-            "negatives.max_image_similarity": 0.1, "negatives.max_per_image": 40}
+SETTINGS = {
+    "clip.model": "tiny-random",
+    "retrieve.min_similarity": 0.0,
+    "retrieve.top_k": 4,
+    "negatives.max_image_similarity": 0.1,
+    "negatives.max_per_image": 40,
+}
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +57,10 @@ def test_unreachable_clip_weights_fail_with_advice_unless_fallback(monkeypatch):
 def clip_run(ray_cluster, tmp_path_factory):
     """The manifest's photos through every CLIP stage, shared by the module: read-only (copy it to change it)."""
     run_dir = tmp_path_factory.mktemp("clip") / "run"
-    config = load_config(None, {"input": str(EXAMPLES / "manifest.jsonl"), "output": str(run_dir),
-                                "stages": "ingest,mine,embed,retrieve,negatives", **SETTINGS})
+    config = load_config(
+        None,
+        {"input": str(EXAMPLES / "manifest.jsonl"), "output": str(run_dir), "stages": "ingest,mine,embed,retrieve,negatives", **SETTINGS},
+    )
     return run_dir, run_pipeline(config)
 
 
@@ -77,7 +84,11 @@ def test_retrieval_takes_the_top_k_concepts_by_similarity(clip_run):
     for image in rows(run_dir, "SELECT image_id, embedding FROM image_embeddings"):
         similarity = matrix @ _vectors(image["embedding"])
         expected = [phrases[i]["concept_id"] for i in np.argsort(-similarity, kind="stable")[:4] if similarity[i] >= 0.0]
-        got = rows(run_dir, "SELECT concept_id, score FROM candidates WHERE origin = 'clip' AND image_id = $i ORDER BY score DESC", {"i": image["image_id"]})
+        got = rows(
+            run_dir,
+            "SELECT concept_id, score FROM candidates WHERE origin = 'clip' AND image_id = $i ORDER BY score DESC",
+            {"i": image["image_id"]},
+        )
         assert [g["concept_id"] for g in got] == expected
         assert all(abs(g["score"] - similarity[[p["concept_id"] for p in phrases].index(g["concept_id"])]) < 1e-5 for g in got)
     assert result.stages[3].counts["pairs"] == 3 * 4
@@ -91,7 +102,11 @@ def test_hard_negatives_drop_concepts_the_image_scores_high_on(clip_run):
     present: dict = {}
     for c in rows(run_dir, "SELECT image_id, phrase FROM candidates WHERE origin <> 'hard_negative'"):
         present.setdefault(c["image_id"], set()).add(c["phrase"])
-    negatives = rows(run_dir, "SELECT c.image_id, c.phrase, c.relation, r.phrase AS related FROM candidates c JOIN concepts r ON r.concept_id = c.related_concept_id WHERE origin = 'hard_negative'")
+    negatives = rows(
+        run_dir,
+        "SELECT c.image_id, c.phrase, c.relation, r.phrase AS related FROM candidates c JOIN concepts "
+        "r ON r.concept_id = c.related_concept_id WHERE origin = 'hard_negative'",
+    )
     assert {n["relation"] for n in negatives} == {"sibling", "cousin", "clip_neighbour"}
     dropped = 0
     for image_id, here in present.items():
@@ -115,4 +130,7 @@ def test_a_rerun_embeds_nothing_again(clip_run, tmp_path):
     config = load_config(None, {"output": str(run_dir), "stages": "embed,retrieve,negatives", **SETTINGS})
     again = run_pipeline(config)
     assert all(s.units_committed == 0 and s.units_skipped == s.units_total > 0 for s in again.stages)
-    assert json.loads(rows(run_dir, "SELECT summary_json FROM runs ORDER BY started_at DESC LIMIT 1")[0]["summary_json"])["stages"][0]["name"] == "embed"
+    assert (
+        json.loads(rows(run_dir, "SELECT summary_json FROM runs ORDER BY started_at DESC LIMIT 1")[0]["summary_json"])["stages"][0]["name"]
+        == "embed"
+    )

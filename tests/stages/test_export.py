@@ -12,20 +12,28 @@ import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from sam3_engine.engine.config import load_config
+from sam3_engine.app.export import ExportError, export, predictions
 from sam3_engine.app.pipeline import run_pipeline
+from sam3_engine.engine.config import load_config
 from sam3_engine.engine.store import TableStore
 from sam3_engine.metrics.cgf1 import evaluate
 from sam3_engine.schemas.tables import MASK_VERIFICATIONS, MASKS, PAIR_VERIFICATIONS, PAIRS
 from sam3_engine.text.concepts import concept_id, pair_id
-from sam3_engine.app.export import ExportError, export, predictions
 from tests.helpers import ingest, rows
 
 UNIT = "constructed"
-BOXES = {"car-a": ("car", (100, 100, 200, 300), 0.9), "car-b": ("car", (500, 900, 150, 150), 0.8),
-         "dog-c": ("dog", (700, 200, 100, 120), 0.9), "dog-d": ("dog", (50, 1500, 60, 60), 0.7)}
-VOTES = {"car": {"v1": "positive", "v2": "positive"}, "dog": {"v1": "positive", "v2": "unsure"},
-         "giraffe": {"v1": "negative", "v2": "negative"}, "bus": {"v1": "unsure", "v2": "unsure"}}
+BOXES = {
+    "car-a": ("car", (100, 100, 200, 300), 0.9),
+    "car-b": ("car", (500, 900, 150, 150), 0.8),
+    "dog-c": ("dog", (700, 200, 100, 120), 0.9),
+    "dog-d": ("dog", (50, 1500, 60, 60), 0.7),
+}
+VOTES = {
+    "car": {"v1": "positive", "v2": "positive"},
+    "dog": {"v1": "positive", "v2": "unsure"},
+    "giraffe": {"v1": "negative", "v2": "negative"},
+    "bus": {"v1": "unsure", "v2": "unsure"},
+}
 ACCEPTED = {"v1": {"car-a", "car-b", "dog-c"}, "v2": {"car-a", "car-b"}}
 
 
@@ -44,34 +52,96 @@ def split_run(photos_dir, tmp_path_factory):
     (image,) = rows(run_dir, "SELECT image_id, width, height FROM images")
     shape = (image["height"], image["width"])
     pid = {phrase: pair_id(image["image_id"], concept_id(phrase)) for phrase in VOTES}
-    pairs = [{"pair_id": pid[p], "image_id": image["image_id"], "concept_id": concept_id(p), "phrase": p, "presence_score": 0.9, "instance_count": 0,
-              "max_score": 0.9, "height": shape[0], "width": shape[1], "foreground_counts": None, "foreground_area": None, "phrase_truncated": False,
-              "model_id": "constructed", "model_revision": None, "random_weights": False, "run_id": "r", "unit_id": UNIT} for p in VOTES]
+    pairs = [
+        {
+            "pair_id": pid[p],
+            "image_id": image["image_id"],
+            "concept_id": concept_id(p),
+            "phrase": p,
+            "presence_score": 0.9,
+            "instance_count": 0,
+            "max_score": 0.9,
+            "height": shape[0],
+            "width": shape[1],
+            "foreground_counts": None,
+            "foreground_area": None,
+            "phrase_truncated": False,
+            "model_id": "constructed",
+            "model_revision": None,
+            "random_weights": False,
+            "run_id": "r",
+            "unit_id": UNIT,
+        }
+        for p in VOTES
+    ]
     masks, stored = [], {}
     for name, (phrase, box, score) in BOXES.items():
         encoded = mask_utils.encode(np.asfortranarray(_mask(shape, *box)))
         stored[name] = _mask(shape, *box)
-        masks.append({"mask_id": name, "pair_id": pid[phrase], "image_id": image["image_id"], "concept_id": concept_id(phrase), "query_index": 0,
-                      "height": shape[0], "width": shape[1], "rle_counts": encoded["counts"].decode(), "bbox": mask_utils.toBbox(encoded).tolist(),
-                      "area": int(mask_utils.area(encoded)), "model_box": [0, 0, 1, 1], "object_score": score, "presence_score": 0.9, "score": score,
-                      "stability_score": 1.0, "reprompt_iou": None, "unit_id": UNIT})
+        masks.append(
+            {
+                "mask_id": name,
+                "pair_id": pid[phrase],
+                "image_id": image["image_id"],
+                "concept_id": concept_id(phrase),
+                "query_index": 0,
+                "height": shape[0],
+                "width": shape[1],
+                "rle_counts": encoded["counts"].decode(),
+                "bbox": mask_utils.toBbox(encoded).tolist(),
+                "area": int(mask_utils.area(encoded)),
+                "model_box": [0, 0, 1, 1],
+                "object_score": score,
+                "presence_score": 0.9,
+                "score": score,
+                "stability_score": 1.0,
+                "reprompt_iou": None,
+                "unit_id": UNIT,
+            }
+        )
     store = TableStore(str(run_dir))
     store.replace(PAIRS, UNIT, pa.Table.from_pylist(pairs, schema=PAIRS.schema))
     store.replace(MASKS, UNIT, pa.Table.from_pylist(masks, schema=MASKS.schema))
     says = {"positive": ("present", "exhaustive"), "negative": ("absent", "exhaustive"), "unsure": ("uncertain", "unknown")}
     for verifier in ("v1", "v2"):
-        verdicts = [{"mask_id": m["mask_id"], "pair_id": m["pair_id"], "image_id": m["image_id"], "concept_id": m["concept_id"], "score": m["score"],
-                     "verdict": "accept" if m["mask_id"] in ACCEPTED[verifier] else "reject", "reasons": [], "verifier": verifier,
-                     "verifier_version": "t", "thresholds": "{}"} for m in masks]
+        verdicts = [
+            {
+                "mask_id": m["mask_id"],
+                "pair_id": m["pair_id"],
+                "image_id": m["image_id"],
+                "concept_id": m["concept_id"],
+                "score": m["score"],
+                "verdict": "accept" if m["mask_id"] in ACCEPTED[verifier] else "reject",
+                "reasons": [],
+                "verifier": verifier,
+                "verifier_version": "t",
+                "thresholds": "{}",
+            }
+            for m in masks
+        ]
         store.replace(MASK_VERIFICATIONS, verifier, pa.Table.from_pylist(verdicts, schema=MASK_VERIFICATIONS.schema))
         judged = []
         for phrase, votes in VOTES.items():
             presence, exhaustivity = says[votes[verifier]]
             accepted = sum(1 for n in ACCEPTED[verifier] if BOXES[n][0] == phrase)
-            judged.append({"pair_id": pid[phrase], "image_id": image["image_id"], "concept_id": concept_id(phrase), "phrase": phrase,
-                           "presence_probability": 0.5, "presence": presence, "presence_reason": "signals_agree", "accepted_masks": accepted if presence == "present" else 0,
-                           "uncovered_fraction": 0.0, "exhaustivity": exhaustivity, "exhaustivity_reason": "covered", "verifier": verifier,
-                           "verifier_version": "t", "thresholds": "{}"})
+            judged.append(
+                {
+                    "pair_id": pid[phrase],
+                    "image_id": image["image_id"],
+                    "concept_id": concept_id(phrase),
+                    "phrase": phrase,
+                    "presence_probability": 0.5,
+                    "presence": presence,
+                    "presence_reason": "signals_agree",
+                    "accepted_masks": accepted if presence == "present" else 0,
+                    "uncovered_fraction": 0.0,
+                    "exhaustivity": exhaustivity,
+                    "exhaustivity_reason": "covered",
+                    "verifier": verifier,
+                    "verifier_version": "t",
+                    "thresholds": "{}",
+                }
+            )
         store.replace(PAIR_VERIFICATIONS, verifier, pa.Table.from_pylist(judged, schema=PAIR_VERIFICATIONS.schema))
     run_pipeline(load_config(None, {"output": str(run_dir), "stages": "splits", "splits.train_fraction": 1.0, "splits.val_fraction": 0.0}))
     return run_dir, stored, shape
@@ -90,15 +160,21 @@ def test_saco_export_round_trips_through_pycocotools(split_run, tmp_path):
     for path in report.files:
         data = json.loads(open(path).read())
         by_phrase = {image["text_input"]: image for image in data["images"]}
-        assert set(by_phrase) == {"car", "dog", "giraffe"} and all(i["is_instance_exhaustive"] == 1 for i in data["images"])  # bus: unconfirmed, excluded
+        assert set(by_phrase) == {"car", "dog", "giraffe"} and all(
+            i["is_instance_exhaustive"] == 1 for i in data["images"]
+        )  # bus: unconfirmed, excluded
         kept = {a["mask_id"]: a for a in data["annotations"]}
         assert set(kept) == {"car-a", "car-b", "dog-c"}  # dog-d was rejected by dog's only source
         assert not [a for a in data["annotations"] if a["image_id"] == by_phrase["giraffe"]["id"]]  # a negative: a pair without annotations
         for name, annotation in kept.items():
-            decoded = mask_utils.decode({"size": annotation["segmentation"]["size"], "counts": annotation["segmentation"]["counts"].encode()})
+            decoded = mask_utils.decode(
+                {"size": annotation["segmentation"]["size"], "counts": annotation["segmentation"]["counts"].encode()}
+            )
             assert np.array_equal(decoded, stored[name])
             x, y, w, h = annotation["bbox"]
-            assert [x * width, y * height, w * width, h * height] == pytest.approx(mask_utils.toBbox(mask_utils.encode(np.asfortranarray(stored[name]))).tolist())
+            assert [x * width, y * height, w * width, h * height] == pytest.approx(
+                mask_utils.toBbox(mask_utils.encode(np.asfortranarray(stored[name]))).tolist()
+            )
             assert annotation["area"] == pytest.approx(stored[name].sum() / (width * height))
         coco = COCO(path)  # the file loads as COCO
         assert len(coco.getAnnIds()) == 3
@@ -148,8 +224,11 @@ def test_an_unwritable_out_is_a_one_line_error_naming_it(split_run, tmp_path, fm
     run_dir, _, _ = split_run
     (tmp_path / "a-file").write_text("x")
     (tmp_path / "locked").mkdir(mode=0o500)
-    outs = {"Is a directory": tmp_path, "Not a directory": tmp_path / "a-file" / "out.json",
-            "No such file or directory": tmp_path / "no" / "out.json"}
+    outs = {
+        "Is a directory": tmp_path,
+        "Not a directory": tmp_path / "a-file" / "out.json",
+        "No such file or directory": tmp_path / "no" / "out.json",
+    }
     if os.geteuid() != 0:  # root writes anywhere
         outs["Permission denied"] = tmp_path / "locked" / "out.json"
     for reason, out in outs.items():
@@ -169,7 +248,12 @@ def test_the_run_evaluated_against_its_own_split(split_run, tmp_path):
     # car: both proposals are the two accepted masks; giraffe: no proposal, a true negative
     f1 = 2 * (2 / (2 + 1e-4)) ** 2 / (2 * 2 / (2 + 1e-4) + 1e-4)
     assert perfect["pmF1"] == pytest.approx(100 * f1) and perfect["IL_MCC"] == pytest.approx(1 / (1 + 1e-6))
-    done = subprocess.run([sys.executable, "-m", "sam3_engine", "eval", str(run_dir), "--split", "train", "--tier", "all"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "sam3_engine", "eval", str(run_dir), "--split", "train", "--tier", "all"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     everything = json.loads(done.stdout)
     # dog's rejected proposal (score 0.7) is a false positive against the split, which keeps only dog-c
@@ -186,8 +270,14 @@ def test_human_labels_become_a_verifier_that_makes_gold(split_run, tmp_path):
     shutil.copytree(split_run[0], run_dir)
     (image,) = rows(run_dir, "SELECT image_id FROM images")
     pid = {p: pair_id(image["image_id"], concept_id(p)) for p in VOTES}
-    labels = pa.table({"pair_id": [pid["dog"], pid["bus"], None, None, "not-a-pair"], "present": ["yes", "no", None, None, "yes"],
-                       "mask_id": [None, None, "dog-c", "dog-d", None], "good": [None, None, True, False, None]})
+    labels = pa.table(
+        {
+            "pair_id": [pid["dog"], pid["bus"], None, None, "not-a-pair"],
+            "present": ["yes", "no", None, None, "yes"],
+            "mask_id": [None, None, "dog-c", "dog-d", None],
+            "good": [None, None, True, False, None],
+        }
+    )
     counts = import_labels(TableStore(str(run_dir)), labels, "human")
     assert counts == {"pairs": 2, "masks": 2, "unmatched": 1}
     human = {r["phrase"]: r for r in rows(run_dir, "SELECT * FROM pair_verifications WHERE verifier = 'human'")}
@@ -195,9 +285,23 @@ def test_human_labels_become_a_verifier_that_makes_gold(split_run, tmp_path):
     assert (human["bus"]["presence"], human["bus"]["exhaustivity"]) == ("absent", "exhaustive")
     run_pipeline(load_config(None, {"output": str(run_dir), "stages": "splits", "splits.train_fraction": 1.0, "splits.val_fraction": 0.0}))
     splits = {r["phrase"]: r for r in rows(run_dir, "SELECT * FROM splits")}
-    assert (splits["bus"]["tier"], splits["bus"]["reason"], splits["bus"]["sources"]) == ("gold", "human_negative", ["human"])  # was unconfirmed
-    assert splits["dog"]["tier"] == "silver"  # exhaustivity unlabelled: the human confirms presence, not completeness; v1 still says positive
-    exhaustive = pa.table({"pair_id": [pid["dog"], None], "present": [True, None], "exhaustive": [True, None], "mask_id": [None, "dog-c"], "good": [None, True]})
+    assert (splits["bus"]["tier"], splits["bus"]["reason"], splits["bus"]["sources"]) == (
+        "gold",
+        "human_negative",
+        ["human"],
+    )  # was unconfirmed
+    assert (
+        splits["dog"]["tier"] == "silver"
+    )  # exhaustivity unlabelled: the human confirms presence, not completeness; v1 still says positive
+    exhaustive = pa.table(
+        {
+            "pair_id": [pid["dog"], None],
+            "present": [True, None],
+            "exhaustive": [True, None],
+            "mask_id": [None, "dog-c"],
+            "good": [None, True],
+        }
+    )
     import_labels(TableStore(str(run_dir)), exhaustive, "human")  # replaces the first import
     assert rows(run_dir, "SELECT count(*) AS n FROM pair_verifications WHERE verifier = 'human'") == [{"n": 1}]
     run_pipeline(load_config(None, {"output": str(run_dir), "stages": "splits", "splits.train_fraction": 1.0, "splits.val_fraction": 0.0}))
@@ -215,9 +319,9 @@ def test_human_labels_become_a_verifier_that_makes_gold(split_run, tmp_path):
 def test_a_label_csv_mixing_pair_and_mask_rows_reads_blank_cells_as_missing(split_run, tmp_path):
     import shutil
 
-    from sam3_engine.engine import storage
     from sam3_engine.app.calibration import calibrate
     from sam3_engine.app.labels import import_labels
+    from sam3_engine.engine import storage
 
     run_dir = tmp_path / "run"
     shutil.copytree(split_run[0], run_dir)
@@ -226,8 +330,9 @@ def test_a_label_csv_mixing_pair_and_mask_rows_reads_blank_cells_as_missing(spli
     # The documented label file written as one CSV: pair rows leave mask_id and good blank, mask rows leave the pair columns blank;
     # the last row labels a pair but names none (its pair_id is blank): it is a label that matches nothing.
     labels = tmp_path / "labels.csv"
-    labels.write_text(f"pair_id,present,exhaustive,mask_id,good\n{pid['dog']},yes,,,\n{pid['bus']},no,yes,,\n"
-                      ",,,dog-c,yes\n,,,dog-d,no\n,yes,,,\n")
+    labels.write_text(
+        f"pair_id,present,exhaustive,mask_id,good\n{pid['dog']},yes,,,\n{pid['bus']},no,yes,,\n,,,dog-c,yes\n,,,dog-d,no\n,yes,,,\n"
+    )
     table = storage.read_table(str(labels), load_config(None, {}).storage)
     assert table.column("pair_id").null_count == 3 and table.column("mask_id").null_count == 3
     counts = import_labels(TableStore(str(run_dir)), table, "human")

@@ -6,11 +6,9 @@ import pytest
 from PIL import Image
 
 from sam3_engine.engine.config import StorageConfig
-
-from sam3_engine.stages.ingest import IngestConfig
 from sam3_engine.engine.stage import content_defined_chunks
-from sam3_engine.stages.ingest import REASONS, Reject, probe
 from sam3_engine.io.inputs import InputEntry, list_inputs
+from sam3_engine.stages.ingest import REASONS, IngestConfig, Reject, probe
 from tests.conftest import broken_files, odd_images
 from tests.helpers import ingest, rows
 
@@ -83,7 +81,9 @@ def test_pixel_limit_and_format_list_are_configurable(photos_dir):
 def test_manifest_bad_rows_and_missing_files_are_rejected_not_lost(photos_dir, tmp_path):
     manifest = tmp_path / "manifest.jsonl"
     lines = [
-        json.dumps({"uri": str(photos_dir / "truck.jpg"), "caption": "a truck", "alt_text": "white truck", "phrases": "wheel; license plate"}),
+        json.dumps(
+            {"uri": str(photos_dir / "truck.jpg"), "caption": "a truck", "alt_text": "white truck", "phrases": "wheel; license plate"}
+        ),
         json.dumps({"uri": str(photos_dir / "truck.jpg"), "caption": ["pickup", "canopy"], "phrases": ["wheel", "stairs"]}),
         json.dumps({"uri": "missing/photo.jpg"}),
         json.dumps({"uri": str(tmp_path)}),
@@ -125,7 +125,10 @@ def test_coco_json_images_and_captions(photos_dir, tmp_path):
     path.write_text(json.dumps(coco))
     ingest(path, tmp_path / "run")
     images = rows(tmp_path / "run", "SELECT uri, captions FROM images ORDER BY uri")
-    assert [(r["uri"].rsplit("/", 1)[1], r["captions"]) for r in images] == [("groceries.jpg", ["a car trunk", "grocery bags"]), ("truck.jpg", [])]
+    assert [(r["uri"].rsplit("/", 1)[1], r["captions"]) for r in images] == [
+        ("groceries.jpg", ["a car trunk", "grocery bags"]),
+        ("truck.jpg", []),
+    ]
     assert rows(tmp_path / "run", "SELECT reason FROM rejects") == [{"reason": "bad_manifest_row"}]
 
 
@@ -188,7 +191,9 @@ def test_a_csv_row_with_a_quote_left_open_is_rejected_and_the_rows_it_swallowed_
     assert "not one CSV record" in rejects[0]["detail"] and "4 fields, the header has 2" in rejects[1]["detail"]
     images = rows(tmp_path / "run", "SELECT uri, captions FROM images ORDER BY uri")
     assert [(r["uri"].rsplit("/", 1)[1], r["captions"]) for r in images] == [
-        ("groceries.jpg", ["bags in a trunk"]), ("test_image.jpg", ["children\nplaying basketball"])]
+        ("groceries.jpg", ["bags in a trunk"]),
+        ("test_image.jpg", ["children\nplaying basketball"]),
+    ]
     assert result.stages[0].items_total == 4
 
 
@@ -221,15 +226,19 @@ def test_symbolic_links_are_followed_and_broken_ones_rejected(photos_dir, tmp_pa
     sources = rows(tmp_path / "run", "SELECT uri FROM sources ORDER BY uri")
     assert [r["uri"].removeprefix(f"{folder}/") for r in sources] == ["file_link.jpg", "folder_link/groceries.jpg", "truck.jpg"]
     rejects = {r["uri"].removeprefix(f"{folder}/"): r["reason"] for r in rows(tmp_path / "run", "SELECT uri, reason FROM rejects")}
-    assert rejects == {"dangling.jpg": "missing", "loop.jpg": "symlink_loop", "sub/up": "symlink_loop", "folder_link/back": "symlink_loop",
-                       "pipe.jpg": "unreadable"}
+    assert rejects == {
+        "dangling.jpg": "missing",
+        "loop.jpg": "symlink_loop",
+        "sub/up": "symlink_loop",
+        "folder_link/back": "symlink_loop",
+        "pipe.jpg": "unreadable",
+    }
     assert result.stages[0].items_total == 8 and result.stages[0].counts["rejects"] == 5
 
 
 def test_blank_per_image_phrases_are_kept_for_mining_to_reject_and_every_item_is_split(tmp_path):
     manifest = tmp_path / "manifest.jsonl"
-    lines = [{"uri": "a.jpg", "phrases": "a;b;c"}, {"uri": "b.jpg", "phrases": ["wheel", " ", "", "x;y"]},
-             {"uri": "c.jpg", "phrases": " "}]
+    lines = [{"uri": "a.jpg", "phrases": "a;b;c"}, {"uri": "b.jpg", "phrases": ["wheel", " ", "", "x;y"]}, {"uri": "c.jpg", "phrases": " "}]
     manifest.write_text("\n".join(json.dumps(line) for line in lines))
     phrases = [e.phrases for e in list_inputs(str(manifest), "auto", StorageConfig())]
     assert phrases == [("a", "b", "c"), ("wheel", "", "", "x", "y"), ()]  # a blank `phrases` value is no phrases

@@ -5,13 +5,11 @@ import shutil
 
 import pytest
 
-from sam3_engine.engine.config import ConfigError, StorageConfig, load_config
-
-from sam3_engine.stages.mine import MineConfig
 from sam3_engine.app.pipeline import build_stages, run_pipeline
-from sam3_engine.text.concepts import COLOURS, NOT_CONCEPTS, Ontology, concept_id, noun_phrases, normal_form, pair_id
+from sam3_engine.engine.config import ConfigError, StorageConfig, load_config
 from sam3_engine.engine.stage import WorkUnit
-from sam3_engine.stages.mine import ImageText, MineStage
+from sam3_engine.stages.mine import ImageText, MineConfig, MineStage
+from sam3_engine.text.concepts import COLOURS, NOT_CONCEPTS, Ontology, concept_id, normal_form, noun_phrases, pair_id
 from tests.conftest import EXAMPLES
 from tests.helpers import rows
 
@@ -41,8 +39,17 @@ def test_captions_give_the_obvious_concepts_and_no_junk(builtin, captions):
 
 @pytest.mark.parametrize(
     "raw, normal",
-    [("The children's bibs", "children bib"), ("a car's  wheels!", "car wheel"), ("Buses", "bus"), ("geese", "goose"),
-     ("  the  ", "the"), ("Pickup  Truck", "pickup truck"), ("café tables", "café table"), ("--", ""), ("- close--up -", "close-up")],
+    [
+        ("The children's bibs", "children bib"),
+        ("a car's  wheels!", "car wheel"),
+        ("Buses", "bus"),
+        ("geese", "goose"),
+        ("  the  ", "the"),
+        ("Pickup  Truck", "pickup truck"),
+        ("café tables", "café table"),
+        ("--", ""),
+        ("- close--up -", "close-up"),
+    ],
 )
 def test_normal_form(raw, normal):
     assert normal_form(raw) == normal
@@ -96,14 +103,29 @@ def mined_run(photos_dir, tmp_path_factory):
     """Ingest and mine the photos from a manifest with captions, per-image phrases (one empty, one too long) and a vocabulary.
     Shared by the module: read-only (a test that runs stages on it copies it)."""
     folder = tmp_path_factory.mktemp("mine")
-    captions = {json.loads(line)["file_name"]: json.loads(line)["caption"] for line in (EXAMPLES / "captions.jsonl").read_text().splitlines()}
+    captions = {
+        json.loads(line)["file_name"]: json.loads(line)["caption"] for line in (EXAMPLES / "captions.jsonl").read_text().splitlines()
+    }
     extra = {"truck.jpg": ["wheels", "--", " ".join(["very"] * 40) + " long thing"], "groceries.jpg": ["Grocery Bags"]}
     manifest = folder / "manifest.jsonl"
-    manifest.write_text("\n".join(json.dumps({"uri": str(photos_dir / name), "caption": text, "phrases": extra.get(name, [])}) for name, text in captions.items()))
+    manifest.write_text(
+        "\n".join(
+            json.dumps({"uri": str(photos_dir / name), "caption": text, "phrases": extra.get(name, [])}) for name, text in captions.items()
+        )
+    )
     (folder / "vocabulary.txt").write_text("# asked everywhere\nsky\nautomobile\n")
     run_dir = folder / "run"
-    config = load_config(None, {"input": str(manifest), "output": str(run_dir), "stages": "ingest,mine,negatives",
-                                "mine.vocabulary": str(folder / "vocabulary.txt"), "mine.phrases": ["Person"], "negatives.max_per_image": 12})
+    config = load_config(
+        None,
+        {
+            "input": str(manifest),
+            "output": str(run_dir),
+            "stages": "ingest,mine,negatives",
+            "mine.vocabulary": str(folder / "vocabulary.txt"),
+            "mine.phrases": ["Person"],
+            "negatives.max_per_image": 12,
+        },
+    )
     return run_dir, run_pipeline(config)
 
 
@@ -146,7 +168,11 @@ def test_hard_negatives_are_absent_relatives_of_present_concepts(mined_run, buil
     present = {}
     for c in rows(run_dir, "SELECT image_id, phrase FROM candidates WHERE origin <> 'hard_negative'"):
         present.setdefault(c["image_id"], set()).add(c["phrase"])
-    negatives = rows(run_dir, "SELECT c.*, r.phrase AS related FROM candidates c JOIN concepts r ON r.concept_id = c.related_concept_id WHERE origin = 'hard_negative'")
+    negatives = rows(
+        run_dir,
+        "SELECT c.*, r.phrase AS related FROM candidates c JOIN concepts r ON "
+        "r.concept_id = c.related_concept_id WHERE origin = 'hard_negative'",
+    )
     assert negatives, "the photos' concepts have relatives in the ontology"
     counts = {}
     for n in negatives:
@@ -162,8 +188,16 @@ def test_hard_negatives_are_absent_relatives_of_present_concepts(mined_run, buil
 def test_a_rerun_skips_every_mining_unit(mined_run, tmp_path):
     run_dir = tmp_path / "run"  # a run of its own: the module's run stays as its other tests read it
     shutil.copytree(mined_run[0], run_dir)
-    config = load_config(None, {"output": str(run_dir), "stages": "mine,negatives", "mine.vocabulary": str(mined_run[0].parent / "vocabulary.txt"),
-                                "mine.phrases": ["Person"], "negatives.max_per_image": 12})
+    config = load_config(
+        None,
+        {
+            "output": str(run_dir),
+            "stages": "mine,negatives",
+            "mine.vocabulary": str(mined_run[0].parent / "vocabulary.txt"),
+            "mine.phrases": ["Person"],
+            "negatives.max_per_image": 12,
+        },
+    )
     before = rows(run_dir, "SELECT * EXCLUDE (unit_id) FROM candidates ORDER BY pair_id, origin")
     again = run_pipeline(config)
     assert all(stage.units_committed == 0 and stage.units_skipped == stage.units_total for stage in again.stages)
@@ -181,7 +215,9 @@ def test_propose_asks_each_image_its_mined_concepts(mined_run, ray_cluster, tmp_
     assert rows(run_dir, "SELECT pair_id, phrase FROM pairs ORDER BY pair_id") == expected
     counts = result.stages[0].counts
     assert counts["hard_negative_pairs"] == rows(run_dir, "SELECT count(*) AS n FROM candidates WHERE origin = 'hard_negative'")[0]["n"]
-    assert counts["hard_negatives_fired"] == len(rows(run_dir, "SELECT * FROM pairs p JOIN candidates c USING (pair_id) WHERE origin = 'hard_negative' AND instance_count > 0"))
+    assert counts["hard_negatives_fired"] == len(
+        rows(run_dir, "SELECT * FROM pairs p JOIN candidates c USING (pair_id) WHERE origin = 'hard_negative' AND instance_count > 0")
+    )
 
 
 def test_a_long_noun_run_is_mined_in_linear_time_and_gives_its_compound_and_known_tails(builtin):
@@ -193,15 +229,18 @@ def test_a_long_noun_run_is_mined_in_linear_time_and_gives_its_compound_and_know
 def test_a_1mb_caption_is_mined_up_to_the_cap_and_the_cut_is_a_reject(photos_dir, tmp_path):
     """A 1 MB caption without punctuation stalled mining for hours; now its first mine.max_caption_chars are mined."""
     manifest = tmp_path / "manifest.jsonl"
-    lines = [{"uri": str(photos_dir / "truck.jpg"), "caption": "car " * 262_144},  # 1 MB
-             {"uri": str(photos_dir / "groceries.jpg"), "caption": "bags"}]
+    lines = [
+        {"uri": str(photos_dir / "truck.jpg"), "caption": "car " * 262_144},  # 1 MB
+        {"uri": str(photos_dir / "groceries.jpg"), "caption": "bags"},
+    ]
     manifest.write_text("\n".join(json.dumps(line) for line in lines))
     run_dir = tmp_path / "run"
     result = run_pipeline(load_config(None, {"input": str(manifest), "output": str(run_dir), "stages": "ingest,mine"}))
     (reject,) = rows(run_dir, "SELECT r.detail, i.uri FROM rejects r JOIN images i USING (image_id) WHERE reason = 'caption_truncated'")
     assert reject["uri"].endswith("truck.jpg")  # the caption is stored stripped: 1,048,575 characters
-    assert reject["detail"] == ("1048575 characters of captions and alt texts: the first 10000 mined, 1038575 left out "
-                                "(mine.max_caption_chars = 10000)")
+    assert reject["detail"] == (
+        "1048575 characters of captions and alt texts: the first 10000 mined, 1038575 left out (mine.max_caption_chars = 10000)"
+    )
     mined = rows(run_dir, "SELECT i.uri, c.phrase FROM candidates c JOIN images i USING (image_id) WHERE origin = 'caption' ORDER BY uri")
     assert [(r["uri"].rsplit("/", 1)[1], r["phrase"]) for r in mined] == [("groceries.jpg", "bag"), ("truck.jpg", "car")]
     assert result.stages[1].counts["reject_reasons"] == {"caption_truncated": 1, "phrase_too_long": 1}  # "car car ...": 500 words

@@ -13,12 +13,10 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from sam3_engine.engine.config import ConfigError, StorageConfig, load_config
-
-from sam3_engine.stages.propose import ProposeConfig
 from sam3_engine.app.pipeline import run_pipeline
+from sam3_engine.engine.config import ConfigError, StorageConfig, load_config
+from sam3_engine.stages.propose import ProposeConfig, load_phrases
 from sam3_engine.text.concepts import concept_id
-from sam3_engine.stages.propose import load_phrases
 from tests.helpers import rows
 
 PHRASES = ["grocery bag", "pickup truck", "child", "Pickup  Truck"]
@@ -66,7 +64,9 @@ def test_every_image_gets_a_pair_per_concept(photo_run):
     assert all(c["concept_id"] == concept_id(c["phrase"]) for c in concepts)
     (check,) = rows(run_dir, "SELECT count(*) AS n FROM pairs p JOIN concepts c USING (concept_id) JOIN images i USING (image_id)")
     assert check["n"] == 12
-    counts = rows(run_dir, "SELECT p.pair_id, p.instance_count, count(m.mask_id) AS n FROM pairs p LEFT JOIN masks m USING (pair_id) GROUP BY ALL")
+    counts = rows(
+        run_dir, "SELECT p.pair_id, p.instance_count, count(m.mask_id) AS n FROM pairs p LEFT JOIN masks m USING (pair_id) GROUP BY ALL"
+    )
     assert all(c["instance_count"] == c["n"] for c in counts)
     assert rows(run_dir, "SELECT DISTINCT model_id, random_weights FROM pairs") == [{"model_id": "tiny-random", "random_weights": True}]
 
@@ -131,14 +131,37 @@ def test_phrases_from_a_vocabulary_file(tmp_path):
 
 def test_an_unreachable_checkpoint_fails_unless_fallback_is_asked_for(ray_cluster, photos_dir, tmp_path):
     """The checkpoint is unreachable for sure (offline), wherever the test runs; the fallback run joins the session's cluster."""
-    command = [sys.executable, "-m", "sam3_engine", "run", "-q", "--input", str(photos_dir), "--output", str(tmp_path / "run"),
-               "--stages", "ingest,propose", "--set", "propose.phrases=[car]"]
+    command = [
+        sys.executable,
+        "-m",
+        "sam3_engine",
+        "run",
+        "-q",
+        "--input",
+        str(photos_dir),
+        "--output",
+        str(tmp_path / "run"),
+        "--stages",
+        "ingest,propose",
+        "--set",
+        "propose.phrases=[car]",
+    ]
     offline = {**os.environ, "HF_HUB_OFFLINE": "1"}
     failed = subprocess.run(command, capture_output=True, text=True, env=offline)
     assert failed.returncode == 2 and "huggingface-cli login" in failed.stderr and "--model tiny-random" in failed.stderr
-    fallback = subprocess.run([*command, "--set", "model.fallback_to_tiny_random=true"], capture_output=True, text=True,
-                              env={**offline, "RAY_ADDRESS": ray_cluster.address})
+    fallback = subprocess.run(
+        [*command, "--set", "model.fallback_to_tiny_random=true"],
+        capture_output=True,
+        text=True,
+        env={**offline, "RAY_ADDRESS": ray_cluster.address},
+    )
     assert fallback.returncode == 0, fallback.stderr
     assert fallback.stderr.count("NOT REAL SAM 3") == 2
-    runs = json.loads(subprocess.run([sys.executable, "-m", "sam3_engine", "query", str(tmp_path / "run"), "SELECT summary_json FROM runs", "-f", "json"], capture_output=True, text=True).stdout)
+    runs = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "sam3_engine", "query", str(tmp_path / "run"), "SELECT summary_json FROM runs", "-f", "json"],
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
     assert "NOT REAL SAM 3" in runs[0]["summary_json"]

@@ -4,8 +4,8 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
-from sam3_engine.engine.config import ConfigError, load_config
 from sam3_engine.app.pipeline import run_pipeline
+from sam3_engine.engine.config import ConfigError, load_config
 from sam3_engine.engine.store import TableStore
 from sam3_engine.schemas.tables import CANDIDATES, MASK_VERIFICATIONS, PAIR_VERIFICATIONS
 from tests.helpers import rows
@@ -19,14 +19,37 @@ SAYS = {  # (presence, exhaustivity, accepted masks)
 
 def _pair(pair_id, verifier, says, image_id="img-a"):
     presence, exhaustivity, accepted = SAYS[says]
-    return {"pair_id": pair_id, "image_id": image_id, "concept_id": f"c-{pair_id}", "phrase": f"phrase {pair_id}", "presence_probability": 0.5,
-            "presence": presence, "presence_reason": "signals_agree", "accepted_masks": accepted, "uncovered_fraction": None,
-            "exhaustivity": exhaustivity, "exhaustivity_reason": "covered", "verifier": verifier, "verifier_version": "test", "thresholds": "{}"}
+    return {
+        "pair_id": pair_id,
+        "image_id": image_id,
+        "concept_id": f"c-{pair_id}",
+        "phrase": f"phrase {pair_id}",
+        "presence_probability": 0.5,
+        "presence": presence,
+        "presence_reason": "signals_agree",
+        "accepted_masks": accepted,
+        "uncovered_fraction": None,
+        "exhaustivity": exhaustivity,
+        "exhaustivity_reason": "covered",
+        "verifier": verifier,
+        "verifier_version": "test",
+        "thresholds": "{}",
+    }
 
 
 def _mask(pair_id, verifier, verdict, image_id="img-a"):
-    return {"mask_id": f"m-{pair_id}-{verdict}", "pair_id": pair_id, "image_id": image_id, "concept_id": f"c-{pair_id}", "score": 0.9,
-            "verdict": verdict, "reasons": [] if verdict == "accept" else ["duplicate"], "verifier": verifier, "verifier_version": "test", "thresholds": "{}"}
+    return {
+        "mask_id": f"m-{pair_id}-{verdict}",
+        "pair_id": pair_id,
+        "image_id": image_id,
+        "concept_id": f"c-{pair_id}",
+        "score": 0.9,
+        "verdict": verdict,
+        "reasons": [] if verdict == "accept" else ["duplicate"],
+        "verifier": verifier,
+        "verifier_version": "test",
+        "thresholds": "{}",
+    }
 
 
 VOTES = {  # pair: {verifier: says}
@@ -51,15 +74,28 @@ def judged(tmp_path):
             if says == "positive":
                 masks.setdefault(verifier, []).append(_mask(pair, verifier, "accept"))
     masks["v2"].append(_mask("rejected-mask", "v2", "reject"))  # v2 accepts one mask of the pair and rejects another
-    for index, name in enumerate(["neg-hard", "neg-1", "neg-2"]):  # negatives of one image, one of them a hard negative
+    for name in ["neg-hard", "neg-1", "neg-2"]:  # negatives of one image, one of them a hard negative
         for verifier in ("v1", "v2"):
             by_verifier[verifier].append(_pair(name, verifier, "negative", image_id="img-b"))
     for verifier, pairs in by_verifier.items():
         store.replace(PAIR_VERIFICATIONS, verifier, pa.Table.from_pylist(pairs, schema=PAIR_VERIFICATIONS.schema))
     for verifier, pairs in masks.items():
         store.replace(MASK_VERIFICATIONS, verifier, pa.Table.from_pylist(pairs, schema=MASK_VERIFICATIONS.schema))
-    candidates = [{"pair_id": p, "image_id": "img-b", "concept_id": f"c-{p}", "phrase": p, "origin": "hard_negative" if p == "neg-hard" else "caption",
-                   "raw_phrase": None, "score": 1.0, "related_concept_id": None, "relation": None, "unit_id": "constructed"} for p in ("neg-hard", "neg-1", "neg-2")]
+    candidates = [
+        {
+            "pair_id": p,
+            "image_id": "img-b",
+            "concept_id": f"c-{p}",
+            "phrase": p,
+            "origin": "hard_negative" if p == "neg-hard" else "caption",
+            "raw_phrase": None,
+            "score": 1.0,
+            "related_concept_id": None,
+            "relation": None,
+            "unit_id": "constructed",
+        }
+        for p in ("neg-hard", "neg-1", "neg-2")
+    ]
     store.replace(CANDIDATES, "constructed", pa.Table.from_pylist(candidates, schema=CANDIDATES.schema))
     return tmp_path / "run"
 

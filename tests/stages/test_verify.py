@@ -20,18 +20,17 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from sam3_engine.app.calibration import Signal, calibrate, fit_threshold
+from sam3_engine.app.pipeline import run_pipeline
 from sam3_engine.engine.catalog import connect, uncovered_fraction
 from sam3_engine.engine.config import MASK_REASONS, VERDICT_THRESHOLDS, ConfigError, load_config
-from sam3_engine.stages.verify import VerifyConfig
-from sam3_engine.app.pipeline import run_pipeline
 from sam3_engine.engine.runner import KILL_AFTER_COMMITS_ENV
 from sam3_engine.engine.store import TableStore
+from sam3_engine.metrics.mask_checks import geometry, masked_crop, overlaps
 from sam3_engine.models.clip import ClipEmbedder, choose_clip, input_size
 from sam3_engine.schemas.tables import MASK_SCORES, MASKS, PAIR_SCORES, PAIRS, UNITS
-from sam3_engine.app.calibration import Signal, calibrate, fit_threshold
+from sam3_engine.stages.verify import VERSION, VerifyConfig, VerifyStage
 from sam3_engine.text.concepts import concept_id, pair_id
-from sam3_engine.metrics.mask_checks import geometry, masked_crop, overlaps
-from sam3_engine.stages.verify import VERSION, VerifyStage
 from tests.helpers import ingest, rows
 
 UNIT = "constructed"
@@ -83,9 +82,10 @@ def test_overlaps_find_duplicates_in_a_pair_and_conflicts_only_between_unrelated
     }
     ids = list(masks)
     rles = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for _, _, m in masks.values()]
-    duplicates, conflicts = overlaps(ids, [p for p, _, _ in masks.values()], [s for _, s, _ in masks.values()], rles,
-                                     lambda a, b: {a, b} != {"car", "motor vehicle"})
-    found = {i: (d.other, round(d.iou, 3), c.other, round(c.iou, 3)) for i, d, c in zip(ids, duplicates, conflicts)}
+    duplicates, conflicts = overlaps(
+        ids, [p for p, _, _ in masks.values()], [s for _, s, _ in masks.values()], rles, lambda a, b: {a, b} != {"car", "motor vehicle"}
+    )
+    found = {i: (d.other, round(d.iou, 3), c.other, round(c.iou, 3)) for i, d, c in zip(ids, duplicates, conflicts, strict=True)}
     iou_ab = 38 * 40 / (42 * 40)
     assert found["a"] == (None, 0.0, None, 0.0)  # the best mask loses to nothing
     assert found["b"][:2] == ("a", round(iou_ab, 3))
@@ -102,6 +102,7 @@ def test_masked_crop_fills_outside_the_mask_and_is_a_centred_square():
     assert crop.size == (36, 36)
     assert (pixels[18, 18] == 255).all() and tuple(pixels[18, 1]) == (124, 116, 104) and tuple(pixels[0, 18]) == (124, 116, 104)
     assert masked_crop(image, np.zeros((100, 200), bool), (0, 0, 0, 0), 0.1, 36) is None
+
 
 def test_fit_threshold_takes_the_highest_recall_at_the_target_precision():
     scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
@@ -146,8 +147,10 @@ def _construct(photos_dir, folder, run_dir):
     }
     foregrounds = {"car": car, "person": _box(shape, 600, 1000, 500, 600), "dog": _blobs(shape, 12, 20)}
     presence = {"car": 0.95, "bus": 0.9, "motor vehicle": 0.9, "dog": 0.9, "cup": 0.9, "sky": 0.9, "person": 0.95, "giraffe": 0.02}
-    pairs = [_pair_row(image, phrase, score, sum(p == phrase for p, _, _ in masks.values()), foregrounds.get(phrase))
-             for phrase, score in presence.items()]
+    pairs = [
+        _pair_row(image, phrase, score, sum(p == phrase for p, _, _ in masks.values()), foregrounds.get(phrase))
+        for phrase, score in presence.items()
+    ]
     mask_rows = [_mask_row(image, name, phrase, score, mask, presence[phrase]) for name, (phrase, score, mask) in masks.items()]
     _store_proposals(run_dir, pairs, mask_rows)
     return image, masks, foregrounds
@@ -156,11 +159,23 @@ def _construct(photos_dir, folder, run_dir):
 def _pair_row(image, phrase, presence, instances, foreground=None):
     cid = concept_id(phrase)
     return {
-        "pair_id": pair_id(image["image_id"], cid), "image_id": image["image_id"], "concept_id": cid, "phrase": phrase,
-        "presence_score": presence, "instance_count": instances, "max_score": presence,
-        "height": image["height"], "width": image["width"], "foreground_counts": None if foreground is None else _counts(foreground),
-        "foreground_area": None if foreground is None else int(foreground.sum()), "phrase_truncated": False, "model_id": "constructed",
-        "model_revision": None, "random_weights": False, "run_id": "constructed", "unit_id": UNIT,
+        "pair_id": pair_id(image["image_id"], cid),
+        "image_id": image["image_id"],
+        "concept_id": cid,
+        "phrase": phrase,
+        "presence_score": presence,
+        "instance_count": instances,
+        "max_score": presence,
+        "height": image["height"],
+        "width": image["width"],
+        "foreground_counts": None if foreground is None else _counts(foreground),
+        "foreground_area": None if foreground is None else int(foreground.sum()),
+        "phrase_truncated": False,
+        "model_id": "constructed",
+        "model_revision": None,
+        "random_weights": False,
+        "run_id": "constructed",
+        "unit_id": UNIT,
     }
 
 
@@ -168,11 +183,23 @@ def _mask_row(image, name, phrase, score, mask, presence):
     encoded = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     cid = concept_id(phrase)
     return {
-        "mask_id": name, "pair_id": pair_id(image["image_id"], cid), "image_id": image["image_id"], "concept_id": cid, "query_index": 0,
-        "height": image["height"], "width": image["width"], "rle_counts": encoded["counts"].decode("ascii"),
+        "mask_id": name,
+        "pair_id": pair_id(image["image_id"], cid),
+        "image_id": image["image_id"],
+        "concept_id": cid,
+        "query_index": 0,
+        "height": image["height"],
+        "width": image["width"],
+        "rle_counts": encoded["counts"].decode("ascii"),
         "bbox": mask_utils.toBbox(encoded).tolist(),
-        "area": int(mask.sum()), "model_box": [0.0, 0.0, 1.0, 1.0], "object_score": score, "presence_score": presence, "score": score,
-        "stability_score": 0.95, "reprompt_iou": 0.9, "unit_id": UNIT,
+        "area": int(mask.sum()),
+        "model_box": [0.0, 0.0, 1.0, 1.0],
+        "object_score": score,
+        "presence_score": presence,
+        "score": score,
+        "stability_score": 0.95,
+        "reprompt_iou": 0.9,
+        "unit_id": UNIT,
     }
 
 
@@ -264,7 +291,9 @@ def test_each_constructed_mask_gets_the_right_verdict_and_reason(constructed):
     assert result.stages[0].items_total == 1 and counts["rejects"] == 0  # the run reconciles images with scores + rejects
     scores = {r["mask_id"]: r for r in rows(run_dir, "SELECT * FROM mask_scores")}
     assert scores["duplicate"]["duplicate_of"] == "clean" and scores["conflict"]["conflict_with"] == "clean"
-    assert {r["verifier"] for r in scores.values()} == {"sam3-clip"} and scores["clean"]["verifier_version"] == f"{VERSION};clip=tiny-random"
+    assert {r["verifier"] for r in scores.values()} == {"sam3-clip"} and scores["clean"][
+        "verifier_version"
+    ] == f"{VERSION};clip=tiny-random"
 
 
 def test_exhaustivity_and_presence_of_constructed_pairs(constructed):
@@ -278,7 +307,11 @@ def test_exhaustivity_and_presence_of_constructed_pairs(constructed):
     assert person["uncovered_fraction"] == pytest.approx((fg & ~accepted).sum() / fg.sum())
     assert (pairs["dog"]["exhaustivity"], pairs["dog"]["exhaustivity_reason"]) == ("not_exhaustive", "present_without_masks")
     giraffe = pairs["giraffe"]  # SAM 3's presence 0.02, no masks, no foreground
-    assert (giraffe["presence"], giraffe["exhaustivity"], giraffe["exhaustivity_reason"]) == ("absent", "exhaustive", "absent_without_masks")
+    assert (giraffe["presence"], giraffe["exhaustivity"], giraffe["exhaustivity_reason"]) == (
+        "absent",
+        "exhaustive",
+        "absent_without_masks",
+    )
     assert giraffe["uncovered_fraction"] is None
     assert giraffe["presence_probability"] == pytest.approx(0.02)  # clip_weight 0: SAM 3's probability unchanged
     assert json.loads(giraffe["thresholds"])["clip_weight"] == 0.0
@@ -308,10 +341,23 @@ def test_presence_needs_both_signals(constructed):
     cases = {"giraffe": -2.0, "car": 2.0, "bus": -3.0, "dog": -2.0, "person": -0.3}  # clip_z per phrase; SAM 3 presence from the pairs
     store = TableStore(str(run_dir))
     con = connect(store)
-    scores = [{"pair_id": pair_id(image["image_id"], concept_id(p)), "image_id": image["image_id"], "concept_id": concept_id(p),
-               "clip_similarity": 0.0, "clip_z": z, "verifier": "sam3-clip", "verifier_version": "test", "unit_id": UNIT} for p, z in cases.items()]
+    scores = [
+        {
+            "pair_id": pair_id(image["image_id"], concept_id(p)),
+            "image_id": image["image_id"],
+            "concept_id": concept_id(p),
+            "clip_similarity": 0.0,
+            "clip_z": z,
+            "verifier": "sam3-clip",
+            "verifier_version": "test",
+            "unit_id": UNIT,
+        }
+        for p, z in cases.items()
+    ]
     con.register("pair_scores", pa.Table.from_pylist(scores, schema=PAIR_SCORES.schema))
-    result = con.sql("SELECT phrase, presence_probability, presence, presence_reason FROM pair_verdicts(sam_weight := 1.0, clip_weight := 1.0)").fetchall()
+    result = con.sql(
+        "SELECT phrase, presence_probability, presence, presence_reason FROM pair_verdicts(sam_weight := 1.0, clip_weight := 1.0)"
+    ).fetchall()
     got = {phrase: (p, verdict, reason) for phrase, p, verdict, reason in result}
     logit = lambda p: math.log(p / (1 - p))  # noqa: E731
     for phrase, z in cases.items():
@@ -330,10 +376,22 @@ def test_thresholds_retune_in_sql_and_by_rerunning_without_a_model(own_construct
     assert stored == [{"verdict": "accept", "n": 3}, {"verdict": "reject", "n": 5}]  # the run's thresholds give the stored verdicts
     clip_decides = rows(run_dir, "SELECT count(*) AS n FROM mask_verdicts() WHERE list_contains(reasons, 'clip_mismatch')")
     assert clip_decides[0]["n"] > 0  # random CLIP prefers another phrase for some crops: at the default margin they become doubtful
-    loose = rows(run_dir, "SELECT verdict, count(*) AS n FROM mask_verdicts(min_clip_margin := -2.0, max_duplicate_iou := 0.99, reject_reasons := ['too_small']) "
-                          "GROUP BY ALL ORDER BY ALL")
-    assert loose == [{"verdict": "accept", "n": 4}, {"verdict": "reject", "n": 1}, {"verdict": "uncertain", "n": 3}]  # conflict, fragmented, border: doubtful
-    strict = rows(run_dir, "SELECT exhaustivity, count(*) AS n FROM pair_verdicts(max_uncovered_fraction := 0.95, clip_weight := 0.0) WHERE phrase = 'person' GROUP BY ALL")
+    loose = rows(
+        run_dir,
+        "SELECT verdict, count(*) AS n FROM mask_verdicts(min_clip_margin := -2.0, "
+        "max_duplicate_iou := 0.99, reject_reasons := ['too_small']) "
+        "GROUP BY ALL ORDER BY ALL",
+    )
+    assert loose == [
+        {"verdict": "accept", "n": 4},
+        {"verdict": "reject", "n": 1},
+        {"verdict": "uncertain", "n": 3},
+    ]  # conflict, fragmented, border: doubtful
+    strict = rows(
+        run_dir,
+        "SELECT exhaustivity, count(*) AS n FROM pair_verdicts(max_uncovered_fraction := "
+        "0.95, clip_weight := 0.0) WHERE phrase = 'person' GROUP BY ALL",
+    )
     assert strict == [{"exhaustivity": "exhaustive", "n": 1}]
     again = _verify(run_dir, **settings, **{"verify.max_duplicate_iou": 0.99})
     report = again.stages[0]
@@ -349,11 +407,23 @@ def test_thresholds_retune_in_sql_and_by_rerunning_without_a_model(own_construct
 # Per declared threshold, a value that changes a verdict of _store_boundary_scores's masks and pairs: a threshold declared
 # without one here fails the test below.
 MOVED = {
-    "min_area_fraction": 0.001, "max_fragments": 4, "min_largest_fragment": 0.6, "max_border_fraction": 0.4, "max_duplicate_iou": 0.4,
-    "max_conflict_iou": 0.4, "min_stability": 0.9, "min_reprompt_iou": 0.6, "min_clip_margin": 0.1,
+    "min_area_fraction": 0.001,
+    "max_fragments": 4,
+    "min_largest_fragment": 0.6,
+    "max_border_fraction": 0.4,
+    "max_duplicate_iou": 0.4,
+    "max_conflict_iou": 0.4,
+    "min_stability": 0.9,
+    "min_reprompt_iou": 0.6,
+    "min_clip_margin": 0.1,
     "reject_reasons": ["too_small", "unstable"],
-    "sam_weight": 2.0, "clip_weight": 0.0, "presence_bias": 1.0, "present_threshold": 0.95, "absent_threshold": 0.55,
-    "max_uncovered_fraction": 0.05, "high_score": 0.3,
+    "sam_weight": 2.0,
+    "clip_weight": 0.0,
+    "presence_bias": 1.0,
+    "present_threshold": 0.95,
+    "absent_threshold": 0.55,
+    "max_uncovered_fraction": 0.05,
+    "high_score": 0.3,
 }
 
 
@@ -363,8 +433,16 @@ def _store_boundary_scores(run_dir):
     image = {"image_id": "img", "height": 10, "width": 10}
     cat, foreground = _box((10, 10), 0, 0, 2, 9), _box((10, 10), 0, 0, 2, 10)
     pairs = [_pair_row(image, "cat", 0.9, 3, foreground), _pair_row(image, "dog", 0.5, 0)]
-    edge = {"area_fraction": 0.0005, "fragments": 5, "largest_fragment_fraction": 0.5, "border_fraction": 0.5, "duplicate_iou": 0.5,
-            "conflict_iou": 0.5, "clip_crop_similarity": 0.3, "clip_crop_margin": 0.0}
+    edge = {
+        "area_fraction": 0.0005,
+        "fragments": 5,
+        "largest_fragment_fraction": 0.5,
+        "border_fraction": 0.5,
+        "duplicate_iou": 0.5,
+        "conflict_iou": 0.5,
+        "clip_crop_similarity": 0.3,
+        "clip_crop_margin": 0.0,
+    }
     verifier = {"verifier": "sam3-clip", "verifier_version": "test"}
     ids = ("pair_id", "image_id", "concept_id", "unit_id")
     masks, scores = [], []
@@ -372,7 +450,9 @@ def _store_boundary_scores(run_dir):
         row = {**_mask_row(image, name, "cat", score, cat, 0.9), "stability_score": stability, "reprompt_iou": 0.5}
         masks.append(row)
         scores.append({"mask_id": name, **{k: row[k] for k in ids}, **edge, **changed, **verifier})
-    pair_scores = [{**{k: p[k] for k in ids}, "clip_similarity": 0.3, "clip_z": z, **verifier} for p, z in zip(pairs, (0.5, 0.0))]
+    pair_scores = [
+        {**{k: p[k] for k in ids}, "clip_similarity": 0.3, "clip_z": z, **verifier} for p, z in zip(pairs, (0.5, 0.0), strict=True)
+    ]
     store = TableStore(str(run_dir))
     for spec, table in ((PAIRS, pairs), (MASKS, masks), (MASK_SCORES, scores), (PAIR_SCORES, pair_scores)):
         store.replace(spec, UNIT, pa.Table.from_pylist(table, schema=spec.schema))
@@ -391,18 +471,20 @@ def test_every_declared_threshold_is_a_config_key_and_a_macro_parameter_that_dec
 
     declared = {macro: set(model.model_fields) for macro, model in VERDICT_THRESHOLDS.items()}
     assert declared["mask_verdicts"] | declared["pair_verdicts"] == set(VerifyConfig().thresholds()) == set(MOVED)
-    defaults = dict(zip(VERDICT_THRESHOLDS, derived({})))  # derive gives the mask verdicts, then the pair verdicts
+    defaults = dict(zip(VERDICT_THRESHOLDS, derived({}), strict=True))  # derive gives the mask verdicts, then the pair verdicts
     default_masks, default_pairs = defaults["mask_verdicts"], defaults["pair_verdicts"]
     con = connect(store)
     con.execute("CREATE TEMP TABLE bare AS SELECT * FROM mask_verdicts()")
     assert con.sql("SELECT * FROM bare ORDER BY mask_id").to_arrow_table().to_pylist() == default_masks
     assert con.sql("SELECT * FROM pair_verdicts(mask_table := 'bare') ORDER BY pair_id").to_arrow_table().to_pylist() == default_pairs
     assert [(m["mask_id"], m["verdict"]) for m in default_masks] == [("edge", "accept"), ("shaky", "uncertain"), ("small", "reject")]
-    assert {p["phrase"]: (p["presence"], p["exhaustivity_reason"]) for p in default_pairs} == {"cat": ("present", "covered"),
-                                                                                              "dog": ("uncertain", "presence_uncertain")}
+    assert {p["phrase"]: (p["presence"], p["exhaustivity_reason"]) for p in default_pairs} == {
+        "cat": ("present", "covered"),
+        "dog": ("uncertain", "presence_uncertain"),
+    }
     for macro, names in declared.items():
         for name in names:
-            assert dict(zip(VERDICT_THRESHOLDS, derived({f"verify.{name}": MOVED[name]})))[macro] != defaults[macro], name
+            assert dict(zip(VERDICT_THRESHOLDS, derived({f"verify.{name}": MOVED[name]}), strict=True))[macro] != defaults[macro], name
 
 
 def test_uncovered_fraction_function():
@@ -451,17 +533,31 @@ def test_a_second_verifier_writes_beside_the_first_and_calibration_compares_them
     strict = {"verify.verifier": "strict", "verify.min_stability": 0.99, "verify.reject_reasons": list(MASK_REASONS)}
     _verify(run_dir, **SETTINGS, **strict)
     counts = rows(run_dir, "SELECT verifier, verdict, count(*) AS n FROM mask_verifications GROUP BY ALL ORDER BY ALL")
-    assert counts == [{"verifier": "sam3-clip", "verdict": "accept", "n": 3}, {"verifier": "sam3-clip", "verdict": "reject", "n": 5},
-                      {"verifier": "strict", "verdict": "reject", "n": 8}]  # every mask's stability (0.95) is below 0.99
+    assert counts == [
+        {"verifier": "sam3-clip", "verdict": "accept", "n": 3},
+        {"verifier": "sam3-clip", "verdict": "reject", "n": 5},
+        {"verifier": "strict", "verdict": "reject", "n": 8},
+    ]  # every mask's stability (0.95) is below 0.99
     assert rows(run_dir, "SELECT count(DISTINCT verifier) AS n FROM mask_scores") == [{"n": 2}]
-    truth = {"clean": True, "related": True, "person": True, "duplicate": False, "conflict": False, "fragmented": False, "tiny": False, "border": False}
+    truth = {
+        "clean": True,
+        "related": True,
+        "person": True,
+        "duplicate": False,
+        "conflict": False,
+        "fragmented": False,
+        "tiny": False,
+        "border": False,
+    }
     labels = pa.table({"mask_id": list(truth), "good": list(truth.values())})
     report = calibrate(TableStore(str(run_dir)), labels, "sam3-clip", target_precision=1.0)
     accept = {v["verifier"]: v for v in report["verdicts"] if v["verdict"] == "verdict=accept"}
     assert (accept["sam3-clip"]["precision"], accept["sam3-clip"]["recall"]) == (1.0, 1.0)
     assert (accept["strict"]["precision"], accept["strict"]["recall"]) == (None, 0.0)
     fitted = calibrate(TableStore(str(run_dir)), labels, "sam3-clip", target_precision=0.5)["thresholds"]
-    assert fitted == {"min_area_fraction": pytest.approx(own_constructed[2]["person"][2].mean(), rel=1e-6)}  # the smallest good mask's: person's
+    assert fitted == {
+        "min_area_fraction": pytest.approx(own_constructed[2]["person"][2].mean(), rel=1e-6)
+    }  # the smallest good mask's: person's
     # calibrate --write writes them as the `verify:` section: they load, by their declared names, as the config's thresholds
     assert load_config(None, {f"verify.{k}": v for k, v in fitted.items()}).verify.thresholds().items() >= fitted.items()
     with pytest.raises(ValueError, match="'present_threshold' is not a threshold of mask_verdicts"):
