@@ -18,6 +18,7 @@ from rich.text import Text
 
 from sam3_engine.engine import catalog, storage
 from sam3_engine.engine.config import ConfigError, StorageConfig, load_config
+from sam3_engine.engine.stage import discover
 from sam3_engine.io.inputs import InputError
 from sam3_engine.models.hub import ModelLoadError
 from sam3_engine.schemas.tables import TABLES
@@ -468,6 +469,7 @@ def _number(value: float | None) -> str:
 @app.command()
 def tables(name: Annotated[str | None, typer.Argument(help="One table to describe.")] = None) -> None:
     """Describe the engine's tables: columns, types and what each means."""
+    discover()
     if name is not None and name not in TABLES:
         _fail(f"no table {name!r}; tables: {', '.join(TABLES)}")
     for spec in [TABLES[name]] if name else TABLES.values():

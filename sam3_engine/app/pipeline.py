@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import traceback
 import uuid
@@ -26,14 +27,12 @@ from sam3_engine.engine import storage
 from sam3_engine.engine.catalog import connect
 from sam3_engine.engine.config import ConfigError, RunConfig
 from sam3_engine.engine.lock import RunLock, RunLockedError
-from sam3_engine.engine.ray_executor import RayExecutor, release_ray
 from sam3_engine.engine.runner import Executor, ProcessExecutor, StageReport, UnitRunner
 from sam3_engine.engine.stage import BuildContext, Stage, stage_class
 from sam3_engine.engine.store import TableStore
 from sam3_engine.io.inputs import InputError
 from sam3_engine.models.hub import ModelLoadError
 from sam3_engine.schemas.tables import RUNS
-from sam3_engine.stages.propose import ProposeStage
 
 
 class ReconciliationError(RuntimeError):
@@ -113,21 +112,21 @@ def build_stages(config: RunConfig, run_id: str) -> list[Stage]:
 
 def notices(stages: list[Stage]) -> list[str]:
     """What a user must not miss, printed at the start and the end of a run."""
-    found = []
-    for stage in stages:
-        choice = getattr(stage, "choice", None)
-        model = "SAM 3" if isinstance(stage, ProposeStage) else "CLIP"
-        output = "masks are" if model == "SAM 3" else "CLIP embeddings, retrievals and verification scores are"
-        if choice is not None and choice.fallback_reason:
-            found.append(f"NOT REAL {model}: {choice.fallback_reason}; running tiny-random (random weights): {output} meaningless")
-        elif choice is not None and choice.random_weights:
-            found.append(f"{model} tiny-random: random weights, {output} meaningless (a smoke run)")
-    return list(dict.fromkeys(found))
+    return list(dict.fromkeys(notice for stage in stages for notice in stage.notices()))
+
+
+def _release_ray() -> None:
+    """Shut down the Ray session this run opened, if any: Ray is imported only by a run with a model stage."""
+    ray_executor = sys.modules.get("sam3_engine.engine.ray_executor")
+    if ray_executor is not None:
+        ray_executor.release_ray()
 
 
 def _executor(stage: Stage, config: RunConfig) -> Executor:
     """Model stages run on Ray actors (GPUs where the cluster has them); the rest on local processes."""
     if stage.uses_model:
+        from sam3_engine.engine.ray_executor import RayExecutor  # Ray loads only for a run with a model stage
+
         return RayExecutor(stage.actors, stage.gpus_per_actor, config.ray.address)
     return ProcessExecutor(config.ingest.workers or os.cpu_count() or 1)
 
@@ -248,7 +247,7 @@ def run_pipeline(
         return _run_locked(config, lock, progress, announce, created)
     finally:
         lock.release()
-        release_ray()
+        _release_ray()
 
 
 def _run_locked(config: RunConfig, lock: RunLock, progress, announce, created: bool) -> RunResult:

@@ -18,6 +18,7 @@ import pyarrow as pa
 from pycocotools import mask as mask_utils
 
 from sam3_engine.engine.config import MASK_REASONS, VERDICT_THRESHOLDS, StorageConfig
+from sam3_engine.engine.stage import discover
 from sam3_engine.engine.store import TableStore
 from sam3_engine.schemas.tables import TABLES
 
@@ -27,6 +28,7 @@ STREAM_BATCH_ROWS = 10_000
 
 def connect(run: str | TableStore, storage_config: StorageConfig | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with one view per table of ``run`` (a run URL or its store)."""
+    discover()  # the tables of every installed stage, a plugin's too
     store = run if isinstance(run, TableStore) else TableStore(run, storage_config)
     con = duckdb.connect()
     for name in TABLES:

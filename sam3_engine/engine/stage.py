@@ -219,6 +219,10 @@ class Stage(ABC):
         """Counts for the run summary, from the run's DuckDB catalog."""
         return {}
 
+    def notices(self) -> list[str]:
+        """What a user must not miss (a model that fell back to random weights), printed at the start and the end of a run."""
+        return []
+
 
 ENTRY_POINT_GROUP = "sam3_engine.stages"
 _REGISTRY: dict[str, type[Stage]] = {}

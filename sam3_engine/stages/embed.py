@@ -8,16 +8,18 @@ vocabulary's and mined ones from ``concepts``). An image that can no longer be r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 from sam3_engine.engine.config import ClipConfig, StorageConfig
 from sam3_engine.engine.stage import BuildContext, WorkUnit, plan_units, register_stage, reject_reasons, rows_table
-from sam3_engine.models.clip import ClipChoice, ClipEmbedder, choose_clip, image_transform
 from sam3_engine.schemas.tables import CONCEPTS, IMAGE_EMBEDDINGS, IMAGES, PHRASE_EMBEDDINGS, REJECTS
 from sam3_engine.stages.image_model import ImageModelStage
+
+if TYPE_CHECKING:  # torch and open_clip load where a model runs, not in every process that lists stages
+    from sam3_engine.models.clip import ClipChoice, ClipEmbedder
 
 VERSION = 1
 """Bump when a change to this module changes the rows it writes: every unit then re-runs."""
@@ -58,6 +60,8 @@ class EmbedStage(ImageModelStage):
 
     @classmethod
     def build(cls, context: BuildContext) -> EmbedStage:
+        from sam3_engine.models.clip import choose_clip
+
         clip = context.config.clip
         return cls(clip, choose_clip(clip.model, clip.pretrained, clip.fallback_to_tiny_random), context.config.storage)
 
@@ -67,6 +71,8 @@ class EmbedStage(ImageModelStage):
         self.choice = choice
 
     def load_model(self, device: str) -> ClipEmbedder:
+        from sam3_engine.models.clip import ClipEmbedder
+
         return ClipEmbedder.load(self.choice, self.config.device or device)
 
     def plan(self, store) -> list[WorkUnit]:
@@ -88,6 +94,8 @@ class EmbedStage(ImageModelStage):
         """Decode, orient and transform a unit's images on a CPU worker; unreadable ones become rejects."""
         if not isinstance(unit.items[0], ImageItem):
             return None
+        from sam3_engine.models.clip import image_transform
+
         transform = image_transform(self.choice)
         loaded = self.load_images(unit.items)
         pixels = np.stack([transform(image).numpy() for image in loaded.images]) if loaded.images else None

@@ -31,6 +31,12 @@ class LoadedImages:
 
 class ImageModelStage(Stage):
     uses_model: ClassVar[bool] = True
+    model_label: ClassVar[str] = "CLIP"
+    """The model's name in notices."""
+    output_label: ClassVar[str] = "CLIP embeddings, retrievals and verification scores are"
+    """What random weights make meaningless, in notices."""
+    choice: Any
+    """The model the run loads (``ClipChoice`` or ``ModelChoice``): its name, and whether and why it has random weights."""
 
     def __init__(self, storage_config: StorageConfig, workers: int | None, gpus_per_worker: float | None):
         self.storage_config = storage_config
@@ -48,6 +54,16 @@ class ImageModelStage(Stage):
 
     def setup(self, context: WorkerContext) -> None:
         self.model = self.load_model(context.device)
+
+    def notices(self) -> list[str]:
+        if self.choice.fallback_reason:
+            return [
+                f"NOT REAL {self.model_label}: {self.choice.fallback_reason}; running tiny-random (random weights): "
+                f"{self.output_label} meaningless"
+            ]
+        if self.choice.random_weights:
+            return [f"{self.model_label} tiny-random: random weights, {self.output_label} meaningless (a smoke run)"]
+        return []
 
     def load_images(self, items: tuple[Any, ...]) -> LoadedImages:
         """Each item's image (``item.uri``) decoded and oriented; an unreadable one is an ``image_unreadable`` reject."""

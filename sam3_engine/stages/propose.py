@@ -12,7 +12,7 @@ import os
 import resource
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -34,10 +34,12 @@ from sam3_engine.engine.stage import (
     reject_reasons,
     rows_table,
 )
-from sam3_engine.models.sam3 import ModelChoice, PairPrediction, Sam3Segmenter, choose_model, load_image_processor, preprocess
 from sam3_engine.schemas.tables import CONCEPTS, IMAGES, MASKS, PAIRS, REJECTS
 from sam3_engine.stages.image_model import ImageModelStage
 from sam3_engine.text.concepts import concept_id, normal_form, pair_id, phrase_lines
+
+if TYPE_CHECKING:  # torch and transformers load where a model runs, not in every process that lists stages
+    from sam3_engine.models.sam3 import ModelChoice, PairPrediction, Sam3Segmenter
 
 VERSION = 3
 """Bump when a change to this module changes the rows it writes: every unit then re-runs."""
@@ -144,12 +146,16 @@ class ProposeStage(ImageModelStage):
     order = 60
     config_model = ProposeConfig
     reasons = REASONS
+    model_label = "SAM 3"
+    output_label = "masks are"
     outputs = (PAIRS, MASKS, REJECTS)
     derived = (CONCEPTS,)
 
     @classmethod
     def build(cls, context: BuildContext) -> ProposeStage:
         config = context.config
+        from sam3_engine.models.sam3 import choose_model
+
         choice = choose_model(config.model.name, config.model.revision, config.model.fallback_to_tiny_random)
         return cls(config.propose, config.model, choice, config.storage, context.run_id)
 
@@ -160,10 +166,14 @@ class ProposeStage(ImageModelStage):
         self.choice = choice
         self.run_id = run_id
         self.phrases = load_phrases(config, storage_config)
+        from sam3_engine.models.sam3 import load_image_processor
+
         self.image_processor = load_image_processor(choice)
         """Loaded once here (a small JSON): it travels with the stage to every preparation task."""
 
     def load_model(self, device: str) -> Sam3Segmenter:
+        from sam3_engine.models.sam3 import Sam3Segmenter
+
         return Sam3Segmenter.load(
             self.choice.name, self.choice.revision, device=self.model_config.device or device, dtype=self.model_config.dtype
         )
@@ -195,6 +205,8 @@ class ProposeStage(ImageModelStage):
     def prepare(self, unit: WorkUnit) -> Prepared:
         """Decode, orient and resize the unit's images on a CPU worker; unreadable ones become rejects."""
         loaded = self.load_images(unit.items)
+        from sam3_engine.models.sam3 import preprocess
+
         pixels = preprocess(self.image_processor, list(loaded.images)).numpy() if loaded.images else None
         return Prepared(loaded.items, tuple((image.height, image.width) for image in loaded.images), pixels, loaded.rejects)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -28,11 +28,13 @@ from sam3_engine.engine.config import VERDICT_THRESHOLDS, ClipConfig, MaskThresh
 from sam3_engine.engine.stage import BuildContext, Derivation, WorkUnit, fingerprint, plan_units, register_stage, reject_reasons, rows_table
 from sam3_engine.engine.store import TableStore
 from sam3_engine.metrics.mask_checks import geometry, masked_crop, overlaps, rle
-from sam3_engine.models.clip import ClipChoice, ClipEmbedder, choose_clip, image_transform, input_size
 from sam3_engine.schemas.tables import MASK_SCORES, MASK_VERIFICATIONS, MASKS, PAIR_SCORES, PAIR_VERIFICATIONS, PAIRS, REJECTS
 from sam3_engine.stages.image_model import ImageModelStage
 from sam3_engine.stages.mine import shared_ontology
 from sam3_engine.text.concepts import Ontology
+
+if TYPE_CHECKING:  # torch and open_clip load where a model runs, not in every process that lists stages
+    from sam3_engine.models.clip import ClipChoice, ClipEmbedder
 
 VERSION = 2
 """Bump when a change to this module changes the scores it writes: every unit then re-runs.
@@ -118,6 +120,8 @@ class VerifyStage(ImageModelStage):
     @classmethod
     def build(cls, context: BuildContext) -> VerifyStage:
         config = context.config
+        from sam3_engine.models.clip import choose_clip
+
         choice = choose_clip(config.clip.model, config.clip.pretrained, config.clip.fallback_to_tiny_random)
         return cls(config.verify, config.clip, choice, shared_ontology(context), config.storage)
 
@@ -130,6 +134,8 @@ class VerifyStage(ImageModelStage):
         self.verifier_version = f"{VERSION};clip={choice.label}"
 
     def load_model(self, device: str) -> ClipEmbedder:
+        from sam3_engine.models.clip import ClipEmbedder
+
         return ClipEmbedder.load(self.choice, self.clip.device or device)
 
     @property
@@ -169,6 +175,8 @@ class VerifyStage(ImageModelStage):
             ["mask_id", "pair_id", "image_id", "concept_id", "height", "width", "rle_counts", "bbox", "score"],
             "mask_id",
         )
+        from sam3_engine.models.clip import image_transform
+
         transform = image_transform(self.choice)
         loaded = self.load_images(unit.items)
         images, whole, crops = [], [], []
@@ -193,6 +201,8 @@ class VerifyStage(ImageModelStage):
             rles,
             lambda a, b: (a, b) in unrelated,
         )
+        from sam3_engine.models.clip import input_size
+
         rows, crops, side = [], [], input_size(self.choice)
         for mask_row, encoded, duplicate, conflict in zip(masks, rles, duplicates, conflicts, strict=True):
             mask = mask_utils.decode(encoded).astype(bool)

@@ -1,6 +1,7 @@
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 
@@ -233,7 +234,8 @@ def test_quickstart_verifies_every_pair_and_mask_and_verdicts_retune_in_sql(quic
 
 
 def test_calibrate_fits_thresholds_to_labels(quickstart, tmp_path):
-    run_dir, _ = quickstart
+    run_dir = tmp_path / "run"
+    shutil.copytree(quickstart[0], run_dir)  # it imports labels: the module's run stays as the quickstart left it
     # Labels from a rule the run's own signals can learn: present when SAM 3's presence is high, good when the mask is large.
     labelled = json.loads(
         cli(

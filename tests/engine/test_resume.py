@@ -160,13 +160,15 @@ def test_adding_files_runs_only_the_new_files_units(synthetic_dir, tmp_path):
 DRIVER = """
 import os, sys, time
 from sam3_engine.engine.runner import ProcessExecutor
+from sam3_engine.engine.stage import WorkerContext
+from sam3_engine.stages.splits import SplitsConfig, SplitsStage
 
 def pid(_):
     time.sleep(0.2)
     return os.getpid()
 
 if __name__ == "__main__":
-    pool = ProcessExecutor(2)._pool()
+    pool = ProcessExecutor(2)._pool(SplitsStage(SplitsConfig()), WorkerContext(os.getcwd(), None))
     print(" ".join(str(p) for p in sorted(set(pool.map(pid, range(8))))), flush=True)
     time.sleep(60)
 """
