@@ -20,6 +20,17 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
+def quickstart(tmp_path_factory):
+    """The README's quickstart run by the CLI from a scratch working directory, printing for an 80-column terminal:
+    (run directory, the finished process). Shared and read-only: a test that changes the run works on a copy."""
+    cwd = tmp_path_factory.mktemp("user")
+    command = [sys.executable, "-m", "sam3_engine", "run", str(EXAMPLES / "quickstart.yaml")]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env={**os.environ, "COLUMNS": "80"})
+    assert done.returncode == 0, done.stderr
+    return cwd / "runs" / "quickstart", done
+
+
+@pytest.fixture(scope="session")
 def photos_dir() -> Path:
     """The real photos: ../shared/data when present (the developers' machines), else the bundled copies."""
     shared = SHARED_DATA / "images"

@@ -8,20 +8,11 @@ import sys
 import pytest
 import yaml
 
-from tests.conftest import EXAMPLES, REPO
+from tests.conftest import REPO
 
 
 def cli(*args, cwd=None, env=None):
     return subprocess.run([sys.executable, "-m", "sam3_engine", *args], capture_output=True, text=True, cwd=cwd, env=env)
-
-
-@pytest.fixture(scope="module")
-def quickstart(tmp_path_factory):
-    """The README's quickstart, run from a scratch working directory, printing for an 80-column terminal."""
-    cwd = tmp_path_factory.mktemp("user")
-    done = cli("run", str(EXAMPLES / "quickstart.yaml"), cwd=cwd, env={**os.environ, "COLUMNS": "80"})
-    assert done.returncode == 0, done.stderr
-    return cwd / "runs" / "quickstart", done
 
 
 def test_quickstart_summary_reconciles(quickstart):
