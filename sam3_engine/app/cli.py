@@ -158,7 +158,8 @@ def query(
         typer.Argument(
             help=(
                 "DuckDB SQL over the run's tables (see `sam3-engine tables`) and the "
-                "verdict macros mask_verdicts(...) and pair_verdicts(...)."
+                "verdict macros mask_verdicts(...) and pair_verdicts(...); or @NAME for a packaged query "
+                "(a report figure: @concept_coverage -p verifier=null, @rejects_by_reason)."
             )
         ),
     ],
@@ -183,6 +184,8 @@ def query(
     if not sql.strip():
         _fail('the SQL argument is empty: give a query, e.g. "SELECT * FROM images LIMIT 5"')
     params = dict(_parse_param(p) for p in param or [])
+    if sql.startswith("@"):
+        sql = _packaged_query(sql[1:])
     storage_config = StorageConfig(endpoint_url=endpoint_url)
     _run_dir(run_dir, storage_config)
     limit = max_rows if max_rows is not None or format != "table" else 100
@@ -193,6 +196,13 @@ def query(
         _fail(f"{type(exc).__name__}: {exc}")
     if more:
         console.print(f"{printed} rows shown; the result has more (--max-rows)", highlight=False)
+
+
+def _packaged_query(name: str) -> str:
+    try:
+        return catalog.named_query(name)
+    except (FileNotFoundError, OSError):
+        _fail(f"no packaged query {name!r}: they are the .sql files of sam3_engine/schemas/sql")
 
 
 def _print_rows(reader, format: str, limit: int | None) -> tuple[int, bool]:
@@ -464,6 +474,26 @@ def export_split(
 
 def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
+
+
+@app.command()
+def report(
+    run_dir: Annotated[str, typer.Argument(help="Run directory (any fsspec URL).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The HTML file to write.")] = Path("report.html"),
+    verifier: Annotated[str | None, typer.Option("--verifier", help="Whose verdicts count (default: every verifier's).")] = None,
+    endpoint_url: Annotated[str | None, typer.Option("--endpoint-url", help="S3-compatible endpoint for s3:// run directories.")] = None,
+) -> None:
+    """Write the concept-coverage report: one HTML file that opens with no network (Plotly inlined)."""
+    from sam3_engine.dashboards.report import write_report
+
+    storage_config = StorageConfig(endpoint_url=endpoint_url)
+    _run_dir(run_dir, storage_config)
+    try:
+        data = write_report(run_dir, str(out), storage_config, verifier)
+    except OSError as exc:
+        _fail(f"cannot write {out}: {exc.strerror or exc}")
+    missing = f"; not yet in the run: {', '.join(data.missing)}" if data.missing else ""
+    console.print(f"wrote {out}: {len(data.coverage)} concepts{missing}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -9,7 +9,14 @@ import sam3_engine
 from tests.conftest import REPO
 
 PACKAGE = Path(sam3_engine.__file__).parent
-ABOVE_THE_ENGINE = ("sam3_engine.app", "sam3_engine.stages", "sam3_engine.models", "sam3_engine.io", "sam3_engine.text")
+ABOVE_THE_ENGINE = (
+    "sam3_engine.app",
+    "sam3_engine.dashboards",
+    "sam3_engine.stages",
+    "sam3_engine.models",
+    "sam3_engine.io",
+    "sam3_engine.text",
+)
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -1,0 +1,196 @@
+"""The coverage report: one self-contained HTML file from a run's own tables.
+
+Every figure is a named query of ``schemas/sql`` run by DuckDB over the Delta tables, so
+``sam3-engine query`` reproduces it. The file works with no network: Plotly's script is inlined
+once. Phrases come from untrusted text (captions, manifests): every value is escaped, in tables
+and in plot labels alike.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
+
+from sam3_engine.engine.catalog import connect, named_query
+from sam3_engine.engine.config import StorageConfig
+from sam3_engine.engine.store import TableStore
+
+NEEDED = {
+    "candidates": "mine",
+    "pairs": "propose",
+    "pair_verifications": "verify",
+    "mask_verifications": "verify",
+    "splits": "splits",
+}
+"""Tables the report reads, and the stage that writes each: a table not yet written is named as missing."""
+
+COVERAGE_COLUMNS = (
+    ("phrase", "concept"),
+    ("parent", "parent"),
+    ("images", "images asked"),
+    ("caption_images", "caption"),
+    ("user_images", "user"),
+    ("vocabulary_images", "vocabulary"),
+    ("clip_images", "clip"),
+    ("hard_negative_images", "hard negative"),
+    ("pairs", "pairs"),
+    ("present_pairs", "present"),
+    ("absent_pairs", "absent"),
+    ("uncertain_pairs", "uncertain"),
+    ("masks", "masks"),
+    ("accepted_masks", "accepted"),
+    ("uncertain_masks", "uncertain masks"),
+    ("rejected_masks", "rejected"),
+    ("gold_positives", "gold +"),
+    ("gold_negatives", "gold -"),
+    ("silver_positives", "silver +"),
+    ("silver_negatives", "silver -"),
+    ("mean_presence_probability", "mean presence"),
+    ("mean_mask_score", "mean mask score"),
+)
+"""The coverage table's columns (query column, header), in the order shown."""
+
+
+@dataclass
+class ReportData:
+    run_url: str
+    coverage: list[dict[str, Any]]
+    rejects: list[dict[str, Any]]
+    missing: dict[str, str] = field(default_factory=dict)
+    """Tables not written yet, with the stage that writes them."""
+
+
+def gather(run_url: str, storage_config: StorageConfig | None = None, verifier: str | None = None) -> ReportData:
+    """The report's figures, from the run's tables; tables a stage has not written yet read as empty."""
+    store = TableStore(run_url, storage_config)
+    missing = {table: stage for table, stage in NEEDED.items() if store.open(table) is None}
+    con = connect(store)
+    try:
+        coverage = con.sql(named_query("concept_coverage"), params={"verifier": verifier}).to_arrow_table().to_pylist()
+        rejects = con.sql(named_query("rejects_by_reason")).to_arrow_table().to_pylist()
+    finally:
+        con.close()
+    return ReportData(store.run_url, coverage, rejects, missing)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return html.escape(str(value))
+
+
+def _table(rows: list[dict[str, Any]], columns: tuple[tuple[str, str], ...], table_id: str) -> str:
+    head = "".join(f"<th>{html.escape(title)}</th>" for _, title in columns)
+    body = "".join("<tr>" + "".join(f'<td data-column="{key}">{_cell(row.get(key))}</td>' for key, _ in columns) + "</tr>" for row in rows)
+    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _long_tail(coverage: list[dict[str, Any]]) -> str:
+    """Concepts ranked by verified positives (log scale): where the long tail starts."""
+    ranked = sorted(coverage, key=lambda row: (-row["verified_positives"], row["phrase"]))
+    figure = go.Figure(
+        go.Scatter(
+            x=list(range(1, len(ranked) + 1)),
+            y=[row["verified_positives"] for row in ranked],
+            text=[html.escape(row["phrase"]) for row in ranked],
+            mode="lines+markers",
+            hovertemplate="%{text}: %{y} verified positives<extra></extra>",
+        )
+    )
+    figure.update_layout(
+        title="Concepts ranked by verified positives (Gold and Silver)",
+        xaxis_title="concept rank",
+        yaxis_title="verified positives",
+        yaxis_type="log",
+        height=360,
+        margin={"t": 50, "b": 40},
+    )
+    return figure.to_html(full_html=False, include_plotlyjs=False, div_id="long-tail")
+
+
+def _presence(coverage: list[dict[str, Any]], top: int = 30) -> str:
+    """Pairs by presence verdict for the most asked concepts."""
+    shown = sorted(coverage, key=lambda row: (-row["pairs"], row["phrase"]))[:top]
+    phrases = [html.escape(row["phrase"]) for row in shown]
+    verdicts = ("present", "uncertain", "absent")
+    figure = go.Figure([go.Bar(name=verdict, x=phrases, y=[row[f"{verdict}_pairs"] for row in shown]) for verdict in verdicts])
+    figure.update_layout(barmode="stack", title=f"Pairs by presence verdict (the {top} most asked concepts)", height=380)
+    return figure.to_html(full_html=False, include_plotlyjs=False, div_id="presence")
+
+
+def render(data: ReportData) -> str:
+    """The report as one HTML document with Plotly inlined: it opens with no network."""
+    missing = "".join(
+        f"<li><code>{html.escape(table)}</code>: run the <code>{html.escape(stage)}</code> stage</li>"
+        for table, stage in data.missing.items()
+    )
+    rejects = _table(data.rejects, (("stage", "stage"), ("reason", "reason"), ("rejects", "rejects")), "rejects")
+    sections = [
+        f"<h1>Concept coverage: {html.escape(data.run_url)}</h1>",
+        f"<p>Built {datetime.now(UTC):%Y-%m-%d %H:%M} UTC from the run's tables. {len(data.coverage)} concepts asked.</p>",
+        f'<section id="missing"><h2>Not yet in this run</h2><ul>{missing}</ul></section>' if missing else "",
+        '<section id="figures">' + _long_tail(data.coverage) + _presence(data.coverage) + "</section>" if data.coverage else "",
+        '<section><h2>Coverage per concept</h2><input id="filter" placeholder="filter by concept or parent">',
+        _table(data.coverage, COVERAGE_COLUMNS, "coverage"),
+        "</section>",
+        f"<section><h2>Rejects by stage and reason</h2>{rejects}</section>",
+    ]
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>sam3-engine coverage report</title>
+<meta http-equiv="Content-Security-Policy" content="{_POLICY}">
+<style>{_STYLE}</style>
+<script>{get_plotlyjs()}</script>
+</head><body>
+{"".join(sections)}
+<script>{_FILTER}</script>
+</body></html>
+"""
+
+
+def write_report(run_url: str, out_path: str, storage_config: StorageConfig | None = None, verifier: str | None = None) -> ReportData:
+    data = gather(run_url, storage_config, verifier)
+    with open(out_path, "w", encoding="utf-8") as f:
+        f.write(render(data))
+    return data
+
+
+_POLICY = "default-src 'none'; script-src 'unsafe-inline' 'unsafe-eval'; style-src 'unsafe-inline'; img-src data:"
+"""Nothing is fetched from anywhere: the page is whole as written (and a script smuggled into a phrase could not call out)."""
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+table { border-collapse: collapse; font-size: 13px; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #ddd; padding: 3px 6px; text-align: right; }
+td[data-column="phrase"], td[data-column="parent"], td[data-column="stage"], td[data-column="reason"] { text-align: left; }
+th { background: #f4f4f4; cursor: pointer; position: sticky; top: 0; }
+#filter { padding: 4px; width: 20em; }
+"""
+
+_FILTER = """
+document.getElementById('filter').addEventListener('input', function (event) {
+  const needle = event.target.value.toLowerCase();
+  for (const row of document.querySelectorAll('#coverage tbody tr')) {
+    const text = row.children[0].textContent + ' ' + row.children[1].textContent;
+    row.style.display = text.toLowerCase().includes(needle) ? '' : 'none';
+  }
+});
+for (const header of document.querySelectorAll('#coverage th')) {
+  header.addEventListener('click', function () {
+    const index = Array.from(header.parentNode.children).indexOf(header);
+    const body = document.querySelector('#coverage tbody');
+    const key = (row) => { const t = row.children[index].textContent; const n = parseFloat(t); return isNaN(n) ? t : n; };
+    const rows = Array.from(body.rows);
+    const descending = header.dataset.order !== 'desc';
+    rows.sort((a, b) => (key(a) < key(b) ? -1 : key(a) > key(b) ? 1 : 0) * (descending ? -1 : 1));
+    header.dataset.order = descending ? 'desc' : 'asc';
+    rows.forEach((row) => body.appendChild(row));
+  });
+}
+"""

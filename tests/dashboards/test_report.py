@@ -1,0 +1,111 @@
+"""The coverage report: the run's own numbers, in one offline HTML file, with untrusted text escaped."""
+
+import json
+import subprocess
+import sys
+from html.parser import HTMLParser
+
+from sam3_engine.dashboards.report import COVERAGE_COLUMNS, ReportData, gather, render
+from sam3_engine.engine.catalog import named_query
+from tests.helpers import ingest, rows
+
+
+class _Cells(HTMLParser):
+    """The text of every cell of one table, by row and column key, and every script's source attribute."""
+
+    def __init__(self, table_id: str):
+        super().__init__()
+        self.table_id, self.inside, self.body, self.column = table_id, False, False, None
+        self.rows: list[dict[str, str]] = []
+        self.script_sources: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "script" and "src" in attrs:
+            self.script_sources.append(attrs["src"])
+        if tag == "table":
+            self.inside = attrs.get("id") == self.table_id
+        elif self.inside and tag == "tbody":
+            self.body = True
+        elif self.inside and self.body and tag == "tr":
+            self.rows.append({})
+        elif self.inside and tag == "td":
+            self.column = attrs["data-column"]
+            self.rows[-1][self.column] = ""
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self.inside = self.body = False
+        elif tag == "td":
+            self.column = None
+
+    def handle_data(self, data):
+        if self.inside and self.column:
+            self.rows[-1][self.column] += data
+
+
+def _cells(page: str, table_id: str) -> _Cells:
+    parser = _Cells(table_id)
+    parser.feed(page)
+    return parser
+
+
+def test_the_report_of_the_quickstart_shows_the_runs_numbers_offline(quickstart, tmp_path):
+    run_dir, _ = quickstart
+    out = tmp_path / "report.html"
+    done = subprocess.run([sys.executable, "-m", "sam3_engine", "report", str(run_dir), "-o", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    page = out.read_text()
+    parsed = _cells(page, "coverage")
+    assert parsed.script_sources == []  # Plotly is inlined: nothing to fetch
+    assert 'id="long-tail"' in page and 'id="presence"' in page and "Not yet in this run" not in page
+    coverage = named_query("concept_coverage").replace("$verifier", "NULL")
+    expected = rows(run_dir, f"SELECT phrase, pairs, masks, rejected_masks, silver_negatives FROM ({coverage}) ORDER BY phrase")
+    shown = sorted(
+        ({k: row[k] for k in ("phrase", "pairs", "masks", "rejected_masks", "silver_negatives")} for row in parsed.rows),
+        key=lambda row: row["phrase"],
+    )
+    assert len(shown) == len(expected) > 10
+    assert shown == [{k: str(v) for k, v in row.items()} for row in expected]
+    assert f"{len(expected)} concepts" in done.stderr
+
+
+def test_every_figure_is_a_packaged_query_the_query_command_runs(quickstart):
+    run_dir, _ = quickstart
+    command = [sys.executable, "-m", "sam3_engine", "query", str(run_dir), "@concept_coverage", "-p", "verifier=null", "-f", "json"]
+    queried = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+    gathered = gather(str(run_dir)).coverage
+    assert [(r["phrase"], r["pairs"], r["verified_positives"]) for r in queried] == [
+        (r["phrase"], r["pairs"], r["verified_positives"]) for r in gathered
+    ]
+    missing = subprocess.run([sys.executable, "-m", "sam3_engine", "query", str(run_dir), "@no_such_query"], capture_output=True, text=True)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "no packaged query" in missing.stderr
+
+
+def test_untrusted_phrases_are_text_in_tables_and_plots():
+    hostile = ["<script>alert(1)</script>", '"><img src=x onerror=alert(1)>', "a & b"]
+    numbers = {key: 1 for key, _ in COVERAGE_COLUMNS if key not in ("phrase", "parent")}
+    coverage = [{**numbers, "phrase": phrase, "parent": phrase, "verified_positives": 1, "pairs": 1} for phrase in hostile]
+    page = render(ReportData("run<script>", coverage, [{"stage": "<b>ingest</b>", "reason": hostile[1], "rejects": 2}], {}))
+    for text in hostile[:2]:
+        assert text not in page
+    assert "<b>ingest</b>" not in page and "run<script>" not in page
+    parsed = _cells(page, "coverage")
+    assert [row["phrase"] for row in parsed.rows] == hostile  # shown as the text it is
+    assert [row["reason"] for row in _cells(page, "rejects").rows] == [hostile[1]]
+
+
+def test_a_run_with_stages_still_to_run_says_what_is_missing(photos_dir, tmp_path):
+    ingest(photos_dir, tmp_path / "run")
+    data = gather(str(tmp_path / "run"))
+    assert data.coverage == [] and data.rejects == []
+    assert data.missing == {
+        "candidates": "mine",
+        "pairs": "propose",
+        "pair_verifications": "verify",
+        "mask_verifications": "verify",
+        "splits": "splits",
+    }
+    page = render(data)
+    assert "Not yet in this run" in page and "run the <code>mine</code> stage" in page
+    assert 'id="long-tail"' not in page and _cells(page, "coverage").rows == []
