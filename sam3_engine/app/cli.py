@@ -481,6 +481,9 @@ def report(
     run_dir: Annotated[str, typer.Argument(help="Run directory (any fsspec URL).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The HTML file to write.")] = Path("report.html"),
     verifier: Annotated[str | None, typer.Option("--verifier", help="Whose verdicts count (default: every verifier's).")] = None,
+    min_positives: Annotated[
+        int, typer.Option("--min-positives", min=1, help="Verified positive pairs a concept needs to count as covered.")
+    ] = 10,
     endpoint_url: Annotated[str | None, typer.Option("--endpoint-url", help="S3-compatible endpoint for s3:// run directories.")] = None,
 ) -> None:
     """Write the concept-coverage report: one HTML file that opens with no network (Plotly inlined)."""
@@ -489,7 +492,7 @@ def report(
     storage_config = StorageConfig(endpoint_url=endpoint_url)
     _run_dir(run_dir, storage_config)
     try:
-        data = write_report(run_dir, str(out), storage_config, verifier)
+        data = write_report(run_dir, str(out), storage_config, verifier, min_positives)
     except OSError as exc:
         _fail(f"cannot write {out}: {exc.strerror or exc}")
     missing = f"; not yet in the run: {', '.join(data.missing)}" if data.missing else ""

@@ -63,9 +63,14 @@ class ReportData:
     rejects: list[dict[str, Any]]
     missing: dict[str, str] = field(default_factory=dict)
     """Tables not written yet, with the stage that writes them."""
+    min_positives: int = 10
+    ontology: dict[str, int] = field(default_factory=dict)
+    """The ontology's concepts, how many the run asked about, how many reach ``min_positives``."""
+    branches: list[dict[str, Any]] = field(default_factory=list)
+    thin: list[dict[str, Any]] = field(default_factory=list)
 
 
-def gather(run_url: str, storage_config: StorageConfig | None = None, verifier: str | None = None) -> ReportData:
+def gather(run_url: str, storage_config: StorageConfig | None = None, verifier: str | None = None, min_positives: int = 10) -> ReportData:
     """The report's figures, from the run's tables; tables a stage has not written yet read as empty."""
     store = TableStore(run_url, storage_config)
     missing = {table: stage for table, stage in NEEDED.items() if store.open(table) is None}
@@ -73,9 +78,13 @@ def gather(run_url: str, storage_config: StorageConfig | None = None, verifier: 
     try:
         coverage = con.sql(named_query("concept_coverage"), params={"verifier": verifier}).to_arrow_table().to_pylist()
         rejects = con.sql(named_query("rejects_by_reason")).to_arrow_table().to_pylist()
+        goal = {"min_positives": min_positives}
+        (ontology,) = con.sql(named_query("ontology_summary"), params=goal).to_arrow_table().to_pylist()
+        branches = con.sql(named_query("ontology_coverage"), params=goal).to_arrow_table().to_pylist()
+        thin = con.sql(named_query("thin_concepts"), params=goal).to_arrow_table().to_pylist()
     finally:
         con.close()
-    return ReportData(store.run_url, coverage, rejects, missing)
+    return ReportData(store.run_url, coverage, rejects, missing, min_positives, ontology, branches, thin)
 
 
 def _cell(value: Any) -> str:
@@ -125,6 +134,28 @@ def _presence(coverage: list[dict[str, Any]], top: int = 30) -> str:
     return figure.to_html(full_html=False, include_plotlyjs=False, div_id="presence")
 
 
+def _ontology_section(data: ReportData, shown: int = 50) -> str:
+    """Which branches of the ontology are thin, and the asked concepts short of the goal."""
+    counts = data.ontology or {"concepts": 0, "asked": 0, "covered": 0}
+    goal = data.min_positives
+    branches = _table(
+        data.branches[:shown],
+        (("branch", "branch"), ("concepts", "concepts"), ("covered", f"with {goal}+ positives"), ("covered_share", "share")),
+        "branches",
+    )
+    thin = _table(
+        data.thin[:shown],
+        (("phrase", "concept"), ("parent", "parent"), ("images", "images asked"), ("verified_positives", "verified positives")),
+        "thin",
+    )
+    return (
+        f'<section id="ontology"><h2>Ontology coverage</h2><p>{counts["covered"]} of {counts["concepts"]} concepts of the ontology '
+        f"reach {goal} verified positive pairs; the run asked about {counts['asked']} of them.</p>"
+        f"<h3>Thinnest branches (the first {shown})</h3>{branches}"
+        f"<h3>Asked concepts short of {goal} verified positives ({len(data.thin)}; the first {shown})</h3>{thin}</section>"
+    )
+
+
 def render(data: ReportData) -> str:
     """The report as one HTML document with Plotly inlined: it opens with no network."""
     missing = "".join(
@@ -140,6 +171,7 @@ def render(data: ReportData) -> str:
         '<section><h2>Coverage per concept</h2><input id="filter" placeholder="filter by concept or parent">',
         _table(data.coverage, COVERAGE_COLUMNS, "coverage"),
         "</section>",
+        _ontology_section(data),
         f"<section><h2>Rejects by stage and reason</h2>{rejects}</section>",
     ]
     return f"""<!DOCTYPE html>
@@ -154,8 +186,10 @@ def render(data: ReportData) -> str:
 """
 
 
-def write_report(run_url: str, out_path: str, storage_config: StorageConfig | None = None, verifier: str | None = None) -> ReportData:
-    data = gather(run_url, storage_config, verifier)
+def write_report(
+    run_url: str, out_path: str, storage_config: StorageConfig | None = None, verifier: str | None = None, min_positives: int = 10
+) -> ReportData:
+    data = gather(run_url, storage_config, verifier, min_positives)
     with open(out_path, "w", encoding="utf-8") as f:
         f.write(render(data))
     return data

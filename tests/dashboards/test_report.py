@@ -5,8 +5,12 @@ import subprocess
 import sys
 from html.parser import HTMLParser
 
+import pyarrow as pa
+
 from sam3_engine.dashboards.report import COVERAGE_COLUMNS, ReportData, gather, render
 from sam3_engine.engine.catalog import named_query
+from sam3_engine.engine.store import TableStore
+from sam3_engine.schemas.tables import CANDIDATES, CONCEPTS, SPLITS
 from tests.helpers import ingest, rows
 
 
@@ -109,3 +113,58 @@ def test_a_run_with_stages_still_to_run_says_what_is_missing(photos_dir, tmp_pat
     page = render(data)
     assert "Not yet in this run" in page and "run the <code>mine</code> stage" in page
     assert 'id="long-tail"' not in page and _cells(page, "coverage").rows == []
+
+
+def _constructed_ontology_run(run_dir):
+    """A six-concept ontology (animal > dog > poodle, animal > cat, vehicle > car) with known verified positives."""
+    parents = {"animal": None, "dog": "animal", "cat": "animal", "poodle": "dog", "vehicle": None, "car": "vehicle"}
+    positives = {"dog": 3, "poodle": 1, "car": 2}  # cat: none; a Silver positive counts, an excluded pair does not
+    concepts = [
+        {"concept_id": f"c-{p}", "phrase": p, "spellings": [], "parent": parent, "synonyms": [], "sources": ["lvis"], "unit_id": "u"}
+        for p, parent in parents.items()
+    ]
+    concepts.append({**concepts[0], "concept_id": "c-mined", "phrase": "mined only", "parent": None, "sources": ["caption"]})
+    splits, candidates = [], []
+    for phrase in ("dog", "cat", "poodle", "car"):
+        for image in range(4):
+            pair = {"pair_id": f"{phrase}-{image}", "image_id": f"img-{image}", "concept_id": f"c-{phrase}", "phrase": phrase}
+            candidates.append(
+                {
+                    **pair,
+                    "origin": "caption",
+                    "raw_phrase": phrase,
+                    "score": 1.0,
+                    "related_concept_id": None,
+                    "relation": None,
+                    "unit_id": "u",
+                }
+            )
+            positive = image < positives.get(phrase, 0)
+            splits.append(
+                {
+                    **pair,
+                    "split": "train",
+                    "tier": ("gold" if image % 2 else "silver") if positive else "excluded",
+                    "kind": "positive" if positive else None,
+                    "reason": "constructed",
+                    "sources": [],
+                    "hard_negative": False,
+                    "unit_id": "u",
+                }
+            )
+    store = TableStore(str(run_dir))
+    for spec, table in ((CONCEPTS, concepts), (SPLITS, splits), (CANDIDATES, candidates)):
+        store.replace(spec, "u", pa.Table.from_pylist(table, schema=spec.schema))
+
+
+def test_ontology_coverage_rolls_positives_up_the_parent_chain(tmp_path):
+    _constructed_ontology_run(tmp_path / "run")
+    data = gather(str(tmp_path / "run"), min_positives=2)
+    assert data.ontology == {"concepts": 6, "asked": 4, "covered": 2}  # dog and car; the mined-only concept is not the ontology's
+    branches = {row["branch"]: (row["concepts"], row["covered"], row["covered_share"], row["verified_positives"]) for row in data.branches}
+    assert branches == {"animal": (4, 1, 0.25, 4), "dog": (2, 1, 0.5, 4), "vehicle": (2, 1, 0.5, 2)}
+    assert [row["branch"] for row in data.branches][0] == "animal"  # thinnest first
+    assert [(row["phrase"], row["verified_positives"]) for row in data.thin] == [("poodle", 1), ("cat", 0)]
+    page = render(data)
+    assert "2 of 6 concepts of the ontology reach 2 verified positive pairs; the run asked about 4 of them" in page
+    assert [row["branch"] for row in _cells(page, "branches").rows] == ["animal", "dog", "vehicle"]
