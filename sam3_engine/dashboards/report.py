@@ -56,6 +56,25 @@ COVERAGE_COLUMNS = (
 """The coverage table's columns (query column, header), in the order shown."""
 
 
+HEALTH_COLUMNS = (
+    ("stage", "ledger"),
+    ("units", "units"),
+    ("inputs", "inputs"),
+    ("rows_written", "rows written"),
+    ("oom_retries", "OOM retries"),
+    ("batch_splits", "batch splits"),
+    ("model_seconds", "model s"),
+    ("inputs_per_model_second", "inputs per model s"),
+    ("peak_rss_mib", "peak RSS MiB"),
+    ("peak_gpu_mib", "peak GPU MiB"),
+    ("first_commit", "first commit"),
+    ("last_commit", "last commit"),
+)
+
+SACO_NEGATIVE_SHARE = 0.88
+"""Share of negative pairs in SA-Co's benchmark, shown beside the run's."""
+
+
 @dataclass
 class ReportData:
     run_url: str
@@ -68,6 +87,10 @@ class ReportData:
     """The ontology's concepts, how many the run asked about, how many reach ``min_positives``."""
     branches: list[dict[str, Any]] = field(default_factory=list)
     thin: list[dict[str, Any]] = field(default_factory=list)
+    health: list[dict[str, Any]] = field(default_factory=list)
+    """Per ledger: units, inputs, rows, OOM retries, batch splits, model seconds, peak memory."""
+    negatives: dict[str, Any] = field(default_factory=dict)
+    """Kept pairs, negatives and hard negatives among them, and their shares."""
 
 
 def gather(run_url: str, storage_config: StorageConfig | None = None, verifier: str | None = None, min_positives: int = 10) -> ReportData:
@@ -82,9 +105,11 @@ def gather(run_url: str, storage_config: StorageConfig | None = None, verifier: 
         (ontology,) = con.sql(named_query("ontology_summary"), params=goal).to_arrow_table().to_pylist()
         branches = con.sql(named_query("ontology_coverage"), params=goal).to_arrow_table().to_pylist()
         thin = con.sql(named_query("thin_concepts"), params=goal).to_arrow_table().to_pylist()
+        health = con.sql(named_query("run_health")).to_arrow_table().to_pylist()
+        (negatives,) = con.sql(named_query("negative_share")).to_arrow_table().to_pylist()
     finally:
         con.close()
-    return ReportData(store.run_url, coverage, rejects, missing, min_positives, ontology, branches, thin)
+    return ReportData(store.run_url, coverage, rejects, missing, min_positives, ontology, branches, thin, health, negatives)
 
 
 def _cell(value: Any) -> str:
@@ -92,6 +117,8 @@ def _cell(value: Any) -> str:
         return ""
     if isinstance(value, float):
         return f"{value:.3f}"
+    if isinstance(value, datetime):
+        return f"{value:%Y-%m-%d %H:%M:%S}"
     return html.escape(str(value))
 
 
@@ -134,6 +161,16 @@ def _presence(coverage: list[dict[str, Any]], top: int = 30) -> str:
     return figure.to_html(full_html=False, include_plotlyjs=False, div_id="presence")
 
 
+def _negatives_paragraph(negatives: dict[str, Any]) -> str:
+    if not negatives.get("kept_pairs"):
+        return ""
+    hard = negatives["hard_negative_share"] or 0.0
+    return (
+        f'<p id="negatives">{negatives["kept_pairs"]} pairs kept (Gold and Silver): {negatives["negative_share"]:.1%} negatives '
+        f"(SA-Co's benchmark: about {SACO_NEGATIVE_SHARE:.0%}), {hard:.1%} of them hard negatives.</p>"
+    )
+
+
 def _ontology_section(data: ReportData, shown: int = 50) -> str:
     """Which branches of the ontology are thin, and the asked concepts short of the goal."""
     counts = data.ontology or {"concepts": 0, "asked": 0, "covered": 0}
@@ -172,7 +209,9 @@ def render(data: ReportData) -> str:
         _table(data.coverage, COVERAGE_COLUMNS, "coverage"),
         "</section>",
         _ontology_section(data),
-        f"<section><h2>Rejects by stage and reason</h2>{rejects}</section>",
+        _negatives_paragraph(data.negatives),
+        f'<section id="health"><h2>Run health</h2>{_table(data.health, HEALTH_COLUMNS, "run-health")}',
+        f"<h3>Rejects by stage and reason</h3>{rejects}</section>",
     ]
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>sam3-engine coverage report</title>

@@ -72,6 +72,15 @@ def test_the_report_of_the_quickstart_shows_the_runs_numbers_offline(quickstart,
     assert len(shown) == len(expected) > 10
     assert shown == [{k: str(v) for k, v in row.items()} for row in expected]
     assert f"{len(expected)} concepts" in done.stderr
+    units = rows(run_dir, "SELECT stage, count(*) AS units, sum(num_inputs) AS inputs FROM units GROUP BY stage ORDER BY stage")
+    health = sorted(
+        ({k: row[k] for k in ("stage", "units", "inputs")} for row in _cells(page, "run-health").rows), key=lambda r: r["stage"]
+    )
+    assert health == [{k: str(v) for k, v in row.items()} for row in units] and len(units) >= 8
+    (kept,) = rows(
+        run_dir, "SELECT count(*) FILTER (tier <> 'excluded') AS n, count(*) FILTER (kind = 'negative') AS negatives FROM splits"
+    )
+    assert f'<p id="negatives">{kept["n"]} pairs kept (Gold and Silver): {kept["negatives"] / kept["n"]:.1%} negatives' in page
 
 
 def test_every_figure_is_a_packaged_query_the_query_command_runs(quickstart):
