@@ -91,6 +91,11 @@ class ReportData:
     """Per ledger: units, inputs, rows, OOM retries, batch splits, model seconds, peak memory."""
     negatives: dict[str, Any] = field(default_factory=dict)
     """Kept pairs, negatives and hard negatives among them, and their shares."""
+    distributions: list[dict[str, Any]] = field(default_factory=list)
+    presence: list[dict[str, Any]] = field(default_factory=list)
+    mask_reasons: list[dict[str, Any]] = field(default_factory=list)
+    fired: list[dict[str, Any]] = field(default_factory=list)
+    """Hard negatives on which SAM 3 kept an instance."""
 
 
 def gather(run_url: str, storage_config: StorageConfig | None = None, verifier: str | None = None, min_positives: int = 10) -> ReportData:
@@ -107,9 +112,28 @@ def gather(run_url: str, storage_config: StorageConfig | None = None, verifier: 
         thin = con.sql(named_query("thin_concepts"), params=goal).to_arrow_table().to_pylist()
         health = con.sql(named_query("run_health")).to_arrow_table().to_pylist()
         (negatives,) = con.sql(named_query("negative_share")).to_arrow_table().to_pylist()
+        distributions = con.sql(named_query("distributions")).to_arrow_table().to_pylist()
+        presence = con.sql(named_query("presence_histogram"), params={"verifier": verifier}).to_arrow_table().to_pylist()
+        mask_reasons = con.sql(named_query("mask_reasons"), params={"verifier": verifier}).to_arrow_table().to_pylist()
+        fired = con.sql(named_query("hard_negatives_fired")).to_arrow_table().to_pylist()
     finally:
         con.close()
-    return ReportData(store.run_url, coverage, rejects, missing, min_positives, ontology, branches, thin, health, negatives)
+    return ReportData(
+        store.run_url,
+        coverage,
+        rejects,
+        missing,
+        min_positives,
+        ontology,
+        branches,
+        thin,
+        health,
+        negatives,
+        distributions,
+        presence,
+        mask_reasons,
+        fired,
+    )
 
 
 def _cell(value: Any) -> str:
@@ -161,6 +185,53 @@ def _presence(coverage: list[dict[str, Any]], top: int = 30) -> str:
     return figure.to_html(full_html=False, include_plotlyjs=False, div_id="presence")
 
 
+DISTRIBUTIONS = (
+    ("concepts_per_image", "Concepts asked per image", "concepts", "images"),
+    ("instances_per_pair", "Instances per proposed pair", "instances", "pairs"),
+    ("mask_area_log10", "Mask area (log10 of the share of the image)", "log10 area share", "masks"),
+)
+
+
+def _bars(figure_id: str, title: str, x_title: str, y_title: str, x: list, y: list) -> str:
+    figure = go.Figure(go.Bar(x=x, y=y))
+    figure.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, height=300, margin={"t": 50, "b": 40})
+    return figure.to_html(full_html=False, include_plotlyjs=False, div_id=figure_id)
+
+
+def _distributions_section(data: ReportData) -> str:
+    charts = []
+    for name, title, x_title, y_title in DISTRIBUTIONS:
+        buckets = [row for row in data.distributions if row["figure"] == name]
+        if buckets:
+            charts.append(_bars(name.replace("_", "-"), title, x_title, y_title, [r["bucket"] for r in buckets], [r["n"] for r in buckets]))
+    return f'<section id="distributions"><h2>Distributions</h2>{"".join(charts)}</section>' if charts else ""
+
+
+def _verification_section(data: ReportData) -> str:
+    parts = []
+    if data.presence:
+        figure = go.Figure(
+            [
+                go.Bar(name=verdict, x=[r["bucket"] for r in rows], y=[r["pairs"] for r in rows])
+                for verdict in ("present", "uncertain", "absent")
+                if (rows := [r for r in data.presence if r["presence"] == verdict])
+            ]
+        )
+        figure.update_layout(barmode="stack", title="Presence probability by verdict", xaxis_title="presence probability", height=320)
+        parts.append(figure.to_html(full_html=False, include_plotlyjs=False, div_id="presence-histogram"))
+    reasons = (("verdict", "verdict"), ("reason", "reason"), ("masks", "masks"))
+    fired = (
+        ("phrase", "hard negative"),
+        ("confused_with", "confused with"),
+        ("relation", "relation"),
+        ("instance_count", "instances"),
+        ("max_score", "max score"),
+    )
+    parts.append(f"<h3>Mask verdicts by reason</h3>{_table(data.mask_reasons, reasons, 'mask-reasons')}")
+    parts.append(f"<h3>Hard negatives SAM 3 fired on ({len(data.fired)})</h3>{_table(data.fired[:100], fired, 'fired')}")
+    return f'<section id="verification"><h2>Verification</h2>{"".join(parts)}</section>'
+
+
 def _negatives_paragraph(negatives: dict[str, Any]) -> str:
     if not negatives.get("kept_pairs"):
         return ""
@@ -209,6 +280,8 @@ def render(data: ReportData) -> str:
         _table(data.coverage, COVERAGE_COLUMNS, "coverage"),
         "</section>",
         _ontology_section(data),
+        _distributions_section(data),
+        _verification_section(data),
         _negatives_paragraph(data.negatives),
         f'<section id="health"><h2>Run health</h2>{_table(data.health, HEALTH_COLUMNS, "run-health")}',
         f"<h3>Rejects by stage and reason</h3>{rejects}</section>",

@@ -81,6 +81,18 @@ def test_the_report_of_the_quickstart_shows_the_runs_numbers_offline(quickstart,
         run_dir, "SELECT count(*) FILTER (tier <> 'excluded') AS n, count(*) FILTER (kind = 'negative') AS negatives FROM splits"
     )
     assert f'<p id="negatives">{kept["n"]} pairs kept (Gold and Silver): {kept["negatives"] / kept["n"]:.1%} negatives' in page
+    reasons = {(row["verdict"], row["reason"]): row["masks"] for row in _cells(page, "mask-reasons").rows}
+    counted = rows(
+        run_dir,
+        "SELECT verdict, r AS reason, count(*) AS n FROM (SELECT verdict, unnest(reasons) AS r FROM mask_verifications) GROUP BY ALL",
+    )
+    assert {(row["verdict"], row["reason"]): str(row["n"]) for row in counted}.items() <= reasons.items() and counted
+    fired = rows(
+        run_dir, "SELECT count(*) AS n FROM pairs JOIN candidates USING (pair_id) WHERE origin = 'hard_negative' AND instance_count > 0"
+    )
+    assert len(_cells(page, "fired").rows) == min(fired[0]["n"], 100) and f"Hard negatives SAM 3 fired on ({fired[0]['n']})" in page
+    for figure in ("concepts-per-image", "instances-per-pair", "mask-area-log10", "presence-histogram"):
+        assert f'id="{figure}"' in page, figure
 
 
 def test_every_figure_is_a_packaged_query_the_query_command_runs(quickstart):
