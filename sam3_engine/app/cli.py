@@ -484,6 +484,9 @@ def report(
     min_positives: Annotated[
         int, typer.Option("--min-positives", min=1, help="Verified positive pairs a concept needs to count as covered.")
     ] = 10,
+    compare_with: Annotated[
+        str | None, typer.Option("--compare", help="Another run (an earlier one): concepts that gained or lost verified positives.")
+    ] = None,
     endpoint_url: Annotated[str | None, typer.Option("--endpoint-url", help="S3-compatible endpoint for s3:// run directories.")] = None,
 ) -> None:
     """Write the concept-coverage report: one HTML file that opens with no network (Plotly inlined)."""
@@ -491,8 +494,10 @@ def report(
 
     storage_config = StorageConfig(endpoint_url=endpoint_url)
     _run_dir(run_dir, storage_config)
+    if compare_with is not None:
+        _run_dir(compare_with, storage_config)
     try:
-        data = write_report(run_dir, str(out), storage_config, verifier, min_positives)
+        data = write_report(run_dir, str(out), storage_config, verifier, min_positives, compare_with)
     except OSError as exc:
         _fail(f"cannot write {out}: {exc.strerror or exc}")
     missing = f"; not yet in the run: {', '.join(data.missing)}" if data.missing else ""

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import duckdb
 import plotly.graph_objects as go
+import pyarrow as pa
 from plotly.offline import get_plotlyjs
 
 from sam3_engine.engine.catalog import connect, named_query
@@ -96,6 +98,9 @@ class ReportData:
     mask_reasons: list[dict[str, Any]] = field(default_factory=list)
     fired: list[dict[str, Any]] = field(default_factory=list)
     """Hard negatives on which SAM 3 kept an instance."""
+    compared_with: str | None = None
+    changes: list[dict[str, Any]] = field(default_factory=list)
+    """Per concept, this run against ``compared_with`` (``coverage_change``)."""
 
 
 def gather(run_url: str, storage_config: StorageConfig | None = None, verifier: str | None = None, min_positives: int = 10) -> ReportData:
@@ -133,6 +138,32 @@ def gather(run_url: str, storage_config: StorageConfig | None = None, verifier: 
         presence,
         mask_reasons,
         fired,
+    )
+
+
+def compare(data: ReportData, other_url: str, storage_config: StorageConfig | None = None, verifier: str | None = None) -> None:
+    """Fill ``data.changes``: each concept's coverage in this run against ``other_url``'s (the earlier run, say)."""
+    other = gather(other_url, storage_config, verifier, data.min_positives)
+    con = duckdb.connect()
+    try:
+        con.register("after_coverage", pa.Table.from_pylist(data.coverage, _coverage_schema(data.coverage, other.coverage)))
+        con.register("before_coverage", pa.Table.from_pylist(other.coverage, _coverage_schema(data.coverage, other.coverage)))
+        data.changes = con.sql(named_query("coverage_change")).to_arrow_table().to_pylist()
+    finally:
+        con.close()
+    data.compared_with = other.run_url
+
+
+def _coverage_schema(*coverages: list[dict[str, Any]]) -> pa.Schema | None:
+    """The concept_coverage columns, typed, even for a run with no concepts (an empty table still needs them)."""
+    for coverage in coverages:
+        if coverage:
+            return pa.Table.from_pylist(coverage[:1]).schema
+    return pa.schema(
+        [
+            (name, pa.string() if name in ("concept_id", "phrase") else pa.int64())
+            for name in ("concept_id", "phrase", "verified_positives", "present_pairs", "accepted_masks")
+        ]
     )
 
 
@@ -232,6 +263,31 @@ def _verification_section(data: ReportData) -> str:
     return f'<section id="verification"><h2>Verification</h2>{"".join(parts)}</section>'
 
 
+def _changes_section(data: ReportData, shown: int = 100) -> str:
+    if data.compared_with is None:
+        return ""
+    gained = sum(row["positives_change"] > 0 for row in data.changes)
+    lost = sum(row["positives_change"] < 0 for row in data.changes)
+    before = sum(row["positives_before"] for row in data.changes)
+    after = sum(row["positives_after"] for row in data.changes)
+    columns = (
+        ("phrase", "concept"),
+        ("positives_before", "positives before"),
+        ("positives_after", "after"),
+        ("positives_change", "change"),
+        ("present_before", "present before"),
+        ("present_after", "after "),
+        ("accepted_before", "accepted masks before"),
+        ("accepted_after", "after  "),
+    )
+    changed = [row for row in data.changes if row["positives_change"] or row["present_after"] != row["present_before"]]
+    return (
+        f'<section id="changes"><h2>Against {html.escape(data.compared_with)}</h2>'
+        f"<p>Verified positives {before} before, {after} now: {gained} concepts gained, {lost} lost.</p>"
+        f"{_table(changed[:shown], columns, 'coverage-change')}</section>"
+    )
+
+
 def _negatives_paragraph(negatives: dict[str, Any]) -> str:
     if not negatives.get("kept_pairs"):
         return ""
@@ -279,6 +335,7 @@ def render(data: ReportData) -> str:
         '<section><h2>Coverage per concept</h2><input id="filter" placeholder="filter by concept or parent">',
         _table(data.coverage, COVERAGE_COLUMNS, "coverage"),
         "</section>",
+        _changes_section(data),
         _ontology_section(data),
         _distributions_section(data),
         _verification_section(data),
@@ -299,9 +356,16 @@ def render(data: ReportData) -> str:
 
 
 def write_report(
-    run_url: str, out_path: str, storage_config: StorageConfig | None = None, verifier: str | None = None, min_positives: int = 10
+    run_url: str,
+    out_path: str,
+    storage_config: StorageConfig | None = None,
+    verifier: str | None = None,
+    min_positives: int = 10,
+    compare_with: str | None = None,
 ) -> ReportData:
     data = gather(run_url, storage_config, verifier, min_positives)
+    if compare_with is not None:
+        compare(data, compare_with, storage_config, verifier)
     with open(out_path, "w", encoding="utf-8") as f:
         f.write(render(data))
     return data

@@ -136,10 +136,10 @@ def test_a_run_with_stages_still_to_run_says_what_is_missing(photos_dir, tmp_pat
     assert 'id="long-tail"' not in page and _cells(page, "coverage").rows == []
 
 
-def _constructed_ontology_run(run_dir):
+def _constructed_ontology_run(run_dir, positives=None):
     """A six-concept ontology (animal > dog > poodle, animal > cat, vehicle > car) with known verified positives."""
     parents = {"animal": None, "dog": "animal", "cat": "animal", "poodle": "dog", "vehicle": None, "car": "vehicle"}
-    positives = {"dog": 3, "poodle": 1, "car": 2}  # cat: none; a Silver positive counts, an excluded pair does not
+    positives = positives or {"dog": 3, "poodle": 1, "car": 2}  # cat: none; Silver counts, an excluded pair does not
     concepts = [
         {"concept_id": f"c-{p}", "phrase": p, "spellings": [], "parent": parent, "synonyms": [], "sources": ["lvis"], "unit_id": "u"}
         for p, parent in parents.items()
@@ -189,3 +189,31 @@ def test_ontology_coverage_rolls_positives_up_the_parent_chain(tmp_path):
     page = render(data)
     assert "2 of 6 concepts of the ontology reach 2 verified positive pairs; the run asked about 4 of them" in page
     assert [row["branch"] for row in _cells(page, "branches").rows] == ["animal", "dog", "vehicle"]
+
+
+def test_run_against_run_shows_the_concepts_that_gained_or_lost_positives(tmp_path):
+    _constructed_ontology_run(tmp_path / "before", {"dog": 1, "poodle": 1, "cat": 2})
+    _constructed_ontology_run(tmp_path / "after")  # dog 3, poodle 1, car 2, cat 0
+    out = tmp_path / "report.html"
+    command = [
+        sys.executable,
+        "-m",
+        "sam3_engine",
+        "report",
+        str(tmp_path / "after"),
+        "-o",
+        str(out),
+        "--compare",
+        str(tmp_path / "before"),
+    ]
+    for run_dir in ("before", "after"):  # the CLI reads run directories only
+        (tmp_path / run_dir / "run.json").write_text("{}")
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    page = out.read_text()
+    assert "Verified positives 4 before, 6 now: 2 concepts gained, 1 lost." in page
+    changes = {
+        row["phrase"]: (row["positives_before"], row["positives_after"], row["positives_change"])
+        for row in _cells(page, "coverage-change").rows
+    }
+    assert changes == {"dog": ("1", "3", "2"), "car": ("0", "2", "2"), "cat": ("2", "0", "-2")}
