@@ -487,6 +487,10 @@ def report(
     compare_with: Annotated[
         str | None, typer.Option("--compare", help="Another run (an earlier one): concepts that gained or lost verified positives.")
     ] = None,
+    gallery: Annotated[
+        int, typer.Option("--gallery", min=0, help="Mask gallery: images per concept (0: no gallery), chosen by a hash, so stable.")
+    ] = 3,
+    gallery_concepts: Annotated[int, typer.Option("--gallery-concepts", min=1, help="Concepts in the gallery: the most proposed.")] = 50,
     endpoint_url: Annotated[str | None, typer.Option("--endpoint-url", help="S3-compatible endpoint for s3:// run directories.")] = None,
 ) -> None:
     """Write the concept-coverage report: one HTML file that opens with no network (Plotly inlined)."""
@@ -497,7 +501,7 @@ def report(
     if compare_with is not None:
         _run_dir(compare_with, storage_config)
     try:
-        data = write_report(run_dir, str(out), storage_config, verifier, min_positives, compare_with)
+        data = write_report(run_dir, str(out), storage_config, verifier, min_positives, compare_with, gallery_concepts, gallery)
     except OSError as exc:
         _fail(f"cannot write {out}: {exc.strerror or exc}")
     missing = f"; not yet in the run: {', '.join(data.missing)}" if data.missing else ""

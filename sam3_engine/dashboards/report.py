@@ -18,6 +18,7 @@ import plotly.graph_objects as go
 import pyarrow as pa
 from plotly.offline import get_plotlyjs
 
+from sam3_engine.dashboards.gallery import build_tiles, render_gallery
 from sam3_engine.engine.catalog import connect, named_query
 from sam3_engine.engine.config import StorageConfig
 from sam3_engine.engine.store import TableStore
@@ -98,12 +99,21 @@ class ReportData:
     mask_reasons: list[dict[str, Any]] = field(default_factory=list)
     fired: list[dict[str, Any]] = field(default_factory=list)
     """Hard negatives on which SAM 3 kept an instance."""
+    gallery: str = ""
+    """The mask gallery's HTML section (``dashboards.gallery``)."""
     compared_with: str | None = None
     changes: list[dict[str, Any]] = field(default_factory=list)
     """Per concept, this run against ``compared_with`` (``coverage_change``)."""
 
 
-def gather(run_url: str, storage_config: StorageConfig | None = None, verifier: str | None = None, min_positives: int = 10) -> ReportData:
+def gather(
+    run_url: str,
+    storage_config: StorageConfig | None = None,
+    verifier: str | None = None,
+    min_positives: int = 10,
+    gallery_concepts: int = 50,
+    gallery_per_concept: int = 0,
+) -> ReportData:
     """The report's figures, from the run's tables; tables a stage has not written yet read as empty."""
     store = TableStore(run_url, storage_config)
     missing = {table: stage for table, stage in NEEDED.items() if store.open(table) is None}
@@ -121,6 +131,8 @@ def gather(run_url: str, storage_config: StorageConfig | None = None, verifier: 
         presence = con.sql(named_query("presence_histogram"), params={"verifier": verifier}).to_arrow_table().to_pylist()
         mask_reasons = con.sql(named_query("mask_reasons"), params={"verifier": verifier}).to_arrow_table().to_pylist()
         fired = con.sql(named_query("hard_negatives_fired")).to_arrow_table().to_pylist()
+        sample_params = {"concepts": gallery_concepts, "per_concept": gallery_per_concept, "verifier": verifier}
+        sample = con.sql(named_query("gallery_sample"), params=sample_params).to_arrow_table().to_pylist() if gallery_per_concept else []
     finally:
         con.close()
     return ReportData(
@@ -138,6 +150,7 @@ def gather(run_url: str, storage_config: StorageConfig | None = None, verifier: 
         presence,
         mask_reasons,
         fired,
+        render_gallery(build_tiles(sample, storage_config)),
     )
 
 
@@ -339,6 +352,7 @@ def render(data: ReportData) -> str:
         _ontology_section(data),
         _distributions_section(data),
         _verification_section(data),
+        data.gallery,
         _negatives_paragraph(data.negatives),
         f'<section id="health"><h2>Run health</h2>{_table(data.health, HEALTH_COLUMNS, "run-health")}',
         f"<h3>Rejects by stage and reason</h3>{rejects}</section>",
@@ -362,8 +376,10 @@ def write_report(
     verifier: str | None = None,
     min_positives: int = 10,
     compare_with: str | None = None,
+    gallery_concepts: int = 50,
+    gallery_per_concept: int = 3,
 ) -> ReportData:
-    data = gather(run_url, storage_config, verifier, min_positives)
+    data = gather(run_url, storage_config, verifier, min_positives, gallery_concepts, gallery_per_concept)
     if compare_with is not None:
         compare(data, compare_with, storage_config, verifier)
     with open(out_path, "w", encoding="utf-8") as f:
@@ -381,6 +397,10 @@ th, td { border: 1px solid #ddd; padding: 3px 6px; text-align: right; }
 td[data-column="phrase"], td[data-column="parent"], td[data-column="stage"], td[data-column="reason"] { text-align: left; }
 th { background: #f4f4f4; cursor: pointer; position: sticky; top: 0; }
 #filter { padding: 4px; width: 20em; }
+.gallery-row { margin-bottom: 1em; }
+.tile { display: inline-block; margin: 0 8px 8px 0; vertical-align: top; width: 260px; font-size: 12px; }
+.tile[data-verdict="accepted"] figcaption { color: #1a7f37; }
+.placeholder { width: 256px; height: 160px; background: #eee; color: #777; display: flex; align-items: center; justify-content: center; }
 """
 
 _FILTER = """

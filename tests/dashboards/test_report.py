@@ -5,8 +5,12 @@ import subprocess
 import sys
 from html.parser import HTMLParser
 
+import numpy as np
 import pyarrow as pa
+from PIL import Image
+from pycocotools import mask as mask_utils
 
+from sam3_engine.dashboards.gallery import build_tiles, draw_masks, render_gallery
 from sam3_engine.dashboards.report import COVERAGE_COLUMNS, ReportData, gather, render
 from sam3_engine.engine.catalog import named_query
 from sam3_engine.engine.store import TableStore
@@ -217,3 +221,41 @@ def test_run_against_run_shows_the_concepts_that_gained_or_lost_positives(tmp_pa
         for row in _cells(page, "coverage-change").rows
     }
     assert changes == {"dog": ("1", "3", "2"), "car": ("0", "2", "2"), "cat": ("2", "0", "-2")}
+
+
+def test_the_gallery_draws_a_bounded_stable_sample_and_a_placeholder_for_a_gone_image(quickstart, tmp_path):
+    run_dir, _ = quickstart
+    first = gather(str(run_dir), gallery_per_concept=2)
+    again = gather(str(run_dir), gallery_per_concept=2)
+    assert first.gallery == again.gallery and 'id="gallery"' in first.gallery  # the same sample, drawn the same
+    per_concept = rows(run_dir, "SELECT concept_id, least(count(*), 2) AS n FROM pairs WHERE instance_count > 0 GROUP BY concept_id")
+    pictures = first.gallery.count('<img src="data:image/jpeg;base64,')
+    assert sum(r["n"] for r in per_concept) <= pictures <= 2 * sum(r["n"] for r in per_concept)  # a tile or two per sampled pair
+    assert "image missing" not in first.gallery
+    row = {
+        "phrase": "<b>dog</b>",
+        "pair_id": "p",
+        "image_id": "i",
+        "uri": str(tmp_path / "gone.jpg"),
+        "mask_id": "m",
+        "height": 4,
+        "width": 4,
+        "rle_counts": "016",
+        "score": 0.5,
+        "verdict": "accept",
+        "reasons": [],
+    }
+    (tile,) = build_tiles([row])
+    assert tile.thumbnail is None
+    page = render_gallery([tile])
+    assert "image missing" in page and "<b>dog</b>" not in page and "&lt;b&gt;dog&lt;/b&gt;" in page
+
+
+def test_draw_masks_colours_the_mask_and_leaves_the_rest():
+    image = Image.new("RGB", (40, 30), (10, 10, 10))
+    mask = np.zeros((30, 40), np.uint8, order="F")
+    mask[5:25, 10:30] = 1
+    counts = mask_utils.encode(mask)["counts"].decode("ascii")
+    drawn = np.asarray(draw_masks(image, [{"height": 30, "width": 40, "rle_counts": counts}]))
+    assert (drawn[0, 0] == (10, 10, 10)).all()  # outside the mask: untouched
+    assert (drawn[15, 20] != (10, 10, 10)).any() and (drawn[5, 20] != drawn[15, 20]).any()  # filled inside, outlined at the edge
