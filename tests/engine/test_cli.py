@@ -202,7 +202,7 @@ def test_bad_config_is_reported_not_raised(tmp_path, photos_dir):
 
 
 def test_every_command_has_help():
-    for command in ([], ["run"], ["query"], ["tables"], ["validate"]):
+    for command in ([], ["run"], ["query"], ["tables"], ["validate"], ["report"]):
         done = cli(*command, "--help")
         assert done.returncode == 0 and "Usage" in done.stdout, command
     assert "image_id" in cli("tables", "images").stdout
