@@ -32,7 +32,7 @@ def report_once(run: Path, out: Path) -> dict:
         "print(time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-    seconds, peak = map(float, done.stdout.split())
+    seconds, peak = map(float, done.stdout.splitlines()[-1].split())
     return {"report_s": round(seconds, 1), "peak_rss_mib": round(peak), "html_mib": round(out.stat().st_size / 2**20, 1)}
 
 

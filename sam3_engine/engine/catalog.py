@@ -31,6 +31,7 @@ def connect(run: str | TableStore, storage_config: StorageConfig | None = None) 
     discover()  # the tables of every installed stage, a plugin's too
     store = run if isinstance(run, TableStore) else TableStore(run, storage_config)
     con = duckdb.connect()
+    con.execute("SET enable_progress_bar = false")  # DuckDB draws it on stdout: it would corrupt CSV and JSON output
     for name in TABLES:
         con.register(name, store.dataset(name))
     con.create_function(

@@ -12,7 +12,7 @@ from pycocotools import mask as mask_utils
 
 from sam3_engine.dashboards.gallery import build_tiles, draw_masks, render_gallery
 from sam3_engine.dashboards.report import COVERAGE_COLUMNS, ReportData, gather, render
-from sam3_engine.engine.catalog import named_query
+from sam3_engine.engine.catalog import connect, named_query
 from sam3_engine.engine.store import TableStore
 from sam3_engine.schemas.tables import CANDIDATES, CONCEPTS, SPLITS
 from tests.helpers import ingest, rows
@@ -259,3 +259,12 @@ def test_draw_masks_colours_the_mask_and_leaves_the_rest():
     drawn = np.asarray(draw_masks(image, [{"height": 30, "width": 40, "rle_counts": counts}]))
     assert (drawn[0, 0] == (10, 10, 10)).all()  # outside the mask: untouched
     assert (drawn[15, 20] != (10, 10, 10)).any() and (drawn[5, 20] != drawn[15, 20]).any()  # filled inside, outlined at the edge
+
+
+def test_duckdb_never_draws_its_progress_bar_into_the_output(tmp_path):
+    """DuckDB draws a progress bar on stdout for a long query: in `query -f csv` or a report build it would corrupt the output."""
+    con = connect(str(tmp_path / "run"))
+    try:
+        assert con.sql("SELECT current_setting('enable_progress_bar')").fetchall() == [(False,)]
+    finally:
+        con.close()
