@@ -83,3 +83,33 @@ def test_s3_manifest_and_query_cli(bucket, s3_server):
     assert images[0]["captions"] == ["caption of groceries"]
     missing = rows(f"s3://{bucket}/runs/two", "SELECT uri, reason FROM rejects", storage_config=StorageConfig(endpoint_url=s3_server))
     assert missing == [{"uri": f"s3://{bucket}/photos/gone.jpg", "reason": "missing"}]
+
+
+def test_the_coverage_report_of_a_run_on_s3(bucket, s3_server, tmp_path):
+    run_url = f"s3://{bucket}/runs/report"
+    options = {"input": f"s3://{bucket}/manifest.jsonl", "output": run_url, "storage.endpoint_url": s3_server, "stages": "ingest,mine"}
+    run_pipeline(load_config(None, options))
+    out = tmp_path / "report.html"
+    command = [sys.executable, "-m", "sam3_engine", "report", run_url, "-o", str(out), "--endpoint-url", s3_server]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    asked = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sam3_engine",
+            "query",
+            run_url,
+            "SELECT count(DISTINCT concept_id) AS n FROM candidates",
+            "-f",
+            "json",
+            "--endpoint-url",
+            s3_server,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    concepts = json.loads(asked.stdout)[0]["n"]
+    assert concepts > 0 and f"{concepts} concepts; not yet in the run: pairs, pair_verifications" in done.stderr
+    assert "run the <code>propose</code> stage" in out.read_text()
