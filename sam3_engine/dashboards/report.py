@@ -136,31 +136,37 @@ def gather(
     finally:
         con.close()
     return ReportData(
-        store.run_url,
-        coverage,
-        rejects,
-        missing,
-        min_positives,
-        ontology,
-        branches,
-        thin,
-        health,
-        negatives,
-        distributions,
-        presence,
-        mask_reasons,
-        fired,
-        render_gallery(build_tiles(sample, storage_config)),
+        run_url=store.run_url,
+        coverage=coverage,
+        rejects=rejects,
+        missing=missing,
+        min_positives=min_positives,
+        ontology=ontology,
+        branches=branches,
+        thin=thin,
+        health=health,
+        negatives=negatives,
+        distributions=distributions,
+        presence=presence,
+        mask_reasons=mask_reasons,
+        fired=fired,
+        gallery=render_gallery(build_tiles(sample, storage_config)),
     )
 
 
 def compare(data: ReportData, other_url: str, storage_config: StorageConfig | None = None, verifier: str | None = None) -> None:
     """Fill ``data.changes``: each concept's coverage in this run against ``other_url``'s (the earlier run, say)."""
-    other = gather(other_url, storage_config, verifier, data.min_positives)
+    other = TableStore(other_url, storage_config)
+    other_con = connect(other)
+    try:  # only the other run's per-concept coverage: the rest of its report is not shown
+        before = other_con.sql(named_query("concept_coverage"), params={"verifier": verifier}).to_arrow_table().to_pylist()
+    finally:
+        other_con.close()
+    schema = _coverage_schema(data.coverage, before)
     con = duckdb.connect()
     try:
-        con.register("after_coverage", pa.Table.from_pylist(data.coverage, _coverage_schema(data.coverage, other.coverage)))
-        con.register("before_coverage", pa.Table.from_pylist(other.coverage, _coverage_schema(data.coverage, other.coverage)))
+        con.register("after_coverage", pa.Table.from_pylist(data.coverage, schema))
+        con.register("before_coverage", pa.Table.from_pylist(before, schema))
         data.changes = con.sql(named_query("coverage_change")).to_arrow_table().to_pylist()
     finally:
         con.close()
