@@ -17,6 +17,7 @@ import duckdb
 import pyarrow as pa
 from pycocotools import mask as mask_utils
 
+from sam3_engine.engine import storage
 from sam3_engine.engine.config import MASK_REASONS, VERDICT_THRESHOLDS, StorageConfig
 from sam3_engine.engine.stage import discover
 from sam3_engine.engine.store import TableStore
@@ -32,8 +33,15 @@ def connect(run: str | TableStore, storage_config: StorageConfig | None = None) 
     store = run if isinstance(run, TableStore) else TableStore(run, storage_config)
     con = duckdb.connect()
     con.execute("SET enable_progress_bar = false")  # DuckDB draws it on stdout: it would corrupt CSV and JSON output
+    if storage.protocol_of(store.run_url) != "file":
+        con.register_filesystem(storage.filesystem(store.run_url, store.storage_config)[0])
     for name in TABLES:
-        con.register(name, store.dataset(name))
+        files = store.files(name)
+        if files:  # DuckDB's own reader: filters and projections reach the Parquet pages, not just the files
+            listed = ", ".join(_quoted(path) for path in files)  # a view binds no parameters: the paths are quoted
+            con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{listed}], union_by_name = true)")
+        else:
+            con.register(name, TABLES[name].empty())
     con.create_function(
         "rle_uncovered_fraction",
         _uncovered_fractions,
@@ -44,6 +52,10 @@ def connect(run: str | TableStore, storage_config: StorageConfig | None = None) 
     )
     con.execute(verdict_macros())
     return con
+
+
+def _quoted(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 def verdict_macros() -> str:

@@ -54,6 +54,11 @@ class TableStore:
         table = self.open(name)
         return TABLES[name].empty() if table is None else table.to_pyarrow_dataset()
 
+    def files(self, name: str) -> list[str]:
+        """The Parquet files of a table's latest commit (none when never written)."""
+        table = self.open(name)
+        return [] if table is None else table.file_uris()
+
     def read_images(self, name: str, image_ids: list[str], columns: list[str]) -> pa.Table:
         """The rows of ``name`` about these images (a unit's), with the filter pushed down to the files."""
         dataset = self.dataset(name)
