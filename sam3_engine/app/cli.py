@@ -509,6 +509,32 @@ def report(
 
 
 @app.command()
+def dashboard(
+    run_dir: Annotated[str, typer.Argument(help="Run directory (any fsspec URL).")],
+    host: Annotated[str, typer.Option("--host", help="Address to listen on; 0.0.0.0 shows the run's data to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port to listen on (0: any free one, printed).")] = 8765,
+    verifier: Annotated[str | None, typer.Option("--verifier", help="Whose verdicts count (default: every verifier's).")] = None,
+    min_positives: Annotated[
+        int, typer.Option("--min-positives", min=1, help="Verified positive pairs a concept needs to count as covered.")
+    ] = 10,
+    page_size: Annotated[int, typer.Option("--page-size", min=1, max=200, help="Pairs per gallery page.")] = 12,
+    endpoint_url: Annotated[str | None, typer.Option("--endpoint-url", help="S3-compatible endpoint for s3:// run directories.")] = None,
+) -> None:
+    """Serve the coverage report live, the mask gallery fetched page by page; for runs too large for one file."""
+    from sam3_engine.dashboards.live import Dashboard, listen, server
+
+    storage_config = StorageConfig(endpoint_url=endpoint_url)
+    _run_dir(run_dir, storage_config)
+    try:
+        sock = listen(host, port)
+    except OSError as exc:
+        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    address = f"[{host}]" if ":" in host else host
+    console.print(f"dashboard of {run_dir} at http://{address}:{sock.getsockname()[1]}/ (Ctrl-C stops it)", highlight=False, soft_wrap=True)
+    server(Dashboard(run_dir, storage_config, verifier, min_positives, page_size)).run(sockets=[sock])
+
+
+@app.command()
 def tables(name: Annotated[str | None, typer.Argument(help="One table to describe.")] = None) -> None:
     """Describe the engine's tables: columns, types and what each means."""
     discover()

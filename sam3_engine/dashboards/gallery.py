@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
@@ -39,12 +39,38 @@ class Tile:
     full: str | None
 
 
-def _data_uri(image: Image.Image, side: int) -> str:
+def jpeg(image: Image.Image, side: int) -> bytes:
+    """The image scaled to fit a ``side`` square, as a small JPEG."""
     copy = image.copy()
     copy.thumbnail((side, side))
     buffer = io.BytesIO()
-    copy.save(buffer, "JPEG", quality=70)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    copy.convert("RGB").save(buffer, "JPEG", quality=70)
+    return buffer.getvalue()
+
+
+def _data_uri(image: Image.Image, side: int) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg(image, side)).decode("ascii")
+
+
+def placeholder(side: int) -> Image.Image:
+    """What a gallery shows for an image that can no longer be read."""
+    image = Image.new("RGB", (side, side * 5 // 8), (238, 238, 238))
+    ImageDraw.Draw(image).text((side // 3, side * 5 // 16 - 6), "image missing", fill=(119, 119, 119))
+    return image
+
+
+def verdict_groups(rows: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """A pair's masks as the gallery shows them: the accepted on one picture, the others (rejected, uncertain, unverified) on the next."""
+    groups = (("accepted", [r for r in rows if r["verdict"] == "accept"]), ("others", [r for r in rows if r["verdict"] != "accept"]))
+    return [(label, chosen) for label, chosen in groups if chosen]
+
+
+def read_image(uri: str, storage_config: StorageConfig | None = None) -> Image.Image | None:
+    """The image, or None when it is gone or broken: a gallery shows a placeholder and goes on."""
+    try:
+        return load_image(uri, storage_config or StorageConfig())
+    except Exception:  # noqa: BLE001 - whatever broke it, the picture is a placeholder, not a failed page
+        return None
 
 
 def draw_masks(image: Image.Image, masks: list[dict[str, Any]]) -> Image.Image:
@@ -72,16 +98,8 @@ def build_tiles(sample: list[dict[str, Any]], storage_config: StorageConfig | No
         by_pair[row["pair_id"]].append(row)
     tiles = []
     for pair_id, rows in by_pair.items():
-        try:
-            image = load_image(rows[0]["uri"], storage_config or StorageConfig())
-        except Exception:  # noqa: BLE001 - a gone or broken image shows a placeholder, the report goes on
-            image = None
-        for label, chosen in (
-            ("accepted", [r for r in rows if r["verdict"] == "accept"]),
-            ("others", [r for r in rows if r["verdict"] != "accept"]),
-        ):
-            if not chosen:
-                continue
+        image = read_image(rows[0]["uri"], storage_config)
+        for label, chosen in verdict_groups(rows):
             drawn = draw_masks(image, chosen) if image is not None else None
             tiles.append(
                 Tile(

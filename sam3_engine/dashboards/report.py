@@ -9,6 +9,7 @@ and in plot labels alike.
 from __future__ import annotations
 
 import html
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -196,9 +197,22 @@ def _cell(value: Any) -> str:
     return html.escape(str(value))
 
 
-def _table(rows: list[dict[str, Any]], columns: tuple[tuple[str, str], ...], table_id: str) -> str:
+def _table(
+    rows: list[dict[str, Any]], columns: tuple[tuple[str, str], ...], table_id: str, link: Callable[[dict[str, Any]], str] | None = None
+) -> str:
+    """An HTML table of ``rows``; with ``link``, each row's first cell links to ``link(row)`` (a URL made from engine values)."""
     head = "".join(f"<th>{html.escape(title)}</th>" for _, title in columns)
-    body = "".join("<tr>" + "".join(f'<td data-column="{key}">{_cell(row.get(key))}</td>' for key, _ in columns) + "</tr>" for row in rows)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f'<td data-column="{key}">'
+            + (f'<a href="{html.escape(link(row))}">{_cell(row.get(key))}</a>' if link and index == 0 else _cell(row.get(key)))
+            + "</td>"
+            for index, (key, _) in enumerate(columns)
+        )
+        + "</tr>"
+        for row in rows
+    )
     return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
@@ -339,8 +353,12 @@ def _ontology_section(data: ReportData, shown: int = 50) -> str:
     )
 
 
-def render(data: ReportData) -> str:
-    """The report as one HTML document with Plotly inlined: it opens with no network."""
+def render(data: ReportData, plotly_src: str | None = None, concept_link: Callable[[dict[str, Any]], str] | None = None) -> str:
+    """The report as one HTML document with Plotly inlined, so that it opens with no network.
+
+    The live dashboard passes ``plotly_src``, a same-origin path to load Plotly from (served once, cached), and
+    ``concept_link``, where a concept of the coverage table links to (its gallery pages).
+    """
     missing = "".join(
         f"<li><code>{html.escape(table)}</code>: run the <code>{html.escape(stage)}</code> stage</li>"
         for table, stage in data.missing.items()
@@ -352,7 +370,8 @@ def render(data: ReportData) -> str:
         f'<section id="missing"><h2>Not yet in this run</h2><ul>{missing}</ul></section>' if missing else "",
         '<section id="figures">' + _long_tail(data.coverage) + _presence(data.coverage) + "</section>" if data.coverage else "",
         '<section><h2>Coverage per concept</h2><input id="filter" placeholder="filter by concept or parent">',
-        _table(data.coverage, COVERAGE_COLUMNS, "coverage"),
+        _ORIGIN_FILTER,
+        _table(data.coverage, COVERAGE_COLUMNS, "coverage", concept_link),
         "</section>",
         _changes_section(data),
         _ontology_section(data),
@@ -364,10 +383,10 @@ def render(data: ReportData) -> str:
         f"<h3>Rejects by stage and reason</h3>{rejects}</section>",
     ]
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>sam3-engine coverage report</title>
-<meta http-equiv="Content-Security-Policy" content="{_POLICY}">
-<style>{_STYLE}</style>
-<script>{get_plotlyjs()}</script>
+<html lang="en"><head><meta charset="utf-8"><link rel="icon" href="data:,"><title>sam3-engine coverage report</title>
+<meta http-equiv="Content-Security-Policy" content="{POLICY if plotly_src is None else SERVED_POLICY}">
+<style>{STYLE}</style>
+{f"<script>{get_plotlyjs()}</script>" if plotly_src is None else f'<script src="{html.escape(plotly_src)}"></script>'}
 </head><body>
 {"".join(sections)}
 <script>{_FILTER}</script>
@@ -393,10 +412,22 @@ def write_report(
     return data
 
 
-_POLICY = "default-src 'none'; script-src 'unsafe-inline' 'unsafe-eval'; style-src 'unsafe-inline'; img-src data:"
+POLICY = "default-src 'none'; script-src 'unsafe-inline' 'unsafe-eval'; style-src 'unsafe-inline'; img-src data:"
 """Nothing is fetched from anywhere: the page is whole as written (and a script smuggled into a phrase could not call out)."""
 
-_STYLE = """
+SERVED_POLICY = "default-src 'none'; script-src 'self' 'unsafe-inline' 'unsafe-eval'; style-src 'unsafe-inline'; img-src 'self' data:"
+"""The live dashboard's pages: the same, except that scripts and images also come from the dashboard itself."""
+
+ORIGINS = ("caption", "user", "vocabulary", "clip", "hard_negative")
+"""Where a concept asked of an image came from (``candidates.origin``): the coverage table filters on it."""
+
+_ORIGIN_FILTER = (
+    '<select id="origin"><option value="">any origin</option>'
+    + "".join(f'<option value="{origin}_images">asked from {origin.replace("_", " ")}</option>' for origin in ORIGINS)
+    + "</select>"
+)
+
+STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; font-size: 13px; margin: 0.5em 0 1.5em; }
 th, td { border: 1px solid #ddd; padding: 3px 6px; text-align: right; }
@@ -406,17 +437,22 @@ th { background: #f4f4f4; cursor: pointer; position: sticky; top: 0; }
 .gallery-row { margin-bottom: 1em; }
 .tile { display: inline-block; margin: 0 8px 8px 0; vertical-align: top; width: 260px; font-size: 12px; }
 .tile[data-verdict="accepted"] figcaption { color: #1a7f37; }
+#pager { margin-top: 1em; }
 .placeholder { width: 256px; height: 160px; background: #eee; color: #777; display: flex; align-items: center; justify-content: center; }
 """
 
 _FILTER = """
-document.getElementById('filter').addEventListener('input', function (event) {
-  const needle = event.target.value.toLowerCase();
+function applyFilters() {
+  const needle = document.getElementById('filter').value.toLowerCase();
+  const origin = document.getElementById('origin').value;
   for (const row of document.querySelectorAll('#coverage tbody tr')) {
     const text = row.children[0].textContent + ' ' + row.children[1].textContent;
-    row.style.display = text.toLowerCase().includes(needle) ? '' : 'none';
+    const asked = origin === '' || Number(row.querySelector('td[data-column="' + origin + '"]').textContent) > 0;
+    row.style.display = text.toLowerCase().includes(needle) && asked ? '' : 'none';
   }
-});
+}
+document.getElementById('filter').addEventListener('input', applyFilters);
+document.getElementById('origin').addEventListener('change', applyFilters);
 for (const header of document.querySelectorAll('#coverage th')) {
   header.addEventListener('click', function () {
     const index = Array.from(header.parentNode.children).indexOf(header);
