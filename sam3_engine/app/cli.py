@@ -158,7 +158,7 @@ def query(
         typer.Argument(
             help=(
                 "DuckDB SQL over the run's tables (see `sam3-engine tables`) and the "
-                "verdict macros mask_verdicts(...) and pair_verdicts(...); or @NAME for a packaged query "
+                "macros mask_verdicts(...), pair_verdicts(...) and verified_positives(); or @NAME for a packaged query "
                 "(a report figure: @concept_coverage -p verifier=null, @rejects_by_reason)."
             )
         ),

@@ -3,7 +3,8 @@
 Each table becomes a view of its name over the files of the table's latest Delta commit, so a
 query never sees a half-written unit. Tables a run has not written yet appear empty, with their
 declared schema, so queries work at any point of a run. Every connection also has the verdict
-macros (``schemas/sql/verdicts.sql``) and the mask function they use, ``rle_uncovered_fraction``.
+macros (``schemas/sql/verdicts.sql``) and the mask function they use, ``rle_uncovered_fraction``,
+and the coverage measures (``schemas/sql/coverage_macros.sql``).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def connect(run: str | TableStore, storage_config: StorageConfig | None = None) 
         null_handling="special",
     )
     con.execute(verdict_macros())
+    con.execute(named_query("coverage_macros"))
     return con
 
 

@@ -11,10 +11,12 @@ import urllib.request
 from collections import defaultdict
 from urllib.parse import quote, unquote
 
+import boto3
 import pytest
 from PIL import Image
 
 from sam3_engine.engine.catalog import named_query
+from sam3_engine.engine.config import StorageConfig
 from tests.dashboards.conftest import HOSTILE, rewrite, serving
 from tests.dashboards.test_report import _cells
 from tests.helpers import rows
@@ -168,3 +170,29 @@ def test_the_cli_refuses_bad_options_in_a_line(quickstart, args):
     run_dir, _ = quickstart
     done = subprocess.run([sys.executable, "-m", "sam3_engine", "dashboard", str(run_dir), *args], capture_output=True, text=True)
     assert done.returncode == 2 and "Invalid value" in done.stderr
+
+
+def test_the_dashboard_of_a_run_on_s3_draws_its_photos_from_s3(quickstart, s3_server, tmp_path):
+    run_dir, _ = quickstart
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    client = boto3.client("s3", endpoint_url=s3_server)
+    client.create_bucket(Bucket="dashboard")
+    images = rows(copy, "SELECT image_id, uri FROM images")
+    for image in images:
+        client.upload_file(image["uri"], "dashboard", f"photos/{image['image_id']}.jpg")
+    rewrite(copy, "images", "uri", "image_id", {image["image_id"]: f"s3://dashboard/photos/{image['image_id']}.jpg" for image in images})
+    for path in copy.rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), "dashboard", f"runs/quickstart/{path.relative_to(copy)}")
+    shutil.rmtree(copy)  # nothing local is left to read
+    (top,) = rows(run_dir, "SELECT concept_id, count(*) AS n FROM pairs WHERE instance_count > 0 GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 1")
+    with serving("s3://dashboard/runs/quickstart", storage_config=StorageConfig(endpoint_url=s3_server)) as base:
+        overview = _get(base + "/")[2].decode()
+        assert len(_cells(overview, "coverage").rows) == len(rows(run_dir, "SELECT DISTINCT concept_id FROM candidates"))
+        status, _, page = _get(f"{base}/gallery/{top['concept_id']}")
+        tiles = re.findall(r'<img src="(/tile/[^"]+)"', page.decode())
+        assert status == 200 and tiles
+        for tile in tiles:
+            status, _, picture = _get(base + tile.replace("&amp;", "&"))
+            assert status == 200 and _grey_share(Image.open(io.BytesIO(picture)).convert("L")) < 0.9  # the photo, not a placeholder

@@ -7,10 +7,7 @@ WITH RECURSIVE ontology AS (
     WHERE list_has_any(sources, ['lvis', 'coco', 'user_ontology', 'vocabulary'])
 ),
 positives AS (
-    SELECT concept_id, count(*) AS verified_positives
-    FROM splits
-    WHERE kind = 'positive' AND tier IN ('gold', 'silver')
-    GROUP BY concept_id
+    SELECT * FROM verified_positives()
 ),
 lineage(concept_id, branch, depth) AS (
     SELECT concept_id, phrase, 0 FROM ontology

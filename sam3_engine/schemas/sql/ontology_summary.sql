@@ -6,10 +6,7 @@ WITH ontology AS (
     WHERE list_has_any(sources, ['lvis', 'coco', 'user_ontology', 'vocabulary'])
 ),
 positives AS (
-    SELECT concept_id, count(*) AS verified_positives
-    FROM splits
-    WHERE kind = 'positive' AND tier IN ('gold', 'silver')
-    GROUP BY concept_id
+    SELECT * FROM verified_positives()
 )
 SELECT
     count(*) AS concepts,

@@ -7,10 +7,7 @@ WITH asked AS (
     GROUP BY concept_id
 ),
 positives AS (
-    SELECT concept_id, count(*) AS verified_positives
-    FROM splits
-    WHERE kind = 'positive' AND tier IN ('gold', 'silver')
-    GROUP BY concept_id
+    SELECT * FROM verified_positives()
 )
 SELECT asked.phrase, concepts.parent, asked.images, coalesce(positives.verified_positives, 0) AS verified_positives
 FROM asked
