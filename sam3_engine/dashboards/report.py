@@ -65,6 +65,7 @@ HEALTH_COLUMNS = (
     ("units", "units"),
     ("inputs", "inputs"),
     ("rows_written", "rows written"),
+    ("worker_crashes", "inputs that crashed workers"),
     ("oom_retries", "OOM retries"),
     ("batch_splits", "batch splits"),
     ("model_seconds", "model s"),

@@ -5,6 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from sam3_engine.engine.catalog import named_query
 from sam3_engine.engine.config import StorageConfig
 from sam3_engine.engine.stage import content_defined_chunks
 from sam3_engine.io.inputs import InputEntry, list_inputs
@@ -166,6 +167,8 @@ def test_a_worker_that_crashes_loses_only_its_input(synthetic_dir, tmp_path, mon
     assert report.worker_crashes >= 2
     assert report.counts["images"] + report.counts["duplicates"] + report.counts["rejects"] == report.items_total == 44
     assert report.counts["images"] == 39
+    health = {row["stage"]: row["worker_crashes"] for row in rows(tmp_path / "run", named_query("run_health"))}
+    assert health["ingest"] == 1  # the report's run health counts the input lost to crashes
 
 
 def test_glob_input_lists_only_matching_files(corpus_dir, tmp_path):
