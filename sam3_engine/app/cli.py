@@ -374,6 +374,70 @@ def import_labels(
     console.print(f"{stored}; {counts['unmatched']} labels name no pair or mask of this run", highlight=False, soft_wrap=True)
 
 
+@app.command("select")
+def select_for_review(
+    run_dir: Annotated[str, typer.Argument(help="Run directory (any fsspec URL).")],
+    budget: Annotated[int, typer.Option("--budget", "-n", min=1, help="Pairs to select (whole images at a time).")],
+    strategy: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--strategy",
+            "-s",
+            help="NAME[=WEIGHT], repeatable: uncertainty, disagreement, coverage, diversity, random "
+            "(default: uncertainty=1 disagreement=1 coverage=0.5 diversity=0.5).",
+        ),
+    ] = None,
+    name: Annotated[str, typer.Option("--name", help="The selection's name (a review round); selecting again under it replaces it.")] = (
+        "round-1"
+    ),
+    max_pairs_per_image: Annotated[int, typer.Option("--max-pairs-per-image", min=1, help="At most this many phrases per image.")] = 10,
+    min_positives: Annotated[
+        int, typer.Option("--min-positives", min=1, help="The coverage strategy's target of verified positives per concept.")
+    ] = 10,
+    human_verifier: Annotated[
+        list[str] | None, typer.Option("--human-verifier", help="Verifiers that are people (default: human); their pairs are done.")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random strategy.")] = 0,
+    endpoint_url: Annotated[str | None, typer.Option("--endpoint-url", help="S3-compatible endpoint for s3:// paths.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="If a run holds the run directory, wait for it instead of refusing.")] = False,
+) -> None:
+    """Select (image, phrase) pairs for people to review, into the selections table: filters, then a weighted greedy choice."""
+    from sam3_engine.engine.lock import RunLock, RunLockedError, describe_holder
+    from sam3_engine.engine.store import TableStore
+    from sam3_engine.labeling.select import SelectionError, parse_strategies, select
+
+    storage_config = StorageConfig(endpoint_url=endpoint_url)
+    _run_dir(run_dir, storage_config)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        _fail(f"--name must be letters, digits, '_', '.' or '-', not {name!r}")
+
+    def on_wait(holder: dict) -> None:
+        console.print(f"waiting for the run directory: it is in use by {describe_holder(holder)}", highlight=False, soft_wrap=True)
+
+    try:
+        weights = parse_strategies(strategy)
+        with RunLock(run_dir, storage_config, command="select").acquire(wait, on_wait):
+            chosen = select(
+                TableStore(run_dir, storage_config),
+                name,
+                budget,
+                weights,
+                max_pairs_per_image,
+                min_positives,
+                tuple(human_verifier or ("human",)),
+                seed,
+            )
+    except (SelectionError, RunLockedError, OSError) as exc:
+        _fail(str(exc))
+    leading = ", ".join(f"{k} {v}" for k, v in sorted(chosen.by_strategy.items(), key=lambda kv: -kv[1]))
+    console.print(
+        f"selection {name}: {chosen.rows.num_rows} pairs on {chosen.images} images, of {chosen.candidates} candidates"
+        + (f" (led by {leading})" if leading else ""),
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 @app.command("eval")
 def evaluate(
     paths: Annotated[

@@ -458,6 +458,25 @@ SPLITS = TableSpec(
     ),
 )
 
+SELECTIONS = TableSpec(
+    name="selections",
+    doc="Pairs picked for human review by `sam3-engine select`, one selection (a named round) at a time.",
+    version=1,
+    key=("selection", "pair_id"),
+    replace_column="selection",
+    columns=(
+        Column("selection", pa.string(), "Name of the selection (a review round); selecting again under the name replaces it."),
+        Column("pair_id", pa.string(), "The pair to review."),
+        Column("image_id", pa.string(), "Its image: an image's selected pairs go out together."),
+        Column("concept_id", pa.string(), "Its concept."),
+        Column("phrase", pa.string(), "The phrase."),
+        Column("rank", pa.int32(), "Order of selection, from 1; the pairs of one image are consecutive."),
+        Column("strategy", pa.string(), "The strategy that contributed most to the pair's score (README: selection strategies)."),
+        Column("score", pa.float64(), "The pair's weighted score in [0, 1] (before the diversity term, which ranks images)."),
+        Column("created_at", pa.timestamp("us", tz="UTC"), "When the selection was made."),
+    ),
+)
+
 TABLES: dict[str, TableSpec] = {
     t.name: t
     for t in (
@@ -475,6 +494,7 @@ TABLES: dict[str, TableSpec] = {
         MASK_VERIFICATIONS,
         PAIR_VERIFICATIONS,
         SPLITS,
+        SELECTIONS,
         UNITS,
         RUNS,
     )
