@@ -12,6 +12,7 @@ PACKAGE = Path(sam3_engine.__file__).parent
 ABOVE_THE_ENGINE = (
     "sam3_engine.app",
     "sam3_engine.dashboards",
+    "sam3_engine.labeling",
     "sam3_engine.stages",
     "sam3_engine.models",
     "sam3_engine.io",
