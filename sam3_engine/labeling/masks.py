@@ -1,0 +1,49 @@
+"""Masks between the engine and labelling tools, always through a bitmap so that nothing is lost.
+
+The engine stores COCO RLE (column-major counts, ``pycocotools``). Label Studio's brush RLE is a
+different code: a bit-packed run-length code over the row-major H x W x 4 RGBA array, which
+``label_studio_sdk.converter.brush`` encodes and decodes. A mask crosses from one to the other as a
+bitmap, and comes back bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+
+class MaskError(ValueError):
+    """A mask from a tool that cannot be one of the image's: wrong size, empty, undecodable."""
+
+
+def coco_to_bitmap(counts: str, height: int, width: int) -> np.ndarray:
+    """The engine's COCO RLE counts as an H x W bool array."""
+    return mask_utils.decode({"size": [height, width], "counts": counts.encode("ascii")}).astype(bool)
+
+
+def bitmap_to_coco(bitmap: np.ndarray) -> str:
+    """An H x W bool array as COCO RLE counts, the engine's stored form."""
+    return mask_utils.encode(np.asfortranarray(bitmap.astype(np.uint8)))["counts"].decode("ascii")
+
+
+def bitmap_to_brush(bitmap: np.ndarray) -> list[int]:
+    """An H x W bool array as Label Studio's brush RLE (the alpha channel carries the mask)."""
+    from label_studio_sdk.converter.brush import mask2rle
+
+    return [int(value) for value in mask2rle(bitmap.astype(np.uint8) * 255)]
+
+
+def brush_to_bitmap(rle: list[int], height: int, width: int) -> np.ndarray:
+    """Label Studio's brush RLE as an H x W bool array; a MaskError when it is not a mask of that size, or is empty."""
+    from label_studio_sdk.converter.brush import decode_rle
+
+    try:
+        flat = decode_rle(list(rle))
+    except Exception as exc:  # noqa: BLE001 - the decoder raises whatever a malformed code makes it hit
+        raise MaskError(f"undecodable brush RLE ({type(exc).__name__})") from None
+    if flat.size != height * width * 4:
+        raise MaskError(f"a brush mask of {flat.size // 4} pixels on an image of {height} x {width} = {height * width}")
+    bitmap = flat.reshape(height, width, 4)[:, :, 3] > 0
+    if not bitmap.any():
+        raise MaskError("an empty brush mask")
+    return bitmap
