@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pyarrow as pa
+
 from sam3_engine.app.pipeline import run_pipeline
 from sam3_engine.engine import catalog
 from sam3_engine.engine.config import load_config
+from sam3_engine.engine.store import TableStore
+from sam3_engine.schemas.tables import TABLES
 
 
 def ingest(input_url, output, **overrides):
@@ -15,3 +19,12 @@ def ingest(input_url, output, **overrides):
 
 def rows(run_dir, sql, params=None, **kwargs):
     return catalog.query(str(run_dir), sql, params, **kwargs).to_pylist()
+
+
+def rewrite(run_dir, name: str, column: str, key: str, values: dict) -> None:
+    """Set ``column`` of table ``name`` to ``values[row's key]`` where the row's ``key`` is in ``values``, in one commit."""
+    store = TableStore(str(run_dir))
+    table = store.read(name)
+    changed = [values.get(k, v) for k, v in zip(table[key].to_pylist(), table[column].to_pylist(), strict=True)]
+    table = table.set_column(table.schema.get_field_index(column), column, pa.array(changed, table.schema.field(column).type))
+    store.overwrite(TABLES[name], pa.RecordBatchReader.from_batches(table.schema, table.to_batches()))

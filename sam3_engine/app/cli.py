@@ -395,7 +395,8 @@ def select_for_review(
         int, typer.Option("--min-positives", min=1, help="The coverage strategy's target of verified positives per concept.")
     ] = 10,
     human_verifier: Annotated[
-        list[str] | None, typer.Option("--human-verifier", help="Verifiers that are people (default: human); their pairs are done.")
+        list[str] | None,
+        typer.Option("--human-verifier", help="Verifiers that are people (default: human, label-studio, cvat); their pairs are done."),
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random strategy.")] = 0,
     endpoint_url: Annotated[str | None, typer.Option("--endpoint-url", help="S3-compatible endpoint for s3:// paths.")] = None,
@@ -424,7 +425,7 @@ def select_for_review(
                 weights,
                 max_pairs_per_image,
                 min_positives,
-                tuple(human_verifier or ("human",)),
+                tuple(human_verifier or ("human", "label-studio", "cvat")),
                 seed,
             )
     except (SelectionError, RunLockedError, OSError) as exc:
@@ -433,6 +434,76 @@ def select_for_review(
     console.print(
         f"selection {name}: {chosen.rows.num_rows} pairs on {chosen.images} images, of {chosen.candidates} candidates"
         + (f" (led by {leading})" if leading else ""),
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+labeling = typer.Typer(help="The round trip through a labelling tool: push a selection out, pull the answers back.", no_args_is_help=True)
+app.add_typer(labeling, name="labeling")
+
+
+@labeling.command("push")
+def labeling_push(
+    run_dir: Annotated[str, typer.Argument(help="Run directory (any fsspec URL).")],
+    selection: Annotated[str, typer.Option("--selection", help="The selection to send (sam3-engine select --name).")],
+    url: Annotated[str, typer.Option("--url", help="Label Studio's address, e.g. http://127.0.0.1:8080 (token: $LABEL_STUDIO_API_KEY).")],
+    to: Annotated[str, typer.Option("--to", help="The tool: label-studio.")] = "label-studio",
+    files_root: Annotated[
+        str | None,
+        typer.Option("--files-root", help="For local images: the server's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT (images below it)."),
+    ] = None,
+    endpoint_url: Annotated[str | None, typer.Option("--endpoint-url", help="S3-compatible endpoint for s3:// paths.")] = None,
+) -> None:
+    """Create or complete the tool's project for a selection: one task per image, the engine's masks as pre-annotations."""
+    from sam3_engine.engine.store import TableStore
+    from sam3_engine.labeling.label_studio import LabelingError, push
+
+    storage_config = StorageConfig(endpoint_url=endpoint_url)
+    _run_dir(run_dir, storage_config)
+    if to != "label-studio":
+        _fail(f"--to {to!r}: the tools are label-studio")
+    try:
+        pushed = push(TableStore(run_dir, storage_config), selection, url, files_root)
+    except LabelingError as exc:
+        _fail(str(exc))
+    console.print(
+        f"selection {selection}: project {pushed.project_id}, {pushed.created} tasks created, {pushed.already_there} already there",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@labeling.command("pull")
+def labeling_pull(
+    run_dir: Annotated[str, typer.Argument(help="Run directory (any fsspec URL).")],
+    selection: Annotated[str, typer.Option("--selection", help="The selection whose answers to read.")],
+    url: Annotated[str, typer.Option("--url", help="Label Studio's address (token: $LABEL_STUDIO_API_KEY).")],
+    from_: Annotated[str, typer.Option("--from", help="The tool: label-studio.")] = "label-studio",
+    endpoint_url: Annotated[str | None, typer.Option("--endpoint-url", help="S3-compatible endpoint for s3:// paths.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="If a run holds the run directory, wait for it instead of refusing.")] = False,
+) -> None:
+    """Read people's answers back: human_labels, human_masks and the tool's verdicts (splits makes the pairs Gold)."""
+    from sam3_engine.engine.lock import RunLock, RunLockedError, describe_holder
+    from sam3_engine.engine.store import TableStore
+    from sam3_engine.labeling.label_studio import LabelingError, pull
+
+    storage_config = StorageConfig(endpoint_url=endpoint_url)
+    _run_dir(run_dir, storage_config)
+    if from_ != "label-studio":
+        _fail(f"--from {from_!r}: the tools are label-studio")
+
+    def on_wait(holder: dict) -> None:
+        console.print(f"waiting for the run directory: it is in use by {describe_holder(holder)}", highlight=False, soft_wrap=True)
+
+    try:
+        with RunLock(run_dir, storage_config, command="labeling pull").acquire(wait, on_wait):
+            pulled = pull(TableStore(run_dir, storage_config), selection, url)
+    except (LabelingError, RunLockedError, ValueError) as exc:
+        _fail(str(exc))
+    skipped = "".join(f"; skipped {n} ({reason})" for reason, n in sorted(pulled.skipped.items()))
+    console.print(
+        f"selection {selection}: {pulled.pairs} pairs answered, {pulled.drawn_masks} masks drawn, {pulled.pending} pending{skipped}",
         highlight=False,
         soft_wrap=True,
     )

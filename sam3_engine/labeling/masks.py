@@ -47,3 +47,8 @@ def brush_to_bitmap(rle: list[int], height: int, width: int) -> np.ndarray:
     if not bitmap.any():
         raise MaskError("an empty brush mask")
     return bitmap
+
+
+def box_of(counts: str, height: int, width: int) -> list[float]:
+    """The mask's box [x, y, w, h] in pixels, as the engine stores it for its own masks."""
+    return [float(v) for v in mask_utils.toBbox({"size": [height, width], "counts": counts.encode("ascii")})]

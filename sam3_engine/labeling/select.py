@@ -69,7 +69,7 @@ def select(
     weights: dict[str, float],
     max_pairs_per_image: int = 10,
     min_positives: int = 10,
-    human_verifiers: tuple[str, ...] = ("human",),
+    human_verifiers: tuple[str, ...] = ("human", "label-studio", "cvat"),
     seed: int = 0,
     presence_margin: float = 0.2,
 ) -> Selection:

@@ -477,6 +477,55 @@ SELECTIONS = TableSpec(
     ),
 )
 
+HUMAN_LABELS = TableSpec(
+    name="human_labels",
+    doc="People's answers per pair, read back from a labelling tool by `sam3-engine labeling pull`.",
+    version=1,
+    key=("selection", "pair_id"),
+    replace_column="selection",
+    columns=(
+        Column("selection", pa.string(), "The selection the pair went out in; a pull replaces the selection's rows."),
+        Column("pair_id", pa.string(), "The pair."),
+        Column("image_id", pa.string(), "Its image."),
+        Column("concept_id", pa.string(), "Its concept."),
+        Column("phrase", pa.string(), "The phrase."),
+        Column("present", pa.bool_(), "The person's presence answer: masks drawn or kept (true) or marked absent (false)."),
+        Column("kept_mask_ids", pa.list_(pa.string()), "The engine's masks the person kept unchanged (bit for bit)."),
+        Column("dropped_mask_ids", pa.list_(pa.string()), "The engine's masks the person deleted or redrew."),
+        Column("drawn_masks", pa.int32(), "Masks the person drew or redrew (rows of `human_masks`)."),
+        Column("tool", pa.string(), "label-studio or cvat."),
+        Column("project", pa.string(), "The tool's project (or task bundle)."),
+        Column("task_id", pa.string(), "The tool's task (one per image)."),
+        Column("annotation_id", pa.string(), "The tool's annotation the answer comes from (the latest of the task's)."),
+        Column("annotator", pa.string(), "Who answered, as the tool names them."),
+        Column("labelled_at", pa.timestamp("us", tz="UTC"), "When the annotation was last changed."),
+        Column("lead_time_s", pa.float64(), "Seconds the person spent on the task, as the tool measured them.", nullable=True),
+    ),
+)
+
+HUMAN_MASKS = TableSpec(
+    name="human_masks",
+    doc="Masks people drew or redrew in a labelling tool, in the engine's COCO RLE, with their provenance.",
+    version=1,
+    key=("selection", "mask_id"),
+    replace_column="selection",
+    columns=(
+        Column("selection", pa.string(), "The selection the pair went out in."),
+        Column("mask_id", pa.string(), "Hash of the tool, its annotation and the drawing: stable across pulls."),
+        Column("pair_id", pa.string(), "The pair."),
+        Column("image_id", pa.string(), "Its image."),
+        Column("concept_id", pa.string(), "Its concept."),
+        Column("height", pa.int32(), "Mask height (the image's)."),
+        Column("width", pa.int32(), "Mask width (the image's)."),
+        Column("rle_counts", pa.string(), "COCO RLE counts, as in `masks`."),
+        Column("bbox", pa.list_(pa.float64(), 4), "Box of the mask, [x, y, w, h] in pixels (pycocotools toBbox)."),
+        Column("area", pa.int64(), "Mask area in pixels."),
+        Column("tool", pa.string(), "label-studio or cvat."),
+        Column("annotation_id", pa.string(), "The tool's annotation."),
+        Column("annotator", pa.string(), "Who drew it."),
+    ),
+)
+
 TABLES: dict[str, TableSpec] = {
     t.name: t
     for t in (
@@ -495,6 +544,8 @@ TABLES: dict[str, TableSpec] = {
         PAIR_VERIFICATIONS,
         SPLITS,
         SELECTIONS,
+        HUMAN_LABELS,
+        HUMAN_MASKS,
         UNITS,
         RUNS,
     )

@@ -27,7 +27,9 @@ class SplitsConfig(ConfigSection):
 
     verifiers: tuple[str, ...] = Field((), description="Verifiers whose verdicts count as sources; empty: every verifier in the run.")
     human_verifiers: tuple[str, ...] = Field(
-        ("human",), description="Verifiers that are human labels: one of them confirming a pair makes it Gold, and it overrides machines."
+        ("human", "label-studio", "cvat"),
+        description="Verifiers that are human labels (import-labels' default name, and labeling pull's tools): one of them confirming "
+        "a pair makes it Gold, and it overrides machines.",
     )
     gold_min_sources: int = Field(2, ge=1, description="Independent machine verifiers that must agree for Gold.")
     max_negatives_per_image: int = Field(30, ge=0, description="At most this many negative pairs per image, hard negatives first.")

@@ -8,25 +8,15 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import pyarrow as pa
 import pytest
 
 from sam3_engine.dashboards.live import Dashboard, listen, server
 from sam3_engine.engine.store import TableStore
 from sam3_engine.schemas.tables import TABLES
-from tests.helpers import rows
+from tests.helpers import rewrite, rows
 
 HOSTILE = ("<script>alert(1)</script>", '"><img src=x onerror=alert(1)>')
 """Phrases a caption or a vocabulary file could carry: shown as text, never run."""
-
-
-def rewrite(run_dir, name: str, column: str, key: str, values: dict) -> None:
-    """Set ``column`` of table ``name`` to ``values[row's key]`` where the row's ``key`` is in ``values``, in one commit."""
-    store = TableStore(str(run_dir))
-    table = store.read(name)
-    changed = [values.get(k, v) for k, v in zip(table[key].to_pylist(), table[column].to_pylist(), strict=True)]
-    table = table.set_column(table.schema.get_field_index(column), column, pa.array(changed, table.schema.field(column).type))
-    store.overwrite(TABLES[name], pa.RecordBatchReader.from_batches(table.schema, table.to_batches()))
 
 
 @contextmanager

@@ -17,9 +17,9 @@ from PIL import Image
 
 from sam3_engine.engine.catalog import named_query
 from sam3_engine.engine.config import StorageConfig
-from tests.dashboards.conftest import HOSTILE, rewrite, serving
+from tests.dashboards.conftest import HOSTILE, serving
 from tests.dashboards.test_report import _cells
-from tests.helpers import rows
+from tests.helpers import rewrite, rows
 
 
 def _get(url: str) -> tuple[int, dict[str, str], bytes]:

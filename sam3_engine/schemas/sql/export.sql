@@ -1,6 +1,7 @@
 -- Macros of the export: the pairs of one split and tiers, and the masks each export file keeps.
 -- A pair confirmed by several sources (Gold) is exported once per source: file k follows the k-th
--- source of each pair (or its last, when it has fewer), with the masks that source accepted.
+-- source of each pair (or its last, when it has fewer), with the masks that source accepted (and, for a
+-- labelling tool's answer, the masks the person drew there).
 
 CREATE OR REPLACE TEMP MACRO export_pairs(split_name, tier_list, source_index) AS TABLE
 SELECT
@@ -23,7 +24,13 @@ SELECT
     e.pair_number, e.pair_id, e.image_id, e.concept_id, e.source,
     m.mask_id, m.height, m.width, m.rle_counts, m.bbox, m.area, m.score
 FROM export_pairs(split_name, tier_list, source_index) AS e
-JOIN masks AS m USING (pair_id)
-JOIN mask_verifications AS v ON v.mask_id = m.mask_id AND v.verifier = e.source AND v.verdict = 'accept'
+JOIN (
+    SELECT m.pair_id, m.mask_id, m.height, m.width, m.rle_counts, m.bbox, m.area, m.score, v.verifier
+    FROM masks AS m
+    JOIN mask_verifications AS v ON v.mask_id = m.mask_id AND v.verdict = 'accept'
+    UNION ALL  -- the masks people drew in a labelling tool belong to the pair's answer from that tool
+    SELECT pair_id, mask_id, height, width, rle_counts, bbox, area, 1.0::FLOAT, tool
+    FROM human_masks
+) AS m ON m.pair_id = e.pair_id AND m.verifier = e.source
 WHERE e.kind = 'positive'
 ORDER BY e.pair_id, m.mask_id;

@@ -16,6 +16,11 @@ mask_state AS (
     FROM mask_verifications
     GROUP BY ALL
 ),
+drawn AS (  -- a person who drew masks in a labelling tool gave the pair's whole answer: what they deleted does not count
+    SELECT pair_id, tool AS verifier, count(*) AS drawn
+    FROM human_masks
+    GROUP BY ALL
+),
 votes AS (
     SELECT
         s.pair_id, s.image_id, s.concept_id, s.phrase, s.verifier,
@@ -24,9 +29,10 @@ votes AS (
             WHEN s.presence = 'present' AND s.exhaustivity = 'exhaustive' AND s.accepted_masks > 0 THEN 'positive'
             WHEN s.presence = 'absent' AND s.exhaustivity = 'exhaustive' AND s.accepted_masks = 0 THEN 'negative'
         END AS says,
-        coalesce(m.not_accepted, 0) = 0 AS every_mask_accepted
+        coalesce(m.not_accepted, 0) = 0 OR coalesce(d.drawn, 0) > 0 AS every_mask_accepted
     FROM sources AS s
     LEFT JOIN mask_state AS m USING (pair_id, verifier)
+    LEFT JOIN drawn AS d USING (pair_id, verifier)
 ),
 per_pair AS (
     SELECT

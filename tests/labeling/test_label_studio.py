@@ -1,0 +1,151 @@
+"""The round trip through a real Label Studio: push a selection, answer as an annotator would, pull, then splits."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sam3_engine.app.pipeline import run_pipeline
+from sam3_engine.engine.catalog import connect, named_query
+from sam3_engine.engine.config import load_config
+from sam3_engine.engine.store import TableStore
+from sam3_engine.labeling.label_studio import project_title
+from sam3_engine.labeling.masks import bitmap_to_brush, brush_to_bitmap, coco_to_bitmap
+from tests.helpers import rewrite, rows
+
+
+def _cli(*args, token=None):
+    env = {**os.environ, "LABEL_STUDIO_API_KEY": token or ""}
+    return subprocess.run([sys.executable, "-m", "sam3_engine", *args], capture_output=True, text=True, env=env)
+
+
+@pytest.fixture()
+def pushed(quickstart, label_studio, tmp_path):
+    """A copy of the quickstart whose photos lie below the server's files root, every pair selected and pushed."""
+    url, token, files_root = label_studio
+    run = tmp_path / "run"
+    shutil.copytree(quickstart[0], run)
+    photos = Path(files_root) / tmp_path.name
+    photos.mkdir()
+    images = rows(run, "SELECT image_id, uri FROM images")
+    for image in images:
+        shutil.copyfile(image["uri"], photos / Path(image["uri"]).name)
+    rewrite(run, "images", "uri", "image_id", {i["image_id"]: str(photos / Path(i["uri"]).name) for i in images})
+    assert _cli("select", str(run), "-n", "100", "--name", "round-1", "--max-pairs-per-image", "100").returncode == 0
+    done = _cli("labeling", "push", str(run), "--selection", "round-1", "--url", url, "--files-root", str(files_root), token=token)
+    assert done.returncode == 0, done.stderr
+    assert f"{len(images)} tasks created, 0 already there" in done.stderr
+    return run, url, token, files_root
+
+
+def _client(url, token):
+    from label_studio_sdk import LabelStudio
+
+    return LabelStudio(base_url=url, api_key=token)
+
+
+def _brush(bitmap, phrase, result_id):
+    height, width = bitmap.shape
+    return {
+        "id": result_id,
+        "from_name": "mask",
+        "to_name": "image",
+        "type": "brushlabels",
+        "original_width": width,
+        "original_height": height,
+        "value": {"format": "rle", "rle": bitmap_to_brush(bitmap), "brushlabels": [phrase]},
+    }
+
+
+def test_push_pull_and_splits_make_the_answered_pairs_gold_with_the_persons_masks(pushed):
+    run, url, token, files_root = pushed
+    again = _cli("labeling", "push", str(run), "--selection", "round-1", "--url", url, "--files-root", str(files_root), token=token)
+    images = rows(run, "SELECT count(*) AS n FROM images")[0]["n"]
+    assert again.returncode == 0 and f"0 tasks created, {images} already there" in again.stderr  # pushing twice: no duplicates
+    client = _client(url, token)
+    (project,) = [p for p in client.projects.list() if p.title == project_title(TableStore(str(run)), "round-1")]
+    tasks = list(client.tasks.list(project=project.id, fields="all"))
+    assert len(tasks) == images and all(t.data["engine_selection"] == "round-1" for t in tasks)
+
+    multi = rows(
+        run,
+        "SELECT pair_id, image_id, phrase FROM pairs WHERE instance_count >= 2 ORDER BY instance_count DESC, pair_id LIMIT 1",
+    )[0]
+    task = next(t for t in tasks if t.data["engine_image_id"] == multi["image_id"])
+    other = next(phrase for phrase, pair in task.data["engine_pairs"].items() if pair != multi["pair_id"])
+    (prediction,) = client.predictions.list(task=task.id)
+    engine = [r for r in prediction.result if r["value"]["brushlabels"] == [multi["phrase"]]]
+    assert len(engine) >= 2
+    sql = "SELECT mask_id, height, width, rle_counts FROM masks WHERE pair_id = $p"
+    masks = {m["mask_id"]: m for m in rows(run, sql, {"p": multi["pair_id"]})}
+    kept = engine[0]
+    kept_bitmap = coco_to_bitmap(masks[kept["id"]]["rle_counts"], kept["original_height"], kept["original_width"])
+    assert np.array_equal(brush_to_bitmap(kept["value"]["rle"], kept["original_height"], kept["original_width"]), kept_bitmap)
+    drawn = np.zeros_like(kept_bitmap)
+    drawn[100:300, 200:650] = True
+    drawn[310, 700] = True  # a lone pixel: any loss in the codec would show
+    absent = {"id": "absent-1", "from_name": "absent", "to_name": "image", "type": "choices", "value": {"choices": [other]}}
+    answer = client.annotations.create(task.id, result=[kept, _brush(drawn, multi["phrase"], "drawn-1"), absent], lead_time=42.5)
+
+    done = _cli("labeling", "pull", str(run), "--selection", "round-1", "--url", url, token=token)
+    assert done.returncode == 0, done.stderr
+    labels = {r["phrase"]: r for r in rows(run, "SELECT * FROM human_labels WHERE selection = 'round-1'")}
+    assert set(labels) == {multi["phrase"], other}  # the other pairs have no answer: pending
+    assert labels[multi["phrase"]]["present"] and labels[multi["phrase"]]["kept_mask_ids"] == [kept["id"]]
+    assert sorted(labels[multi["phrase"]]["dropped_mask_ids"]) == sorted(set(masks) - {kept["id"]})
+    assert labels[other]["present"] is False and labels[multi["phrase"]]["lead_time_s"] == 42.5
+    assert labels[other]["annotation_id"] == str(answer.id)
+    (human_mask,) = rows(run, "SELECT * FROM human_masks")
+    assert np.array_equal(coco_to_bitmap(human_mask["rle_counts"], *drawn.shape), drawn)  # bit for bit
+    assert human_mask["area"] == int(drawn.sum()) and human_mask["pair_id"] == multi["pair_id"]
+
+    before = rows(run, "SELECT * FROM human_labels ORDER BY pair_id")
+    assert _cli("labeling", "pull", str(run), "--selection", "round-1", "--url", url, token=token).returncode == 0
+    assert rows(run, "SELECT * FROM human_labels ORDER BY pair_id") == before  # pulling twice: the same rows
+    assert rows(run, "SELECT count(*) AS n FROM human_masks") == [{"n": 1}]
+
+    run_pipeline(load_config(None, {"output": str(run), "stages": "splits"}))
+    tiers = {r["pair_id"]: r for r in rows(run, "SELECT pair_id, tier, kind, sources FROM splits")}
+    pair_of_other = task.data["engine_pairs"][other]
+    assert (tiers[multi["pair_id"]]["tier"], tiers[multi["pair_id"]]["kind"]) == ("gold", "positive")
+    assert (tiers[pair_of_other]["tier"], tiers[pair_of_other]["kind"]) == ("gold", "negative")
+    assert tiers[multi["pair_id"]]["sources"] == ["label-studio"]
+    con = connect(str(run))
+    try:  # the export's Gold masks of the pair are the person's answer: the mask kept and the mask drawn
+        con.execute(named_query("export"))
+        split = rows(run, "SELECT split FROM splits WHERE pair_id = $p", {"p": multi["pair_id"]})[0]["split"]
+        sql = "SELECT mask_id, rle_counts FROM export_masks($split, ['gold'], 1) WHERE pair_id = $p"
+        exported = dict(con.sql(sql, params={"split": split, "p": multi["pair_id"]}).fetchall())
+    finally:
+        con.close()
+    assert exported == {kept["id"]: masks[kept["id"]]["rle_counts"], human_mask["mask_id"]: human_mask["rle_counts"]}
+
+    client.annotations.update(answer.id, result=[kept, absent])  # the person changes their mind in the tool
+    assert _cli("labeling", "pull", str(run), "--selection", "round-1", "--url", url, token=token).returncode == 0
+    assert rows(run, "SELECT count(*) AS n FROM human_masks") == [{"n": 0}]
+    assert rows(run, "SELECT drawn_masks FROM human_labels WHERE pair_id = $p", {"p": multi["pair_id"]}) == [{"drawn_masks": 0}]
+
+
+def test_a_refused_token_a_down_server_and_a_bad_mask_are_one_line_answers(pushed):
+    run, url, token, _ = pushed
+    for args, key, message in (
+        (["--url", url], "wrong-token", "answered 401"),
+        (["--url", "http://127.0.0.1:9"], token, "cannot reach Label Studio"),
+        (["--url", url], "", "set LABEL_STUDIO_API_KEY"),
+    ):
+        done = _cli("labeling", "pull", str(run), "--selection", "round-1", *args, token=key)
+        assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    client = _client(url, token)
+    (project,) = [p for p in client.projects.list() if p.title == project_title(TableStore(str(run)), "round-1")]
+    task = list(client.tasks.list(project=project.id, fields="all"))[0]
+    phrase = next(iter(task.data["engine_pairs"]))
+    small = np.ones((5, 5), bool)
+    results = [_brush(small, phrase, "wrong-size"), _brush(np.ones((5, 5), bool), "a phrase the tool renamed", "renamed")]
+    client.annotations.create(task.id, result=results)
+    done = _cli("labeling", "pull", str(run), "--selection", "round-1", "--url", url, token=token)
+    assert done.returncode == 0 and "skipped 1 (mask not the image's size)" in done.stderr and "skipped 1 (unknown phrase)" in done.stderr
+    assert rows(run, "SELECT count(*) AS n FROM human_labels") == [{"n": 0}]  # nothing usable: nothing stored, the pairs pending
