@@ -447,59 +447,87 @@ app.add_typer(labeling, name="labeling")
 def labeling_push(
     run_dir: Annotated[str, typer.Argument(help="Run directory (any fsspec URL).")],
     selection: Annotated[str, typer.Option("--selection", help="The selection to send (sam3-engine select --name).")],
-    url: Annotated[str, typer.Option("--url", help="Label Studio's address, e.g. http://127.0.0.1:8080 (token: $LABEL_STUDIO_API_KEY).")],
-    to: Annotated[str, typer.Option("--to", help="The tool: label-studio.")] = "label-studio",
+    to: Annotated[str, typer.Option("--to", help="The tool: label-studio (a server) or cvat (files).")] = "label-studio",
+    url: Annotated[
+        str | None, typer.Option("--url", help="Label Studio's address, e.g. http://127.0.0.1:8080 (token: $LABEL_STUDIO_API_KEY).")
+    ] = None,
     files_root: Annotated[
         str | None,
         typer.Option("--files-root", help="For local images: the server's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT (images below it)."),
     ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="cvat: the folder to write the task bundle to.")] = None,
     endpoint_url: Annotated[str | None, typer.Option("--endpoint-url", help="S3-compatible endpoint for s3:// paths.")] = None,
 ) -> None:
-    """Create or complete the tool's project for a selection: one task per image, the engine's masks as pre-annotations."""
+    """Send a selection out: a Label Studio project (one task per image, the engine's masks as pre-annotations) or a CVAT bundle."""
     from sam3_engine.engine.store import TableStore
-    from sam3_engine.labeling.label_studio import LabelingError, push
+    from sam3_engine.labeling.answers import LabelingError
 
     storage_config = StorageConfig(endpoint_url=endpoint_url)
     _run_dir(run_dir, storage_config)
-    if to != "label-studio":
-        _fail(f"--to {to!r}: the tools are label-studio")
+    store = TableStore(run_dir, storage_config)
     try:
-        pushed = push(TableStore(run_dir, storage_config), selection, url, files_root)
-    except LabelingError as exc:
+        if to == "label-studio":
+            from sam3_engine.labeling.label_studio import push
+
+            if url is None:
+                _fail("--to label-studio needs --url")
+            pushed = push(store, selection, url, files_root)
+            done = f"project {pushed.project_id}, {pushed.created} tasks created, {pushed.already_there} already there"
+        elif to == "cvat":
+            from sam3_engine.labeling.cvat import write_bundle
+
+            if out is None:
+                _fail("--to cvat needs --out DIR")
+            written = write_bundle(store, selection, str(out))
+            done = f"{written['images']} images and {written['masks']} masks in {out} (annotations.xml: CVAT for images 1.1)"
+        else:
+            _fail(f"--to {to!r}: the tools are label-studio and cvat")
+    except (LabelingError, OSError) as exc:
         _fail(str(exc))
-    console.print(
-        f"selection {selection}: project {pushed.project_id}, {pushed.created} tasks created, {pushed.already_there} already there",
-        highlight=False,
-        soft_wrap=True,
-    )
+    console.print(f"selection {selection}: {done}", highlight=False, soft_wrap=True)
 
 
 @labeling.command("pull")
 def labeling_pull(
     run_dir: Annotated[str, typer.Argument(help="Run directory (any fsspec URL).")],
     selection: Annotated[str, typer.Option("--selection", help="The selection whose answers to read.")],
-    url: Annotated[str, typer.Option("--url", help="Label Studio's address (token: $LABEL_STUDIO_API_KEY).")],
-    from_: Annotated[str, typer.Option("--from", help="The tool: label-studio.")] = "label-studio",
+    from_: Annotated[str, typer.Option("--from", help="The tool: label-studio (a server) or cvat (its export).")] = "label-studio",
+    url: Annotated[str | None, typer.Option("--url", help="Label Studio's address (token: $LABEL_STUDIO_API_KEY).")] = None,
+    export: Annotated[
+        Path | None, typer.Option("--in", help="cvat: the task's export, 'CVAT for images 1.1' (the zip or its annotations.xml).")
+    ] = None,
     endpoint_url: Annotated[str | None, typer.Option("--endpoint-url", help="S3-compatible endpoint for s3:// paths.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="If a run holds the run directory, wait for it instead of refusing.")] = False,
 ) -> None:
     """Read people's answers back: human_labels, human_masks and the tool's verdicts (splits makes the pairs Gold)."""
     from sam3_engine.engine.lock import RunLock, RunLockedError, describe_holder
     from sam3_engine.engine.store import TableStore
-    from sam3_engine.labeling.label_studio import LabelingError, pull
+    from sam3_engine.labeling.answers import LabelingError
 
     storage_config = StorageConfig(endpoint_url=endpoint_url)
     _run_dir(run_dir, storage_config)
-    if from_ != "label-studio":
-        _fail(f"--from {from_!r}: the tools are label-studio")
+    if from_ == "label-studio" and url is None:
+        _fail("--from label-studio needs --url")
+    if from_ == "cvat" and export is None:
+        _fail("--from cvat needs --in EXPORT.zip")
+    if from_ not in ("label-studio", "cvat"):
+        _fail(f"--from {from_!r}: the tools are label-studio and cvat")
 
     def on_wait(holder: dict) -> None:
         console.print(f"waiting for the run directory: it is in use by {describe_holder(holder)}", highlight=False, soft_wrap=True)
 
     try:
         with RunLock(run_dir, storage_config, command="labeling pull").acquire(wait, on_wait):
-            pulled = pull(TableStore(run_dir, storage_config), selection, url)
-    except (LabelingError, RunLockedError, ValueError) as exc:
+            store = TableStore(run_dir, storage_config)
+            if from_ == "label-studio":
+                from sam3_engine.labeling.label_studio import pull
+
+                pulled = pull(store, selection, url)
+            else:
+                from sam3_engine.labeling.cvat import read_export
+
+                pulled = read_export(store, selection, str(export))
+    except (LabelingError, RunLockedError, ValueError, OSError) as exc:
         _fail(str(exc))
     skipped = "".join(f"; skipped {n} ({reason})" for reason, n in sorted(pulled.skipped.items()))
     console.print(

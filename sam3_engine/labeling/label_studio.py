@@ -14,18 +14,16 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from sam3_engine.engine import storage
-from sam3_engine.engine.catalog import connect, named_query
 from sam3_engine.engine.store import TableStore
-from sam3_engine.labeling.masks import MaskError, bitmap_to_brush, bitmap_to_coco, box_of, brush_to_bitmap, coco_to_bitmap
-from sam3_engine.schemas.tables import HUMAN_LABELS, HUMAN_MASKS
+from sam3_engine.labeling.answers import Answer, LabelingError, PullResult, selection_rows, store_answers
+from sam3_engine.labeling.masks import MaskError, bitmap_to_brush, brush_to_bitmap, coco_to_bitmap
 
 TOOL = "label-studio"
 TOKEN_ENV = "LABEL_STUDIO_API_KEY"
@@ -41,26 +39,11 @@ LABEL_CONFIG = """<View>
 phrase is ever written into XML."""
 
 
-class LabelingError(RuntimeError):
-    """A labelling round trip that cannot go on: the server is down or refuses, the selection is unknown."""
-
-
 @dataclass
 class PushResult:
     project_id: int
     created: int
     already_there: int
-
-
-@dataclass
-class PullResult:
-    project_id: int
-    pairs: int
-    drawn_masks: int
-    pending: int
-    """Pairs of the selection with no answer yet."""
-    skipped: dict[str, int] = field(default_factory=dict)
-    """Results that could not be read, by reason (a renamed phrase, a mask of the wrong size...)."""
 
 
 def client(url: str):
@@ -98,7 +81,7 @@ def _find_project(connection, store: TableStore, selection: str):
 
 def push(store: TableStore, selection: str, url: str, files_root: str | None = None) -> PushResult:
     """Send ``selection`` to Label Studio at ``url``; tasks of images already in its project are left as they are."""
-    rows = _selection_rows(store, selection)
+    rows = selection_rows(store, selection)
     connection = client(url)
     project = _find_project(connection, store, selection)
     if project is None:
@@ -114,17 +97,6 @@ def push(store: TableStore, selection: str, url: str, files_root: str | None = N
         tasks = [_task(selection, by_image[image_id], locate) for image_id in missing]
         connection.projects.import_tasks(project.id, request=tasks, return_task_ids=True)
     return PushResult(project.id, len(missing), len(by_image) - len(missing))
-
-
-def _selection_rows(store: TableStore, selection: str) -> list[dict[str, Any]]:
-    con = connect(store)
-    try:
-        rows = con.sql(named_query("labeling_tasks"), params={"selection": selection}).to_arrow_table().to_pylist()
-    finally:
-        con.close()
-    if not rows:
-        raise LabelingError(f"no selection {selection!r} in {store.run_url}: make one with sam3-engine select")
-    return rows
 
 
 def _image_locator(connection, project_id: int, store: TableStore, uris: list[str], files_root: str | None):
@@ -190,127 +162,50 @@ def pull(store: TableStore, selection: str, url: str) -> PullResult:
     """Read the project's answers into ``human_labels`` and ``human_masks`` and the ``label-studio`` verifier's verdicts."""
     import json
 
-    from sam3_engine.app.labels import import_labels
-
-    rows = _selection_rows(store, selection)
+    rows = selection_rows(store, selection)
     connection = client(url)
     project = _find_project(connection, store, selection)
     if project is None:
         raise LabelingError(f"no Label Studio project for selection {selection!r} of this run at {url}: push it first")
     exported = json.loads(b"".join(connection.projects.exports.download_sync(project.id, export_type="JSON", download_all_tasks=True)))
-    engine_masks: dict[str, dict[str, Any]] = defaultdict(dict)
-    pairs: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        pairs[row["pair_id"]] = row
-        if row["mask_id"] is not None:
-            engine_masks[row["pair_id"]][row["mask_id"]] = row
-    labels, drawn, skipped = [], [], defaultdict(int)
+    sizes = {row["image_id"]: (row["image_height"], row["image_width"]) for row in rows}
+    answers, skipped = {}, defaultdict(int)
     for task in exported:
-        answers = [a for a in task.get("annotations", []) if not a.get("was_cancelled")]
-        by_phrase = (task.get("data") or {}).get("engine_pairs") or {}
-        if not answers or not by_phrase:
+        done = [a for a in task.get("annotations", []) if not a.get("was_cancelled")]
+        image_id = (task.get("data") or {}).get("engine_image_id")
+        if not done or image_id not in sizes:
             continue
-        answer = max(answers, key=lambda a: a["updated_at"])
-        labels_of, masks_of = _read_answer(answer, by_phrase, pairs, skipped)
-        for pair_id, absent in labels_of.items():
-            pair = pairs[pair_id]
-            bitmaps = masks_of.get(pair_id, [])
-            kept, new = _match(bitmaps, engine_masks[pair_id])
-            labels.append(
-                {
-                    "selection": selection,
-                    "pair_id": pair_id,
-                    "image_id": pair["image_id"],
-                    "concept_id": pair["concept_id"],
-                    "phrase": pair["phrase"],
-                    "present": not absent,
-                    "kept_mask_ids": kept,
-                    "dropped_mask_ids": sorted(set(engine_masks[pair_id]) - set(kept)),
-                    "drawn_masks": len(new),
-                    "tool": TOOL,
-                    "project": str(project.id),
-                    "task_id": str(task["id"]),
-                    "annotation_id": str(answer["id"]),
-                    "annotator": str(answer.get("completed_by")),
-                    "labelled_at": datetime.fromisoformat(answer["updated_at"].replace("Z", "+00:00")),
-                    "lead_time_s": answer.get("lead_time"),
-                }
-            )
-            for bitmap in new:
-                counts = bitmap_to_coco(bitmap)
-                drawn.append(
-                    {
-                        "selection": selection,
-                        "mask_id": hashlib.sha256(f"{TOOL}|{answer['id']}|{pair_id}|{counts}".encode()).hexdigest()[:24],
-                        "pair_id": pair_id,
-                        "image_id": pair["image_id"],
-                        "concept_id": pair["concept_id"],
-                        "height": bitmap.shape[0],
-                        "width": bitmap.shape[1],
-                        "rle_counts": counts,
-                        "bbox": box_of(counts, *bitmap.shape),
-                        "area": int(bitmap.sum()),
-                        "tool": TOOL,
-                        "annotation_id": str(answer["id"]),
-                        "annotator": str(answer.get("completed_by")),
-                    }
-                )
-    store.replace(HUMAN_MASKS, selection, pa.Table.from_pylist(drawn, HUMAN_MASKS.schema))
-    store.replace(HUMAN_LABELS, selection, pa.Table.from_pylist(labels, HUMAN_LABELS.schema))
-    import_labels(store, _verdict_labels(store), TOOL)
-    answered = {label["pair_id"] for label in labels}
-    return PullResult(project.id, len(labels), len(drawn), len(set(pairs) - answered), dict(skipped))
+        latest = max(done, key=lambda a: a["updated_at"])
+        absent, painted = _read_results(latest.get("result", []), sizes[image_id], skipped)
+        answers[image_id] = Answer(
+            task_id=str(task["id"]),
+            annotation_id=str(latest["id"]),
+            annotator=str(latest.get("completed_by")),
+            labelled_at=datetime.fromisoformat(latest["updated_at"].replace("Z", "+00:00")),
+            lead_time_s=latest.get("lead_time"),
+            absent=absent,
+            painted=painted,
+        )
+    return store_answers(store, selection, TOOL, str(project.id), rows, answers, skipped)
 
 
-def _read_answer(answer, by_phrase: dict[str, str], pairs, skipped) -> tuple[dict[str, bool], dict[str, list[np.ndarray]]]:
-    """Per pair of the task: whether it was marked absent, and the bitmaps painted for it (only answered pairs)."""
-    absent_phrases: set[str] = set()
-    masks: dict[str, list[np.ndarray]] = defaultdict(list)
-    for result in answer.get("result", []):
+def _read_results(results: list[dict[str, Any]], size: tuple[int, int], skipped) -> tuple[set[str], dict[str, list[np.ndarray]]]:
+    """The phrases ticked absent and, per phrase, the brush masks decoded (a mask of another size is skipped)."""
+    absent: set[str] = set()
+    painted: dict[str, list[np.ndarray]] = defaultdict(list)
+    for result in results:
+        value = result.get("value") or {}
         if result.get("type") == "choices" and result.get("from_name") == "absent":
-            absent_phrases |= set(result["value"].get("choices", []))
+            absent |= set(value.get("choices", []))
         elif result.get("type") == "brushlabels":
-            (phrase,) = result["value"].get("brushlabels", [None])[:1] or [None]
-            pair_id = by_phrase.get(phrase)
-            if pair_id is None or pair_id not in pairs:
-                skipped["unknown phrase"] += 1
-                continue
-            pair = pairs[pair_id]
-            if (result.get("original_height"), result.get("original_width")) != (pair["image_height"], pair["image_width"]):
+            labels = value.get("brushlabels") or [None]
+            if (result.get("original_height"), result.get("original_width")) != size:
                 skipped["mask not the image's size"] += 1
                 continue
             try:
-                masks[pair_id].append(brush_to_bitmap(result["value"]["rle"], pair["image_height"], pair["image_width"]))
+                bitmap = brush_to_bitmap(value.get("rle", []), *size)
             except MaskError as exc:
-                skipped[str(exc).split(" of ")[0].split(" (")[0]] += 1
-    answered: dict[str, bool] = {}
-    for phrase, pair_id in by_phrase.items():
-        if pair_id not in pairs:
-            continue
-        if phrase in absent_phrases and not masks.get(pair_id):
-            answered[pair_id] = True
-        elif masks.get(pair_id):
-            answered[pair_id] = False
-    return answered, masks
-
-
-def _match(bitmaps: list[np.ndarray], engine: dict[str, dict[str, Any]]) -> tuple[list[str], list[np.ndarray]]:
-    """Which painted masks are the engine's own, unchanged (kept), and which are new or redrawn."""
-    kept, new = [], []
-    for bitmap in bitmaps:
-        counts = bitmap_to_coco(bitmap)
-        same = [mask_id for mask_id, row in engine.items() if row["rle_counts"] == counts and mask_id not in kept]
-        if same:
-            kept.append(same[0])
-        else:
-            new.append(bitmap)
-    return sorted(kept), new
-
-
-def _verdict_labels(store: TableStore) -> pa.Table:
-    """Every pulled answer of this tool (all selections) as the labels ``import-labels`` reads: the verifier's whole set."""
-    con = connect(store)
-    try:
-        return con.sql(named_query("human_labels_as_labels"), params={"tool": TOOL}).to_arrow_table()
-    finally:
-        con.close()
+                skipped[exc.reason] += 1
+                continue
+            painted[labels[0]].append(bitmap)
+    return absent, dict(painted)

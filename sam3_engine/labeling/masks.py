@@ -15,6 +15,11 @@ from pycocotools import mask as mask_utils
 class MaskError(ValueError):
     """A mask from a tool that cannot be one of the image's: wrong size, empty, undecodable."""
 
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason} ({detail})" if detail else reason)
+        self.reason = reason
+        """Short, for counting skips by reason."""
+
 
 def coco_to_bitmap(counts: str, height: int, width: int) -> np.ndarray:
     """The engine's COCO RLE counts as an H x W bool array."""
@@ -40,12 +45,12 @@ def brush_to_bitmap(rle: list[int], height: int, width: int) -> np.ndarray:
     try:
         flat = decode_rle(list(rle))
     except Exception as exc:  # noqa: BLE001 - the decoder raises whatever a malformed code makes it hit
-        raise MaskError(f"undecodable brush RLE ({type(exc).__name__})") from None
+        raise MaskError("undecodable mask", type(exc).__name__) from None
     if flat.size != height * width * 4:
-        raise MaskError(f"a brush mask of {flat.size // 4} pixels on an image of {height} x {width} = {height * width}")
+        raise MaskError("mask not the image's size", f"{flat.size // 4} pixels on an image of {height} x {width} = {height * width}")
     bitmap = flat.reshape(height, width, 4)[:, :, 3] > 0
     if not bitmap.any():
-        raise MaskError("an empty brush mask")
+        raise MaskError("empty mask")
     return bitmap
 
 

@@ -143,8 +143,9 @@ def test_a_refused_token_a_down_server_and_a_bad_mask_are_one_line_answers(pushe
     (project,) = [p for p in client.projects.list() if p.title == project_title(TableStore(str(run)), "round-1")]
     task = list(client.tasks.list(project=project.id, fields="all"))[0]
     phrase = next(iter(task.data["engine_pairs"]))
-    small = np.ones((5, 5), bool)
-    results = [_brush(small, phrase, "wrong-size"), _brush(np.ones((5, 5), bool), "a phrase the tool renamed", "renamed")]
+    size = rows(run, "SELECT height, width FROM images WHERE image_id = $i", {"i": task.data["engine_image_id"]})[0]
+    whole = np.ones((size["height"], size["width"]), bool)
+    results = [_brush(np.ones((5, 5), bool), phrase, "wrong-size"), _brush(whole, "a phrase the tool renamed", "renamed")]
     client.annotations.create(task.id, result=results)
     done = _cli("labeling", "pull", str(run), "--selection", "round-1", "--url", url, token=token)
     assert done.returncode == 0 and "skipped 1 (mask not the image's size)" in done.stderr and "skipped 1 (unknown phrase)" in done.stderr

@@ -1,0 +1,150 @@
+"""Answers from any labelling tool, stored the same way: ``human_labels``, ``human_masks`` and the tool's verdicts.
+
+A tool's reader (Label Studio's export, CVAT's annotation file) turns each task's latest answer into an
+``Answer``: per phrase, the bitmaps painted and whether it was ticked absent. ``store_answers`` matches the
+painted bitmaps with the engine's masks bit for bit (kept), takes the rest as drawn, replaces the
+selection's rows in one commit per table, and stores every answer of the tool as its verdicts through
+``import-labels``: so pulling twice changes nothing, and an edit in the tool is updated by the next pull.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from sam3_engine.engine.catalog import connect, named_query
+from sam3_engine.engine.store import TableStore
+from sam3_engine.labeling.masks import bitmap_to_coco, box_of
+from sam3_engine.schemas.tables import HUMAN_LABELS, HUMAN_MASKS
+
+
+class LabelingError(RuntimeError):
+    """A labelling round trip that cannot go on: the server is down or refuses, the selection is unknown."""
+
+
+@dataclass
+class Answer:
+    """One task's latest answer, as any tool gives it."""
+
+    task_id: str
+    annotation_id: str
+    annotator: str
+    labelled_at: datetime
+    lead_time_s: float | None
+    absent: set[str]
+    """Phrases ticked as not in the image."""
+    painted: dict[str, list[np.ndarray]]
+    """Per phrase, the bitmaps painted (the image's size, checked by the reader)."""
+
+
+@dataclass
+class PullResult:
+    project: str
+    pairs: int
+    drawn_masks: int
+    pending: int
+    """Pairs of the selection with no answer yet."""
+    skipped: dict[str, int] = field(default_factory=dict)
+    """Results that could not be read, by reason (a renamed phrase, a mask of the wrong size...)."""
+
+
+def selection_rows(store: TableStore, selection: str) -> list[dict[str, Any]]:
+    """The selection's pairs with their image and the engine's masks (``labeling_tasks.sql``); an error if there are none."""
+    con = connect(store)
+    try:
+        rows = con.sql(named_query("labeling_tasks"), params={"selection": selection}).to_arrow_table().to_pylist()
+    finally:
+        con.close()
+    if not rows:
+        raise LabelingError(f"no selection {selection!r} in {store.run_url}: make one with sam3-engine select")
+    return rows
+
+
+def store_answers(
+    store: TableStore, selection: str, tool: str, project: str, rows: list[dict[str, Any]], answers: dict[str, Answer], skipped
+) -> PullResult:
+    """Store ``answers`` (by image id) for the selection's pairs (``rows``); pairs with no answer stay pending."""
+    from sam3_engine.app.labels import import_labels
+
+    engine_masks: dict[str, dict[str, Any]] = defaultdict(dict)
+    pair_of: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in rows:
+        pair_of[(row["image_id"], row["phrase"])] = row
+        if row["mask_id"] is not None:
+            engine_masks[row["pair_id"]][row["mask_id"]] = row
+    labels, drawn = [], []
+    for image_id, answer in answers.items():
+        for phrase in set(answer.painted) | answer.absent:
+            pair = pair_of.get((image_id, phrase))
+            if pair is None:
+                skipped["unknown phrase"] += 1
+                continue
+            bitmaps = answer.painted.get(phrase, [])
+            kept, new = _match(bitmaps, engine_masks[pair["pair_id"]])
+            provenance = {"tool": tool, "annotation_id": answer.annotation_id, "annotator": answer.annotator}
+            labels.append(
+                {
+                    "selection": selection,
+                    "pair_id": pair["pair_id"],
+                    "image_id": image_id,
+                    "concept_id": pair["concept_id"],
+                    "phrase": phrase,
+                    "present": bool(bitmaps),
+                    "kept_mask_ids": kept,
+                    "dropped_mask_ids": sorted(set(engine_masks[pair["pair_id"]]) - set(kept)),
+                    "drawn_masks": len(new),
+                    "project": project,
+                    "task_id": answer.task_id,
+                    "labelled_at": answer.labelled_at,
+                    "lead_time_s": answer.lead_time_s,
+                    **provenance,
+                }
+            )
+            for bitmap in new:
+                counts = bitmap_to_coco(bitmap)
+                drawn.append(
+                    {
+                        "selection": selection,
+                        "mask_id": hashlib.sha256(f"{tool}|{answer.annotation_id}|{pair['pair_id']}|{counts}".encode()).hexdigest()[:24],
+                        "pair_id": pair["pair_id"],
+                        "image_id": image_id,
+                        "concept_id": pair["concept_id"],
+                        "height": bitmap.shape[0],
+                        "width": bitmap.shape[1],
+                        "rle_counts": counts,
+                        "bbox": box_of(counts, *bitmap.shape),
+                        "area": int(bitmap.sum()),
+                        **provenance,
+                    }
+                )
+    labels = [{name: row[name] for name in HUMAN_LABELS.schema.names} for row in labels]
+    drawn = [{name: row[name] for name in HUMAN_MASKS.schema.names} for row in drawn]
+    store.replace(HUMAN_MASKS, selection, pa.Table.from_pylist(drawn, HUMAN_MASKS.schema))
+    store.replace(HUMAN_LABELS, selection, pa.Table.from_pylist(labels, HUMAN_LABELS.schema))
+    con = connect(store)
+    try:  # every answer of the tool, all selections: the verifier's whole set of labels
+        every_answer = con.sql(named_query("human_labels_as_labels"), params={"tool": tool}).to_arrow_table()
+    finally:
+        con.close()
+    import_labels(store, every_answer, tool)
+    pending = len({row["pair_id"] for row in rows} - {label["pair_id"] for label in labels})
+    return PullResult(project, len(labels), len(drawn), pending, dict(skipped))
+
+
+def _match(bitmaps: list[np.ndarray], engine: dict[str, dict[str, Any]]) -> tuple[list[str], list[np.ndarray]]:
+    """Which painted masks are the engine's own, unchanged (kept), and which are new or redrawn."""
+    kept, new = [], []
+    for bitmap in bitmaps:
+        counts = bitmap_to_coco(bitmap)
+        same = [mask_id for mask_id, row in engine.items() if row["rle_counts"] == counts and mask_id not in kept]
+        if same:
+            kept.append(same[0])
+        else:
+            new.append(bitmap)
+    return sorted(kept), new

@@ -1,0 +1,174 @@
+"""The round trip through CVAT, as files: CVAT runs only under Docker, so the engine writes what it imports and reads its export.
+
+``write_bundle``: a folder with the selection's images (named by image id, so a name maps back to the
+engine), ``annotations.xml`` in "CVAT for images 1.1" with one mask label per phrase, an ``absent`` tag
+label (attribute ``phrase``), a ``reviewed`` tag label and the engine's masks as pre-annotations (source
+``auto``), and ``labels.json`` for creating the task. An image counts as answered once a person touched
+it: a shape or tag that is not ``auto`` (``reviewed`` accepts the pre-annotations as they are).
+
+``read_export``: CVAT's "CVAT for images 1.1" export (the zip, or its annotations.xml), each mask decoded
+from CVAT's box-relative RLE (``cvat_sdk.masks``) and stored as ``labeling pull`` stores any tool's
+answers. Masks cross as bitmaps, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import xml.etree.ElementTree as ElementTree
+import zipfile
+from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cvat_sdk.masks import decode_mask, encode_mask
+
+from sam3_engine.engine import storage
+from sam3_engine.engine.store import TableStore
+from sam3_engine.labeling.answers import Answer, LabelingError, PullResult, selection_rows, store_answers
+from sam3_engine.labeling.masks import MaskError, coco_to_bitmap
+
+TOOL = "cvat"
+ABSENT_LABEL = "absent"
+"""A tag label with a ``phrase`` attribute: the annotator tags the phrases the image does not show."""
+REVIEWED_LABEL = "reviewed"
+"""A tag label: the annotator tags an image whose pre-annotations they accept exactly as they are."""
+
+
+def write_bundle(store: TableStore, selection: str, out_dir: str) -> dict[str, int]:
+    """Write the selection as a CVAT task bundle in ``out_dir``; returns the images and masks written."""
+    rows = selection_rows(store, selection)
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    by_image: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_image[row["image_id"]].append(row)
+    phrases = sorted({row["phrase"] for row in rows})
+    if {ABSENT_LABEL, REVIEWED_LABEL} & set(phrases):
+        raise LabelingError(f"a phrase is named {ABSENT_LABEL!r} or {REVIEWED_LABEL!r}, the bundle's tag labels: rename it for CVAT")
+    root = ElementTree.Element("annotations")
+    ElementTree.SubElement(root, "version").text = "1.1"
+    meta = ElementTree.SubElement(ElementTree.SubElement(root, "meta"), "task")
+    ElementTree.SubElement(meta, "name").text = f"sam3-engine {selection}"
+    labels = ElementTree.SubElement(meta, "labels")
+    for phrase in phrases:
+        _label(labels, phrase, "mask")
+    absent = _label(labels, ABSENT_LABEL, "tag")
+    attribute = ElementTree.SubElement(ElementTree.SubElement(absent, "attributes"), "attribute")
+    for key, value in (("name", "phrase"), ("mutable", "False"), ("input_type", "select"), ("values", "\n".join(phrases))):
+        ElementTree.SubElement(attribute, key).text = value
+    _label(labels, REVIEWED_LABEL, "tag")
+    masks = 0
+    for index, (image_id, image_rows) in enumerate(by_image.items()):
+        first = image_rows[0]
+        name = f"{image_id}{os.path.splitext(first['uri'])[1].lower() or '.jpg'}"
+        fs, path = storage.filesystem(first["uri"], store.storage_config)
+        (out / "images" / name).write_bytes(fs.cat_file(path))
+        image = ElementTree.SubElement(
+            root, "image", id=str(index), name=name, width=str(first["image_width"]), height=str(first["image_height"])
+        )
+        for row in image_rows:
+            if row["mask_id"] is None:
+                continue
+            bitmap = coco_to_bitmap(row["rle_counts"], row["height"], row["width"])
+            if not bitmap.any():
+                continue
+            ElementTree.SubElement(image, "mask", label=row["phrase"], source="auto", occluded="0", z_order="0", **_cvat_rle(bitmap))
+            masks += 1
+    ElementTree.ElementTree(root).write(out / "annotations.xml", encoding="utf-8", xml_declaration=True)
+    spec = [{"name": phrase, "type": "mask"} for phrase in phrases]
+    spec.append({"name": ABSENT_LABEL, "type": "tag", "attributes": [{"name": "phrase", "input_type": "select", "values": phrases}]})
+    spec.append({"name": REVIEWED_LABEL, "type": "tag"})
+    (out / "labels.json").write_text(json.dumps(spec, indent=1, ensure_ascii=False))
+    return {"images": len(by_image), "masks": masks}
+
+
+def _label(parent: ElementTree.Element, name: str, kind: str) -> ElementTree.Element:
+    label = ElementTree.SubElement(parent, "label")
+    ElementTree.SubElement(label, "name").text = name
+    ElementTree.SubElement(label, "type").text = kind
+    return label
+
+
+def _cvat_rle(bitmap: np.ndarray) -> dict[str, str]:
+    """CVAT 1.1's mask attributes: the run lengths inside the mask's box (background first), and the box."""
+    encoded = encode_mask(bitmap)
+    left, top, right, bottom = (int(v) for v in encoded[-4:])
+    runs = ", ".join(str(int(v)) for v in encoded[:-4])
+    return {"rle": runs, "left": str(left), "top": str(top), "width": str(right - left + 1), "height": str(bottom - top + 1)}
+
+
+def read_export(store: TableStore, selection: str, export_path: str) -> PullResult:
+    """Store the answers in CVAT's export (a "CVAT for images 1.1" zip or annotations.xml) for the selection's pairs."""
+    rows = selection_rows(store, selection)
+    root = _annotations(export_path)
+    sizes = {row["image_id"]: (row["image_height"], row["image_width"]) for row in rows}
+    when = datetime.fromtimestamp(os.path.getmtime(export_path), UTC)
+    answers, skipped = {}, defaultdict(int)
+    for image in root.iter("image"):
+        image_id = os.path.splitext(image.get("name", ""))[0]
+        if image_id not in sizes:
+            skipped["image not in the selection"] += 1
+            continue
+        size = sizes[image_id]
+        if (int(image.get("height", -1)), int(image.get("width", -1))) != size:
+            skipped["image not the engine's size"] += 1
+            continue
+        if all(shape.get("source") == "auto" for shape in [*image.iter("mask"), *image.iter("tag")]):
+            continue  # nobody touched it: the engine's own pre-annotations, not an answer (a person tags "reviewed" to accept them)
+        painted: dict[str, list[np.ndarray]] = defaultdict(list)
+        absent: set[str] = set()
+        for tag in image.iter("tag"):
+            if tag.get("label") == ABSENT_LABEL:
+                absent |= {a.text or "" for a in tag.iter("attribute") if a.get("name") == "phrase"}
+        for mask in image.iter("mask"):
+            try:
+                bitmap = _decode(mask, size)
+            except MaskError as exc:
+                skipped[exc.reason] += 1
+                continue
+            painted[mask.get("label", "")].append(bitmap)
+        if not painted and not absent:
+            continue
+        answers[image_id] = Answer(
+            task_id=image.get("id", ""),
+            annotation_id=f"{Path(export_path).name}#{image.get('id', '')}",
+            annotator="",
+            labelled_at=when,
+            lead_time_s=None,
+            absent=absent,
+            painted=dict(painted),
+        )
+    return store_answers(store, selection, TOOL, Path(export_path).name, rows, answers, skipped)
+
+
+def _annotations(export_path: str) -> ElementTree.Element:
+    try:
+        if zipfile.is_zipfile(export_path):
+            with zipfile.ZipFile(export_path) as archive:
+                return ElementTree.fromstring(archive.read("annotations.xml"))
+        return ElementTree.parse(export_path).getroot()
+    except KeyError:
+        raise LabelingError(f"{export_path} has no annotations.xml: export the task as 'CVAT for images 1.1'") from None
+    except (OSError, ElementTree.ParseError) as exc:
+        raise LabelingError(f"cannot read {export_path}: {exc}") from None
+
+
+def _decode(mask: ElementTree.Element, size: tuple[int, int]) -> np.ndarray:
+    """A CVAT 1.1 mask element as an image-sized bitmap; a MaskError when its box leaves the image or its runs do not fill it."""
+    height, width = size
+    try:
+        left, top, box_width, box_height = (int(float(mask.get(k, ""))) for k in ("left", "top", "width", "height"))
+        runs = [int(v) for v in mask.get("rle", "").split(",") if v.strip()]
+    except ValueError:
+        raise MaskError("undecodable mask", "rle, left, top, width and height must be integers") from None
+    if left < 0 or top < 0 or box_width <= 0 or box_height <= 0 or left + box_width > width or top + box_height > height:
+        raise MaskError("mask not the image's size", f"box {left},{top} {box_width}x{box_height} on {width}x{height}")
+    if sum(runs) != box_width * box_height:
+        raise MaskError("undecodable mask", f"runs cover {sum(runs)} pixels of a {box_width}x{box_height} box")
+    bitmap = decode_mask([*runs, left, top, left + box_width - 1, top + box_height - 1], image_width=width, image_height=height)
+    if not bitmap.any():
+        raise MaskError("empty mask")
+    return bitmap

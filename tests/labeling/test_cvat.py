@@ -1,0 +1,117 @@
+"""The CVAT round trip as files: the bundle CVAT imports, an export as CVAT writes it, masks bit for bit."""
+
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ElementTree
+import zipfile
+
+import numpy as np
+import pytest
+
+from sam3_engine.app.pipeline import run_pipeline
+from sam3_engine.engine.config import load_config
+from sam3_engine.labeling.cvat import _cvat_rle, _decode
+from sam3_engine.labeling.masks import bitmap_to_coco, coco_to_bitmap
+from tests.helpers import rows
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "sam3_engine", *args], capture_output=True, text=True)
+
+
+@pytest.fixture()
+def bundle(quickstart, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(quickstart[0], run)
+    assert _cli("select", str(run), "-n", "100", "--name", "round-1", "--max-pairs-per-image", "100").returncode == 0
+    done = _cli("labeling", "push", str(run), "--selection", "round-1", "--to", "cvat", "--out", str(tmp_path / "bundle"))
+    assert done.returncode == 0, done.stderr
+    return run, tmp_path / "bundle"
+
+
+def _export(tree: ElementTree.ElementTree, path):
+    """What CVAT's 'CVAT for images 1.1' export is: a zip holding annotations.xml."""
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("annotations.xml", ElementTree.tostring(tree.getroot(), encoding="unicode"))
+    return path
+
+
+def test_the_bundle_holds_every_image_and_the_engines_masks_bit_for_bit(bundle):
+    run, folder = bundle
+    tree = ElementTree.parse(folder / "annotations.xml")
+    images = {image.get("name").rsplit(".", 1)[0]: image for image in tree.getroot().iter("image")}
+    selected = rows(run, "SELECT DISTINCT image_id FROM selections")
+    assert set(images) == {r["image_id"] for r in selected} and len(list((folder / "images").iterdir())) == len(images)
+    engine = rows(run, "SELECT m.image_id, p.phrase, m.rle_counts, m.height, m.width FROM masks m JOIN pairs p USING (pair_id)")
+    sizes = {name: (int(image.get("height")), int(image.get("width"))) for name, image in images.items()}
+    sent = sorted((m.get("label"), bitmap_to_coco(_decode(m, sizes[name]))) for name, image in images.items() for m in image.iter("mask"))
+    nonempty = sorted((r["phrase"], r["rle_counts"]) for r in engine if coco_to_bitmap(r["rle_counts"], r["height"], r["width"]).any())
+    assert sent == nonempty
+    labels = {label.findtext("name"): label.findtext("type") for label in tree.getroot().iter("label")}
+    assert labels.pop("absent") == labels.pop("reviewed") == "tag" and set(labels.values()) == {"mask"}
+    assert {m.get("source") for image in images.values() for m in image.iter("mask")} == {"auto"}
+
+
+def test_an_export_comes_back_as_answers_and_gold_with_the_persons_masks(bundle, tmp_path):
+    run, folder = bundle
+    tree = ElementTree.parse(folder / "annotations.xml")
+    sql = "SELECT pair_id, image_id, phrase FROM pairs WHERE instance_count >= 2 ORDER BY instance_count DESC, pair_id LIMIT 1"
+    multi = rows(run, sql)[0]
+    image = next(i for i in tree.getroot().iter("image") if i.get("name").startswith(multi["image_id"]))
+    size = (int(image.get("height")), int(image.get("width")))
+    ours = [m for m in image.findall("mask") if m.get("label") == multi["phrase"]]
+    assert len(ours) >= 2
+    kept = bitmap_to_coco(_decode(ours[0], size))
+    for mask in ours[1:]:  # the annotator deletes the others ...
+        image.remove(mask)
+    drawn = np.zeros(size, bool)
+    drawn[40:90, 60:200] = True
+    drawn[95, 210] = True
+    ElementTree.SubElement(image, "mask", label=multi["phrase"], source="manual", occluded="0", z_order="0", **_cvat_rle(drawn))
+    other = next(m.get("label") for m in image.findall("mask") if m.get("label") != multi["phrase"])
+    for mask in [m for m in image.findall("mask") if m.get("label") == other]:
+        image.remove(mask)
+    tag = ElementTree.SubElement(image, "tag", label="absent", source="manual")  # ... draws one, and tags a phrase absent
+    ElementTree.SubElement(tag, "attribute", name="phrase").text = other
+    export = _export(tree, tmp_path / "export.zip")
+
+    done = _cli("labeling", "pull", str(run), "--selection", "round-1", "--from", "cvat", "--in", str(export))
+    assert done.returncode == 0, done.stderr
+    labels = {r["phrase"]: r for r in rows(run, "SELECT * FROM human_labels WHERE image_id = $i", {"i": multi["image_id"]})}
+    sql = "SELECT mask_id, rle_counts FROM masks WHERE pair_id = $p"
+    engine = {r["mask_id"]: r["rle_counts"] for r in rows(run, sql, {"p": multi["pair_id"]})}
+    assert labels[multi["phrase"]]["present"] and [engine[m] for m in labels[multi["phrase"]]["kept_mask_ids"]] == [kept]
+    assert labels[other]["present"] is False and labels[multi["phrase"]]["drawn_masks"] == 1
+    (human,) = rows(run, "SELECT * FROM human_masks")
+    assert human["tool"] == "cvat" and np.array_equal(coco_to_bitmap(human["rle_counts"], *size), drawn)  # bit for bit
+    before = rows(run, "SELECT * FROM human_labels ORDER BY pair_id")
+    assert _cli("labeling", "pull", str(run), "--selection", "round-1", "--from", "cvat", "--in", str(export)).returncode == 0
+    assert rows(run, "SELECT * FROM human_labels ORDER BY pair_id") == before  # the same export twice: the same rows
+
+    run_pipeline(load_config(None, {"output": str(run), "stages": "splits"}))
+    split_rows = rows(run, "SELECT * FROM splits WHERE image_id = $i", {"i": multi["image_id"]})
+    tiers = {r["phrase"]: (r["tier"], r["kind"], r["sources"]) for r in split_rows}
+    assert tiers[multi["phrase"]] == ("gold", "positive", ["cvat"]) and tiers[other] == ("gold", "negative", ["cvat"])
+
+
+def test_bad_exports_are_skipped_by_reason_or_refused_in_a_line(bundle, tmp_path):
+    run, folder = bundle
+    tree = ElementTree.parse(folder / "annotations.xml")
+    image = next(tree.getroot().iter("image"))
+    for mask in image.findall("mask"):
+        image.remove(mask)
+    width = int(image.get("width"))
+    manual = {"source": "manual", "top": "0", "width": "2", "height": "2"}
+    ElementTree.SubElement(image, "mask", label="a phrase renamed in CVAT", rle="0, 4", left="0", **manual)
+    ElementTree.SubElement(image, "mask", label="x", rle="0, 4", left=str(width - 1), **manual)
+    ElementTree.SubElement(image, "mask", label="x", rle="1, 9", left="0", **manual)
+    done = _cli("labeling", "pull", str(run), "--selection", "round-1", "--from", "cvat", "--in", str(_export(tree, tmp_path / "e.zip")))
+    assert done.returncode == 0, done.stderr
+    for reason in ("skipped 1 (unknown phrase)", "skipped 1 (mask not the image's size)", "skipped 1 (undecodable mask)"):
+        assert reason in done.stderr
+    assert rows(run, "SELECT count(*) AS n FROM human_labels") == [{"n": 0}]
+    with zipfile.ZipFile(tmp_path / "empty.zip", "w") as archive:
+        archive.writestr("readme.txt", "no annotations here")
+    done = _cli("labeling", "pull", str(run), "--selection", "round-1", "--from", "cvat", "--in", str(tmp_path / "empty.zip"))
+    assert done.returncode == 2 and "has no annotations.xml" in done.stderr and len(done.stderr.strip().splitlines()) == 1
