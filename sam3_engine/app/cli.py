@@ -537,6 +537,46 @@ def labeling_pull(
     )
 
 
+@app.command("loop-report")
+def loop_report(
+    run_dir: Annotated[str, typer.Argument(help="Run directory (any fsspec URL).")],
+    human_verifier: Annotated[
+        list[str] | None, typer.Option("--human-verifier", help="Verifiers that are people (default: human, label-studio, cvat).")
+    ] = None,
+    top: Annotated[int, typer.Option("--top", min=0, help="Concepts to list under Gold gained.")] = 15,
+    endpoint_url: Annotated[str | None, typer.Option("--endpoint-url", help="S3-compatible endpoint for s3:// paths.")] = None,
+) -> None:
+    """The active-learning loop per round: selected, answered, machines against people, Gold gained (@loop_rounds, @loop_gold)."""
+    storage_config = StorageConfig(endpoint_url=endpoint_url)
+    _run_dir(run_dir, storage_config)
+    params = {"human_verifiers": list(human_verifier or ("human", "label-studio", "cvat"))}
+    rounds = catalog.query(run_dir, catalog.named_query("loop_rounds"), params, storage_config).to_pylist()
+    gold = catalog.query(run_dir, catalog.named_query("loop_gold"), params, storage_config).to_pylist()
+    if not rounds:
+        console.print(f"no selections in {run_dir}: make one with sam3-engine select", highlight=False, soft_wrap=True)
+        return
+    headers = ("round", "pairs", "answered", "pending", "present P/R", "absent P/R", "mask P/R", "gold")
+    table = Table(*headers, title="Rounds (pairs selected per round)", title_justify="left")
+    for row in rounds:
+        table.add_row(
+            Text(row["selection"]),
+            str(row["selected"]),
+            str(row["answered"]),
+            str(row["pending"]),
+            f"{_share(row['present_precision'])}/{_share(row['present_recall'])}",
+            f"{_share(row['absent_precision'])}/{_share(row['absent_recall'])}",
+            f"{_share(row['accept_precision'])}/{_share(row['accept_recall'])}",
+            str(row["gold_pairs"]),
+        )
+    out.print(table)
+    if gold and top:
+        gained = Table("round", "concept", "gold +", "gold -", title="Gold gained from people", title_justify="left")
+        for row in gold[:top]:
+            gained.add_row(Text(row["selection"]), Text(row["phrase"]), str(row["gold_positives"]), str(row["gold_negatives"]))
+        out.print(gained)
+    console.print("P/R: precision/recall of the machines' verdicts against people's answers", highlight=False)
+
+
 @app.command("eval")
 def evaluate(
     paths: Annotated[
@@ -633,6 +673,10 @@ def export_split(
         _fail(str(exc))
     written = f"{report.pairs} pairs ({report.positives} positive, {report.negatives} negative) and {report.masks} masks"
     console.print(f"{written} -> {', '.join(report.files)}", highlight=False, soft_wrap=True)
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _number(value: float | None) -> str:

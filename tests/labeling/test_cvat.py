@@ -1,5 +1,6 @@
 """The CVAT round trip as files: the bundle CVAT imports, an export as CVAT writes it, masks bit for bit."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from sam3_engine.app.pipeline import run_pipeline
+from sam3_engine.engine.catalog import named_query
 from sam3_engine.engine.config import load_config
 from sam3_engine.labeling.cvat import _cvat_rle, _decode
 from sam3_engine.labeling.masks import bitmap_to_coco, coco_to_bitmap
@@ -17,7 +19,8 @@ from tests.helpers import rows
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "sam3_engine", *args], capture_output=True, text=True)
+    env = {**os.environ, "COLUMNS": "80"}
+    return subprocess.run([sys.executable, "-m", "sam3_engine", *args], capture_output=True, text=True, env=env)
 
 
 @pytest.fixture()
@@ -93,6 +96,35 @@ def test_an_export_comes_back_as_answers_and_gold_with_the_persons_masks(bundle,
     split_rows = rows(run, "SELECT * FROM splits WHERE image_id = $i", {"i": multi["image_id"]})
     tiers = {r["phrase"]: (r["tier"], r["kind"], r["sources"]) for r in split_rows}
     assert tiers[multi["phrase"]] == ("gold", "positive", ["cvat"]) and tiers[other] == ("gold", "negative", ["cvat"])
+
+    humans = ["human", "label-studio", "cvat"]
+    (loop,) = rows(run, named_query("loop_rounds"), {"human_verifiers": humans})
+    selected = rows(run, "SELECT count(*) AS n FROM selections")[0]["n"]
+    answered = rows(run, "SELECT count(*) AS n FROM human_labels")[0]["n"]  # the touched image's every phrase: kept masks count too
+    gold = rows(run, "SELECT count(*) AS n FROM splits WHERE tier = 'gold' AND list_contains(sources, 'cvat')")[0]["n"]
+    assert answered >= 2 and (loop["selected"], loop["answered"], loop["pending"], loop["gold_pairs"]) == (
+        selected,
+        answered,
+        selected - answered,
+        gold,
+    )
+    machine = rows(run, "SELECT pair_id, presence FROM pair_verifications WHERE NOT list_contains($h, verifier)", {"h": humans})
+    said = {r["pair_id"]: r["presence"] for r in machine}
+    truth = {r["pair_id"]: r["present"] for r in rows(run, "SELECT pair_id, present FROM human_labels")}
+    called_present = [pair for pair in truth if said.get(pair) == "present"]
+    expected = sum(truth[p] for p in called_present) / len(called_present) if called_present else None
+    present = [p for p in truth if truth[p]]
+    recall = sum(said.get(p) == "present" for p in present) / len(present) if present else None
+    assert loop["present_precision"] == expected and loop["present_recall"] == recall
+    judged = {}
+    for label in rows(run, "SELECT kept_mask_ids, dropped_mask_ids FROM human_labels"):
+        judged |= {m: True for m in label["kept_mask_ids"]} | {m: False for m in label["dropped_mask_ids"]}
+    machine_accepted = rows(run, "SELECT mask_id FROM mask_verifications WHERE verdict = 'accept' AND verifier <> 'cvat'")
+    accepted = [r["mask_id"] for r in machine_accepted if r["mask_id"] in judged]
+    assert loop["accept_precision"] == (sum(judged[m] for m in accepted) / len(accepted) if accepted else None)
+    report = _cli("loop-report", str(run))
+    assert report.returncode == 0 and "round-1" in report.stdout and multi["phrase"] in report.stdout
+    assert max(len(line) for line in report.stdout.splitlines()) <= 80
 
 
 def test_bad_exports_are_skipped_by_reason_or_refused_in_a_line(bundle, tmp_path):
