@@ -67,9 +67,20 @@ def selection_rows(store: TableStore, selection: str) -> list[dict[str, Any]]:
 
 
 def store_answers(
-    store: TableStore, selection: str, tool: str, project: str, rows: list[dict[str, Any]], answers: dict[str, Answer], skipped
+    store: TableStore,
+    selection: str,
+    tool: str,
+    project: str,
+    rows: list[dict[str, Any]],
+    answers: dict[str, Answer],
+    skipped,
+    in_tool: set[str],
 ) -> PullResult:
-    """Store ``answers`` (by image id) for the selection's pairs (``rows``); pairs with no answer stay pending."""
+    """Store ``answers`` (by image id) for the selection's pairs (``rows``); pairs with no answer stay pending.
+
+    ``in_tool``: the images the tool still has. An image it no longer has (a task deleted there) keeps the answers
+    an earlier pull stored: nothing imported is lost to a deletion in the tool.
+    """
     from sam3_engine.app.labels import import_labels
 
     engine_masks: dict[str, dict[str, Any]] = defaultdict(dict)
@@ -125,6 +136,12 @@ def store_answers(
                 )
     labels = [{name: row[name] for name in HUMAN_LABELS.schema.names} for row in labels]
     drawn = [{name: row[name] for name in HUMAN_MASKS.schema.names} for row in drawn]
+    gone = {row["image_id"] for row in rows} - in_tool
+    if gone:
+        kept_labels, kept_masks = _earlier(store, selection, tool, gone)
+        labels += kept_labels
+        drawn += kept_masks
+        skipped["images gone from the tool, earlier answers kept"] += len(gone)
     store.replace(HUMAN_MASKS, selection, pa.Table.from_pylist(drawn, HUMAN_MASKS.schema))
     store.replace(HUMAN_LABELS, selection, pa.Table.from_pylist(labels, HUMAN_LABELS.schema))
     con = connect(store)
@@ -148,3 +165,16 @@ def _match(bitmaps: list[np.ndarray], engine: dict[str, dict[str, Any]]) -> tupl
         else:
             new.append(bitmap)
     return sorted(kept), new
+
+
+def _earlier(store: TableStore, selection: str, tool: str, images: set[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The rows an earlier pull stored for these images of the selection (none when it never did)."""
+    con = connect(store)
+    try:
+        params = {"selection": selection, "tool": tool, "images": sorted(images)}
+        where = "WHERE selection = $selection AND tool = $tool AND list_contains($images, image_id)"
+        labels = con.sql(f"SELECT * FROM human_labels {where}", params=params).to_arrow_table().to_pylist()
+        masks = con.sql(f"SELECT * FROM human_masks {where}", params=params).to_arrow_table().to_pylist()
+    finally:
+        con.close()
+    return labels, masks

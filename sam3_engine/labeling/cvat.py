@@ -141,7 +141,8 @@ def read_export(store: TableStore, selection: str, export_path: str) -> PullResu
             absent=absent,
             painted=dict(painted),
         )
-    return store_answers(store, selection, TOOL, Path(export_path).name, rows, answers, skipped)
+    in_tool = {os.path.splitext(image.get("name", ""))[0] for image in root.iter("image")}
+    return store_answers(store, selection, TOOL, Path(export_path).name, rows, answers, skipped, in_tool)
 
 
 def _annotations(export_path: str) -> ElementTree.Element:

@@ -186,7 +186,8 @@ def pull(store: TableStore, selection: str, url: str) -> PullResult:
             absent=absent,
             painted=painted,
         )
-    return store_answers(store, selection, TOOL, str(project.id), rows, answers, skipped)
+    in_tool = {(task.get("data") or {}).get("engine_image_id") for task in exported}
+    return store_answers(store, selection, TOOL, str(project.id), rows, answers, skipped, in_tool)
 
 
 def _read_results(results: list[dict[str, Any]], size: tuple[int, int], skipped) -> tuple[set[str], dict[str, list[np.ndarray]]]:

@@ -129,6 +129,12 @@ def test_push_pull_and_splits_make_the_answered_pairs_gold_with_the_persons_mask
     assert rows(run, "SELECT count(*) AS n FROM human_masks") == [{"n": 0}]
     assert rows(run, "SELECT drawn_masks FROM human_labels WHERE pair_id = $p", {"p": multi["pair_id"]}) == [{"drawn_masks": 0}]
 
+    answered = rows(run, "SELECT * FROM human_labels ORDER BY pair_id")
+    client.tasks.delete(str(task.id))  # the task is deleted in the tool: what was pulled from it stays
+    done = _cli("labeling", "pull", str(run), "--selection", "round-1", "--url", url, token=token)
+    assert done.returncode == 0 and "skipped 1 (images gone from the tool, earlier answers kept)" in done.stderr
+    assert rows(run, "SELECT * FROM human_labels ORDER BY pair_id") == answered
+
 
 def test_a_refused_token_a_down_server_and_a_bad_mask_are_one_line_answers(pushed):
     run, url, token, _ = pushed
