@@ -33,6 +33,13 @@ console = Console(stderr=True)
 out = Console()
 
 
+def _announce_wait(holder: dict) -> None:
+    """What a command says while it waits (``--wait``) for another process to release the run directory."""
+    from sam3_engine.engine.lock import describe_holder
+
+    console.print(f"waiting for the run directory: it is in use by {describe_holder(holder)}", highlight=False, soft_wrap=True)
+
+
 def _fail(message: str, code: int = 2) -> None:
     console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
@@ -54,24 +61,21 @@ def run(
 ) -> None:
     """Run the pipeline; run it again with the same output to resume after a crash or an interruption."""
     from sam3_engine.app.pipeline import ReconciliationError, RunFailed, run_pipeline, signal_of, stop_on_signals  # torch, Ray: only to run
-    from sam3_engine.engine.lock import RunLockedError, describe_holder
+    from sam3_engine.engine.lock import RunLockedError
     from sam3_engine.engine.runner import default_progress
 
     overrides = dict(_parse_setting(s) for s in set_ or [])
     overrides.update({"input": input, "output": output, "stages": stages, "model.name": model, "ingest.workers": workers})
-
-    def on_wait(holder: dict) -> None:
-        console.print(f"waiting for the run directory: it is in use by {describe_holder(holder)}", highlight=False, soft_wrap=True)
 
     stop_on_signals()
     try:
         resolved = load_config(config, overrides)
         console.print(f"run directory: [bold]{resolved.output}[/]  stages: {', '.join(resolved.stages)}", highlight=False)
         if quiet:
-            result = run_pipeline(resolved, announce=_announce, wait_for_lock=wait, on_wait=on_wait)
+            result = run_pipeline(resolved, announce=_announce, wait_for_lock=wait, on_wait=_announce_wait)
         else:
             with default_progress() as progress:
-                result = run_pipeline(resolved, progress, announce=_announce, wait_for_lock=wait, on_wait=on_wait)
+                result = run_pipeline(resolved, progress, announce=_announce, wait_for_lock=wait, on_wait=_announce_wait)
     except (ConfigError, InputError, ModelLoadError, RunLockedError) as exc:
         _fail(str(exc))
     except ReconciliationError as exc:
@@ -353,7 +357,7 @@ def import_labels(
     calibrate scores machines against them.
     """
     from sam3_engine.app.labels import import_labels as store_labels
-    from sam3_engine.engine.lock import RunLock, RunLockedError, describe_holder
+    from sam3_engine.engine.lock import RunLock, RunLockedError
     from sam3_engine.engine.store import TableStore
 
     storage_config = StorageConfig(endpoint_url=endpoint_url)
@@ -361,12 +365,9 @@ def import_labels(
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", verifier):
         _fail(f"--verifier must be letters, digits, '_', '.' or '-', not {verifier!r}")
 
-    def on_wait(holder: dict) -> None:
-        console.print(f"waiting for the run directory: it is in use by {describe_holder(holder)}", highlight=False, soft_wrap=True)
-
     try:
         table = storage.read_table(labels, storage_config)
-        with RunLock(run_dir, storage_config, command="import-labels").acquire(wait, on_wait):
+        with RunLock(run_dir, storage_config, command="import-labels").acquire(wait, _announce_wait):
             counts = store_labels(TableStore(run_dir, storage_config), table, verifier)
     except (ValueError, OSError, RunLockedError) as exc:
         _fail(str(exc))
@@ -403,7 +404,7 @@ def select_for_review(
     wait: Annotated[bool, typer.Option("--wait", help="If a run holds the run directory, wait for it instead of refusing.")] = False,
 ) -> None:
     """Select (image, phrase) pairs for people to review, into the selections table: filters, then a weighted greedy choice."""
-    from sam3_engine.engine.lock import RunLock, RunLockedError, describe_holder
+    from sam3_engine.engine.lock import RunLock, RunLockedError
     from sam3_engine.engine.store import TableStore
     from sam3_engine.labeling.select import SelectionError, parse_strategies, select
 
@@ -412,12 +413,9 @@ def select_for_review(
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         _fail(f"--name must be letters, digits, '_', '.' or '-', not {name!r}")
 
-    def on_wait(holder: dict) -> None:
-        console.print(f"waiting for the run directory: it is in use by {describe_holder(holder)}", highlight=False, soft_wrap=True)
-
     try:
         weights = parse_strategies(strategy)
-        with RunLock(run_dir, storage_config, command="select").acquire(wait, on_wait):
+        with RunLock(run_dir, storage_config, command="select").acquire(wait, _announce_wait):
             chosen = select(
                 TableStore(run_dir, storage_config),
                 name,
@@ -500,7 +498,7 @@ def labeling_pull(
     wait: Annotated[bool, typer.Option("--wait", help="If a run holds the run directory, wait for it instead of refusing.")] = False,
 ) -> None:
     """Read people's answers back: human_labels, human_masks and the tool's verdicts (splits makes the pairs Gold)."""
-    from sam3_engine.engine.lock import RunLock, RunLockedError, describe_holder
+    from sam3_engine.engine.lock import RunLock, RunLockedError
     from sam3_engine.engine.store import TableStore
     from sam3_engine.labeling.answers import LabelingError
 
@@ -513,11 +511,8 @@ def labeling_pull(
     if from_ not in ("label-studio", "cvat"):
         _fail(f"--from {from_!r}: the tools are label-studio and cvat")
 
-    def on_wait(holder: dict) -> None:
-        console.print(f"waiting for the run directory: it is in use by {describe_holder(holder)}", highlight=False, soft_wrap=True)
-
     try:
-        with RunLock(run_dir, storage_config, command="labeling pull").acquire(wait, on_wait):
+        with RunLock(run_dir, storage_config, command="labeling pull").acquire(wait, _announce_wait):
             store = TableStore(run_dir, storage_config)
             if from_ == "label-studio":
                 from sam3_engine.labeling.label_studio import pull
