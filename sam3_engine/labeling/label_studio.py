@@ -17,6 +17,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlencode
 
 import numpy as np
 
@@ -113,15 +114,9 @@ def _image_locator(connection, project_id: int, store: TableStore, uris: list[st
         if folder == root:
             raise LabelingError(f"put the images in a folder below --files-root {files_root}: Label Studio serves subfolders only")
         connection.import_storage.local.create(project=project_id, path=folder, title="sam3-engine images", use_blob_urls=False)
-        return lambda uri: "/data/local-files/?" + _query({"d": os.path.relpath(os.path.realpath(uri.removeprefix("file://")), root)})
+        return lambda uri: "/data/local-files/?" + urlencode({"d": os.path.relpath(os.path.realpath(uri.removeprefix("file://")), root)})
     fs, _ = storage.filesystem(uris[0], store.storage_config)
     return lambda uri: fs.sign(uri, expiration=7 * 24 * 3600)
-
-
-def _query(values: dict[str, str]) -> str:
-    from urllib.parse import urlencode
-
-    return urlencode(values)
 
 
 def _task(selection: str, rows: list[dict[str, Any]], locate) -> dict[str, Any]:
