@@ -1,11 +1,13 @@
-"""Calibration: fit the verify stage's thresholds to human labels at a target precision.
+"""Calibration: fit a verifier's thresholds to human labels at a target precision.
 
 Labels are a table (Parquet, CSV or JSON lines, any fsspec URL) with any of: ``pair_id`` with
 ``present`` (is the phrase in the image) and/or ``exhaustive`` (do the accepted masks cover every
 instance); ``mask_id`` with ``good`` (is the mask right for its phrase). Each signal's fitted
 threshold is the one with the highest recall whose precision reaches the target; each verdict of
 every verifier in the run is scored as it stands, so independent verifiers compare side by side.
-Nothing is re-run: signals come from the run's tables.
+Nothing is re-run: signals come from the run's tables. A verifier's family (``FAMILIES``: the CLIP
+verifier of ``verify``, the VLM of ``verify_vlm``) says which signals it has and which config
+section its thresholds belong to.
 """
 
 from __future__ import annotations
@@ -33,19 +35,34 @@ class Signal:
     label: str
     """The label the signal predicts."""
     config_key: str | None
-    """The `verify` threshold it fits, if any."""
+    """The threshold it fits, if any."""
     at_least: bool
     """True when a higher score means the label holds; False when a lower score does."""
     positive: bool = True
     """Which label value the signal predicts (False: absence)."""
+    macros: str = ""
+    """Prefix of the verdict macros whose threshold it fits: "" (mask_verdicts, pair_verdicts) or "vlm_"."""
 
     def __post_init__(self) -> None:
-        """A fit is written as ``verify.<config_key>`` (``calibrate --write``): the key must be a threshold of its level's macro."""
-        if self.config_key is not None and self.config_key not in VERDICT_THRESHOLDS[f"{self.level}_verdicts"].model_fields:
-            raise ValueError(f"{self.config_key!r} is not a threshold of {self.level}_verdicts")
+        """A fit is written as ``<section>.<config_key>`` (``calibrate --write``): the key must be a threshold of its level's macro."""
+        macro = f"{self.macros}{self.level}_verdicts"
+        if self.config_key is not None and self.config_key not in VERDICT_THRESHOLDS[macro].model_fields:
+            raise ValueError(f"{self.config_key!r} is not a threshold of {macro}")
 
 
-SIGNALS = (
+@dataclass(frozen=True)
+class Family:
+    """What a kind of verifier stores: its signals, the queries that join them to labels, and its config section."""
+
+    section: str
+    pair_query: str
+    mask_query: str
+    signals: tuple[Signal, ...]
+    score_table: str
+    """Its pair scores table: a verifier with rows there is of this family."""
+
+
+CLIP_SIGNALS = (
     Signal("pair", "presence_probability", "present", "present_threshold", True),
     Signal("pair", "presence_probability", "present", "absent_threshold", True, positive=False),
     Signal("pair", "sam_presence", "present", None, True),
@@ -59,6 +76,19 @@ SIGNALS = (
     Signal("mask", "border_fraction", "good", "max_border_fraction", False),
     Signal("mask", "duplicate_iou", "good", "max_duplicate_iou", False),
     Signal("mask", "conflict_iou", "good", "max_conflict_iou", False),
+)
+VLM_SIGNALS = (
+    Signal("pair", "presence_probability", "present", "present_threshold", True, macros="vlm_"),
+    Signal("pair", "presence_probability", "present", "absent_threshold", True, positive=False, macros="vlm_"),
+    Signal("pair", "exhaustive_yes", "exhaustive", "exhaustive_threshold", True, macros="vlm_"),
+    Signal("pair", "exhaustive_yes", "exhaustive", "not_exhaustive_threshold", True, positive=False, macros="vlm_"),
+    Signal("mask", "score", "good", None, True),
+    Signal("mask", "whole_yes", "good", "accept_threshold", True, macros="vlm_"),
+    Signal("mask", "whole_yes", "good", "reject_threshold", True, positive=False, macros="vlm_"),
+)
+FAMILIES = (
+    Family("verify_vlm", "calibration_vlm_pairs", "calibration_vlm_masks", VLM_SIGNALS, "vlm_pair_scores"),
+    Family("verify", "calibration_pairs", "calibration_masks", CLIP_SIGNALS, "pair_scores"),
 )
 VERDICTS = (
     ("pair", "presence", "present", "present", True),
@@ -137,10 +167,21 @@ def _truth(value: Any) -> bool | None:
     raise ValueError(f"label value {value!r} is not a yes/no")
 
 
+def family_of(con, verifier: str) -> Family:
+    """The family whose scores table holds the verifier's rows (the CLIP verifier's when none does: verdicts imported
+    from elsewhere have only the shared signals)."""
+    for family in FAMILIES:
+        ((found,),) = con.execute(f"SELECT count(*) FROM {family.score_table} WHERE verifier = $v", {"v": verifier}).fetchall()
+        if found:
+            return family
+    return FAMILIES[-1]
+
+
 def _labelled(con, verifier: str) -> dict[str, pa.Table]:
+    family = family_of(con, verifier)
     return {
-        "pair": con.sql(named_query("calibration_pairs"), params={"verifier": verifier}).to_arrow_table(),
-        "mask": con.sql(named_query("calibration_masks"), params={"verifier": verifier}).to_arrow_table(),
+        "pair": con.sql(named_query(family.pair_query), params={"verifier": verifier}).to_arrow_table(),
+        "mask": con.sql(named_query(family.mask_query), params={"verifier": verifier}).to_arrow_table(),
     }
 
 
@@ -191,13 +232,15 @@ def calibrate(store: TableStore, labels: pa.Table, verifier: str, target_precisi
         if verifier not in verifiers:
             raise ValueError(f"no verdicts of verifier {verifier!r} in this run (verifiers: {verifiers or 'none: run the verify stage'})")
         labelled = {name: _labelled(con, name) for name in verifiers}
+        family = family_of(con, verifier)
     finally:
         con.close()
     rows = labelled[verifier]
-    fits = [_fit(signal, rows[signal.level], target_precision) for signal in SIGNALS]
+    fits = [_fit(signal, rows[signal.level], target_precision) for signal in family.signals]
     given = label_counts(labels)
     return {
         "verifier": verifier,
+        "config_section": family.section,
         "target_precision": target_precision,
         "labels": {"given": given, "matched": {"pairs": rows["pair"].num_rows, "masks": rows["mask"].num_rows}},
         "signals": [asdict(f) for f in fits],

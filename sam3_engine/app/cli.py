@@ -257,7 +257,7 @@ def _run_dir(run_dir: str, storage_config: StorageConfig) -> None:
 
 @app.command()
 def calibrate(
-    run_dir: Annotated[str, typer.Argument(help="Run directory (any fsspec URL) whose verify stage has run.")],
+    run_dir: Annotated[str, typer.Argument(help="Run directory (any fsspec URL) whose verify or verify_vlm stage has run.")],
     labels: Annotated[
         str,
         typer.Option(
@@ -267,9 +267,14 @@ def calibrate(
     target_precision: Annotated[
         float, typer.Option("--target-precision", "-t", min=0.0, max=1.0, help="Precision each fitted threshold must reach.")
     ] = 0.9,
-    verifier: Annotated[str, typer.Option("--verifier", help="Whose scores and verdicts to calibrate (verify.verifier).")] = "sam3-clip",
+    verifier: Annotated[
+        str, typer.Option("--verifier", help="Whose scores and verdicts to calibrate (verify.verifier or verify_vlm.verifier).")
+    ] = "sam3-clip",
     write: Annotated[
-        Path | None, typer.Option("--write", "-w", help="Write the fitted thresholds as a YAML `verify:` section to this file.")
+        Path | None,
+        typer.Option(
+            "--write", "-w", help="Write the fitted thresholds as the verifier's YAML section (`verify:` or `verify_vlm:`) to this file."
+        ),
     ] = None,
     format: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
     endpoint_url: Annotated[str | None, typer.Option("--endpoint-url", help="S3-compatible endpoint for s3:// paths.")] = None,
@@ -288,7 +293,7 @@ def calibrate(
         _fail(str(exc))
     if write is not None:
         try:
-            write.write_text(yaml.safe_dump({"verify": report["thresholds"]}, sort_keys=False))
+            write.write_text(yaml.safe_dump({report["config_section"]: report["thresholds"]}, sort_keys=False))
         except OSError as exc:
             _fail(f"cannot write --write {write}: {exc.strerror or exc}")
     if format == "json":

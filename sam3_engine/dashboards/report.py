@@ -106,6 +106,10 @@ class ReportData:
     compared_with: str | None = None
     changes: list[dict[str, Any]] = field(default_factory=list)
     """Per concept, this run against ``compared_with`` (``coverage_change``)."""
+    near_duplicates: dict[str, Any] = field(default_factory=dict)
+    """Images hashed by the dedup stage, near-duplicate groups and their images, the largest group (``near_duplicate_summary``)."""
+    duplicate_groups: list[dict[str, Any]] = field(default_factory=list)
+    """The near-duplicate groups, largest first (``near_duplicate_groups``)."""
 
 
 def gather(
@@ -133,6 +137,9 @@ def gather(
         presence = con.sql(named_query("presence_histogram"), params={"verifier": verifier}).to_arrow_table().to_pylist()
         mask_reasons = con.sql(named_query("mask_reasons"), params={"verifier": verifier}).to_arrow_table().to_pylist()
         fired = con.sql(named_query("hard_negatives_fired")).to_arrow_table().to_pylist()
+        (near_duplicates,) = con.sql(named_query("near_duplicate_summary")).to_arrow_table().to_pylist()
+        duplicate_groups = con.sql(named_query("near_duplicate_groups") + " LIMIT $shown", params={"shown": DUPLICATE_GROUPS_SHOWN})
+        duplicate_groups = duplicate_groups.to_arrow_table().to_pylist()
         sample_params = {"concepts": gallery_concepts, "per_concept": gallery_per_concept, "verifier": verifier}
         sample = con.sql(named_query("gallery_sample"), params=sample_params).to_arrow_table().to_pylist() if gallery_per_concept else []
     finally:
@@ -153,6 +160,8 @@ def gather(
         mask_reasons=mask_reasons,
         fired=fired,
         gallery=render_gallery(build_tiles(sample, storage_config)),
+        near_duplicates=near_duplicates,
+        duplicate_groups=duplicate_groups,
     )
 
 
@@ -332,6 +341,36 @@ def _negatives_paragraph(negatives: dict[str, Any]) -> str:
     )
 
 
+DUPLICATE_GROUPS_SHOWN = 20
+"""The largest near-duplicate groups the report lists."""
+
+
+def _near_duplicates_section(data: ReportData) -> str:
+    """How many near-duplicate groups the splits dealt whole, and the largest of them."""
+    counts = data.near_duplicates
+    if not counts.get("images"):
+        return (
+            '<section id="near-duplicates"><h2>Near-duplicates</h2><p>The dedup stage has not run: splits are dealt per image, '
+            "so near-duplicates (a photo resized, re-encoded, cropped or mirrored) may sit in two splits.</p></section>"
+        )
+    columns = (
+        ("group_id", "group"),
+        ("images", "images"),
+        ("linked_by", "linked by"),
+        ("min_phash_distance", "closest pHash (bits)"),
+        ("max_clip_cosine", "closest CLIP"),
+        ("splits", "splits"),
+        ("first_uris", "first images"),
+    )
+    shown = min(len(data.duplicate_groups), counts["groups"])
+    return (
+        f'<section id="near-duplicates"><h2>Near-duplicates</h2><p>{counts["images"]} images hashed: {counts["groups"]} groups of '
+        f"near-duplicates hold {counts['images_in_groups']} of them (the largest {counts['largest_group']}); splits deal each group "
+        f"whole, {counts['groups_in_two_splits']} groups sit in two splits.</p>"
+        f"<h3>The largest groups (the first {shown})</h3>{_table(data.duplicate_groups, columns, 'near-duplicate-groups')}</section>"
+    )
+
+
 def _ontology_section(data: ReportData, shown: int = 50) -> str:
     """Which branches of the ontology are thin, and the asked concepts short of the goal."""
     counts = data.ontology or {"concepts": 0, "asked": 0, "covered": 0}
@@ -380,6 +419,7 @@ def render(data: ReportData, plotly_src: str | None = None, concept_link: Callab
         _verification_section(data),
         data.gallery,
         _negatives_paragraph(data.negatives),
+        _near_duplicates_section(data),
         f'<section id="health"><h2>Run health</h2>{_table(data.health, HEALTH_COLUMNS, "run-health")}',
         f"<h3>Rejects by stage and reason</h3>{rejects}</section>",
     ]

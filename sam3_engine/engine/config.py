@@ -159,8 +159,64 @@ class PairThresholds(ConfigSection):
         return self
 
 
-VERDICT_THRESHOLDS: dict[str, type[ConfigSection]] = {"mask_verdicts": MaskThresholds, "pair_verdicts": PairThresholds}
+class VlmMaskThresholds(ConfigSection):
+    """The ``verify_vlm.*`` thresholds of the VLM's mask verdicts, on P(yes) to "is the highlighted region one whole <phrase>?";
+    also the parameters of the SQL macro ``vlm_mask_verdicts``."""
+
+    accept_threshold: float = Field(0.6, ge=0.0, le=1.0, description="A mask whose P(yes) is at least this is accepted.")
+    reject_threshold: float = Field(
+        0.4, ge=0.0, le=1.0, description="A mask whose P(yes) is at most this is rejected (between the two: uncertain)."
+    )
+
+    @model_validator(mode="after")
+    def _mask_thresholds_ordered(self) -> VlmMaskThresholds:
+        if self.reject_threshold > self.accept_threshold:
+            raise ValueError(f"reject_threshold ({self.reject_threshold}) must not exceed accept_threshold ({self.accept_threshold})")
+        return self
+
+
+class VlmPairThresholds(ConfigSection):
+    """The ``verify_vlm.*`` thresholds of the VLM's presence and exhaustivity verdicts, on P(yes); also the parameters of the
+    SQL macro ``vlm_pair_verdicts``."""
+
+    present_threshold: float = Field(
+        0.6, ge=0.0, le=1.0, description='P(yes) to "is there a <phrase>?" at or above which a pair is present.'
+    )
+    absent_threshold: float = Field(
+        0.4, ge=0.0, le=1.0, description="P(yes) at or below which a pair is absent (between the two: uncertain)."
+    )
+    exhaustive_threshold: float = Field(
+        0.6, ge=0.0, le=1.0, description='P(yes) to "is every <phrase> highlighted?" at or above which a pair is exhaustive.'
+    )
+    not_exhaustive_threshold: float = Field(
+        0.4, ge=0.0, le=1.0, description="P(yes) at or below which a pair is not exhaustive (between the two: unknown)."
+    )
+
+    @model_validator(mode="after")
+    def _pair_thresholds_ordered(self) -> VlmPairThresholds:
+        if self.absent_threshold > self.present_threshold:
+            raise ValueError(f"absent_threshold ({self.absent_threshold}) must not exceed present_threshold ({self.present_threshold})")
+        if self.not_exhaustive_threshold > self.exhaustive_threshold:
+            raise ValueError(
+                f"not_exhaustive_threshold ({self.not_exhaustive_threshold}) must not exceed "
+                f"exhaustive_threshold ({self.exhaustive_threshold})"
+            )
+        return self
+
+
+VERDICT_THRESHOLDS: dict[str, type[ConfigSection]] = {
+    "mask_verdicts": MaskThresholds,
+    "pair_verdicts": PairThresholds,
+    "vlm_mask_verdicts": VlmMaskThresholds,
+    "vlm_pair_verdicts": VlmPairThresholds,
+}
 """Each verdict macro of ``schemas/sql/verdicts.sql`` and the declaration of its thresholds."""
+
+
+def verdict_parameters(config: BaseModel, *macros: str) -> dict[str, Any]:
+    """``config``'s thresholds of these verdict macros, named as the macros' parameters."""
+    names = {name for macro in macros for name in VERDICT_THRESHOLDS[macro].model_fields}
+    return config.model_dump(mode="json", include=names)
 
 
 class RayConfig(ConfigSection):

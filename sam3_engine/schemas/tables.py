@@ -385,6 +385,54 @@ PAIR_SCORES = TableSpec(
     ),
 )
 
+VLM_PAIR_SCORES = TableSpec(
+    name="vlm_pair_scores",
+    doc=(
+        "The VLM verifier's answers per pair (`verify_vlm`): P(yes) against P(no) read from its logits. A table of its own, "
+        "since its signals are not CLIP's; its verdicts join the others' in `pair_verifications`."
+    ),
+    version=1,
+    key=("pair_id", "verifier"),
+    columns=(
+        Column("pair_id", pa.string(), "The pair (see `pairs`)."),
+        Column("image_id", pa.string(), "Its image."),
+        Column("concept_id", pa.string(), "Its concept."),
+        Column("presence_yes", pa.float64(), 'P(yes) to "Is there a <phrase> in this image?" (prompt `presence`).'),
+        Column(
+            "exhaustive_yes",
+            pa.float64(),
+            'P(yes) to "Is every <phrase> in the image highlighted?" with the pair\'s masks drawn (prompt `exhaustivity`); '
+            "null for a pair without masks.",
+            nullable=True,
+        ),
+        Column("masks_shown", pa.int32(), "Masks drawn for the exhaustivity question."),
+        *_verifier_columns(),
+        _unit_column(),
+    ),
+)
+
+VLM_MASK_SCORES = TableSpec(
+    name="vlm_mask_scores",
+    doc="The VLM verifier's answer per mask (`verify_vlm`); its verdicts join the others' in `mask_verifications`.",
+    version=1,
+    key=("mask_id", "verifier"),
+    columns=(
+        Column("mask_id", pa.string(), "The mask (see `masks`)."),
+        Column("pair_id", pa.string(), "Its pair."),
+        Column("image_id", pa.string(), "Its image."),
+        Column("concept_id", pa.string(), "Its concept."),
+        Column(
+            "whole_yes",
+            pa.float64(),
+            'P(yes) to "Is the highlighted region one whole <phrase>?" with the mask outlined, the rest dimmed, and a close-up '
+            "(prompt `mask`); null when the mask's size is not its image's.",
+            nullable=True,
+        ),
+        *_verifier_columns(),
+        _unit_column(),
+    ),
+)
+
 MASK_VERIFICATIONS = TableSpec(
     name="mask_verifications",
     doc="Mask verification (MV) verdicts: the `mask_verdicts` SQL macro over the stored scores at the config's thresholds.",
@@ -443,7 +491,12 @@ SPLITS = TableSpec(
         Column("image_id", pa.string(), "Its image: all of an image's pairs share one split."),
         Column("concept_id", pa.string(), "Its concept."),
         Column("phrase", pa.string(), "The phrase."),
-        Column("split", pa.string(), "train, val or test: from a hash of the image id and `splits.salt`."),
+        Column(
+            "split",
+            pa.string(),
+            "train, val or test: from a hash of the image's near-duplicate group (`near_duplicates.group_id`; its own id "
+            "without dedup) and `splits.salt`.",
+        ),
         Column("tier", pa.string(), "gold, silver or excluded."),
         Column(
             "kind",
@@ -526,6 +579,55 @@ HUMAN_MASKS = TableSpec(
     ),
 )
 
+IMAGE_HASHES = TableSpec(
+    name="image_hashes",
+    doc="Perceptual hashes of each image (the dedup stage), from which `near_duplicates` is derived.",
+    version=1,
+    key=("image_id",),
+    columns=(
+        Column("image_id", pa.string(), "The image."),
+        Column(
+            "phash",
+            pa.int64(),
+            "pHash (imagehash.phash, 64 bits) of the EXIF-oriented image in grey, first reduced by an integer box filter to a short "
+            "side of 256 to 511 pixels; the bits of its hex string as a signed integer (Hamming distance: bit_count(xor(a, b))).",
+        ),
+        Column("phash_mirrored", pa.int64(), "The same of the image mirrored left to right: finds mirrored copies."),
+        Column(
+            "phash_crops",
+            pa.list_(pa.int64(), 4),
+            "The same of its four corner crops keeping 93% of each side (top left, top right, bottom left, bottom right): "
+            "finds slightly cropped copies.",
+        ),
+        _unit_column(),
+    ),
+)
+
+NEAR_DUPLICATES = TableSpec(
+    name="near_duplicates",
+    doc=(
+        "Every hashed image's near-duplicate group (a group of one when it has none), derived by the dedup stage from "
+        "`image_hashes` and the CLIP `image_embeddings`; splits deal a group whole."
+    ),
+    version=1,
+    key=("image_id",),
+    columns=(
+        Column("image_id", pa.string(), "The image."),
+        Column("group_id", pa.string(), "The smallest image id of its group (its own id when alone): stable while the group is."),
+        Column("group_size", pa.int64(), "Images in the group."),
+        Column(
+            "linked_by",
+            pa.list_(pa.string()),
+            "How the image is linked to others of its group: phash (hashes within `dedup.phash_max_distance`), mirrored (with a "
+            "mirror image's hash), crop (with a corner crop's hash), clip (CLIP cosine at least `dedup.clip_min_cosine`); "
+            "empty when alone.",
+        ),
+        Column("phash_distance", pa.int32(), "Smallest Hamming distance of its pHash links (of 64 bits); null without one.", nullable=True),
+        Column("clip_cosine", pa.float32(), "Highest CLIP cosine of its CLIP links; null without one.", nullable=True),
+        Column("unit_id", pa.string(), "The derivation that wrote the table (dedup.near_duplicates:fingerprint)."),
+    ),
+)
+
 TABLES: dict[str, TableSpec] = {
     t.name: t
     for t in (
@@ -540,12 +642,16 @@ TABLES: dict[str, TableSpec] = {
         MASKS,
         MASK_SCORES,
         PAIR_SCORES,
+        VLM_PAIR_SCORES,
+        VLM_MASK_SCORES,
         MASK_VERIFICATIONS,
         PAIR_VERIFICATIONS,
         SPLITS,
         SELECTIONS,
         HUMAN_LABELS,
         HUMAN_MASKS,
+        IMAGE_HASHES,
+        NEAR_DUPLICATES,
         UNITS,
         RUNS,
     )

@@ -2,8 +2,9 @@
 
 Entry point: ``SplitsStage``. Set logic over the verification tables, in one SQL file
 (``schemas/sql/splits.sql``) run by DuckDB and written whole as the ``splits`` table; the stage has
-no work units. Train/val/test is dealt per image from a hash of its id, so an image never sits in
-two splits and the deal is stable as the corpus grows.
+no work units. Train/val/test is dealt per near-duplicate group (``near_duplicates``, from the dedup
+stage; without it, per image) from a hash of the group's id, so neither an image nor a near-duplicate
+of it sits in two splits, and the deal is stable as the corpus grows.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from sam3_engine.engine.config import ConfigSection
 from sam3_engine.engine.stage import BuildContext, Derivation, Stage, WorkUnit, fingerprint, register_stage
 from sam3_engine.schemas.tables import SPLITS
 
-VERSION = 2
+VERSION = 3
 """Bump when a change to this module or its SQL changes the rows it writes.
-2: the table's ledger is ``splits.splits`` (was the stage's own, so every run removed and rebuilt it)."""
+2: the table's ledger is ``splits.splits`` (was the stage's own, so every run removed and rebuilt it).
+3: splits are dealt per near-duplicate group (``near_duplicates.group_id``), not per image."""
 
 
 class SplitsConfig(ConfigSection):
@@ -33,9 +35,15 @@ class SplitsConfig(ConfigSection):
     )
     gold_min_sources: int = Field(2, ge=1, description="Independent machine verifiers that must agree for Gold.")
     max_negatives_per_image: int = Field(30, ge=0, description="At most this many negative pairs per image, hard negatives first.")
-    train_fraction: float = Field(0.8, ge=0.0, le=1.0, description="Share of images (not pairs) in train.")
-    val_fraction: float = Field(0.1, ge=0.0, le=1.0, description="Share of images in val; test takes the rest.")
-    salt: str = Field("sam3-engine", description="Mixed into the hash of each image id that picks its split: change it for another deal.")
+    train_fraction: float = Field(
+        0.8, ge=0.0, le=1.0, description="Share of near-duplicate groups (images, without dedup), not pairs, in train."
+    )
+    val_fraction: float = Field(0.1, ge=0.0, le=1.0, description="Share of groups in val; test takes the rest.")
+    salt: str = Field(
+        "sam3-engine",
+        description="Mixed into the hash of each near-duplicate group's id (an image's own without dedup) that picks its split: "
+        "change it for another deal.",
+    )
 
     @model_validator(mode="after")
     def _fractions(self) -> SplitsConfig:
@@ -93,16 +101,28 @@ class SplitsStage(Stage):
         ((leaks,),) = con.execute(
             "SELECT count(*) FROM (SELECT image_id FROM splits GROUP BY image_id HAVING count(DISTINCT split) > 1)"
         ).fetchall()
+        ((group_leaks,),) = con.execute(
+            "SELECT count(*) FROM (SELECT group_id FROM splits JOIN near_duplicates USING (image_id) "
+            "GROUP BY group_id HAVING count(DISTINCT split) > 1)"
+        ).fetchall()
         balance = con.sql(
             "SELECT phrase, sum(train_positive) AS train, sum(val_positive) AS val, "
             f"sum(test_positive) AS test FROM ({named_query('split_balance')}) GROUP BY phrase"
         ).fetchall()
-        return {
+        ((random_gold,),) = con.execute(
+            "SELECT count(DISTINCT s.pair_id) FROM splits AS s JOIN pair_verifications AS v ON v.pair_id = s.pair_id "
+            "AND list_contains(s.sources, v.verifier) WHERE s.tier = 'gold' AND v.verifier_version LIKE '%tiny-random%'"
+        ).fetchall()
+        counts = {
             "pairs": sum(tiers.values()),
             "tiers": tiers,
             "pairs_per_split": splits,
             "excluded": excluded,
             "images_in_two_splits": leaks,
+            "groups_in_two_splits": group_leaks,
             "concepts_with_positives": sum(1 for _, train, val, test in balance if train + val + test),
             "concepts_missing_from_val_or_test": sum(1 for _, train, val, test in balance if train and not (val and test)),
         }
+        if random_gold:  # Gold is only as good as its sources: say so where a source had random weights
+            counts["gold_from_random_weights"] = random_gold
+        return counts

@@ -14,7 +14,6 @@ stored scores: every scoring unit is skipped and no model loads.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,14 +22,13 @@ import pyarrow as pa
 from pycocotools import mask as mask_utils
 from pydantic import Field
 
-from sam3_engine.engine.catalog import connect, named_query
-from sam3_engine.engine.config import VERDICT_THRESHOLDS, ClipConfig, MaskThresholds, PairThresholds, StorageConfig
-from sam3_engine.engine.stage import BuildContext, Derivation, WorkUnit, fingerprint, plan_units, register_stage, reject_reasons, rows_table
+from sam3_engine.engine.config import ClipConfig, MaskThresholds, PairThresholds, StorageConfig, verdict_parameters
+from sam3_engine.engine.stage import BuildContext, WorkUnit, register_stage, rows_table
 from sam3_engine.engine.store import TableStore
 from sam3_engine.metrics.mask_checks import geometry, masked_crop, overlaps, rle
-from sam3_engine.schemas.tables import MASK_SCORES, MASK_VERIFICATIONS, MASKS, PAIR_SCORES, PAIR_VERIFICATIONS, PAIRS, REJECTS
-from sam3_engine.stages.image_model import ImageModelStage
+from sam3_engine.schemas.tables import MASK_SCORES, MASKS, PAIR_SCORES, PAIRS, REJECTS
 from sam3_engine.stages.mine import shared_ontology
+from sam3_engine.stages.verifier import ImageTask, VerifierStage, rows_by_image
 from sam3_engine.text.concepts import Ontology
 
 if TYPE_CHECKING:  # torch and open_clip load where a model runs, not in every process that lists stages
@@ -64,7 +62,7 @@ class VerifyConfig(PairThresholds, MaskThresholds):
 
     def thresholds(self) -> dict[str, Any]:
         """The verdict parameters, named as the SQL macros' parameters."""
-        return self.model_dump(mode="json", include={name for model in VERDICT_THRESHOLDS.values() for name in model.model_fields})
+        return verdict_parameters(self, "mask_verdicts", "pair_verdicts")
 
 
 REASONS = {
@@ -73,12 +71,6 @@ REASONS = {
 }
 MIN_PHRASES_FOR_Z = 3
 """A CLIP z-score needs at least two other phrases on the image to compare against."""
-
-
-@dataclass(frozen=True)
-class ImageTask:
-    image_id: str
-    uri: str
 
 
 @dataclass(frozen=True)
@@ -100,22 +92,18 @@ class PreparedUnit:
     rejects: tuple[dict[str, Any], ...]
 
 
-def _rows_by_image(store: TableStore, name: str, image_ids: list[str], columns: list[str], order: str) -> dict[str, list[dict[str, Any]]]:
-    """The rows of ``name`` for these images, per image, sorted by ``order`` (a deterministic order whatever the file layout)."""
-    grouped: dict[str, list[dict[str, Any]]] = {}
-    for row in store.read_images(name, image_ids, columns).sort_by(order).to_pylist():
-        grouped.setdefault(row["image_id"], []).append(row)
-    return grouped
-
-
 @register_stage
-class VerifyStage(ImageModelStage):
+class VerifyStage(VerifierStage):
     name = "verify"
     order = 70
     config_model = VerifyConfig
     reasons = REASONS
     outputs = (MASK_SCORES, PAIR_SCORES, REJECTS)
-    derived = (MASK_VERIFICATIONS, PAIR_VERIFICATIONS)
+    version = VERSION
+    mask_macro = "mask_verdicts"
+    pair_macro = "pair_verdicts"
+    pair_scores = PAIR_SCORES
+    mask_scores = MASK_SCORES
 
     @classmethod
     def build(cls, context: BuildContext) -> VerifyStage:
@@ -138,28 +126,9 @@ class VerifyStage(ImageModelStage):
 
         return ClipEmbedder.load(self.choice, self.clip.device or device)
 
-    @property
-    def ledger(self) -> str:
-        """One ledger per verifier: a second verifier's run leaves the first's scores and verdicts in place."""
-        return f"{self.name}.{self.config.verifier}"
-
     def plan(self, store) -> list[WorkUnit]:
-        """One item per image with proposals; a unit's id covers its images' proposal units, so new proposals re-verify."""
-        con = connect(store)
-        rows = con.sql(named_query("verify_inputs")).fetchall()
-        con.close()
-        settings = {
-            "version": VERSION,
-            "clip": self.choice.label,
-            "crop_padding": self.config.crop_padding,
-            "verifier": self.config.verifier,
-            "ontology": self.ontology.digest,
-        }
-        proposals = {image_id: units for image_id, _, units in rows}
-        tasks = [ImageTask(image_id, uri) for image_id, uri, _ in rows]
-        return plan_units(
-            self.ledger, settings, tasks, lambda t: t.image_id, self.config.unit_size, lambda t: (t.image_id, proposals[t.image_id])
-        )
+        settings = {"clip": self.choice.label, "crop_padding": self.config.crop_padding, "ontology": self.ontology.digest}
+        return self.plan_images(store, settings)
 
     def prepare(self, unit: WorkUnit) -> PreparedUnit:
         """Decode each image and its masks; geometry, overlaps and CLIP inputs, all on a CPU worker."""
@@ -167,8 +136,8 @@ class VerifyStage(ImageModelStage):
 
         store = TableStore(self.context.run_url, self.context.storage)
         ids = [task.image_id for task in unit.items]
-        pairs = _rows_by_image(store, PAIRS.name, ids, ["pair_id", "image_id", "concept_id", "phrase"], "pair_id")
-        masks = _rows_by_image(
+        pairs = rows_by_image(store, PAIRS.name, ids, ["pair_id", "image_id", "concept_id", "phrase"], "pair_id")
+        masks = rows_by_image(
             store,
             MASKS.name,
             ids,
@@ -280,75 +249,6 @@ class VerifyStage(ImageModelStage):
             REJECTS.name: rows_table(REJECTS, list(prepared.rejects), unit.unit_id),
         }
 
-    def derive(self, store, done_units: list[str]) -> list[Derivation]:
-        """Mask then pair verdicts at the config's thresholds, from the stored scores (SQL macros, no model)."""
-        thresholds = self.config.thresholds()
-        payload = {"version": VERSION, "verifier": self.config.verifier, "thresholds": thresholds, "units": done_units}
-        con = connect(store)
-        try:
-            mask_sql, mask_params = self._at_thresholds("mask_verdicts", thresholds)
-            con.execute(f"CREATE TEMP TABLE current_mask_verdicts AS {mask_sql}", mask_params)
-            masks = con.sql("SELECT * FROM current_mask_verdicts").to_arrow_table()
-            pair_sql, pair_params = self._at_thresholds("pair_verdicts", thresholds, "mask_table := 'current_mask_verdicts'")
-            pairs = con.sql(pair_sql, params=pair_params).to_arrow_table()
-        finally:
-            con.close()
-        return [
-            Derivation(
-                fingerprint(f"{self.ledger}.masks", payload),
-                MASK_VERIFICATIONS,
-                _reader(MASK_VERIFICATIONS, masks),
-                key=self.config.verifier,
-            ),
-            Derivation(
-                fingerprint(f"{self.ledger}.pairs", payload),
-                PAIR_VERIFICATIONS,
-                _reader(PAIR_VERIFICATIONS, pairs),
-                key=self.config.verifier,
-            ),
-        ]
-
-    def _at_thresholds(self, macro: str, thresholds: dict[str, Any], *arguments: str) -> tuple[str, dict[str, Any]]:
-        """(SQL, parameters) of ``macro`` with each threshold declared for it bound, and all of them as JSON: built from the
-        declaration, so that a threshold added there reaches the stored verdicts."""
-        params = {"verifier_name": self.config.verifier, **{name: thresholds[name] for name in VERDICT_THRESHOLDS[macro].model_fields}}
-        call = ", ".join([*arguments, *(f"{name} := ${name}" for name in params)])
-        return f"SELECT *, $thresholds AS thresholds FROM {macro}({call})", {**params, "thresholds": json.dumps(thresholds, sort_keys=True)}
-
-    def summarize(self, con) -> dict[str, Any]:
-        verifier = {"verifier": self.config.verifier}
-        images, pairs, masks = con.execute(
-            "SELECT (SELECT count(DISTINCT image_id) FROM pair_scores WHERE verifier = $verifier), "
-            "(SELECT count(*) FROM pair_scores WHERE verifier = $verifier), (SELECT count(*) FROM mask_scores WHERE verifier = $verifier)",
-            verifier,
-        ).fetchone()
-        reasons = reject_reasons(con, self)
-
-        def tally(sql: str) -> dict[str, int]:
-            return dict(con.execute(sql, verifier).fetchall())
-
-        counts = {
-            "accounted": images + sum(reasons.values()),
-            "verifier": self.config.verifier,
-            "pairs": pairs,
-            "masks": masks,
-            "mask_verdicts": tally("SELECT verdict, count(*) FROM mask_verifications WHERE verifier = $verifier GROUP BY ALL ORDER BY ALL"),
-            "mask_reasons": tally(
-                "SELECT reason, count(*) FROM (SELECT unnest(reasons) AS reason FROM "
-                "mask_verifications WHERE verifier = $verifier) GROUP BY ALL ORDER BY ALL"
-            ),
-            "presence": tally("SELECT presence, count(*) FROM pair_verifications WHERE verifier = $verifier GROUP BY ALL ORDER BY ALL"),
-            "exhaustivity": tally(
-                "SELECT exhaustivity, count(*) FROM pair_verifications WHERE verifier = $verifier GROUP BY ALL ORDER BY ALL"
-            ),
-            "rejects": sum(reasons.values()),
-            "reject_reasons": reasons,
-            "model": self.choice.label,
-        }
-        if self.choice.random_weights:
-            counts["random_weights"] = True
-        return counts
-
 
 def _in_batches(embed, items, size: int) -> list[np.ndarray]:
     """``embed`` over a unit's own ``items`` in consecutive batches of ``size``.
@@ -367,7 +267,3 @@ def _z_score(similarity: np.ndarray, index: int) -> float | None:
     others = np.delete(similarity, index)
     spread = float(others.std())
     return None if spread == 0 else float((similarity[index] - others.mean()) / spread)
-
-
-def _reader(spec, table: pa.Table) -> pa.RecordBatchReader:
-    return pa.RecordBatchReader.from_batches(spec.schema, table.cast(spec.schema).to_batches())

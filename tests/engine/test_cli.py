@@ -212,13 +212,17 @@ def test_every_command_has_help():
 def test_quickstart_verifies_every_pair_and_mask_and_verdicts_retune_in_sql(quickstart):
     run_dir, done = quickstart
     sql = (
-        "SELECT (SELECT count(*) FROM pairs) AS pairs, (SELECT count(*) FROM pair_verifications) AS judged_pairs, "
-        "(SELECT count(*) FROM masks) AS masks, (SELECT count(*) FROM mask_verifications) AS judged_masks, "
-        "(SELECT count(*) FROM mask_verifications WHERE verdict = 'reject') AS rejected"
+        "SELECT verifier, (SELECT count(*) FROM pairs) AS pairs, count(*) AS judged_pairs, "
+        "(SELECT count(*) FROM masks) AS masks, "
+        "(SELECT count(*) FROM mask_verifications AS m WHERE m.verifier = v.verifier) AS judged_masks, "
+        "(SELECT count(*) FROM mask_verifications AS m WHERE m.verifier = v.verifier AND verdict = 'reject') AS rejected "
+        "FROM pair_verifications AS v GROUP BY verifier ORDER BY verifier"
     )
-    counts = json.loads(cli("query", str(run_dir), sql, "-f", "json").stdout)[0]
-    assert counts["pairs"] == counts["judged_pairs"] > 0 and counts["masks"] == counts["judged_masks"] > 0
-    assert counts["rejected"] > 0  # random masks overlap and fall apart
+    by_verifier = json.loads(cli("query", str(run_dir), sql, "-f", "json").stdout)
+    assert [counts["verifier"] for counts in by_verifier] == ["sam3-clip", "vlm"]  # the quickstart runs both verifiers
+    for counts in by_verifier:
+        assert counts["pairs"] == counts["judged_pairs"] > 0 and counts["masks"] == counts["judged_masks"] > 0
+    assert by_verifier[0]["rejected"] > 0  # random masks overlap and fall apart
     lenient = "SELECT count(*) AS n FROM mask_verdicts(reject_reasons := $none) WHERE verdict = 'reject'"
     assert json.loads(cli("query", str(run_dir), lenient, "-f", "json", "-p", "none=[]").stdout) == [{"n": 0}]
     assert "NOT REAL CLIP" in done.stderr
@@ -294,7 +298,8 @@ def test_quickstart_runs_on_to_splits_export_and_eval(quickstart, tmp_path):
         written = cli("export", str(run_dir), "--split", split, "--format", fmt, "--out", str(tmp_path / name))
         assert written.returncode == 0, written.stderr
         assert f"{exported[0]['n']} pairs" in written.stderr
-    COCO(str(tmp_path / "out.json"))
+    saco = sorted(tmp_path.glob("out*.json"))  # out.json, or out_a.json, out_b.json when Gold has two sources (both verifiers)
+    assert saco and all(COCO(str(path)).dataset["images"] for path in saco)
     COCO(str(tmp_path / "coco.json"))
     scored = cli("eval", str(run_dir), "--split", split, "--tier", "all")
     assert scored.returncode == 0, scored.stderr

@@ -48,6 +48,6 @@ def test_configs_are_immutable_and_defaults_are_complete():
     with pytest.raises(ValidationError, match="frozen"):
         config.ingest.unit_size = 5
     assert (
-        config.stages == ("ingest", "mine", "embed", "retrieve", "negatives", "propose", "verify", "splits")
+        config.stages == ("ingest", "mine", "embed", "dedup", "retrieve", "negatives", "propose", "verify", "verify_vlm", "splits")
         and config.ingest.max_pixels == 100_000_000
     )

@@ -469,9 +469,10 @@ def test_every_declared_threshold_is_a_config_key_and_a_macro_parameter_that_dec
         stage = VerifyStage(config.verify, config.clip, choose_clip("tiny-random", None, False), None, config.storage)
         return [d.rows.read_all().drop_columns(["thresholds"]).sort_by(d.table.key[0]).to_pylist() for d in stage.derive(store, [])]
 
-    declared = {macro: set(model.model_fields) for macro, model in VERDICT_THRESHOLDS.items()}
+    macros = (VerifyStage.mask_macro, VerifyStage.pair_macro)  # derive gives the mask verdicts, then the pair verdicts
+    declared = {macro: set(VERDICT_THRESHOLDS[macro].model_fields) for macro in macros}
     assert declared["mask_verdicts"] | declared["pair_verdicts"] == set(VerifyConfig().thresholds()) == set(MOVED)
-    defaults = dict(zip(VERDICT_THRESHOLDS, derived({}), strict=True))  # derive gives the mask verdicts, then the pair verdicts
+    defaults = dict(zip(macros, derived({}), strict=True))
     default_masks, default_pairs = defaults["mask_verdicts"], defaults["pair_verdicts"]
     con = connect(store)
     con.execute("CREATE TEMP TABLE bare AS SELECT * FROM mask_verdicts()")
@@ -484,7 +485,7 @@ def test_every_declared_threshold_is_a_config_key_and_a_macro_parameter_that_dec
     }
     for macro, names in declared.items():
         for name in names:
-            assert dict(zip(VERDICT_THRESHOLDS, derived({f"verify.{name}": MOVED[name]}), strict=True))[macro] != defaults[macro], name
+            assert dict(zip(macros, derived({f"verify.{name}": MOVED[name]}), strict=True))[macro] != defaults[macro], name
 
 
 def test_uncovered_fraction_function():

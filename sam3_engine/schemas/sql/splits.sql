@@ -5,7 +5,9 @@
 -- positive with every mask accepted), or $gold_min_sources machine sources agreeing (for a
 -- positive, each with every mask of the pair accepted). Silver: confirmed by fewer sources, or with
 -- some mask not accepted (the export keeps the accepted ones). Negatives beyond
--- $max_negatives per image are excluded, hard negatives kept first. Splits are dealt per image.
+-- $max_negatives per image are excluded, hard negatives kept first. Splits are dealt per near-duplicate
+-- group (`near_duplicates`, from the dedup stage): every image of a group lands in one split; an image
+-- without a group (no dedup run) is a group of its own.
 WITH sources AS (
     SELECT *
     FROM pair_verifications
@@ -88,8 +90,8 @@ tiered AS (
 SELECT
     pair_id, image_id, concept_id, phrase,
     CASE
-        WHEN (md5_number(image_id || $salt) % 1000000) / 1000000.0 < $train THEN 'train'
-        WHEN (md5_number(image_id || $salt) % 1000000) / 1000000.0 < $train + $val THEN 'val'
+        WHEN (md5_number(coalesce(d.group_id, image_id) || $salt) % 1000000) / 1000000.0 < $train THEN 'train'
+        WHEN (md5_number(coalesce(d.group_id, image_id) || $salt) % 1000000) / 1000000.0 < $train + $val THEN 'val'
         ELSE 'test'
     END AS split,
     CASE WHEN kind = 'negative' AND negative_rank > $max_negatives THEN 'excluded' ELSE tier END AS tier,
@@ -106,4 +108,5 @@ SELECT
     hard_negative,
     $unit_id AS unit_id
 FROM tiered
+LEFT JOIN near_duplicates AS d USING (image_id)
 ORDER BY pair_id

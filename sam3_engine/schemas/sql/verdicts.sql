@@ -130,3 +130,84 @@ SELECT
     }[exhaustivity_reason] AS exhaustivity,
     exhaustivity_reason, verifier, verifier_version
 FROM reasoned;
+
+-- The VLM verifier's verdicts (`verify_vlm`), from its P(yes) answers in vlm_mask_scores and vlm_pair_scores:
+-- the same verdict columns as above, so splits, calibrate and the reports read both verifiers alike.
+--   SELECT verdict, count(*) FROM vlm_mask_verdicts(accept_threshold := 0.7) GROUP BY verdict;
+-- A mask: accept at or above accept_threshold, reject at or below reject_threshold, else uncertain. A mask
+-- the VLM could not be shown (its size is not its image's) has no answer and is uncertain.
+CREATE OR REPLACE MACRO vlm_mask_verdicts(
+    verifier_name := 'vlm',
+    {{vlm_mask_verdicts thresholds}}
+) AS TABLE
+SELECT
+    s.mask_id, s.pair_id, s.image_id, s.concept_id, m.score,
+    CASE
+        WHEN s.whole_yes >= accept_threshold THEN 'accept'
+        WHEN s.whole_yes <= reject_threshold THEN 'reject'
+        ELSE 'uncertain'
+    END AS verdict,
+    CASE
+        WHEN s.whole_yes IS NULL THEN ['vlm_not_shown']
+        WHEN s.whole_yes >= accept_threshold THEN []
+        WHEN s.whole_yes <= reject_threshold THEN ['vlm_not_whole']
+        ELSE ['vlm_unsure']
+    END::VARCHAR[] AS reasons,
+    s.verifier, s.verifier_version
+FROM vlm_mask_scores AS s
+JOIN masks AS m USING (mask_id)
+WHERE s.verifier = verifier_name;
+
+-- A pair: presence from P(yes) to "is there a <phrase>?"; exhaustivity from P(yes) to "is every <phrase>
+-- highlighted?", asked with all of the pair's proposed masks drawn (so it speaks for the accepted ones
+-- when every mask is accepted, which Gold requires).
+CREATE OR REPLACE MACRO vlm_pair_verdicts(
+    verifier_name := 'vlm',
+    mask_table := 'mask_verifications',
+    {{vlm_pair_verdicts thresholds}}
+) AS TABLE
+WITH per_pair AS (
+    SELECT pair_id, count(*) FILTER (verdict = 'accept') AS accepted
+    FROM query_table(mask_table)
+    WHERE verifier = verifier_name
+    GROUP BY pair_id
+),
+classified AS (
+    SELECT
+        s.pair_id, p.image_id, p.concept_id, p.phrase, s.presence_yes AS presence_probability, s.exhaustive_yes,
+        coalesce(per_pair.accepted, 0) AS accepted, s.verifier, s.verifier_version,
+        CASE
+            WHEN s.presence_yes >= present_threshold THEN 'present'
+            WHEN s.presence_yes <= absent_threshold THEN 'absent'
+            ELSE 'uncertain'
+        END AS presence
+    FROM vlm_pair_scores AS s
+    JOIN pairs AS p USING (pair_id)
+    LEFT JOIN per_pair USING (pair_id)
+    WHERE s.verifier = verifier_name
+),
+reasoned AS (
+    SELECT
+        *,
+        CASE presence WHEN 'present' THEN 'vlm_yes' WHEN 'absent' THEN 'vlm_no' ELSE 'vlm_unsure' END AS presence_reason,
+        CASE
+            WHEN presence = 'uncertain' THEN 'presence_uncertain'
+            WHEN presence = 'absent' AND accepted = 0 THEN 'absent_without_masks'
+            WHEN presence = 'absent' THEN 'absent_with_masks'
+            WHEN accepted = 0 THEN 'present_without_masks'
+            WHEN exhaustive_yes <= not_exhaustive_threshold THEN 'vlm_instances_missing'
+            WHEN exhaustive_yes >= exhaustive_threshold THEN 'covered'
+            ELSE 'vlm_coverage_unsure'
+        END AS exhaustivity_reason
+    FROM classified
+)
+SELECT
+    pair_id, image_id, concept_id, phrase, presence_probability, presence, presence_reason,
+    accepted::INTEGER AS accepted_masks, NULL::DOUBLE AS uncovered_fraction,
+    MAP {
+        'presence_uncertain': 'unknown', 'absent_without_masks': 'exhaustive', 'absent_with_masks': 'unknown',
+        'present_without_masks': 'not_exhaustive', 'vlm_instances_missing': 'not_exhaustive',
+        'vlm_coverage_unsure': 'unknown', 'covered': 'exhaustive'
+    }[exhaustivity_reason] AS exhaustivity,
+    exhaustivity_reason, verifier, verifier_version
+FROM reasoned;
