@@ -45,6 +45,18 @@ class StorageConfig(ConfigSection):
         True,
         description="Commit Delta tables on S3 without a lock (safe: only the run's driver commits).",
     )
+    compact_every: int = Field(
+        100,
+        ge=1,
+        description="Compact a table's small files into large ones after this many commits to it (and at the end of a stage), "
+        "so that a commit's cost does not grow with the run.",
+    )
+    vacuum_retention_hours: int = Field(
+        1,
+        ge=0,
+        description="Files that compaction replaced are deleted once they are this old: a reader holding an older snapshot "
+        "(a live dashboard) keeps its files until then.",
+    )
 
 
 class ModelConfig(ConfigSection):

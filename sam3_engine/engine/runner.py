@@ -142,6 +142,8 @@ class UnitRunner:
         self.attempt_id = attempt_id
         self.progress = progress
         self._commits = _Commits()
+        self._uncompacted: dict[str, int] = {}
+        """Commits to each table since it was last compacted by this runner."""
 
     def run(self, stage: Stage, executor: Executor) -> StageReport:
         started = time.monotonic()
@@ -173,6 +175,7 @@ class UnitRunner:
         context = WorkerContext(self.store.run_url, self.store.storage_config)
         report.worker_crashes = executor.execute(stage, todo, committed, context)
         report.executor = executor.describe()
+        self._compact(minimum=2)  # a table with one new file has nothing to merge
         for derivation in stage.derive(self.store, sorted(planned)):
             self._derive(stage, derivation, report.items_total)
         report.seconds = time.monotonic() - started
@@ -203,9 +206,25 @@ class UnitRunner:
         written = {}
         for spec in stage.outputs:
             written[spec.name] = self.store.replace(spec, unit.unit_id, tables[spec.name])
-            self._commits.tick()
+            self._committed(spec.name)
         self.store.record_unit(stage.ledger, unit.unit_id, self.attempt_id, unit.size, written, tables.get(STATS_KEY))
+        self._committed(UNITS.name)
+        self._compact(minimum=self.store.storage_config.compact_every)
+
+    def _committed(self, table: str) -> None:
+        self._uncompacted[table] = self._uncompacted.get(table, 0) + 1
         self._commits.tick()
+
+    def _compact(self, minimum: int) -> None:
+        """Compact each table with at least ``minimum`` commits since its last compaction: every ``storage.compact_every``
+        commits while a stage runs, and whatever a stage left at its end, so that a commit costs the same at any size."""
+        for table, count in list(self._uncompacted.items()):
+            if count >= minimum:
+                self.store.compact(table)
+                self._commits.tick()
+                self.store.vacuum(table)
+                self._commits.tick()
+                self._uncompacted[table] = 0
 
 
 class ProcessExecutor:

@@ -108,6 +108,19 @@ class TableStore:
         )
         return written
 
+    def compact(self, name: str) -> int:
+        """Rewrite the table's small files as large ones: one atomic Delta commit, the rows unchanged. Returns the files it
+        took out of the table. A kill before the commit leaves the table as it was (the new files are unreferenced)."""
+        table = self.open(name)
+        return 0 if table is None else int(table.optimize.compact().get("numFilesRemoved", 0))
+
+    def vacuum(self, name: str) -> None:
+        """Delete the files no version of the table has needed for ``vacuum_retention_hours``: those compaction replaced,
+        and those a killed commit left unreferenced. A reader holding an older snapshot keeps its files until then."""
+        table = self.open(name)
+        if table is not None:
+            table.vacuum(retention_hours=self.storage_config.vacuum_retention_hours, dry_run=False, enforce_retention_duration=False)
+
     def delete_units(self, spec: TableSpec, unit_ids: Iterable[str]) -> None:
         literals = [_literal(u) for u in sorted(set(unit_ids))]
         table = self.open(spec.name)

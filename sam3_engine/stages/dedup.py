@@ -186,9 +186,9 @@ class DedupStage(Stage):
         return [Derivation(unit_id, NEAR_DUPLICATES, pa.RecordBatchReader.from_batches(table.schema, table.to_batches()))]
 
     def clip_off(self, con) -> str | None:
-        """Why CLIP embeddings link no images in this run, or None when they do."""
+        """Why CLIP embeddings link no images in this run (a short code for the summary), or None when they do."""
         if self.config.clip_min_cosine is None:
-            return "dedup.clip_min_cosine is null"
+            return "disabled"
         return clip_usable(con)
 
     def summarize(self, con) -> dict[str, Any]:
@@ -227,14 +227,15 @@ class DedupStage(Stage):
 
 
 def clip_usable(con) -> str | None:
-    """Why the stored CLIP image embeddings cannot link near-duplicates (none; a random-weight model's), or None."""
+    """Why the stored CLIP image embeddings cannot link near-duplicates, as a code: ``no_embeddings`` (the embed stage has
+    not run), ``tiny-random`` (a random-weight model's: any two images are close), ``several_models``; None when they can."""
     models = [model for (model,) in con.execute("SELECT DISTINCT model FROM image_embeddings ORDER BY model").fetchall()]
     if not models:
-        return "no CLIP image embeddings (the embed stage has not run)"
+        return "no_embeddings"
     if RANDOM_CLIP in models:
-        return f"the CLIP image embeddings are {RANDOM_CLIP}'s (random weights: any two images are close)"
+        return RANDOM_CLIP
     if len(models) > 1:
-        return f"the CLIP image embeddings come from {len(models)} models: {', '.join(models)}"
+        return "several_models"
     return None
 
 

@@ -26,7 +26,7 @@ TABLES = {  # every column but when, and by which attempt, a unit was committed
 }
 
 
-def _cli(input_dir, output, env_extra=None, **popen):
+def _cli(input_dir, output, env_extra=None, *settings, **popen):
     env = {**os.environ, **(env_extra or {})}
     command = [
         sys.executable,
@@ -44,6 +44,7 @@ def _cli(input_dir, output, env_extra=None, **popen):
         "ingest",
         "--set",
         "ingest.unit_size=2",
+        *(part for setting in settings for part in ("--set", setting)),
     ]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **popen)
 
@@ -72,6 +73,25 @@ def test_killed_between_any_two_commits_then_resumed_gives_the_same_rows(synthet
     assert _snapshot(tmp_path / "run") == reference
     statuses = rows(tmp_path / "run", "SELECT status, count(*) AS n FROM runs GROUP BY status ORDER BY status")
     assert statuses == [{"status": "finished", "n": 1}, {"status": "running", "n": 1}]
+
+
+@pytest.mark.parametrize("commits", [5, 6, 9, 10, 13])
+def test_killed_around_compactions_then_resumed_gives_the_same_rows(synthetic_dir, tmp_path, reference, commits):
+    """Compacting every 2 commits, a kill lands right after a compaction's commit, after its vacuum, or between units:
+    the resumed run still ends with exactly the rows of an uninterrupted one, in a few files."""
+    compacting = ("storage.compact_every=2", "storage.vacuum_retention_hours=0")
+    killed = _cli(synthetic_dir, tmp_path / "run", {KILL_AFTER_COMMITS_ENV: str(commits)}, *compacting)
+    killed.wait(120)
+    assert killed.returncode == -signal.SIGKILL
+    resumed = _cli(synthetic_dir, tmp_path / "run", None, *compacting)
+    output = resumed.communicate(timeout=120)[0].decode()
+    assert resumed.returncode == 0, output
+    assert _snapshot(tmp_path / "run") == reference
+    sources = DeltaTable(str(tmp_path / "run" / "tables" / "sources"))
+    units = len(reference["units"])
+    assert len(sources.file_uris()) <= 3 < units, "compacted: a few files, not one per unit"
+    on_disk = list((tmp_path / "run" / "tables" / "sources").glob("*.parquet"))
+    assert len(on_disk) == len(sources.file_uris()), "vacuum (retention 0) deleted every replaced file"
 
 
 def test_killed_again_while_resuming_then_finished_gives_the_same_rows(synthetic_dir, tmp_path, reference):
