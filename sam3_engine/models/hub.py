@@ -1,9 +1,16 @@
-"""What every model wrapper shares, kept free of torch so that the CLI starts fast: the load error and a fast hub check."""
+"""What every model wrapper shares, kept free of torch so that the CLI starts fast: the load error, a fast hub check, and the
+choice of a Hugging Face checkpoint (or its tiny random stand-in) made once on the driver."""
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
+
+TINY_RANDOM = "tiny-random"
 
 
 class ModelLoadError(RuntimeError):
@@ -21,3 +28,47 @@ def check_hub_reachable(timeout: float = 3.0) -> None:
         socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
     except OSError as exc:
         raise ConnectionError(f"cannot reach {constants.ENDPOINT}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class HubChoice:
+    """Which checkpoint a run uses, decided once on the driver before any worker loads it."""
+
+    name: str
+    revision: str | None
+    fallback_reason: str | None = None
+    """Why tiny-random replaced the configured checkpoint, when it did."""
+
+    @property
+    def random_weights(self) -> bool:
+        return self.name == TINY_RANDOM
+
+    @property
+    def label(self) -> str:
+        return self.name + (f"@{self.revision}" if self.revision else "")
+
+
+Choice = TypeVar("Choice", bound=HubChoice)
+
+
+def choose_checkpoint(
+    choice: type[Choice],
+    name: str,
+    revision: str | None,
+    fallback_to_tiny_random: bool,
+    load_error: Callable[[str, str | None, Exception], ModelLoadError],
+) -> Choice:
+    """Check that the checkpoint is reachable (its config.json, not its weights); fall back to tiny-random only if asked."""
+    if name == TINY_RANDOM or Path(name).is_dir():
+        return choice(name, revision)
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    try:
+        if not isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+            check_hub_reachable()
+            hf_hub_download(name, "config.json", revision=revision)
+    except Exception as exc:  # noqa: BLE001 - gated, missing, offline
+        if not fallback_to_tiny_random:
+            raise load_error(name, revision, exc) from exc
+        return choice(TINY_RANDOM, None, fallback_reason=f"{name} is not reachable ({type(exc).__name__})")
+    return choice(name, revision)

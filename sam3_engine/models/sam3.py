@@ -27,9 +27,8 @@ import torch.nn.functional as F
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from sam3_engine.models.hub import ModelLoadError, check_hub_reachable
+from sam3_engine.models.hub import TINY_RANDOM, HubChoice, ModelLoadError, choose_checkpoint
 
-TINY_RANDOM = "tiny-random"
 TINY_RANDOM_SEED = 0
 TINY_RANDOM_INIT_RANGE = 0.1
 TEXT_CONTEXT = 32
@@ -183,35 +182,13 @@ def _load_error(name: str, revision: str | None, exc: Exception) -> ModelLoadErr
     )
 
 
-@dataclass(frozen=True)
-class ModelChoice:
-    """Which checkpoint a run uses, decided once on the driver before any worker loads it."""
-
-    name: str
-    revision: str | None
-    fallback_reason: str | None = None
-    """Why tiny-random replaced the configured checkpoint, when it did."""
-
-    @property
-    def random_weights(self) -> bool:
-        return self.name == TINY_RANDOM
+class ModelChoice(HubChoice):
+    """Which SAM 3 checkpoint a run uses."""
 
 
 def choose_model(name: str, revision: str | None, fallback_to_tiny_random: bool) -> ModelChoice:
     """Check that the checkpoint is reachable (its config.json, not its weights); fall back only if asked."""
-    if name == TINY_RANDOM or Path(name).is_dir():
-        return ModelChoice(name, revision)
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
-
-    try:
-        if not isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
-            check_hub_reachable()
-            hf_hub_download(name, "config.json", revision=revision)
-    except Exception as exc:  # noqa: BLE001 - gated, missing, offline
-        if not fallback_to_tiny_random:
-            raise _load_error(name, revision, exc) from exc
-        return ModelChoice(TINY_RANDOM, None, fallback_reason=f"{name} is not reachable ({type(exc).__name__})")
-    return ModelChoice(name, revision)
+    return choose_checkpoint(ModelChoice, name, revision, fallback_to_tiny_random, _load_error)
 
 
 def load_image_processor(choice: ModelChoice):

@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,9 +27,8 @@ import yaml
 from PIL import Image
 from scipy import ndimage
 
-from sam3_engine.models.hub import ModelLoadError, check_hub_reachable
+from sam3_engine.models.hub import HubChoice, ModelLoadError, choose_checkpoint
 
-TINY_RANDOM = "tiny-random"
 TINY_RANDOM_SEED = 0
 TINY_RANDOM_INIT_RANGE = 0.2
 """At the default init (0.02) a model this small answers P(yes) = 0.48 to everything; at 0.2 its answers on the quickstart
@@ -71,38 +69,13 @@ def _load_error(name: str, revision: str | None, exc: Exception) -> ModelLoadErr
     )
 
 
-@dataclass(frozen=True)
-class VlmChoice:
-    """Which checkpoint a run uses, decided once on the driver."""
-
-    name: str
-    revision: str | None
-    fallback_reason: str | None = None
-
-    @property
-    def random_weights(self) -> bool:
-        return self.name == TINY_RANDOM
-
-    @property
-    def label(self) -> str:
-        return self.name + (f"@{self.revision}" if self.revision else "")
+class VlmChoice(HubChoice):
+    """Which VLM checkpoint a run uses."""
 
 
 def choose_vlm(name: str, revision: str | None, fallback_to_tiny_random: bool) -> VlmChoice:
     """Check that the checkpoint is reachable (its config.json, not its weights); fall back only if asked."""
-    if name == TINY_RANDOM or Path(name).is_dir():
-        return VlmChoice(name, revision)
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
-
-    try:
-        if not isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
-            check_hub_reachable()
-            hf_hub_download(name, "config.json", revision=revision)
-    except Exception as exc:  # noqa: BLE001 - gated, missing, offline
-        if not fallback_to_tiny_random:
-            raise _load_error(name, revision, exc) from exc
-        return VlmChoice(TINY_RANDOM, None, fallback_reason=f"{name} is not reachable ({type(exc).__name__})")
-    return VlmChoice(name, revision)
+    return choose_checkpoint(VlmChoice, name, revision, fallback_to_tiny_random, _load_error)
 
 
 def _tiny_tokenizer():
