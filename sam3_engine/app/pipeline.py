@@ -123,11 +123,16 @@ def _release_ray() -> None:
 
 
 def _executor(stage: Stage, config: RunConfig) -> Executor:
-    """Model stages run on Ray actors (GPUs where the cluster has them); the rest on local processes."""
+    """Model stages run on Ray actors (GPUs where the cluster has them); the rest as Ray tasks across a configured
+    cluster, else on local processes (a private Ray's start-up is not worth it on one machine)."""
     if stage.uses_model:
-        from sam3_engine.engine.ray_executor import RayExecutor  # Ray loads only for a run with a model stage
+        from sam3_engine.engine.ray_executor import RayExecutor  # Ray loads only for a run that uses it
 
         return RayExecutor(stage.actors, stage.gpus_per_actor, config.ray.address)
+    if config.ray.cpu_stages_on_ray():
+        from sam3_engine.engine.ray_executor import RayTaskExecutor
+
+        return RayTaskExecutor(config.ray.address)
     return ProcessExecutor(config.ingest.workers or os.cpu_count() or 1)
 
 

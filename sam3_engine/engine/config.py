@@ -51,6 +51,12 @@ class StorageConfig(ConfigSection):
         description="Compact a table's small files into large ones after this many commits to it (and at the end of a stage), "
         "so that a commit's cost does not grow with the run.",
     )
+    units_per_commit: int = Field(
+        64,
+        ge=1,
+        description="Units that finish together are committed together, at most this many per commit: "
+        "the driver's commits per unit fall as the cluster grows.",
+    )
     vacuum_retention_hours: int = Field(
         1,
         ge=0,
@@ -233,6 +239,16 @@ def verdict_parameters(config: BaseModel, *macros: str) -> dict[str, Any]:
 
 class RayConfig(ConfigSection):
     address: str | None = Field(None, description="Ray cluster to join (else RAY_ADDRESS; else a local Ray is started).")
+    cpu_stages: Literal["auto", "ray", "processes"] = Field(
+        "auto",
+        description="Where stages without a model run: Ray tasks across the cluster, or a process pool on the driver's "
+        "machine; auto: Ray when a cluster is given (ray.address or RAY_ADDRESS), else processes.",
+    )
+
+    def cpu_stages_on_ray(self) -> bool:
+        if self.cpu_stages == "auto":
+            return bool(self.address or os.environ.get("RAY_ADDRESS"))
+        return self.cpu_stages == "ray"
 
 
 class RunConfig(ConfigSection):

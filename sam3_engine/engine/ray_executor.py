@@ -16,20 +16,25 @@ import signal
 import subprocess
 import sys
 import threading
+import uuid
 from collections import deque
 from dataclasses import dataclass, field, replace
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, NodeDiedError, ObjectLostError, RayActorError, WorkerCrashedError
 
 from sam3_engine.engine.runner import crash_if_asked, isolate
 from sam3_engine.engine.stage import Stage, WorkerContext, WorkUnit, start_worker
 
 KILL_ACTOR_ONCE_ENV = "SAM3_ENGINE_KILL_MODEL_ACTOR_ONCE"
 """Fault injection for tests: a path; the first actor to create it SIGKILLs itself mid-unit."""
+KILL_NODE_ONCE_ENV = "SAM3_ENGINE_KILL_WORKER_NODE_ONCE"
+"""Fault injection for tests: a path; the first unit (task or actor) on a worker node to create it SIGKILLs the node's
+raylet, which takes the node's workers down with it: a node lost mid-stage."""
 
 FAULT_ENV_PREFIX = "SAM3_ENGINE_"
-_DEATHS = (RayActorError, ActorDiedError, ActorUnavailableError, WorkerCrashedError)
+_DEATHS = (RayActorError, ActorDiedError, ActorUnavailableError, WorkerCrashedError, NodeDiedError, ObjectLostError)
+"""A unit's worker, or its node, died: the unit is redone elsewhere (objects lost with a node included)."""
 IN_FLIGHT_PER_ACTOR = 2
 
 
@@ -77,6 +82,29 @@ def _start_reaper() -> int:
     return write_end
 
 
+def _first_to_create(marker: str | None) -> bool:
+    if not marker:
+        return False
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return False
+    return True
+
+
+def _kill_node_if_asked() -> None:
+    """Fault injection (see KILL_NODE_ONCE_ENV); the head node, which the driver needs, is never killed."""
+    node_id = ray.get_runtime_context().get_node_id()
+    (node,) = [n for n in ray.nodes() if n["NodeID"] == node_id]
+    if "node:__internal_head__" in node["Resources"] or not _first_to_create(os.environ.get(KILL_NODE_ONCE_ENV)):
+        return
+    import psutil
+
+    raylet = next(p for p in psutil.Process().parents() if p.name() == "raylet")
+    raylet.kill()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 class _ModelWorker:
     """One model actor: its stage is set up (the model loaded) once, here, and kept for every unit."""
 
@@ -90,14 +118,10 @@ class _ModelWorker:
     def process(self, unit: WorkUnit, prepared):
         crash_if_asked(unit)
         tables = self.stage.process(unit, prepared)
-        marker = os.environ.get(KILL_ACTOR_ONCE_ENV)
-        if marker:
-            try:
-                os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
-            except FileExistsError:
-                pass
-            else:
-                os.kill(os.getpid(), 9)
+        if KILL_NODE_ONCE_ENV in os.environ:
+            _kill_node_if_asked()
+        if _first_to_create(os.environ.get(KILL_ACTOR_ONCE_ENV)):
+            os.kill(os.getpid(), signal.SIGKILL)
         return tables
 
 
@@ -108,7 +132,7 @@ def _cpu_actor_threads(actors: int) -> int:
     scheduled beside it); a CPU model then runs at a fraction of the node's speed. Model compute
     dominates preparation, so each CPU actor takes its share of the cores instead.
     """
-    cpus = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]]
+    cpus = [node["Resources"]["CPU"] for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU")]
     if not cpus:
         return 1
     actors_per_node = -(-actors // len(cpus))
@@ -117,6 +141,163 @@ def _cpu_actor_threads(actors: int) -> int:
 
 def _prepare(stage: Stage, context: WorkerContext, unit: WorkUnit):
     return start_worker(stage, context, setup=False).prepare(unit)
+
+
+_task_stage: dict[str, Stage] = {}
+"""A Ray worker process's set-up stage, by the ``execute`` call it serves: set up once, kept for every unit it runs."""
+
+
+def _run_task(key: str, stage: Stage, context: WorkerContext, unit: WorkUnit):
+    """A CPU stage's unit as a Ray task: prepare and process it in the worker (as a pool worker would)."""
+    if key not in _task_stage:
+        _task_stage.clear()
+        _task_stage[key] = start_worker(stage, context)
+    crash_if_asked(unit)
+    worker = _task_stage[key]
+    tables = worker.process(unit, worker.prepare(unit))
+    if KILL_NODE_ONCE_ENV in os.environ:
+        _kill_node_if_asked()
+    return tables
+
+
+def _fault_options() -> dict:
+    """Fault-injection switches reach Ray's worker processes, which do not inherit the driver's environment."""
+    injected = {k: v for k, v in os.environ.items() if k.startswith(FAULT_ENV_PREFIX)}
+    return {"runtime_env": {"env_vars": injected}} if injected else {}
+
+
+def _cluster_placement() -> dict:
+    return {
+        "executor": "ray",
+        "ray_address": ray.get_runtime_context().gcs_address,
+        "ray_nodes": sum(node["Alive"] for node in ray.nodes()),
+    }
+
+
+class _Lanes:
+    """Where units are sent, each with at most ``capacity`` in flight: model actors, or one lane of Ray tasks."""
+
+    capacity: int
+
+    def lanes(self) -> list:
+        raise NotImplementedError
+
+    def submit(self, lane, unit: WorkUnit) -> ray.ObjectRef:
+        raise NotImplementedError
+
+    def lost(self, lane) -> int:
+        """A unit's worker died on ``lane``: returns 1 for a crash not yet counted (several units die with one actor)."""
+        return 1
+
+    def run_alone(self, unit: WorkUnit):
+        """One unit on a fresh worker: an item that crashes it harms nothing else."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the lanes hold."""
+
+
+def drive(stage: Stage, units: list[WorkUnit], committed, lanes: _Lanes) -> int:
+    """Run units with at most ``capacity`` in flight per lane; commit those that finish together in one call. A unit
+    whose worker (or node) dies is redone; one that dies twice is isolated item by item. Returns the crashes seen."""
+    pending = deque(units)
+    strikes: dict[str, int] = {}
+    inflight: dict[ray.ObjectRef, tuple[WorkUnit, object]] = {}
+    load: dict[object, int] = {}
+    crashes = 0
+    try:
+        while pending or inflight:
+            for lane in lanes.lanes():
+                while pending and load.get(lane, 0) < lanes.capacity:
+                    unit = pending.popleft()
+                    inflight[lanes.submit(lane, unit)] = (unit, lane)
+                    load[lane] = load.get(lane, 0) + 1
+            refs = list(inflight)
+            ready, waiting = ray.wait(refs, num_returns=1)
+            if waiting:  # whatever else has finished by now is committed with it, in one commit per table
+                ready += ray.wait(waiting, num_returns=len(waiting), timeout=0)[0]
+            results = []
+            for ref in ready:
+                unit, lane = inflight.pop(ref)
+                load[lane] -= 1
+                try:
+                    results.append((unit, ray.get(ref)))
+                except _DEATHS:
+                    crashes += lanes.lost(lane)
+                    strikes[unit.unit_id] = strikes.get(unit.unit_id, 0) + 1
+                    if strikes[unit.unit_id] < 2:
+                        pending.appendleft(unit)
+                    else:
+                        crashes += isolate(stage, unit, lanes.run_alone, _DEATHS, committed)
+            if results:
+                committed(results)
+    finally:
+        lanes.close()
+    return crashes
+
+
+class _Actors(_Lanes):
+    """Model actors, each set up once; an actor that dies is replaced, its units redone on the others."""
+
+    capacity = IN_FLIGHT_PER_ACTOR
+
+    def __init__(self, stage: Stage, context: WorkerContext, count: int, gpus: float):
+        # Named after the stage, so that the Ray dashboard shows what each actor does.
+        worker_class = type(f"{stage.name.title()}ModelWorker", (_ModelWorker,), {})
+        actor_class = ray.remote(num_gpus=gpus, num_cpus=0 if gpus else 1, max_restarts=0, **_fault_options())(worker_class)
+        self._prepare = ray.remote(num_cpus=1, max_retries=3)(_prepare)
+        self._stage_ref = ray.put(stage)
+        self._context = context
+        threads = None if gpus else _cpu_actor_threads(count)
+        actor_context = replace(context, device="cuda" if gpus else "cpu")
+        self._new = lambda: actor_class.remote(self._stage_ref, actor_context, threads)
+        self._actors = [self._new() for _ in range(count)]
+
+    def lanes(self) -> list:
+        return self._actors
+
+    def submit(self, lane, unit: WorkUnit) -> ray.ObjectRef:
+        return lane.process.remote(unit, self._prepare.remote(self._stage_ref, self._context, unit))
+
+    def lost(self, lane) -> int:
+        if lane not in self._actors:
+            return 0
+        self._actors.remove(lane)
+        ray.kill(lane, no_restart=True)
+        self._actors.append(self._new())
+        return 1
+
+    def run_alone(self, unit: WorkUnit):
+        actor = self._new()
+        try:
+            return ray.get(self.submit(actor, unit))
+        finally:
+            ray.kill(actor, no_restart=True)
+
+    def close(self) -> None:
+        for actor in self._actors:
+            ray.kill(actor, no_restart=True)
+
+
+class _Tasks(_Lanes):
+    """CPU units as Ray tasks over the whole cluster, at most two in flight per CPU: what a process pool is on one node."""
+
+    def __init__(self, stage: Stage, context: WorkerContext):
+        # Spread over the nodes: a CPU stage is mostly reading and decoding, which every node's network and cores share.
+        self._run = ray.remote(num_cpus=1, max_retries=0, scheduling_strategy="SPREAD", **_fault_options())(_run_task)
+        self._key = uuid.uuid4().hex
+        self._stage_ref = ray.put(stage)
+        self._context = context
+        self.capacity = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+    def lanes(self) -> list:
+        return ["tasks"]
+
+    def submit(self, lane, unit: WorkUnit) -> ray.ObjectRef:
+        return self._run.remote(self._key, self._stage_ref, self._context, unit)
+
+    def run_alone(self, unit: WorkUnit):
+        return ray.get(self._run.options(max_retries=0).remote(uuid.uuid4().hex, self._stage_ref, self._context, unit))
 
 
 @dataclass
@@ -140,68 +321,25 @@ class RayExecutor:
         cluster_gpus = ray.cluster_resources().get("GPU", 0)
         gpus = self.gpus_per_actor if self.gpus_per_actor is not None else (1.0 if cluster_gpus >= 1 else 0.0)
         count = self.actors or max(1, int(cluster_gpus // gpus) if gpus else 1)
-        # Named after the stage, so that the Ray dashboard shows what each actor does.
-        worker_class = type(f"{stage.name.title()}ModelWorker", (_ModelWorker,), {})
-        # Fault-injection switches reach the actors' processes, which do not inherit the driver's environment.
-        injected = {k: v for k, v in os.environ.items() if k.startswith(FAULT_ENV_PREFIX)}
-        options = {"runtime_env": {"env_vars": injected}} if injected else {}
-        self.placement = {
-            "executor": "ray",
-            "ray_address": ray.get_runtime_context().gcs_address,
-            "ray_nodes": sum(node["Alive"] for node in ray.nodes()),
-            "model_actors": count,
-            "gpus_per_actor": gpus,
-        }
-        actor_class = ray.remote(num_gpus=gpus, num_cpus=0 if gpus else 1, max_restarts=0, **options)(worker_class)
-        prepare = ray.remote(num_cpus=1, max_retries=3)(_prepare)
-        stage_ref = ray.put(stage)
-        threads = None if gpus else _cpu_actor_threads(count)
-        actor_context = replace(context, device="cuda" if gpus else "cpu")
-        new_actor = lambda: actor_class.remote(stage_ref, actor_context, threads)  # noqa: E731
-        actors = [new_actor() for _ in range(count)]
-        pending = deque(units)
-        strikes: dict[str, int] = {}
-        inflight: dict[ray.ObjectRef, tuple[WorkUnit, object]] = {}
-        load = {actor: 0 for actor in actors}
-        crashes = 0
-        try:
-            while pending or inflight:
-                for actor in list(load):
-                    while pending and load[actor] < IN_FLIGHT_PER_ACTOR:
-                        unit = pending.popleft()
-                        inflight[actor.process.remote(unit, prepare.remote(stage_ref, context, unit))] = (unit, actor)
-                        load[actor] += 1
-                ready, _ = ray.wait(list(inflight), num_returns=1)
-                unit, actor = inflight.pop(ready[0])
-                if actor in load:
-                    load[actor] -= 1
-                try:
-                    tables = ray.get(ready[0])
-                except _DEATHS:
-                    crashes += actor in load
-                    if actor in load:
-                        del load[actor]
-                        ray.kill(actor, no_restart=True)
-                        load[new_actor()] = 0
-                    strikes[unit.unit_id] = strikes.get(unit.unit_id, 0) + 1
-                    if strikes[unit.unit_id] < 2:
-                        pending.appendleft(unit)
-                    else:
-                        crashes += isolate(
-                            stage, unit, lambda single: self._run_alone(new_actor, prepare, stage_ref, context, single), _DEATHS, committed
-                        )
-                    continue
-                committed(unit, tables)
-        finally:
-            for actor in load:
-                ray.kill(actor, no_restart=True)
-        return crashes
+        self.placement = {**_cluster_placement(), "model_actors": count, "gpus_per_actor": gpus}
+        return drive(stage, units, committed, _Actors(stage, context, count, gpus))
 
-    @staticmethod
-    def _run_alone(new_actor, prepare, stage_ref, context: WorkerContext, unit: WorkUnit):
-        """One unit on a fresh actor, killed afterwards: an item that crashes it harms nothing else."""
-        actor = new_actor()
-        try:
-            return ray.get(actor.process.remote(unit, prepare.remote(stage_ref, context, unit)))
-        finally:
-            ray.kill(actor, no_restart=True)
+
+@dataclass
+class RayTaskExecutor:
+    """A CPU stage's units as Ray tasks across the cluster's nodes (ingest, mine, retrieve, ...), when one is configured."""
+
+    address: str | None = None
+    placement: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        return self.placement
+
+    def execute(self, stage: Stage, units: list[WorkUnit], committed, context: WorkerContext) -> int:
+        if not units:
+            self.placement = {"executor": "ray", "tasks": 0}
+            return 0
+        ensure_ray(self.address)
+        lanes = _Tasks(stage, context)
+        self.placement = {**_cluster_placement(), "tasks_in_flight": lanes.capacity}
+        return drive(stage, units, committed, lanes)

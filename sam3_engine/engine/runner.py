@@ -18,16 +18,14 @@ from collections.abc import Callable
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import pyarrow as pa
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from sam3_engine.engine.stage import STATS_KEY, Derivation, Stage, WorkerContext, WorkUnit, start_worker
+from sam3_engine.engine.store import LedgerEntry, TableStore
 from sam3_engine.schemas.tables import UNITS
-
-if TYPE_CHECKING:
-    from sam3_engine.engine.store import TableStore
 
 PR_SET_PDEATHSIG = 1
 """prctl option (linux/prctl.h): the signal a process gets when its parent dies."""
@@ -93,7 +91,7 @@ def isolate(
     unit: WorkUnit,
     run_alone: Callable[[WorkUnit], dict[str, pa.Table]],
     deaths: tuple[type[BaseException], ...],
-    committed: Callable[[WorkUnit, dict[str, pa.Table]], None],
+    committed: Commit,
 ) -> int:
     """Run a unit that killed its worker twice item by item, each on a fresh worker (``run_alone``); an item
     that kills its worker again gets the stage's ``process_isolated`` rows. Commits the unit; returns the crashes."""
@@ -104,7 +102,7 @@ def isolate(
         except deaths as exc:
             crashes += 1
             parts.append(stage.process_isolated(unit, item, str(exc).splitlines()[0] if str(exc) else "the worker process died"))
-    committed(unit, {spec.name: pa.concat_tables([part[spec.name] for part in parts]) for spec in stage.outputs})
+    committed([(unit, {spec.name: pa.concat_tables([part[spec.name] for part in parts]) for spec in stage.outputs})])
     return crashes
 
 
@@ -123,12 +121,16 @@ class _Commits:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-class Executor(Protocol):
-    """Where units run. ``execute`` calls ``committed(unit, tables)`` for every unit and returns the worker crashes it saw."""
+Finished = list[tuple[WorkUnit, dict[str, pa.Table]]]
+"""Units whose results arrived together, with their tables: the runner commits them together."""
+Commit = Callable[[Finished], None]
 
-    def execute(
-        self, stage: Stage, units: list[WorkUnit], committed: Callable[[WorkUnit, dict[str, pa.Table]], None], context: WorkerContext
-    ) -> int: ...
+
+class Executor(Protocol):
+    """Where units run. ``execute`` hands every finished unit to ``committed`` (those that finished together in one call)
+    and returns the worker crashes it saw."""
+
+    def execute(self, stage: Stage, units: list[WorkUnit], committed: Commit, context: WorkerContext) -> int: ...
 
     def describe(self) -> dict:
         """Where the last ``execute`` ran its units, for the run summary."""
@@ -144,6 +146,17 @@ class UnitRunner:
         self._commits = _Commits()
         self._uncompacted: dict[str, int] = {}
         """Commits to each table since it was last compacted by this runner."""
+        self._ledger: dict[str, set[str]] | None = None
+        """The done units by ledger stage: read once, then kept up to date by this runner, the only committer."""
+
+    def done(self, ledger_stage: str) -> set[str]:
+        if self._ledger is None:
+            self._ledger = self.store.ledger()
+        return self._ledger.setdefault(ledger_stage, set())
+
+    def _forget(self, ledger_stage: str, unit_ids: set[str]) -> None:
+        self.store.delete_units(UNITS, unit_ids)
+        self.done(ledger_stage).difference_update(unit_ids)
 
     def run(self, stage: Stage, executor: Executor) -> StageReport:
         started = time.monotonic()
@@ -152,13 +165,13 @@ class UnitRunner:
         report.units_total = len(units)
         report.items_total = sum(u.size for u in units)
         planned = {u.unit_id for u in units}
-        done = self.store.done_units(stage.ledger)
+        done = self.done(stage.ledger)
         stale = done - planned
         if stale:
             # Rows of units that the current config and inputs no longer produce.
             for spec in stage.outputs:
                 self.store.delete_units(spec, stale)
-            self.store.delete_units(UNITS, stale)
+            self._forget(stage.ledger, stale)
             report.units_removed = len(stale)
         todo = [u for u in units if u.unit_id not in done]
         report.units_skipped = len(units) - len(todo)
@@ -166,11 +179,13 @@ class UnitRunner:
         if self.progress is not None:
             task = self.progress.add_task(stage.name, total=report.items_total, completed=report.items_total - sum(u.size for u in todo))
 
-        def committed(unit: WorkUnit, tables: dict[str, pa.Table]) -> None:
-            self._commit(stage, unit, tables)
-            report.units_committed += 1
+        def committed(finished: Finished) -> None:
+            group = self.store.storage_config.units_per_commit
+            for start in range(0, len(finished), group):
+                self._commit(stage, finished[start : start + group])
+            report.units_committed += len(finished)
             if task is not None:
-                self.progress.advance(task, unit.size)
+                self.progress.advance(task, sum(unit.size for unit, _ in finished))
 
         context = WorkerContext(self.store.run_url, self.store.storage_config)
         report.worker_crashes = executor.execute(stage, todo, committed, context)
@@ -190,9 +205,8 @@ class UnitRunner:
         ledger_stage = derivation.unit_id.split(":", 1)[0]
         if ledger_stage == stage.ledger:
             raise ValueError(f"derivation {derivation.unit_id} shares the ledger of stage {stage.name}'s units")
-        done = self.store.done_units(ledger_stage)
-        self.store.delete_units(UNITS, done - {derivation.unit_id})
-        if derivation.unit_id in done:
+        self._forget(ledger_stage, self.done(ledger_stage) - {derivation.unit_id})
+        if derivation.unit_id in self.done(ledger_stage):
             return
         if derivation.key is None:
             written = self.store.overwrite(derivation.table, derivation.rows)
@@ -200,14 +214,22 @@ class UnitRunner:
             written = self.store.replace(derivation.table, derivation.key, derivation.rows)
         self._commits.tick()
         self.store.record_unit(ledger_stage, derivation.unit_id, self.attempt_id, num_inputs, {derivation.table.name: written})
+        self.done(ledger_stage).add(derivation.unit_id)
         self._commits.tick()
 
-    def _commit(self, stage: Stage, unit: WorkUnit, tables: dict[str, pa.Table]) -> None:
-        written = {}
+    def _commit(self, stage: Stage, finished: Finished) -> None:
+        """One commit per output table for all of ``finished``, then one ledger commit: a kill between them leaves rows
+        without ledger entries, which the resumed run replaces."""
+        unit_ids = [unit.unit_id for unit, _ in finished]
         for spec in stage.outputs:
-            written[spec.name] = self.store.replace(spec, unit.unit_id, tables[spec.name])
+            self.store.replace(spec, unit_ids, [tables[spec.name] for _, tables in finished])
             self._committed(spec.name)
-        self.store.record_unit(stage.ledger, unit.unit_id, self.attempt_id, unit.size, written, tables.get(STATS_KEY))
+        entries = [
+            LedgerEntry(unit.unit_id, unit.size, {s.name: tables[s.name].num_rows for s in stage.outputs}, tables.get(STATS_KEY) or {})
+            for unit, tables in finished
+        ]
+        self.store.record_units(stage.ledger, self.attempt_id, entries)
+        self.done(stage.ledger).update(unit_ids)
         self._committed(UNITS.name)
         self._compact(minimum=self.store.storage_config.compact_every)
 
@@ -278,17 +300,17 @@ class ProcessExecutor:
 
     @staticmethod
     def _collect(finished, inflight: dict[Future, WorkUnit], suspects: list[WorkUnit], committed) -> bool:
-        """Commit finished units; those whose worker died become suspects. True if the pool broke."""
-        broken = False
+        """Commit finished units together; those whose worker died become suspects. True if the pool broke."""
+        broken, results = False, []
         for future in finished:
             unit = inflight.pop(future)
             try:
-                tables = future.result()
+                results.append((unit, future.result()))
             except BrokenProcessPool:
                 suspects.append(unit)
                 broken = True
-                continue
-            committed(unit, tables)
+        if results:
+            committed(results)
         return broken
 
     def _run_suspect(self, stage: Stage, context: WorkerContext, unit: WorkUnit, committed) -> int:
@@ -299,7 +321,7 @@ class ProcessExecutor:
                 return pool.submit(_process, single).result()
 
         try:
-            committed(unit, run_alone(unit))
+            committed([(unit, run_alone(unit))])
             return 0
         except BrokenProcessPool:
             return 1 + isolate(stage, unit, run_alone, (BrokenProcessPool,), committed)

@@ -9,7 +9,8 @@ The ``units`` ledger is committed last; a unit in the ledger is done.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import pyarrow as pa
@@ -30,6 +31,16 @@ def _literal(value: str) -> str:
     if not _SAFE_ID.match(value):
         raise ValueError(f"not a valid unit or attempt id: {value!r}")
     return f"'{value}'"
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One unit's row in the ``units`` ledger: what it read and wrote."""
+
+    unit_id: str
+    num_inputs: int
+    rows_written: dict[str, int]
+    stats: dict[str, float] = field(default_factory=dict)
 
 
 class TableStore:
@@ -73,17 +84,22 @@ class TableStore:
             return empty.select(columns) if columns else empty
         return table.to_pyarrow_table(columns=columns)
 
-    def replace(self, spec: TableSpec, key: str, rows: pa.Table | pa.RecordBatchReader) -> int:
-        """Make ``rows`` the only rows of ``spec`` whose replace column equals ``key``; one commit."""
+    def replace(self, spec: TableSpec, keys: str | Collection[str], rows: pa.Table | pa.RecordBatchReader | Sequence[pa.Table]) -> int:
+        """Make ``rows`` the only rows of ``spec`` whose replace column is one of ``keys``: one commit, however many keys
+        (several finished units committed together). ``rows`` may come as one table per key; all are validated together."""
+        keys = [keys] if isinstance(keys, str) else sorted(set(keys))
         rows = rows.read_all() if isinstance(rows, pa.RecordBatchReader) else rows
+        parts = [rows] if isinstance(rows, pa.Table) else list(rows)
+        rows = pa.concat_tables(parts, promote_options="default") if parts else spec.stored_schema.empty_table()
         rows = validate(spec, rows).cast(spec.stored_schema)
-        if rows.num_rows and set(rows.column(spec.replace_column).unique().to_pylist()) != {key}:
-            raise ValueError(f"rows for {spec.name!r} must all have {spec.replace_column} = {key!r}")
+        stray = set(rows.column(spec.replace_column).unique().to_pylist()) - set(keys) if rows.num_rows else set()
+        if stray:
+            raise ValueError(f"rows for {spec.name!r} have {spec.replace_column} {sorted(stray)[:3]}, outside the keys replaced")
         write_deltalake(
             self.table_url(spec.name),
             rows,
             mode="overwrite",
-            predicate=f"{spec.replace_column} = {_literal(key)}",
+            predicate=_in_predicate(spec.replace_column, keys),
             storage_options=self._delta_options,
         )
         return rows.num_rows
@@ -122,15 +138,40 @@ class TableStore:
             table.vacuum(retention_hours=self.storage_config.vacuum_retention_hours, dry_run=False, enforce_retention_duration=False)
 
     def delete_units(self, spec: TableSpec, unit_ids: Iterable[str]) -> None:
-        literals = [_literal(u) for u in sorted(set(unit_ids))]
-        table = self.open(spec.name)
-        if table is None or not literals:
+        unit_ids = sorted(set(unit_ids))
+        if not unit_ids:
             return
-        table.delete(f"{spec.replace_column} IN ({', '.join(literals)})")
+        predicate = _in_predicate(spec.replace_column, unit_ids)
+        table = self.open(spec.name)
+        if table is not None:
+            table.delete(predicate)
+
+    def ledger(self) -> dict[str, set[str]]:
+        """Every done unit, by ledger stage: one read, which the runner keeps for the rest of its attempt."""
+        ledger = self.read(UNITS.name, columns=["unit_id", "stage"])
+        done: dict[str, set[str]] = {}
+        for unit_id, stage in zip(ledger["unit_id"].to_pylist(), ledger["stage"].to_pylist(), strict=True):
+            done.setdefault(stage, set()).add(unit_id)
+        return done
 
     def done_units(self, stage: str) -> set[str]:
-        ledger = self.read(UNITS.name, columns=["unit_id", "stage"])
-        return {u for u, s in zip(ledger["unit_id"].to_pylist(), ledger["stage"].to_pylist(), strict=True) if s == stage}
+        return self.ledger().get(stage, set())
+
+    def record_units(self, stage: str, attempt_id: str, entries: Sequence[LedgerEntry]) -> None:
+        """Mark units done in one ledger commit, after their rows are committed."""
+        now = datetime.now(UTC)
+        rows = pa.table(
+            {
+                "unit_id": [e.unit_id for e in entries],
+                "stage": [stage] * len(entries),
+                "attempt_id": [attempt_id] * len(entries),
+                "num_inputs": [e.num_inputs for e in entries],
+                "rows_written": pa.array([list(e.rows_written.items()) for e in entries], type=pa.map_(pa.string(), pa.int64())),
+                "stats": pa.array([list((e.stats or {}).items()) for e in entries], type=pa.map_(pa.string(), pa.float64())),
+                "committed_at": [now] * len(entries),
+            }
+        )
+        self.replace(UNITS, [e.unit_id for e in entries], rows)
 
     def record_unit(
         self,
@@ -141,18 +182,13 @@ class TableStore:
         rows_written: dict[str, int],
         stats: dict[str, float] | None = None,
     ) -> None:
-        row = pa.table(
-            {
-                "unit_id": [unit_id],
-                "stage": [stage],
-                "attempt_id": [attempt_id],
-                "num_inputs": [num_inputs],
-                "rows_written": pa.array([list(rows_written.items())], type=pa.map_(pa.string(), pa.int64())),
-                "stats": pa.array([list((stats or {}).items())], type=pa.map_(pa.string(), pa.float64())),
-                "committed_at": [datetime.now(UTC)],
-            }
-        )
-        self.replace(UNITS, unit_id, row)
+        self.record_units(stage, attempt_id, [LedgerEntry(unit_id, num_inputs, rows_written, stats or {})])
+
+
+def _in_predicate(column: str, keys: Sequence[str]) -> str:
+    """A Delta predicate selecting these keys' rows (one key: an equality, which delta-rs prunes files with)."""
+    literals = [_literal(k) for k in keys]
+    return f"{column} = {literals[0]}" if len(literals) == 1 else f"{column} IN ({', '.join(literals)})"
 
 
 def _validated(spec: TableSpec, reader: pa.RecordBatchReader):

@@ -39,7 +39,7 @@ def _cli(input_dir, output, env_extra=None, *settings, **popen):
         "--output",
         str(output),
         "--workers",
-        "1",
+        str(popen.pop("workers", 1)),
         "--stages",
         "ingest",
         "--set",
@@ -92,6 +92,22 @@ def test_killed_around_compactions_then_resumed_gives_the_same_rows(synthetic_di
     assert len(sources.file_uris()) <= 3 < units, "compacted: a few files, not one per unit"
     on_disk = list((tmp_path / "run" / "tables" / "sources").glob("*.parquet"))
     assert len(on_disk) == len(sources.file_uris()), "vacuum (retention 0) deleted every replaced file"
+
+
+@pytest.mark.parametrize("commits", [2, 3, 5, 8])
+def test_killed_inside_grouped_commits_then_resumed_gives_the_same_rows(synthetic_dir, tmp_path, reference, commits):
+    """Two workers finish units while the driver commits, so units are committed in groups (one commit per table, then
+    one ledger commit): a kill between a group's table commits and its ledger commit leaves several units' rows without
+    ledger rows; the resumed run replaces them and ends with exactly the rows of an uninterrupted run."""
+    killed = _cli(synthetic_dir, tmp_path / "run", {KILL_AFTER_COMMITS_ENV: str(commits)}, workers=2)
+    killed.wait(120)
+    assert killed.returncode == -signal.SIGKILL
+    resumed = _cli(synthetic_dir, tmp_path / "run", None, workers=2)
+    output = resumed.communicate(timeout=120)[0].decode()
+    assert resumed.returncode == 0, output
+    assert _snapshot(tmp_path / "run") == reference
+    ledger_writes = sum(entry["operation"] == "WRITE" for entry in DeltaTable(str(tmp_path / "run" / "tables" / "units")).history())
+    assert ledger_writes < len(reference["units"]), "units were committed in groups"
 
 
 def test_killed_again_while_resuming_then_finished_gives_the_same_rows(synthetic_dir, tmp_path, reference):

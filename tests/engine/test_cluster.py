@@ -1,0 +1,200 @@
+"""The whole pipeline on a real multi-node Ray cluster (``ray start``: a head and two worker nodes, separate processes on
+this machine), input and output on the loopback S3 server: every table's rows equal a local run's, and a worker node
+killed mid-stage loses and duplicates nothing."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+
+from sam3_engine.engine.config import StorageConfig
+from sam3_engine.engine.ray_executor import KILL_NODE_ONCE_ENV
+from sam3_engine.engine.store import TableStore
+from sam3_engine.schemas.tables import TABLES
+from tests.conftest import EXAMPLES
+from tests.helpers import rows
+
+RAY = str(Path(sys.executable).with_name("ray"))
+RUN_COLUMNS = {"run_id", "attempt_id", "committed_at", "stats"}
+"""Columns that say which run or attempt wrote a row, when, and how fast (a unit's model seconds and peak memory): the only
+ones two runs of the same inputs may differ in."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ports(index: int) -> list[str]:
+    """Each node of a cluster on one machine needs ports of its own (Ray's defaults are fixed numbers); node ``index``'s
+    workers get a range of their own below Linux's ephemeral ports, where no other node's ports are drawn."""
+    low = 21000 + 500 * index
+    return [
+        f"--node-manager-port={_free_port()}",
+        f"--object-manager-port={_free_port()}",
+        f"--runtime-env-agent-port={_free_port()}",
+        f"--metrics-export-port={_free_port()}",
+        f"--dashboard-agent-grpc-port={_free_port()}",
+        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--min-worker-port={low}",
+        f"--max-worker-port={low + 499}",
+    ]
+
+
+class Nodes:
+    """A Ray cluster of ``ray start --block`` processes, each a node; stopping one's process group stops the node. As in
+    ``ray_cluster.yaml``, the head has no CPUs for work: every unit runs on a worker node. Ray resolves 127.0.0.1 to the
+    machine's own address for ``ray start``, so the nodes listen there; nothing leaves this machine."""
+
+    def __init__(self, env: dict):
+        self.env = env
+        self.temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay short
+        port = _free_port()
+        self.address = f"127.0.0.1:{port}"
+        self.processes = [self._start(["--head", f"--port={port}", f"--temp-dir={self.temp}", "--include-dashboard=false"], cpus=0)]
+
+    def _start(self, arguments: list[str], cpus: int = 2) -> subprocess.Popen:
+        index = len(getattr(self, "processes", []))
+        command = [RAY, "start", "--block", f"--num-cpus={cpus}", "--num-gpus=0", "--disable-usage-stats", *_ports(index), *arguments]
+        log = open(Path(self.temp) / f"node{index}.log", "w")  # noqa: SIM115
+        return subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def add_worker(self) -> None:
+        self.processes.append(self._start([f"--address={self.address}"]))
+
+    def alive(self) -> int:
+        done = subprocess.run([RAY, "status", f"--address={self.address}"], env=self.env, capture_output=True, text=True, timeout=60)
+        if done.returncode != 0 or "Active:" not in done.stdout:  # not up yet, or the autoscaler has no report yet
+            return 0
+        active = done.stdout.split("Active:", 1)[1].split("Pending:", 1)[0]
+        return sum(line.strip().split(" ", 1)[-1].startswith("node_") for line in active.splitlines())
+
+    def wait_for(self, count: int) -> None:
+        deadline = time.monotonic() + 120
+        while self.alive() != count:
+            assert time.monotonic() < deadline, f"the cluster did not reach {count} nodes: {self.logs()}"
+            time.sleep(1)
+
+    def logs(self) -> str:
+        """The tails of the nodes' ``ray start`` output and of their raylets' logs, for a failure's message."""
+        logs = sorted(Path(self.temp).glob("node*.log")) + sorted(Path(self.temp).glob("session_latest/logs/raylet*"))
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-800:]}" for p in logs)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_server):
+    """Started after the S3 server, so that the nodes' workers have its credentials in their environment. Token
+    authentication (on by default for ``ray start``) is off: every node and driver is on this machine."""
+    nodes = Nodes({**os.environ, "RAY_AUTH_MODE": "disabled"})
+    try:
+        nodes.wait_for(1)
+        for count in (2, 3):  # one at a time: nodes starting together on one machine race for the same log and port files
+            nodes.add_worker()
+            nodes.wait_for(count)
+        yield nodes
+    finally:
+        nodes.stop()
+
+
+@pytest.fixture(scope="module")
+def quickstart_bucket(s3_server):
+    client = boto3.client("s3", endpoint_url=s3_server)
+    client.create_bucket(Bucket="cluster")
+    for path in [EXAMPLES / "manifest.jsonl", *sorted((EXAMPLES / "images").glob("*.jpg"))]:
+        client.upload_file(str(path), "cluster", f"quickstart/{path.relative_to(EXAMPLES)}")
+    return "s3://cluster"
+
+
+def _run(bucket, s3_server, output, env, *settings):
+    command = [
+        sys.executable,
+        "-m",
+        "sam3_engine",
+        "run",
+        "-q",
+        str(EXAMPLES / "quickstart.yaml"),
+        "--input",
+        f"{bucket}/quickstart/manifest.jsonl",
+        "--output",
+        f"{bucket}/runs/{output}",
+        "--set",
+        f"storage.endpoint_url={s3_server}",
+        *(part for setting in settings for part in ("--set", setting)),
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return f"{bucket}/runs/{output}"
+
+
+def _snapshot(run_url, s3_server) -> dict[str, list[dict]]:
+    """Every table of the run but ``runs`` (one row per attempt), without the columns that name the run or attempt."""
+    storage = StorageConfig(endpoint_url=s3_server)
+    store = TableStore(run_url, storage)
+    snapshot = {}
+    for name, spec in TABLES.items():
+        if name == "runs" or store.open(name) is None:
+            continue
+        columns = [f'"{c}"' for c in spec.schema.names if c not in RUN_COLUMNS]
+        snapshot[name] = rows(run_url, f"SELECT {', '.join(columns)} FROM {name} ORDER BY ALL", storage_config=storage)
+    return snapshot
+
+
+def _executors(run_url, s3_server) -> dict[str, dict]:
+    storage = StorageConfig(endpoint_url=s3_server)
+    (summary,) = rows(run_url, "SELECT summary_json FROM runs WHERE status = 'finished'", storage_config=storage)
+    return {stage["name"]: stage["executor"] for stage in json.loads(summary["summary_json"])["stages"]}
+
+
+@pytest.fixture(scope="module")
+def local_run(quickstart_bucket, s3_server):
+    """The reference: CPU stages on the driver's process pool, model stages on a private local Ray."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run_url = _run(quickstart_bucket, s3_server, "local", env)
+    assert {e["executor"] for e in _executors(run_url, s3_server).values()} == {"processes", "ray"}
+    return _snapshot(run_url, s3_server)
+
+
+def test_the_whole_pipeline_on_a_three_node_cluster_gives_the_rows_of_a_local_run(cluster, local_run, quickstart_bucket, s3_server):
+    env = {**cluster.env, "RAY_ADDRESS": cluster.address}
+    run_url = _run(quickstart_bucket, s3_server, "cluster", env)
+    executors = _executors(run_url, s3_server)
+    assert {name: e["executor"] for name, e in executors.items()} == dict.fromkeys(executors, "ray"), "every stage on the cluster"
+    assert {e["ray_nodes"] for e in executors.values() if "ray_nodes" in e} == {3}
+    assert _snapshot(run_url, s3_server) == local_run
+    assert {"images", "concepts", "masks", "pair_verifications", "splits"} <= set(local_run)
+
+
+def test_a_worker_node_killed_mid_stage_loses_and_duplicates_nothing(cluster, local_run, quickstart_bucket, s3_server, tmp_path):
+    marker = tmp_path / "node-killed"
+    env = {**cluster.env, "RAY_ADDRESS": cluster.address, KILL_NODE_ONCE_ENV: str(marker)}
+    run_url = _run(quickstart_bucket, s3_server, "node-killed", env)
+    try:
+        assert marker.exists(), "a worker node must really have been killed"
+        assert cluster.alive() == 2
+    finally:  # the other test may run after this one: it needs three nodes
+        cluster.add_worker()
+        cluster.wait_for(3)
+    assert _snapshot(run_url, s3_server) == local_run
+    crashes = rows(run_url, "SELECT summary_json FROM runs WHERE status = 'finished'", storage_config=StorageConfig(endpoint_url=s3_server))
+    assert sum(stage["worker_crashes"] for stage in json.loads(crashes[0]["summary_json"])["stages"]) >= 1
