@@ -72,11 +72,21 @@ def measure(units: int, group: int, run_url: str, storage: StorageConfig) -> dic
         "units": units,
         "units_per_commit": group,
         "compact_every": storage.compact_every,
+        "retention_h": storage.vacuum_retention_hours,
         "storage": "s3" if run_url.startswith("s3://") else "local",
         "ms_per_unit_by_tenth": per_tenth,
         "resume_planning_s": round(planning, 3),
         "files": {name: len(store.files(name)) for name in (REJECTS.name, UNITS.name)},
+        "log_files": {name: len(store_log(store, name)) for name in (REJECTS.name, UNITS.name)},
     }
+
+
+def store_log(store: TableStore, name: str) -> list[str]:
+    """The files in a table's ``_delta_log`` (commits and checkpoints): what loading the table lists."""
+    from sam3_engine.engine import storage
+
+    fs, path = storage.filesystem(storage.join(store.table_url(name), "_delta_log"), store.storage_config)
+    return fs.ls(path, detail=False)
 
 
 @contextlib.contextmanager
@@ -109,10 +119,16 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=1, help="units that finish together, committed together")
     parser.add_argument("--compact-every", type=int, default=StorageConfig().compact_every)
     parser.add_argument("--s3", action="store_true", help="run directory on a loopback S3 server (moto)")
+    parser.add_argument("--vacuum-retention-hours", type=int, default=StorageConfig().vacuum_retention_hours)
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
         endpoint = stack.enter_context(loopback_s3()) if args.s3 else None
-        storage = StorageConfig(compact_every=args.compact_every, units_per_commit=args.group, endpoint_url=endpoint)
+        storage = StorageConfig(
+            compact_every=args.compact_every,
+            units_per_commit=args.group,
+            endpoint_url=endpoint,
+            vacuum_retention_hours=args.vacuum_retention_hours,
+        )
         for units in args.units:
             if endpoint:
                 print(json.dumps(measure(units, args.group, f"s3://bench/{uuid.uuid4().hex}", storage)), flush=True)

@@ -60,8 +60,8 @@ class StorageConfig(ConfigSection):
     vacuum_retention_hours: int = Field(
         1,
         ge=0,
-        description="Files that compaction replaced are deleted once they are this old: a reader holding an older snapshot "
-        "(a live dashboard) keeps its files until then.",
+        description="Files that compaction replaced, and log entries before the latest checkpoint, are deleted once they are "
+        "this old: a reader holding an older snapshot (a live dashboard) keeps its files until then.",
     )
 
 

@@ -238,13 +238,16 @@ class UnitRunner:
         self._commits.tick()
 
     def _compact(self, minimum: int) -> None:
-        """Compact each table with at least ``minimum`` commits since its last compaction: every ``storage.compact_every``
-        commits while a stage runs, and whatever a stage left at its end, so that a commit costs the same at any size."""
+        """Compact each table with at least ``minimum`` commits since its last compaction (every ``storage.compact_every``
+        commits while a stage runs, and whatever a stage left at its end), vacuum it and trim its log, so that a commit
+        costs the same at any size."""
         for table, count in list(self._uncompacted.items()):
             if count >= minimum:
                 self.store.compact(table)
                 self._commits.tick()
                 self.store.vacuum(table)
+                self._commits.tick()
+                self.store.trim_log(table)
                 self._commits.tick()
                 self._uncompacted[table] = 0
 

@@ -137,6 +137,20 @@ class TableStore:
         if table is not None:
             table.vacuum(retention_hours=self.storage_config.vacuum_retention_hours, dry_run=False, enforce_retention_duration=False)
 
+    def trim_log(self, name: str) -> None:
+        """Checkpoint the table's log and delete the commit files before the checkpoint that are older than
+        ``vacuum_retention_hours``: loading the table (every commit does) lists the log, so an ever-growing log would make
+        every commit slower. The table's rows are in the checkpoint; only time travel to older versions is given up."""
+        table = self.open(name)
+        if table is None:
+            return
+        retention = f"interval {self.storage_config.vacuum_retention_hours} hours"
+        if table.metadata().configuration.get("delta.logRetentionDuration") != retention:
+            table.alter.set_table_properties({"delta.logRetentionDuration": retention}, raise_if_not_exists=False)
+            table = self.open(name)
+        table.create_checkpoint()
+        table.cleanup_metadata()
+
     def delete_units(self, spec: TableSpec, unit_ids: Iterable[str]) -> None:
         unit_ids = sorted(set(unit_ids))
         if not unit_ids:

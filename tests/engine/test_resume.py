@@ -92,6 +92,8 @@ def test_killed_around_compactions_then_resumed_gives_the_same_rows(synthetic_di
     assert len(sources.file_uris()) <= 3 < units, "compacted: a few files, not one per unit"
     on_disk = list((tmp_path / "run" / "tables" / "sources").glob("*.parquet"))
     assert len(on_disk) == len(sources.file_uris()), "vacuum (retention 0) deleted every replaced file"
+    commits = list((tmp_path / "run" / "tables" / "sources" / "_delta_log").glob("*.json"))
+    assert len(commits) < sources.version(), "the log was checkpointed and its older commit files deleted"
 
 
 @pytest.mark.parametrize("commits", [2, 3, 5, 8])
