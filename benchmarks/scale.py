@@ -2,6 +2,7 @@
 
     pip install -e '.[bench]'
     python benchmarks/scale.py --images 1000 5000          # each size in its own run directory
+    python benchmarks/scale.py --images 2000 --stages ingest,mine --cpu-stages ray   # CPU stages as Ray tasks
 
 The corpus is ``mine_throughput.corpus`` (distinct crops of the example photos, captions from the
 ontology's names). Every stage of the quickstart runs, with tiny-random SAM 3, CLIP and VLM (same
@@ -64,7 +65,7 @@ class PeakMemoryByKind(threading.Thread):
             time.sleep(0.2)
 
 
-def measure(images: int, tmp: Path) -> dict:
+def measure(images: int, tmp: Path, stages: str, cpu_stages: str) -> dict:
     from sam3_engine.app.pipeline import run_pipeline
     from sam3_engine.engine.config import load_config
     from sam3_engine.engine.store import TableStore
@@ -74,7 +75,8 @@ def measure(images: int, tmp: Path) -> dict:
     settings = {
         "input": str(manifest),
         "output": str(tmp / "run"),
-        "stages": STAGES,
+        "stages": stages,
+        "ray.cpu_stages": cpu_stages,
         "model.name": "tiny-random",
         "clip.model": "tiny-random",
         "verify_vlm.model": "tiny-random",
@@ -94,6 +96,7 @@ def measure(images: int, tmp: Path) -> dict:
     store = TableStore(str(tmp / "run"))
     return {
         "images": images,
+        "cpu_stages": cpu_stages,
         "total_s": round(result.seconds, 1),
         "stages": {s.name: {"s": round(s.seconds, 1), "img_per_s": round(images / s.seconds, 1)} for s in result.stages},
         "peak_rss_mib": {k: round(v / 2**20) for k, v in sorted(memory.peaks.items())},
@@ -105,10 +108,12 @@ def measure(images: int, tmp: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, nargs="+", default=[1000])
+    parser.add_argument("--stages", default=STAGES)
+    parser.add_argument("--cpu-stages", default="auto", choices=["auto", "ray", "processes"])
     args = parser.parse_args()
     for images in args.images:
         with tempfile.TemporaryDirectory() as tmp:
-            print(json.dumps(measure(images, Path(tmp))), flush=True)
+            print(json.dumps(measure(images, Path(tmp), args.stages, args.cpu_stages)), flush=True)
 
 
 if __name__ == "__main__":

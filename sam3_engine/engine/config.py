@@ -46,7 +46,7 @@ class StorageConfig(ConfigSection):
         description="Commit Delta tables on S3 without a lock (safe: only the run's driver commits).",
     )
     compact_every: int = Field(
-        100,
+        25,
         ge=1,
         description="Compact a table's small files into large ones after this many commits to it (and at the end of a stage), "
         "so that a commit's cost does not grow with the run.",
