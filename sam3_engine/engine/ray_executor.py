@@ -17,13 +17,12 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections import deque
 from dataclasses import dataclass, field, replace
 
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, NodeDiedError, ObjectLostError, RayActorError, WorkerCrashedError
 
-from sam3_engine.engine.runner import crash_if_asked, isolate
+from sam3_engine.engine.runner import Pending, crash_if_asked, isolate
 from sam3_engine.engine.stage import Stage, WorkerContext, WorkUnit, start_worker
 
 KILL_ACTOR_ONCE_ENV = "SAM3_ENGINE_KILL_MODEL_ACTOR_ONCE"
@@ -197,10 +196,9 @@ class _Lanes:
         """Release what the lanes hold."""
 
 
-def drive(stage: Stage, units: list[WorkUnit], committed, lanes: _Lanes) -> int:
+def drive(stage: Stage, pending: Pending, committed, lanes: _Lanes) -> int:
     """Run units with at most ``capacity`` in flight per lane; commit those that finish together in one call. A unit
     whose worker (or node) dies is redone; one that dies twice is isolated item by item. Returns the crashes seen."""
-    pending = deque(units)
     strikes: dict[str, int] = {}
     inflight: dict[ray.ObjectRef, tuple[WorkUnit, object]] = {}
     load: dict[object, int] = {}
@@ -209,7 +207,7 @@ def drive(stage: Stage, units: list[WorkUnit], committed, lanes: _Lanes) -> int:
         while pending or inflight:
             for lane in lanes.lanes():
                 while pending and load.get(lane, 0) < lanes.capacity:
-                    unit = pending.popleft()
+                    unit = pending.pop()
                     inflight[lanes.submit(lane, unit)] = (unit, lane)
                     load[lane] = load.get(lane, 0) + 1
             refs = list(inflight)
@@ -226,7 +224,7 @@ def drive(stage: Stage, units: list[WorkUnit], committed, lanes: _Lanes) -> int:
                     crashes += lanes.lost(lane)
                     strikes[unit.unit_id] = strikes.get(unit.unit_id, 0) + 1
                     if strikes[unit.unit_id] < 2:
-                        pending.appendleft(unit)
+                        pending.redo(unit)
                     else:
                         crashes += isolate(stage, unit, lanes.run_alone, _DEATHS, committed)
             if results:
@@ -313,7 +311,7 @@ class RayExecutor:
     def describe(self) -> dict:
         return self.placement
 
-    def execute(self, stage: Stage, units: list[WorkUnit], committed, context: WorkerContext) -> int:
+    def execute(self, stage: Stage, units: Pending, committed, context: WorkerContext) -> int:
         if not units:  # every unit done (say, a verdict-only re-run): no cluster, no model
             self.placement = {"executor": "ray", "model_actors": 0}
             return 0
@@ -335,7 +333,7 @@ class RayTaskExecutor:
     def describe(self) -> dict:
         return self.placement
 
-    def execute(self, stage: Stage, units: list[WorkUnit], committed, context: WorkerContext) -> int:
+    def execute(self, stage: Stage, units: Pending, committed, context: WorkerContext) -> int:
         if not units:
             self.placement = {"executor": "ray", "tasks": 0}
             return 0

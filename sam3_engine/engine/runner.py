@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -126,11 +126,41 @@ Finished = list[tuple[WorkUnit, dict[str, pa.Table]]]
 Commit = Callable[[Finished], None]
 
 
-class Executor(Protocol):
-    """Where units run. ``execute`` hands every finished unit to ``committed`` (those that finished together in one call)
-    and returns the worker crashes it saw."""
+class Pending:
+    """The units still to send: those to redo first, then the plan's, drawn one at a time as workers have room, so that
+    neither the driver nor an executor ever holds every unit's items."""
 
-    def execute(self, stage: Stage, units: list[WorkUnit], committed: Commit, context: WorkerContext) -> int: ...
+    def __init__(self, units: Iterable[WorkUnit]):
+        self._plan = iter(units)
+        self._next: deque[WorkUnit] = deque()
+
+    def __bool__(self) -> bool:
+        if not self._next:
+            unit = next(self._plan, None)
+            if unit is None:
+                return False
+            self._next.append(unit)
+        return True
+
+    def pop(self) -> WorkUnit:
+        if not self:
+            raise IndexError("no units left")
+        return self._next.popleft()
+
+    def redo(self, unit: WorkUnit) -> None:
+        """Send ``unit`` again, before any other."""
+        self._next.appendleft(unit)
+
+    def __iter__(self):
+        while self:
+            yield self.pop()
+
+
+class Executor(Protocol):
+    """Where units run. ``execute`` draws units from ``units`` as it has room for them, hands every finished unit to
+    ``committed`` (those that finished together in one call) and returns the worker crashes it saw."""
+
+    def execute(self, stage: Stage, units: Pending, committed: Commit, context: WorkerContext) -> int: ...
 
     def describe(self) -> dict:
         """Where the last ``execute`` ran its units, for the run summary."""
@@ -161,10 +191,10 @@ class UnitRunner:
     def run(self, stage: Stage, executor: Executor) -> StageReport:
         started = time.monotonic()
         report = StageReport(stage.name)
-        units = stage.plan(self.store)
-        report.units_total = len(units)
-        report.items_total = sum(u.size for u in units)
-        planned = {u.unit_id for u in units}
+        sizes = {unit.unit_id: unit.size for unit in stage.plan(self.store)}
+        report.units_total = len(sizes)
+        report.items_total = sum(sizes.values())
+        planned = set(sizes)
         done = self.done(stage.ledger)
         stale = done - planned
         if stale:
@@ -173,11 +203,21 @@ class UnitRunner:
                 self.store.delete_units(spec, stale)
             self._forget(stage.ledger, stale)
             report.units_removed = len(stale)
-        todo = [u for u in units if u.unit_id not in done]
-        report.units_skipped = len(units) - len(todo)
+        todo = planned - done
+        report.units_skipped = len(planned) - len(todo)
+        todo_items = sum(sizes[unit_id] for unit_id in todo)
+        del sizes
+
+        def todo_units():
+            """The plan again, made as units are sent: only ids and sizes were kept from the first reading."""
+            for unit in stage.plan(self.store):
+                if unit.unit_id in todo:
+                    todo.discard(unit.unit_id)
+                    yield unit
+
         task = None
         if self.progress is not None:
-            task = self.progress.add_task(stage.name, total=report.items_total, completed=report.items_total - sum(u.size for u in todo))
+            task = self.progress.add_task(stage.name, total=report.items_total, completed=report.items_total - todo_items)
 
         def committed(finished: Finished) -> None:
             group = self.store.storage_config.units_per_commit
@@ -188,7 +228,7 @@ class UnitRunner:
                 self.progress.advance(task, sum(unit.size for unit, _ in finished))
 
         context = WorkerContext(self.store.run_url, self.store.storage_config)
-        report.worker_crashes = executor.execute(stage, todo, committed, context)
+        report.worker_crashes = executor.execute(stage, Pending(todo_units() if todo else ()), committed, context)
         report.executor = executor.describe()
         self._compact(minimum=2)  # a table with one new file has nothing to merge
         for derivation in stage.derive(self.store, sorted(planned)):
@@ -261,7 +301,9 @@ class ProcessExecutor:
     def describe(self) -> dict:
         return {"executor": "processes", "workers": self.workers}
 
-    def execute(self, stage: Stage, units: list[WorkUnit], committed, context: WorkerContext) -> int:
+    def execute(self, stage: Stage, units: Pending, committed, context: WorkerContext) -> int:
+        if not units:  # every unit done: no pool to start
+            return 0
         suspects = self._run_pool(stage, context, units, committed)
         return sum(self._run_suspect(stage, context, unit, committed) for unit in suspects)
 
@@ -274,9 +316,8 @@ class ProcessExecutor:
             initargs=(os.getpid(), stage, context),
         )
 
-    def _run_pool(self, stage: Stage, context: WorkerContext, units: list[WorkUnit], committed) -> list[WorkUnit]:
+    def _run_pool(self, stage: Stage, context: WorkerContext, pending: Pending, committed) -> list[WorkUnit]:
         """Run units with a bounded number in flight; return those lost to a broken pool."""
-        pending = deque(units)
         suspects: list[WorkUnit] = []
         pool = self._pool(stage, context)
         inflight: dict[Future, WorkUnit] = {}
@@ -284,12 +325,14 @@ class ProcessExecutor:
             while pending or inflight:
                 broken = False
                 while pending and len(inflight) < 2 * self.workers:
+                    unit = pending.pop()
                     try:
-                        future = pool.submit(_process, pending[0])
+                        future = pool.submit(_process, unit)
                     except BrokenProcessPool:
+                        pending.redo(unit)
                         broken = True
                         break
-                    inflight[future] = pending.popleft()
+                    inflight[future] = unit
                 # Once the pool is broken every future in flight completes, most with BrokenProcessPool.
                 finished, _ = wait(inflight, return_when=ALL_COMPLETED if broken else FIRST_COMPLETED)
                 broken = self._collect(finished, inflight, suspects, committed) or broken

@@ -11,6 +11,7 @@ A threshold change re-derives the groups from the stored hashes; no image is rea
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from sam3_engine.engine.stage import (
     Derivation,
     Stage,
     WorkUnit,
+    arrow_rows,
     fingerprint,
     image_reject,
     plan_units,
@@ -112,10 +114,12 @@ class DedupStage(Stage):
         self.random_clip = random_clip
         """The run's embed stage has a random-weight CLIP: said before the run; the derivation checks the stored embeddings."""
 
-    def plan(self, store) -> list[WorkUnit]:
-        images = [ImageItem(**r) for r in store.read(IMAGES.name, columns=["image_id", "uri"]).sort_by("image_id").to_pylist()]
+    def plan(self, store) -> Iterator[WorkUnit]:
+        images = store.read(IMAGES.name, columns=["image_id", "uri"]).sort_by("image_id")
         by_id = lambda item: item.image_id  # noqa: E731
-        return plan_units(self.name, {"version": VERSION}, images, by_id, self.config.unit_size, by_id)
+        yield from plan_units(
+            self.name, {"version": VERSION}, (ImageItem(**r) for r in arrow_rows(images)), by_id, self.config.unit_size, by_id
+        )
 
     def process(self, unit: WorkUnit, prepared: Any = None) -> dict[str, pa.Table]:
         hashes, rejects = [], []

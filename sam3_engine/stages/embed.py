@@ -7,6 +7,7 @@ vocabulary's and mined ones from ``concepts``). An image that can no longer be r
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from sam3_engine.engine.config import ClipConfig, StorageConfig
-from sam3_engine.engine.stage import BuildContext, WorkUnit, plan_units, register_stage, reject_reasons, rows_table
+from sam3_engine.engine.stage import BuildContext, WorkUnit, arrow_rows, plan_units, register_stage, reject_reasons, rows_table
 from sam3_engine.schemas.tables import CONCEPTS, IMAGE_EMBEDDINGS, IMAGES, PHRASE_EMBEDDINGS, REJECTS
 from sam3_engine.stages.image_model import ImageModelStage
 
@@ -75,15 +76,16 @@ class EmbedStage(ImageModelStage):
 
         return ClipEmbedder.load(self.choice, self.config.device or device)
 
-    def plan(self, store) -> list[WorkUnit]:
+    def plan(self, store) -> Iterator[WorkUnit]:
         settings = {"version": VERSION, "model": self.choice.label}
-        images = [ImageItem(**r) for r in store.read(IMAGES.name, columns=["image_id", "uri"]).sort_by("image_id").to_pylist()]
-        concepts = [ConceptItem(**r) for r in store.read(CONCEPTS.name, columns=["concept_id", "phrase"]).sort_by("concept_id").to_pylist()]
+        images = store.read(IMAGES.name, columns=["image_id", "uri"]).sort_by("image_id")
+        concepts = store.read(CONCEPTS.name, columns=["concept_id", "phrase"]).sort_by("concept_id")
         by_id = lambda item: item.image_id  # noqa: E731
-        return plan_units(self.name, settings, images, by_id, self.config.unit_size, by_id) + plan_units(
+        yield from plan_units(self.name, settings, (ImageItem(**r) for r in arrow_rows(images)), by_id, self.config.unit_size, by_id)
+        yield from plan_units(
             self.name,
             settings,
-            concepts,
+            (ConceptItem(**r) for r in arrow_rows(concepts)),
             lambda c: c.concept_id,
             self.config.unit_size * PHRASES_PER_IMAGE_UNIT,
             lambda c: (c.concept_id, c.phrase),

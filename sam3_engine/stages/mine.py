@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from sam3_engine.engine.stage import (
     Derivation,
     Stage,
     WorkUnit,
+    arrow_rows,
     fingerprint,
     plan_units,
     register_stage,
@@ -169,9 +171,11 @@ class MineStage(Stage):
             found.append((name, raw, origin))
         return tuple(found)
 
-    def plan(self, store) -> list[WorkUnit]:
-        rows = store.read(IMAGES.name, columns=["image_id", "uri", "captions", "alt_texts", "phrases"]).sort_by("image_id").to_pylist()
-        images = [ImageText(r["image_id"], r["uri"], tuple(r["captions"]) + tuple(r["alt_texts"]), tuple(r["phrases"])) for r in rows]
+    def plan(self, store) -> Iterator[WorkUnit]:
+        rows = store.read(IMAGES.name, columns=["image_id", "uri", "captions", "alt_texts", "phrases"]).sort_by("image_id")
+        images = (
+            ImageText(r["image_id"], r["uri"], tuple(r["captions"]) + tuple(r["alt_texts"]), tuple(r["phrases"])) for r in arrow_rows(rows)
+        )
         settings = {
             "version": VERSION,
             "captions": self.config.captions,
@@ -179,7 +183,7 @@ class MineStage(Stage):
             "ontology": self.ontology.digest,
             "everywhere": [list(p) for p in self.everywhere],
         }
-        return plan_units(
+        yield from plan_units(
             self.name, settings, images, lambda i: i.image_id, self.config.unit_size, lambda i: (i.image_id, i.texts, i.phrases)
         )
 

@@ -12,6 +12,7 @@ present). Whether SAM 3 fires on it is for proposal and verification.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import zip_longest
 from typing import Any
@@ -22,7 +23,7 @@ from pydantic import Field
 
 from sam3_engine.engine.catalog import connect, named_query
 from sam3_engine.engine.config import ConfigSection
-from sam3_engine.engine.stage import BuildContext, Stage, WorkerContext, WorkUnit, plan_units, register_stage, rows_table
+from sam3_engine.engine.stage import BuildContext, Stage, WorkerContext, WorkUnit, arrow_rows, plan_units, register_stage, rows_table
 from sam3_engine.engine.store import TableStore
 from sam3_engine.io.embeddings import EmbeddingStore, PhraseVectors, phrase_digest
 from sam3_engine.schemas.tables import CANDIDATES, IMAGE_EMBEDDINGS
@@ -84,11 +85,9 @@ class NegativesStage(Stage):
     def setup(self, context: WorkerContext) -> None:
         self.embeddings = EmbeddingStore(TableStore(context.run_url, context.storage))
 
-    def plan(self, store) -> list[WorkUnit]:
+    def plan(self, store) -> Iterator[WorkUnit]:
         con = connect(store)
-        images = [
-            PresentConcepts(image_id, tuple(present)) for image_id, present in con.sql(named_query("present_concepts_per_image")).fetchall()
-        ]
+        present = con.sql(named_query("present_concepts_per_image")).to_arrow_table()
         con.close()
         settings = {
             "version": VERSION,
@@ -97,7 +96,8 @@ class NegativesStage(Stage):
             "phrases": phrase_digest(store),
             "images": store.read(IMAGE_EMBEDDINGS.name, columns=["image_id"]).num_rows,
         }
-        return plan_units(self.name, settings, images, lambda i: i.image_id, self.config.unit_size, lambda i: (i.image_id, i.present))
+        images = (PresentConcepts(r["image_id"], tuple(r["present"])) for r in arrow_rows(present))
+        yield from plan_units(self.name, settings, images, lambda i: i.image_id, self.config.unit_size, lambda i: (i.image_id, i.present))
 
     def process(self, unit: WorkUnit, prepared: Any = None) -> dict[str, pa.Table]:
         phrases = self.embeddings.phrases()

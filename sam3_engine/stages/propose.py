@@ -11,6 +11,7 @@ import hashlib
 import os
 import resource
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ from sam3_engine.engine.stage import (
     BuildContext,
     Derivation,
     WorkUnit,
+    arrow_rows,
     fingerprint,
     image_reject,
     plan_units,
@@ -178,18 +180,17 @@ class ProposeStage(ImageModelStage):
             self.choice.name, self.choice.revision, device=self.model_config.device or device, dtype=self.model_config.dtype
         )
 
-    def plan(self, store) -> list[WorkUnit]:
+    def plan(self, store) -> Iterator[WorkUnit]:
         """One item per image with its phrases: the config's on every image, else the mined candidates."""
         if self.phrases:
-            images = store.read(IMAGES.name, columns=["image_id", "uri"]).sort_by("image_id").to_pylist()
-            refs = [ImageRef(row["image_id"], row["uri"], self.phrases) for row in images]
+            images = store.read(IMAGES.name, columns=["image_id", "uri"]).sort_by("image_id")
+            refs = (ImageRef(row["image_id"], row["uri"], self.phrases) for row in arrow_rows(images))
         else:
             con = connect(store)
-            refs = [
-                ImageRef(image_id, uri, tuple(phrases)) for image_id, uri, phrases in con.sql(named_query("phrases_per_image")).fetchall()
-            ]
+            phrases = con.sql(named_query("phrases_per_image")).to_arrow_table()
             con.close()
-            if not refs and store.read(IMAGES.name, columns=["image_id"]).num_rows:
+            refs = (ImageRef(row["image_id"], row["uri"], tuple(row["phrases"])) for row in arrow_rows(phrases))
+            if not phrases.num_rows and store.read(IMAGES.name, columns=["image_id"]).num_rows:
                 raise ConfigError(
                     "the propose stage has no phrases for any image: run the mine stage on images with captions, "
                     "or set mine.phrases, mine.vocabulary, or propose.phrases"
@@ -200,7 +201,7 @@ class ProposeStage(ImageModelStage):
             "threshold": self.config.threshold,
             "reprompt_boxes": self.config.reprompt_boxes,
         }
-        return plan_units(self.name, settings, refs, lambda r: r.image_id, self.config.unit_size, lambda r: (r.image_id, r.phrases))
+        yield from plan_units(self.name, settings, refs, lambda r: r.image_id, self.config.unit_size, lambda r: (r.image_id, r.phrases))
 
     def prepare(self, unit: WorkUnit) -> Prepared:
         """Decode, orient and resize the unit's images on a CPU worker; unreadable ones become rejects."""

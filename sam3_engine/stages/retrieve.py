@@ -8,6 +8,7 @@ their score. Plain matrix products on CPU workers: no model runs here.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from sam3_engine.engine.config import ConfigSection
-from sam3_engine.engine.stage import BuildContext, Stage, WorkerContext, WorkUnit, plan_units, register_stage, rows_table
+from sam3_engine.engine.stage import BuildContext, Stage, WorkerContext, WorkUnit, arrow_rows, plan_units, register_stage, rows_table
 from sam3_engine.engine.store import TableStore
 from sam3_engine.io.embeddings import EmbeddingStore, phrase_digest
 from sam3_engine.schemas.tables import CANDIDATES, IMAGE_EMBEDDINGS
@@ -53,8 +54,8 @@ class RetrieveStage(Stage):
     def setup(self, context: WorkerContext) -> None:
         self.embeddings = EmbeddingStore(TableStore(context.run_url, context.storage))
 
-    def plan(self, store) -> list[WorkUnit]:
-        image_ids = store.read(IMAGE_EMBEDDINGS.name, columns=["image_id"]).column("image_id").to_pylist()
+    def plan(self, store) -> Iterator[WorkUnit]:
+        image_ids = store.read(IMAGE_EMBEDDINGS.name, columns=["image_id"]).sort_by("image_id")
         settings = {
             "version": VERSION,
             "top_k": self.config.top_k,
@@ -62,7 +63,7 @@ class RetrieveStage(Stage):
             "phrases": phrase_digest(store),
         }
         same = lambda image_id: image_id  # noqa: E731
-        return plan_units(self.name, settings, sorted(image_ids), same, self.config.unit_size, same)
+        yield from plan_units(self.name, settings, (r["image_id"] for r in arrow_rows(image_ids)), same, self.config.unit_size, same)
 
     def process(self, unit: WorkUnit, prepared: Any = None) -> dict[str, pa.Table]:
         concepts = self.embeddings.phrases()

@@ -11,6 +11,7 @@ A subclass says which model it runs, what it scores, and which macros judge its 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -18,7 +19,7 @@ import pyarrow as pa
 
 from sam3_engine.engine.catalog import connect, named_query
 from sam3_engine.engine.config import VERDICT_THRESHOLDS
-from sam3_engine.engine.stage import Derivation, WorkUnit, fingerprint, plan_units, reject_reasons
+from sam3_engine.engine.stage import Derivation, WorkUnit, arrow_rows, fingerprint, plan_units, reject_reasons
 from sam3_engine.engine.store import TableStore
 from sam3_engine.schemas.tables import MASK_VERIFICATIONS, PAIR_VERIFICATIONS, TableSpec
 from sam3_engine.stages.image_model import ImageModelStage
@@ -28,6 +29,8 @@ from sam3_engine.stages.image_model import ImageModelStage
 class ImageTask:
     image_id: str
     uri: str
+    proposals: str
+    """A digest of the proposal units that wrote the image's pairs: part of the unit's id."""
 
 
 def rows_by_image(store: TableStore, name: str, image_ids: list[str], columns: list[str], order: str) -> dict[str, list[dict[str, Any]]]:
@@ -56,16 +59,15 @@ class VerifierStage(ImageModelStage):
         """One ledger per verifier: a second verifier's run leaves the first's scores and verdicts in place."""
         return f"{self.name}.{self.config.verifier}"
 
-    def plan_images(self, store, settings: dict[str, Any]) -> list[WorkUnit]:
+    def plan_images(self, store, settings: dict[str, Any]) -> Iterator[WorkUnit]:
         """One item per image with proposals; a unit's id covers its images' proposal units, so new proposals re-verify."""
         con = connect(store)
-        rows = con.sql(named_query("verify_inputs")).fetchall()
+        inputs = con.sql(named_query("verify_inputs")).to_arrow_table()
         con.close()
-        proposals = {image_id: units for image_id, _, units in rows}
-        tasks = [ImageTask(image_id, uri) for image_id, uri, _ in rows]
+        tasks = (ImageTask(**row) for row in arrow_rows(inputs))
         settings = {**settings, "version": self.version, "verifier": self.config.verifier}
-        return plan_units(
-            self.ledger, settings, tasks, lambda t: t.image_id, self.config.unit_size, lambda t: (t.image_id, proposals[t.image_id])
+        yield from plan_units(
+            self.ledger, settings, tasks, lambda t: t.image_id, self.config.unit_size, lambda t: (t.image_id, t.proposals)
         )
 
     def derive(self, store, done_units: list[str]) -> list[Derivation]:

@@ -178,11 +178,11 @@ def test_adding_files_runs_only_the_new_files_units(synthetic_dir, tmp_path):
     corpus = tmp_path / "corpus"
     shutil.copytree(synthetic_dir, corpus)
     uris = lambda: [e.uri for e in list_inputs(str(corpus), "auto", StorageConfig())]  # noqa: E731
-    before = content_defined_chunks(uris(), lambda uri: uri, 4)
+    before = list(content_defined_chunks(uris(), lambda uri: uri, 4))
     first = ingest(corpus, tmp_path / "run", **{"ingest.unit_size": 4})
     assert first.stages[0].units_total == len(before)
     (corpus / "img005-again.png").write_bytes((synthetic_dir / "img005.png").read_bytes())
-    after = content_defined_chunks(uris(), lambda uri: uri, 4)
+    after = list(content_defined_chunks(uris(), lambda uri: uri, 4))
     changed = [chunk for chunk in after if chunk not in before]
     new_uri = str(corpus / "img005-again.png")
     assert any(new_uri in chunk for chunk in changed)

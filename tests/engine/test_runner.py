@@ -97,3 +97,43 @@ def test_the_runner_reads_the_ledger_once_and_keeps_it(tmp_path, monkeypatch):
     again = runner.run(_RowsPerItem(), _AllAtOnce())
     assert len(reads) == 1
     assert again.units_committed == 0 and again.units_skipped == 10, "the kept ledger knows the units it committed"
+
+
+_drawn: list[str] = []
+"""Units the plan below has yielded, in the driver (the plan runs there)."""
+
+
+class _CountsItsDraws(_RowsPerItem):
+    """Forty one-item units from a generator that notes every unit it yields."""
+
+    name = "drawn"
+
+    def plan(self, store):
+        for i in range(40):
+            _drawn.append(f"drawn:{i:02d}")
+            yield WorkUnit(f"drawn:{i:02d}", (i,))
+
+
+def test_the_plan_is_drawn_as_workers_have_room_never_held_whole(tmp_path, monkeypatch):
+    """The runner reads the plan once for ids and sizes, then again while it sends units: at any commit, the units drawn
+    but not yet committed are at most the pool's in-flight bound (two per worker) and the one the runner looks ahead at."""
+    store = TableStore(str(tmp_path / "run"))
+    outstanding = []
+    committed = []
+    record = store.record_units
+
+    def recording(stage, attempt_id, entries):
+        outstanding.append(len(_drawn) - 40 - len(committed))
+        committed.extend(entry.unit_id for entry in entries)
+        record(stage, attempt_id, entries)
+
+    monkeypatch.setattr(store, "record_units", recording)
+    _drawn.clear()
+    report = UnitRunner(store, "attempt").run(_CountsItsDraws(), ProcessExecutor(1))
+    assert report.units_committed == 40 and sorted(committed) == [f"drawn:{i:02d}" for i in range(40)]
+    assert len(_drawn) == 80, "two readings of the plan"
+    assert max(outstanding) <= 3 and len(outstanding) >= 10
+    _drawn.clear()
+    again = UnitRunner(store, "attempt-2").run(_CountsItsDraws(), ProcessExecutor(1))
+    assert again.units_skipped == 40 and again.units_committed == 0
+    assert len(_drawn) == 40, "a finished stage's plan is read once, for its ids"

@@ -145,7 +145,7 @@ def test_missing_input_is_a_clear_error(tmp_path):
 
 def test_chunks_are_stable_when_files_are_added():
     entries = [InputEntry(uri=f"s3://b/img{i:05d}.jpg") for i in range(2000)]
-    before = content_defined_chunks(entries, lambda e: e.uri, 16)
+    before = list(content_defined_chunks(entries, lambda e: e.uri, 16))
     assert [e for shard in before for e in shard] == entries
     assert max(map(len, before)) <= 4 * 16
     assert 2000 / 16 * 0.7 < len(before) < 2000 / 16 * 1.3
