@@ -106,7 +106,7 @@ def encode_once(args, checkpoint: Path) -> dict:
     with torch.inference_mode():
         vision_s = timed(lambda: segmenter.encode_images(pixels))
         vision = segmenter.encode_images(pixels)
-        head_s = timed(lambda: segmenter._head(vision, 0, PHRASES[:1], size[0], args.threshold))
+        head_s = timed(lambda: segmenter._head(vision, 0, PHRASES[:1], size[0], args.threshold)())
 
         def naive(phrases):
             for phrase in phrases:  # the vision pass is recomputed for every phrase

@@ -79,6 +79,14 @@ class ModelConfig(ConfigSection):
         False,
         description="When the checkpoint cannot be reached, run tiny-random instead of failing (the quickstart only; announced loudly).",
     )
+    compile: bool = Field(
+        False,
+        description=(
+            "torch.compile SAM 3's vision encoder and text-conditioned head (phrase batches padded to powers of two, so a few "
+            "graphs serve every phrase count); costs a minute or more per model actor at start; falls back to eager, with a "
+            "warning, on any compile error."
+        ),
+    )
 
 
 class ClipConfig(ConfigSection):

@@ -8,7 +8,11 @@ One vision pass per image: its cached features are expanded (a view, no copy) to
 phrases, so K phrases cost one encoder pass plus K text-conditioned heads. The mask decoder (a
 third of a head) runs only for phrases with an instance above the threshold: most mined phrases
 are absent. Kept instances are upsampled to full resolution and run-length encoded on the model's
-device, so only run lengths, not full-resolution masks, cross to the host.
+device, so only run lengths, not full-resolution masks, cross to the host; on CUDA, that work and
+pycocotools' part of it run on a host thread and a second stream while the next phrase batch runs.
+Text features are cached per phrase (phrases repeat across images). ``compile`` wraps the vision
+encoder and the head in ``torch.compile``, with phrase batches padded to powers of two so that a
+compiled head sees a few shapes, not one per phrase count.
 """
 
 from __future__ import annotations
@@ -16,7 +20,10 @@ from __future__ import annotations
 import json
 import tempfile
 import warnings
-from contextlib import contextmanager
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -34,6 +41,10 @@ TINY_RANDOM_INIT_RANGE = 0.1
 TEXT_CONTEXT = 32
 STABILITY_OFFSET = 1.0
 """Logit offset for the stability score: IoU of the masks at logit > +offset and logit > -offset."""
+TEXT_CACHE_SIZE = 4096
+"""Phrases whose text features a segmenter keeps (32 x 256 values each: 16 KiB in bfloat16)."""
+COMPILED_MODULES = ("vision_encoder", "detr_encoder", "detr_decoder", "mask_decoder")
+"""What ``Sam3Segmenter.compile`` compiles: the vision pass and the head. The text encoder's output is cached."""
 
 
 @dataclass(frozen=True)
@@ -209,6 +220,69 @@ def preprocess(image_processor, images: list[Image.Image]) -> torch.Tensor:
     return image_processor([image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"]
 
 
+class TextCache:
+    """Projected text features by phrase, least recently used dropped first; capacity 0 caches nothing."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def get(self, phrase: str) -> torch.Tensor | None:
+        found = self.entries.get(phrase)
+        if found is not None:
+            self.entries.move_to_end(phrase)
+        return found
+
+    def put(self, phrase: str, features: torch.Tensor) -> None:
+        if self.capacity <= 0:
+            return
+        self.entries[phrase] = features
+        self.entries.move_to_end(phrase)
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+
+
+def bucket(count: int, cap: int) -> int:
+    """``count`` rounded up to a power of two, but not past ``cap`` (nor below ``count``)."""
+    return max(count, min(1 << (count - 1).bit_length(), cap))
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def compile_or_eager(module: torch.nn.Module, name: str, **options) -> bool:
+    """Replace ``module.forward`` with its ``torch.compile``d version; on a compile error, now or at a call, warn and stay eager.
+
+    An error at a call is retried eagerly, and the module stays eager from then on; out-of-memory is
+    not a compile error and propagates, so that callers can shrink the batch. Returns whether it compiled.
+    """
+    eager = module.forward
+
+    def fall_back(exc: BaseException) -> None:
+        module.forward = eager
+        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+        warnings.warn(f"torch.compile of SAM 3's {name} failed, running it eagerly: {type(exc).__name__}: {first_line}", stacklevel=3)
+
+    try:
+        compiled = torch.compile(eager, **options)
+    except Exception as exc:  # noqa: BLE001 - an unknown backend, an unsupported platform: eager still works
+        fall_back(exc)
+        return False
+
+    def forward(*args, **kwargs):
+        try:
+            return compiled(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            if is_out_of_memory(exc):
+                raise
+            fall_back(exc)
+            return eager(*args, **kwargs)
+
+    module.forward = forward
+    return True
+
+
 class Sam3Segmenter:
     """SAM 3 on one device. ``predict`` is the whole interface."""
 
@@ -224,6 +298,16 @@ class Sam3Segmenter:
         """Decode masks for every phrase, as the plain forward does; for benchmarks and tests only."""
         self.reprompt_boxes = False
         """Prompt SAM 3 again with each kept instance's box (and its phrase) and record the masks' IoU."""
+        self.text_cache = TextCache(TEXT_CACHE_SIZE)
+        self.bucket_batches = False
+        """Pad phrase batches and mask-decoder rows to powers of two (padded rows dropped): few shapes for a compiled head."""
+        self.overlap_host = self.device.type == "cuda"
+        """Upsample and encode kept masks on a host thread (and a second CUDA stream) while the next phrase batch runs."""
+        self.keep_top: tuple[int, int] | None = None
+        """Benchmarks only: (P, Q) keeps the Q best queries of each image's first P phrases whatever the threshold,
+        so that random weights give a set number of instances (masks upsampled and encoded as real ones would be)."""
+        self._host: ThreadPoolExecutor | None = None
+        self._side_stream = None
 
     @classmethod
     def load(cls, name: str, revision: str | None = None, device: str | None = None, dtype: str | None = None) -> Sam3Segmenter:
@@ -241,7 +325,7 @@ class Sam3Segmenter:
             )
             return cls(model.to(device=device, dtype=torch_dtype), processor, TINY_RANDOM, None, random_weights=True)
         try:
-            model = Sam3Model.from_pretrained(name, revision=revision, dtype=torch_dtype)
+            model = Sam3Model.from_pretrained(name, revision=revision, dtype=torch_dtype, attn_implementation="sdpa")
             processor = Sam3Processor.from_pretrained(name, revision=revision)
         except Exception as exc:  # noqa: BLE001 - gated, missing, offline: all become one actionable error
             raise _load_error(name, revision, exc) from exc
@@ -260,8 +344,22 @@ class Sam3Segmenter:
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         return preprocess(self.processor.image_processor, images)
 
+    def compile(self, **options) -> None:
+        """``torch.compile`` the vision encoder and the head's modules (``COMPILED_MODULES``); batches are then bucketed.
+
+        Options go to ``torch.compile`` (backend, mode); shapes are static, one graph per bucket.
+        A module whose compilation fails warns once and runs eagerly.
+        """
+        self.bucket_batches = True
+        # Buckets of phrase batches, mask-decoder rows and re-prompt chunks (1, 2, 4, ... each) exceed dynamo's default of 8 graphs.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        for name in COMPILED_MODULES:
+            compile_or_eager(getattr(self.model, name), name, dynamic=False, **options)
+
     @torch.inference_mode()
     def encode_images(self, pixel_values: torch.Tensor):
+        if self.device.type == "cuda":  # pinned memory: the upload is a DMA that overlaps the GPU's work
+            pixel_values = pixel_values.pin_memory().to(self.device, non_blocking=True)
         return self.model.get_vision_features(pixel_values=pixel_values.to(self.device, self.dtype))
 
     def predict(
@@ -282,14 +380,32 @@ class Sam3Segmenter:
     ) -> list[list[PairPrediction]]:
         """``predict`` on pixels from ``preprocess`` (made elsewhere, e.g. on a CPU worker); sizes are (H, W)."""
         vision = self.encode_images(pixel_values)
-        results = []
+        pending: list[list[Future]] = []
         for index, (size, image_phrases) in enumerate(zip(sizes, phrases, strict=True)):
-            predictions: list[PairPrediction] = []
+            pending.append([])
             for start in range(0, len(image_phrases), phrase_batch):
-                batch = image_phrases[start : start + phrase_batch]
-                predictions.extend(self._head(vision, index, batch, size, threshold))
-            results.append(predictions)
-        return results
+                finish = self._head(vision, index, image_phrases[start : start + phrase_batch], size, threshold, start, phrase_batch)
+                pending[-1].append(self._finish(finish))
+        return [[prediction for part in image for prediction in part.result()] for image in pending]
+
+    def _finish(self, finish: Callable[[], list[PairPrediction]]) -> Future:
+        """Run a head's host-side remainder now, or on the host thread (and side stream) when ``overlap_host``."""
+        if not self.overlap_host:
+            done: Future = Future()
+            done.set_result(finish())
+            return done
+        if self._host is None:
+            self._host = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sam3-masks")
+            self._side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        stream = self._side_stream
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+
+        def run() -> list[PairPrediction]:
+            with torch.inference_mode(), torch.cuda.stream(stream) if stream is not None else nullcontext():
+                return finish()
+
+        return self._host.submit(run)
 
     def _expanded(self, vision, index: int, count: int):
         """Image ``index``'s vision features as a batch of ``count`` views: no copy, no recompute."""
@@ -300,55 +416,95 @@ class Sam3Segmenter:
             fpn_position_encoding=tuple(pick(t) for t in vision.fpn_position_encoding),
         )
 
-    def _head(self, vision, index: int, phrases: list[str], size: tuple[int, int], threshold: float) -> list[PairPrediction]:
+    def _text_embeds(self, phrases: list[str], tokens: Tokens):
+        """The text encoder's projected output for ``phrases``, encoding only those not in the cache."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        fresh: dict[str, torch.Tensor] = {}
+        found = {phrase: self.text_cache.get(phrase) for phrase in dict.fromkeys(phrases)}
+        missing = [phrase for phrase, features in found.items() if features is None]
+        if missing:
+            rows = [phrases.index(phrase) for phrase in missing]
+            encoded = self.model.get_text_features(
+                input_ids=tokens.input_ids[rows].to(self.device), attention_mask=tokens.attention_mask[rows].to(self.device)
+            ).pooler_output
+            fresh = dict(zip(missing, encoded, strict=True))
+            for phrase, features in fresh.items():
+                self.text_cache.put(phrase, features)
+        return BaseModelOutputWithPooling(pooler_output=torch.stack([fresh.get(p, found[p]) for p in phrases]))
+
+    def _head(
+        self, vision, index: int, phrases: list[str], size: tuple[int, int], threshold: float, first: int = 0, phrase_batch: int = 0
+    ) -> Callable[[], list[PairPrediction]]:
+        """Scores, boxes and the masks of kept rows on the device; returns the host-side remainder (upsampling, RLE) to run.
+
+        ``first`` is the index of ``phrases[0]`` among the image's phrases; ``phrase_batch`` caps the bucket.
+        """
+        count = len(phrases)
         tokens = self.tokenize(phrases)
+        padded = bucket(count, max(count, phrase_batch)) if self.bucket_batches else count
+        rows_in = torch.tensor(list(range(count)) + [count - 1] * (padded - count))
+        batch_phrases = [phrases[i] for i in rows_in.tolist()]
         with self._deferred_mask_decoder() as mask_inputs:
             out = self.model(
-                vision_embeds=self._expanded(vision, index, len(phrases)),
-                input_ids=tokens.input_ids.to(self.device),
-                attention_mask=tokens.attention_mask.to(self.device),
+                vision_embeds=self._expanded(vision, index, padded),
+                text_embeds=self._text_embeds(batch_phrases, Tokens(tokens.input_ids[rows_in], tokens.attention_mask[rows_in], ())),
+                attention_mask=tokens.attention_mask[rows_in].to(self.device),
             )
-        presence = out.presence_logits.float().sigmoid()[:, 0]
-        object_scores = out.pred_logits.float().sigmoid()
+        presence = out.presence_logits[:count].float().sigmoid()[:, 0]
+        object_scores = out.pred_logits[:count].float().sigmoid()
         scores = object_scores * presence[:, None]
+        pred_boxes = out.pred_boxes[:count]
         # One small transfer of every score; masks are decoded only for rows with a kept instance.
         presence, object_scores, scores = presence.cpu(), object_scores.cpu(), scores.cpu()
-        keeps = [torch.nonzero(scores[row] >= threshold).flatten() for row in range(len(phrases))]
+        keeps = [torch.nonzero(scores[row] >= threshold).flatten() for row in range(count)]
+        if self.keep_top is not None:
+            top_phrases, top_queries = self.keep_top
+            best = lambda row: scores[row].topk(min(top_queries, scores.shape[1])).indices.sort().values  # noqa: E731
+            keeps = [best(row) if first + row < top_phrases else keep for row, keep in enumerate(keeps)]
         rows = [row for row, keep in enumerate(keeps) if self.decode_all_masks or len(keep)]
-        pred_masks, foregrounds = self._decode_masks(mask_inputs, rows, size) if rows else (None, [])
-        height, width = size
-        boxes = out.pred_boxes.float().cpu() * torch.tensor([width, height, width, height])
+        pred_masks, semantic = self._decode_masks(mask_inputs, rows) if rows else (None, None)
         kept = [(row, query) for row, keep in enumerate(keeps) for query in keep.tolist()]
-        reprompt = (
-            self._reprompt_ious(vision, index, tokens, out.pred_boxes, pred_masks, rows, kept) if self.reprompt_boxes and kept else {}
-        )
-        predictions = []
-        for row, keep in enumerate(keeps):
-            instances: tuple[Instance, ...] = ()
-            if len(keep):
-                logits = F.interpolate(
-                    pred_masks[rows.index(row), keep.to(self.device)][:, None].float(), size=size, mode="bilinear", align_corners=False
-                )[:, 0]
-                high, low = logits > STABILITY_OFFSET, logits > -STABILITY_OFFSET
-                stability = (high.flatten(1).sum(1).float() / low.flatten(1).sum(1).clamp(min=1).float()).cpu()
-                instances = tuple(
-                    Instance(
-                        query=query,
-                        rle=rle,
-                        box_xyxy=tuple(boxes[row, query].tolist()),
-                        object_score=float(object_scores[row, query]),
-                        score=float(scores[row, query]),
-                        stability=float(stability[j]),
-                        reprompt_iou=reprompt.get((row, query)),
+        reprompt = {}
+        if self.reprompt_boxes and kept:
+            reprompt = self._reprompt_ious(vision, index, phrases, tokens, pred_boxes, pred_masks, rows, kept)
+        height, width = size
+        boxes = pred_boxes.float().cpu() * torch.tensor([width, height, width, height])
+
+        def finish() -> list[PairPrediction]:
+            foregrounds = []
+            if rows:
+                upsampled = F.interpolate(semantic.float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+                foregrounds = rle_encode(upsampled > 0)
+            predictions = []
+            for row, keep in enumerate(keeps):
+                instances: tuple[Instance, ...] = ()
+                if len(keep):
+                    logits = F.interpolate(
+                        pred_masks[rows.index(row), keep.to(self.device)][:, None].float(), size=size, mode="bilinear", align_corners=False
+                    )[:, 0]
+                    high, low = logits > STABILITY_OFFSET, logits > -STABILITY_OFFSET
+                    stability = (high.flatten(1).sum(1).float() / low.flatten(1).sum(1).clamp(min=1).float()).cpu()
+                    instances = tuple(
+                        Instance(
+                            query=query,
+                            rle=rle,
+                            box_xyxy=tuple(boxes[row, query].tolist()),
+                            object_score=float(object_scores[row, query]),
+                            score=float(scores[row, query]),
+                            stability=float(stability[j]),
+                            reprompt_iou=reprompt.get((row, query)),
+                        )
+                        for j, (query, rle) in enumerate(zip(keep.tolist(), rle_encode(logits > 0), strict=True))
                     )
-                    for j, (query, rle) in enumerate(zip(keep.tolist(), rle_encode(logits > 0), strict=True))
-                )
-            foreground = foregrounds[rows.index(row)] if row in rows else None
-            predictions.append(PairPrediction(float(presence[row]), float(scores[row].max()), instances, foreground))
-        return predictions
+                foreground = foregrounds[rows.index(row)] if row in rows else None
+                predictions.append(PairPrediction(float(presence[row]), float(scores[row].max()), instances, foreground))
+            return predictions
+
+        return finish
 
     def _reprompt_ious(
-        self, vision, index: int, tokens: Tokens, pred_boxes, pred_masks, rows: list[int], kept: list[tuple[int, int]]
+        self, vision, index: int, phrases: list[str], tokens: Tokens, pred_boxes, pred_masks, rows: list[int], kept: list[tuple[int, int]]
     ) -> dict[tuple[int, int], float]:
         """Per kept (row, query): IoU of its mask with the mask SAM 3 gives when prompted with its phrase and its box.
 
@@ -362,15 +518,18 @@ class Sam3Segmenter:
         batch = max(1, len(tokens.truncated))
         for start in range(0, len(kept), batch):
             chunk = kept[start : start + batch]
-            token_rows = torch.tensor([row for row, _ in chunk])
-            prompts = torch.stack([pred_boxes[row, query] for row, query in chunk]).float()
+            padded = chunk + chunk[-1:] * (bucket(len(chunk), batch) - len(chunk) if self.bucket_batches else 0)
+            token_rows = torch.tensor([row for row, _ in padded])
+            prompts = torch.stack([pred_boxes[row, query] for row, query in padded]).float()
             cxcywh = torch.cat([(prompts[:, :2] + prompts[:, 2:]) / 2, prompts[:, 2:] - prompts[:, :2]], dim=-1)[:, None]
             out = self.model(
-                vision_embeds=self._expanded(vision, index, len(chunk)),
-                input_ids=tokens.input_ids[token_rows].to(self.device),
+                vision_embeds=self._expanded(vision, index, len(padded)),
+                text_embeds=self._text_embeds(
+                    [phrases[row] for row, _ in padded], Tokens(tokens.input_ids[token_rows], tokens.attention_mask[token_rows], ())
+                ),
                 attention_mask=tokens.attention_mask[token_rows].to(self.device),
                 input_boxes=cxcywh.to(self.device, self.dtype),
-                input_boxes_labels=torch.ones(len(chunk), 1, dtype=torch.long, device=self.device),
+                input_boxes_labels=torch.ones(len(padded), 1, dtype=torch.long, device=self.device),
             )
             for i, (row, query) in enumerate(chunk):
                 best = int(box_iou(prompts[i : i + 1], out.pred_boxes[i].float()).argmax())
@@ -395,14 +554,15 @@ class Sam3Segmenter:
         finally:
             self.model.mask_decoder = decoder
 
-    def _decode_masks(self, inputs: dict, rows: list[int], size: tuple[int, int]) -> tuple[torch.Tensor, list[dict]]:
-        """Low-resolution mask logits of ``rows`` and their semantic foregrounds as RLE at ``size``."""
-        index = torch.tensor(rows, device=self.device)
+    def _decode_masks(self, inputs: dict, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-resolution mask logits and semantic-segmentation logits of ``rows``."""
+        count = len(rows)
+        padded = bucket(count, inputs["decoder_queries"].shape[0]) if self.bucket_batches else count
+        index = torch.tensor(rows + [rows[-1]] * (padded - count), device=self.device)
         pick = lambda value: value.index_select(0, index) if isinstance(value, torch.Tensor) else value  # noqa: E731
         sliced = {key: [pick(v) for v in value] if isinstance(value, list) else pick(value) for key, value in inputs.items()}
         decoded = self.model.mask_decoder(**sliced)
-        semantic = F.interpolate(decoded.semantic_seg.float(), size=size, mode="bilinear", align_corners=False)[:, 0]
-        return decoded.pred_masks, rle_encode(semantic > 0)
+        return decoded.pred_masks[:count], decoded.semantic_seg[:count]
 
 
 class _MaskDecoderInputs(torch.nn.Module):

@@ -69,6 +69,10 @@ class ProposeConfig(ConfigSection):
     )
 
 
+KEEP_TOP_ENV = "SAM3_ENGINE_BENCH_KEEP_TOP"
+"""Benchmarks only: "P,Q" keeps the Q best queries of each image's first P phrases whatever the threshold
+(``Sam3Segmenter.keep_top``), so that random weights give real masks to upsample, encode and commit."""
+
 OOM_ABOVE_ENV = "SAM3_ENGINE_OOM_ABOVE"
 """Fault injection for tests: a batch of more than this many (image, phrase) pairs raises CUDA out-of-memory."""
 
@@ -176,9 +180,16 @@ class ProposeStage(ImageModelStage):
     def load_model(self, device: str) -> Sam3Segmenter:
         from sam3_engine.models.sam3 import Sam3Segmenter
 
-        return Sam3Segmenter.load(
+        segmenter = Sam3Segmenter.load(
             self.choice.name, self.choice.revision, device=self.model_config.device or device, dtype=self.model_config.dtype
         )
+        if self.model_config.compile:
+            segmenter.compile()
+        keep_top = os.environ.get(KEEP_TOP_ENV)
+        if keep_top:
+            phrases, queries = (int(n) for n in keep_top.split(","))
+            segmenter.keep_top = (phrases, queries)
+        return segmenter
 
     def plan(self, store) -> Iterator[WorkUnit]:
         """One item per image with its phrases: the config's on every image, else the mined candidates."""
