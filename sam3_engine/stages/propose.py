@@ -118,6 +118,7 @@ class Prepared:
     sizes: tuple[tuple[int, int], ...]
     """(height, width) of each image after EXIF orientation."""
     pixels: np.ndarray | None
+    """Resized, uint8 (normalised on the model's device)."""
     rejects: tuple[dict[str, Any], ...]
 
 
@@ -217,9 +218,9 @@ class ProposeStage(ImageModelStage):
     def prepare(self, unit: WorkUnit) -> Prepared:
         """Decode, orient and resize the unit's images on a CPU worker; unreadable ones become rejects."""
         loaded = self.load_images(unit.items)
-        from sam3_engine.models.sam3 import preprocess
+        from sam3_engine.models.sam3 import resize
 
-        pixels = preprocess(self.image_processor, list(loaded.images)).numpy() if loaded.images else None
+        pixels = resize(self.image_processor, list(loaded.images)).numpy() if loaded.images else None
         return Prepared(loaded.items, tuple((image.height, image.width) for image in loaded.images), pixels, loaded.rejects)
 
     def process(self, unit: WorkUnit, prepared: Prepared | None = None) -> dict[str, pa.Table]:

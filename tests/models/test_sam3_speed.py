@@ -158,3 +158,20 @@ def test_attention_report_finds_sdpa_in_every_block(photos):
         assert report["calls"][block][0]["call"]
     windowed = report["calls"]["vit_windowed"][0]["call"]
     assert "'query': [" in windowed
+
+
+def test_uint8_pixels_normalised_on_the_device_give_the_float_path_results(photos):
+    """Preparation ships resized uint8 pixels (a quarter of float32's bytes); the segmenter rescales and normalises them."""
+    from sam3_engine.models.sam3 import resize
+
+    segmenter = _segmenter()
+    processor = segmenter.processor.image_processor
+    small = resize(processor, photos)
+    normalised = segmenter.preprocess(photos)
+    assert small.dtype == torch.uint8 and small.shape == normalised.shape
+    assert small.element_size() * 4 == normalised.element_size()
+    assert torch.allclose(segmenter._normalize(small), normalised, atol=1e-6)
+    sizes = [(image.height, image.width) for image in photos]
+    from_uint8 = segmenter.predict_pixels(small, sizes, PHRASES, threshold=THRESHOLD, phrase_batch=4)
+    from_float = segmenter.predict_pixels(normalised, sizes, PHRASES, threshold=THRESHOLD, phrase_batch=4)
+    assert_same(from_uint8, from_float, exact=False)
