@@ -51,10 +51,18 @@ def reap(processes: dict[int, float]) -> int:
     return killed
 
 
+def driver_gone(driver_pid: int) -> bool:
+    """The driver has exited (or is a zombie): it may vanish between any two checks, which counts as gone."""
+    try:
+        return psutil.Process(driver_pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def main() -> None:
     driver_pid = int(sys.argv[1])
     seen = watch(driver_pid, sys.stdin.buffer.raw)
-    if not psutil.pid_exists(driver_pid) or psutil.Process(driver_pid).status() == psutil.STATUS_ZOMBIE:
+    if driver_gone(driver_pid):
         reap(seen)
 
 

@@ -1,5 +1,6 @@
 """Stopping a run that has a private local Ray: SIGTERM stops it cleanly, kill -9 leaves no Ray process behind."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -120,3 +121,15 @@ def test_a_ray_out_of_memory_kill_ends_in_one_line_and_a_traceback_file(tmp_path
     assert log.startswith(str(output / "logs")) and "OutOfMemoryError" in open(log).read()
     assert rows(output, "SELECT status FROM runs") == [{"status": "failed"}]
     assert rows(output, "SELECT count(*) AS n FROM images") == [{"n": 3}], "ingest's committed rows are kept"
+
+
+def test_the_reaper_counts_a_driver_that_vanishes_or_lingers_as_a_zombie_as_gone():
+    """The driver may exit between any two of the reaper's checks: that is gone, not an error."""
+    from sam3_engine.engine.ray_reaper import driver_gone
+
+    assert not driver_gone(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # exited, not yet reaped: a zombie
+    assert driver_gone(child.pid), "a zombie"
+    child.wait()
+    assert driver_gone(child.pid), "no such process"
