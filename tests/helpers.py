@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterable
+
 import pyarrow as pa
 
 from sam3_engine.app.pipeline import run_pipeline
@@ -15,6 +18,16 @@ def ingest(input_url, output, **overrides):
     """Run the ingest stage in-process; returns the RunResult."""
     config = load_config(None, {"input": str(input_url), "output": str(output), "stages": "ingest", **overrides})
     return run_pipeline(config)
+
+
+def run_command(*arguments, settings: Iterable[str] = (), **flags) -> list[str]:
+    """``sam3-engine run -q`` as a command line for a subprocess: ``flags`` as ``--name value``, ``settings`` as ``--set``."""
+    command = [sys.executable, "-m", "sam3_engine", "run", "-q", *map(str, arguments)]
+    for name, value in flags.items():
+        command += [f"--{name.replace('_', '-')}", str(value)]
+    for setting in settings:
+        command += ["--set", setting]
+    return command
 
 
 def rows(run_dir, sql, params=None, **kwargs):

@@ -21,7 +21,7 @@ from sam3_engine.engine.ray_executor import KILL_NODE_ONCE_ENV
 from sam3_engine.engine.store import TableStore
 from sam3_engine.schemas.tables import TABLES
 from tests.conftest import EXAMPLES
-from tests.helpers import rows
+from tests.helpers import rows, run_command
 
 RAY = str(Path(sys.executable).with_name("ray"))
 RUN_COLUMNS = {"run_id", "attempt_id", "committed_at", "stats"}
@@ -127,21 +127,12 @@ def quickstart_bucket(s3_server):
 
 
 def _run(bucket, s3_server, output, env, *settings):
-    command = [
-        sys.executable,
-        "-m",
-        "sam3_engine",
-        "run",
-        "-q",
-        str(EXAMPLES / "quickstart.yaml"),
-        "--input",
-        f"{bucket}/quickstart/manifest.jsonl",
-        "--output",
-        f"{bucket}/runs/{output}",
-        "--set",
-        f"storage.endpoint_url={s3_server}",
-        *(part for setting in settings for part in ("--set", setting)),
-    ]
+    command = run_command(
+        EXAMPLES / "quickstart.yaml",
+        input=f"{bucket}/quickstart/manifest.jsonl",
+        output=f"{bucket}/runs/{output}",
+        settings=[f"storage.endpoint_url={s3_server}", *settings],
+    )
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return f"{bucket}/runs/{output}"

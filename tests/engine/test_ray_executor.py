@@ -3,7 +3,6 @@
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import ray
@@ -15,7 +14,7 @@ from sam3_engine.engine.ray_executor import KILL_ACTOR_ONCE_ENV, RayExecutor
 from sam3_engine.engine.runner import CRASH_ON_ENV, ProcessExecutor, UnitRunner
 from sam3_engine.engine.store import TableStore
 from sam3_engine.stages.propose import OOM_ABOVE_ENV
-from tests.helpers import ingest, rows
+from tests.helpers import ingest, rows, run_command
 
 SNAPSHOT = {
     "pairs": "SELECT * EXCLUDE (unit_id) FROM pairs ORDER BY pair_id",
@@ -92,25 +91,12 @@ def test_two_node_cluster_gives_the_rows_of_a_local_run(ray_cluster, images_run,
 
 def test_the_cli_joins_a_running_cluster_through_ray_address(ray_cluster, images_run, reference, tmp_path):
     run_dir = _copy(images_run, tmp_path)
-    command = [
-        sys.executable,
-        "-m",
-        "sam3_engine",
-        "run",
-        "-q",
-        "--output",
-        str(run_dir),
-        "--stages",
-        "propose",
-        "--model",
-        "tiny-random",
-        "--set",
-        "propose.phrases=[car, truck, child]",
-        "--set",
-        "propose.unit_size=1",
-        "--set",
-        "propose.image_batch=2",
-    ]
+    command = run_command(
+        output=run_dir,
+        stages="propose",
+        model="tiny-random",
+        settings=["propose.phrases=[car, truck, child]", "propose.unit_size=1", "propose.image_batch=2"],
+    )
     done = subprocess.run(command, env={**os.environ, "RAY_ADDRESS": ray_cluster.address}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     (summary,) = rows(run_dir, "SELECT summary_json FROM runs WHERE status = 'finished' AND 'propose' IN stages")

@@ -16,7 +16,7 @@ from sam3_engine.engine.runner import KILL_AFTER_COMMITS_ENV
 from sam3_engine.engine.stage import content_defined_chunks
 from sam3_engine.io.inputs import list_inputs
 from tests.conftest import REPO
-from tests.helpers import ingest, rows
+from tests.helpers import ingest, rows, run_command
 
 TABLES = {  # every column but when, and by which attempt, a unit was committed
     "images": "SELECT * FROM images ORDER BY image_id",
@@ -28,24 +28,9 @@ TABLES = {  # every column but when, and by which attempt, a unit was committed
 
 def _cli(input_dir, output, env_extra=None, *settings, **popen):
     env = {**os.environ, **(env_extra or {})}
-    command = [
-        sys.executable,
-        "-m",
-        "sam3_engine",
-        "run",
-        "-q",
-        "--input",
-        str(input_dir),
-        "--output",
-        str(output),
-        "--workers",
-        str(popen.pop("workers", 1)),
-        "--stages",
-        "ingest",
-        "--set",
-        "ingest.unit_size=2",
-        *(part for setting in settings for part in ("--set", setting)),
-    ]
+    command = run_command(
+        input=input_dir, output=output, workers=popen.pop("workers", 1), stages="ingest", settings=["ingest.unit_size=2", *settings]
+    )
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **popen)
 
 
