@@ -141,12 +141,6 @@ def _peak_memory_mib() -> dict[str, float]:
     return peak
 
 
-def _is_out_of_memory(exc: Exception) -> bool:
-    import torch
-
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
 @register_stage
 class ProposeStage(ImageModelStage):
     name = "propose"
@@ -271,7 +265,9 @@ class ProposeStage(ImageModelStage):
                 phrase_batch,
             )
         except Exception as exc:  # noqa: BLE001 - decide below: split, shrink, or reject
-            oom = _is_out_of_memory(exc)
+            from sam3_engine.models.sam3 import is_out_of_memory
+
+            oom = is_out_of_memory(exc)
             if oom and torch.cuda.is_available():
                 torch.cuda.empty_cache()
             if len(batch) > 1:
