@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import socket
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,8 +25,23 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 def quickstart(tmp_path_factory):
     """The README's quickstart run by the CLI from a scratch working directory, printing for an 80-column terminal, as on
     a fresh machine (no Ray cluster to join): (run directory, the finished process). Shared and read-only: a test that
-    changes the run works on a copy."""
-    cwd = tmp_path_factory.mktemp("user")
+    changes the run works on a copy. Under pytest-xdist the first worker to ask runs it, the others wait and share it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:
+        return _run_quickstart(tmp_path_factory.mktemp("user"))
+    shared = tmp_path_factory.getbasetemp().parent  # this session's folder, which every worker's folder is in
+    with FileLock(shared / "quickstart.lock"):
+        record = shared / "quickstart.json"
+        if not record.exists():
+            run_dir, done = _run_quickstart(shared / "quickstart-user")
+            fields = {"run_dir": str(run_dir), "args": done.args, "stdout": done.stdout, "stderr": done.stderr}
+            record.write_text(json.dumps(fields))
+        fields = json.loads(record.read_text())
+    return Path(fields["run_dir"]), subprocess.CompletedProcess(fields["args"], 0, fields["stdout"], fields["stderr"])
+
+
+def _run_quickstart(cwd: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    cwd.mkdir(exist_ok=True)
     command = [sys.executable, "-m", "sam3_engine", "run", str(EXAMPLES / "quickstart.yaml")]
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "COLUMNS": "80"}
     done = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env)
@@ -37,6 +54,12 @@ def photos_dir() -> Path:
     """The real photos: ../shared/data when present (the developers' machines), else the bundled copies."""
     shared = SHARED_DATA / "images"
     return shared if shared.is_dir() else EXAMPLES / "images"
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: a worker per core, at most four. Each worker builds its own session fixtures (the quickstart run, a
+    Ray cluster, the servers), so more workers than that cost more than they give."""
+    return max(1, min(os.cpu_count() or 1, 4))
 
 
 def _save(image: Image.Image, fmt: str, **kwargs) -> bytes:
