@@ -57,9 +57,9 @@ def photos_dir() -> Path:
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
-    """``-n auto``: a worker per core, at most four. Each worker builds its own session fixtures (the quickstart run, a
-    Ray cluster, the servers), so more workers than that cost more than they give."""
-    return max(1, min(os.cpu_count() or 1, 4))
+    """``-n auto``: a worker per core, at most two, the measured set-up (`-n N` asks for more). Each worker builds its
+    own Ray clusters and servers, a few GiB of memory each."""
+    return max(1, min(os.cpu_count() or 1, 2))
 
 
 def _save(image: Image.Image, fmt: str, **kwargs) -> bytes:
