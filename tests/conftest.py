@@ -16,6 +16,8 @@ import pytest
 from filelock import FileLock
 from PIL import Image
 
+from tests.helpers import without_ray_address
+
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -26,8 +28,7 @@ def quickstart(tmp_path_factory):
     """The README's quickstart run by the CLI from a scratch working directory, printing for an 80-column terminal, as on
     a fresh machine (no Ray cluster to join): (run directory, the finished process). Shared and read-only: a test that
     changes the run works on a copy. Under pytest-xdist the first worker to ask runs it, the others wait and share it."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if worker is None:
+    if "PYTEST_XDIST_WORKER" not in os.environ:
         return _run_quickstart(tmp_path_factory.mktemp("user"))
     shared = tmp_path_factory.getbasetemp().parent  # this session's folder, which every worker's folder is in
     with FileLock(shared / "quickstart.lock"):
@@ -43,8 +44,7 @@ def quickstart(tmp_path_factory):
 def _run_quickstart(cwd: Path) -> tuple[Path, subprocess.CompletedProcess]:
     cwd.mkdir(exist_ok=True)
     command = [sys.executable, "-m", "sam3_engine", "run", str(EXAMPLES / "quickstart.yaml")]
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "COLUMNS": "80"}
-    done = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env={**without_ray_address(), "COLUMNS": "80"})
     assert done.returncode == 0, done.stderr
     return cwd / "runs" / "quickstart", done
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterable
 
@@ -28,6 +29,12 @@ def run_command(*arguments, settings: Iterable[str] = (), **flags) -> list[str]:
     for setting in settings:
         command += ["--set", setting]
     return command
+
+
+def without_ray_address() -> dict[str, str]:
+    """This process's environment without RAY_ADDRESS: a run started with it starts its own local Ray, as on a fresh
+    machine, instead of joining a cluster a test fixture started."""
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 
 
 def rows(run_dir, sql, params=None, **kwargs):

@@ -21,7 +21,7 @@ from sam3_engine.engine.ray_executor import KILL_NODE_ONCE_ENV
 from sam3_engine.engine.store import TableStore
 from sam3_engine.schemas.tables import TABLES
 from tests.conftest import EXAMPLES
-from tests.helpers import rows, run_command
+from tests.helpers import rows, run_command, without_ray_address
 
 RAY = str(Path(sys.executable).with_name("ray"))
 RUN_COLUMNS = {"run_id", "attempt_id", "committed_at", "stats"}
@@ -183,8 +183,7 @@ def test_the_whole_pipeline_on_a_three_node_cluster_gives_the_rows_of_a_local_ru
 def test_a_worker_node_killed_mid_stage_loses_and_duplicates_nothing(cluster, quickstart_bucket, s3_server, tmp_path):
     """Ingest reads the photos from S3 on the worker nodes; the first unit on a worker node kills that node's raylet."""
     storage = StorageConfig(endpoint_url=s3_server)
-    local_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    local = _snapshot(_run_on_s3(quickstart_bucket, s3_server, "local-ingest", local_env, stages="ingest"), storage)
+    local = _snapshot(_run_on_s3(quickstart_bucket, s3_server, "local-ingest", without_ray_address(), stages="ingest"), storage)
     marker = tmp_path / "node-killed"
     env = {**cluster.env, "RAY_ADDRESS": cluster.address, KILL_NODE_ONCE_ENV: str(marker)}
     run_url = _run_on_s3(quickstart_bucket, s3_server, "node-killed", env, stages="ingest")

@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from tests.conftest import EXAMPLES
-from tests.helpers import rows
+from tests.helpers import rows, without_ray_address
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process trees as Linux shows them")
 
@@ -29,13 +29,7 @@ def _start(output):
         str(output),
         "-q",
     ]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_without_ray_address())
-
-
-def _without_ray_address():
-    import os
-
-    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=without_ray_address())
 
 
 def _descendants_once_the_model_actor_runs(driver: subprocess.Popen) -> list[psutil.Process]:
@@ -111,7 +105,7 @@ def test_a_ray_out_of_memory_kill_ends_in_one_line_and_a_traceback_file(tmp_path
         str(output),
         "-q",
     ]
-    env = {**_without_ray_address(), "RAY_memory_usage_threshold": "0.01", "RAY_memory_monitor_refresh_ms": "100"}
+    env = {**without_ray_address(), "RAY_memory_usage_threshold": "0.01", "RAY_memory_monitor_refresh_ms": "100"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 1, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
