@@ -15,10 +15,15 @@ from __future__ import annotations
 import os
 import select
 import sys
+import time
 
 import psutil
 
 POLL_SECONDS = 1.0
+EXIT_GRACE_SECONDS = 5.0
+"""A killed driver's pipe reaches end of file a moment before the driver is a zombie (the kernel closes a dying
+process's files first; longer on a loaded machine). A driver that closed the pipe itself, having shut Ray down, is
+still running after this long."""
 
 
 def watch(driver_pid: int, stream) -> dict[int, float]:
@@ -59,10 +64,20 @@ def driver_gone(driver_pid: int) -> bool:
         return True
 
 
+def driver_exits(driver_pid: int, within: float) -> bool:
+    """The driver is gone now or within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not driver_gone(driver_pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def main() -> None:
     driver_pid = int(sys.argv[1])
     seen = watch(driver_pid, sys.stdin.buffer.raw)
-    if driver_gone(driver_pid):
+    if driver_exits(driver_pid, EXIT_GRACE_SECONDS):
         reap(seen)
 
 

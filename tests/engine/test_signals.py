@@ -127,3 +127,14 @@ def test_the_reaper_counts_a_driver_that_vanishes_or_lingers_as_a_zombie_as_gone
     assert driver_gone(child.pid), "a zombie"
     child.wait()
     assert driver_gone(child.pid), "no such process"
+
+
+def test_the_reaper_waits_for_a_driver_whose_pipe_closed_to_exit():
+    """A killed driver's pipe closes a moment before it exits: the reaper waits for that, but not for a live driver."""
+    from sam3_engine.engine.ray_reaper import driver_exits, driver_gone
+
+    exiting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"])
+    assert not driver_gone(exiting.pid), "still running when the reaper would have given up before"
+    assert driver_exits(exiting.pid, within=60), "exited within the grace period"
+    exiting.wait()
+    assert not driver_exits(os.getpid(), within=0.2), "a driver still running is not gone"
