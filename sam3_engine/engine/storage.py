@@ -7,6 +7,7 @@ endpoint is and how to talk to it.
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any
 
@@ -59,12 +60,8 @@ def delta_options(url: str, storage: StorageConfig) -> dict[str, str] | None:
 
 
 def read_text(url: str, storage: StorageConfig) -> str:
-    """A small text file (a vocabulary, an ontology) at any fsspec URL."""
-    fs, path = filesystem(url, storage)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"no file at {url}")
-    with fs.open(path, "r") as f:
-        return f.read()
+    """A small UTF-8 text file (a vocabulary, an ontology) at any fsspec URL, with universal newlines."""
+    return io.TextIOWrapper(io.BytesIO(read_bytes(url, storage)), encoding="utf-8").read()
 
 
 def read_table(url: str, storage: StorageConfig):
@@ -72,7 +69,9 @@ def read_table(url: str, storage: StorageConfig):
 
     A blank CSV cell is a missing value (null) in every column, strings included: a file mixing rows
     of different kinds (pair labels and mask labels) leaves the other kind's cells blank.
+    Arrow parses the file's bytes from memory (``read_bytes``).
     """
+    import pyarrow as pa
     import pyarrow.csv
     import pyarrow.json
     import pyarrow.parquet
@@ -87,11 +86,21 @@ def read_table(url: str, storage: StorageConfig):
     suffix = next((s for s in readers if url.lower().endswith(s)), None)
     if suffix is None:
         raise ValueError(f"{url}: expected a .parquet, .csv or .jsonl file")
+    return readers[suffix](pa.BufferReader(read_bytes(url, storage)))
+
+
+def read_bytes(url: str, storage: StorageConfig) -> bytes:
+    """A whole file's bytes, for Arrow to parse from memory.
+
+    Arrow reads a Python file object (what fsspec opens) from its own IO threads, which call back into
+    Python; one still reading when the interpreter exits aborts the process ("terminate called without
+    an active exception") after the command has finished.
+    """
     fs, path = filesystem(url, storage)
     if not fs.exists(path):
         raise FileNotFoundError(f"no file at {url}")
     with fs.open(path, "rb") as f:
-        return readers[suffix](f)
+        return f.read()
 
 
 def absolute_url(url: str) -> str:

@@ -18,6 +18,7 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
@@ -182,8 +183,7 @@ def _read_manifest(url: str, storage_config: StorageConfig) -> list[InputEntry]:
         raise InputError(f"manifest {url!r} does not exist")
     lower = path.lower()
     if lower.endswith(".parquet"):
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f)
+        table = pq.read_table(pa.BufferReader(storage.read_bytes(url, storage_config)))
         if "uri" not in table.column_names:
             raise InputError(f"manifest {url!r} has no `uri` column (columns: {table.column_names})")
         return [_entry(url, row, f"{url}#row={i + 1}") for i, row in enumerate(table.to_pylist())]

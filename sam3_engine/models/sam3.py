@@ -17,8 +17,6 @@ compiled head sees a few shapes, not one per phrase count.
 
 from __future__ import annotations
 
-import json
-import tempfile
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
@@ -26,7 +24,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -113,19 +110,16 @@ def rle_encode(masks: torch.Tensor) -> list[dict]:
 
 
 def offline_clip_tokenizer():
-    """SAM 3's text tokenizer built from the CLIP BPE file that ships inside open_clip_torch."""
+    """SAM 3's text tokenizer built in memory from the CLIP BPE file that ships inside open_clip_torch."""
     from open_clip.tokenizer import SimpleTokenizer
     from transformers import CLIPTokenizer
 
     bpe = SimpleTokenizer()
-    folder = Path(tempfile.mkdtemp(prefix="sam3-clip-bpe-"))
-    (folder / "vocab.json").write_text(json.dumps(bpe.encoder))
-    merges = sorted(bpe.bpe_ranks.items(), key=lambda item: item[1])
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(pair) for pair, _ in merges) + "\n")
+    merges = [pair for pair, _ in sorted(bpe.bpe_ranks.items(), key=lambda item: item[1])]
     special = "<end_of_text>"
     return CLIPTokenizer(
-        str(folder / "vocab.json"),
-        str(folder / "merges.txt"),
+        vocab=dict(bpe.encoder),
+        merges=merges,
         bos_token="<start_of_text>",
         eos_token=special,
         pad_token=special,

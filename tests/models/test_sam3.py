@@ -1,5 +1,7 @@
 """The SAM 3 wrapper on a tiny random-weight model: same classes and code path as the real one."""
 
+import tempfile
+
 import numpy as np
 import pytest
 import torch
@@ -29,6 +31,16 @@ def test_offline_tokenizer_matches_open_clip_ids():
     tokenizer = offline_clip_tokenizer()
     for phrase in ("grocery bag", "a white pickup truck", "children's sports bibs!", "café"):
         assert tokenizer(phrase)["input_ids"] == [49406, *reference.encode(phrase), 49407]
+
+
+def test_the_offline_tokenizer_leaves_no_file_behind(tmp_path, monkeypatch):
+    """Every actor builds one: files written per build filled /tmp (1.5 MB each)."""
+    offline_clip_tokenizer()  # imports done first: importing torch's compiler sets up its own cache folder
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    assert tempfile.gettempdir() == str(tmp_path)
+    offline_clip_tokenizer()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_batched_phrases_equal_the_one_phrase_loop(segmenter, photos):
