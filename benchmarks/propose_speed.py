@@ -53,7 +53,8 @@ def full_size_checkpoint(image_size: int, folder: Path) -> Path:
     """The default Sam3Config at ``image_size`` with seeded random weights, saved with its processor."""
     from transformers.models.sam3 import Sam3Config, Sam3ImageProcessor, Sam3Model, Sam3Processor
 
-    from sam3_engine.models.sam3 import offline_clip_tokenizer
+    from sam3_engine.text.clip_tokenizer import offline_clip_tokenizer
+    from sam3_engine.text.concepts import TEXT_CONTEXT
 
     config = Sam3Config()
     backbone = config.vision_config.backbone_config
@@ -64,7 +65,7 @@ def full_size_checkpoint(image_size: int, folder: Path) -> Path:
     model = Sam3Model(config)
     model.save_pretrained(folder)
     Sam3Processor(
-        image_processor=Sam3ImageProcessor(size={"height": image_size, "width": image_size}), tokenizer=offline_clip_tokenizer()
+        image_processor=Sam3ImageProcessor(size={"height": image_size, "width": image_size}), tokenizer=offline_clip_tokenizer(TEXT_CONTEXT)
     ).save_pretrained(folder)
     return folder
 

@@ -32,10 +32,11 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from sam3_engine.models.hub import TINY_RANDOM, HubChoice, ModelLoadError, choose_checkpoint
+from sam3_engine.text.clip_tokenizer import offline_clip_tokenizer
+from sam3_engine.text.concepts import TEXT_CONTEXT
 
 TINY_RANDOM_SEED = 0
 TINY_RANDOM_INIT_RANGE = 0.1
-TEXT_CONTEXT = 32
 STABILITY_OFFSET = 1.0
 """Logit offset for the stability score: IoU of the masks at logit > +offset and logit > -offset."""
 TEXT_CACHE_SIZE = 4096
@@ -107,25 +108,6 @@ def rle_encode(masks: torch.Tensor) -> list[dict]:
             counts = np.concatenate(([0], counts))
         encoded.append(mask_utils.frPyObjects({"size": [height, width], "counts": counts.tolist()}, height, width))
     return encoded
-
-
-def offline_clip_tokenizer():
-    """SAM 3's text tokenizer built in memory from the CLIP BPE file that ships inside open_clip_torch."""
-    from open_clip.tokenizer import SimpleTokenizer
-    from transformers import CLIPTokenizer
-
-    bpe = SimpleTokenizer()
-    merges = [pair for pair, _ in sorted(bpe.bpe_ranks.items(), key=lambda item: item[1])]
-    special = "<end_of_text>"
-    return CLIPTokenizer(
-        vocab=dict(bpe.encoder),
-        merges=merges,
-        bos_token="<start_of_text>",
-        eos_token=special,
-        pad_token=special,
-        unk_token=special,
-        model_max_length=TEXT_CONTEXT,
-    )
 
 
 def tiny_random_config():
@@ -323,7 +305,7 @@ class Sam3Segmenter:
             torch.manual_seed(TINY_RANDOM_SEED)
             model = Sam3Model(config)
             processor = Sam3Processor(
-                image_processor=load_image_processor(ModelChoice(TINY_RANDOM, None)), tokenizer=offline_clip_tokenizer()
+                image_processor=load_image_processor(ModelChoice(TINY_RANDOM, None)), tokenizer=offline_clip_tokenizer(TEXT_CONTEXT)
             )
             return cls(model.to(device=device, dtype=torch_dtype), processor, TINY_RANDOM, None, random_weights=True)
         try:

@@ -79,10 +79,9 @@ def choose_vlm(name: str, revision: str | None, fallback_to_tiny_random: bool) -
 
 
 def _tiny_tokenizer():
-    from sam3_engine.models.sam3 import offline_clip_tokenizer
+    from sam3_engine.text.clip_tokenizer import offline_clip_tokenizer
 
-    tokenizer = offline_clip_tokenizer()
-    tokenizer.model_max_length = 8192
+    tokenizer = offline_clip_tokenizer(model_max_length=8192)
     grid = [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
     tokenizer.add_special_tokens(
         {"additional_special_tokens": ["<|im_start|>", "<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", *grid]}

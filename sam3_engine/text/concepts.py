@@ -82,14 +82,14 @@ def pair_id(image_id: str, concept: str) -> str:
 
 @cache
 def _tokenizer():
-    from open_clip.tokenizer import SimpleTokenizer
+    from sam3_engine.text.clip_tokenizer import offline_clip_tokenizer
 
-    return SimpleTokenizer()
+    return offline_clip_tokenizer(TEXT_CONTEXT)
 
 
 def token_count(phrase: str) -> int:
     """Tokens SAM 3's CLIP tokenizer gives the phrase, start and end tokens included."""
-    return len(_tokenizer().encode(phrase)) + 2
+    return len(_tokenizer().backend_tokenizer.encode(phrase).ids)
 
 
 @dataclass(frozen=True)

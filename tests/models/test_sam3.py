@@ -1,14 +1,13 @@
 """The SAM 3 wrapper on a tiny random-weight model: same classes and code path as the real one."""
 
-import tempfile
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
 from pycocotools import mask as mask_utils
 
-from sam3_engine.models.sam3 import TEXT_CONTEXT, ModelLoadError, Sam3Segmenter, offline_clip_tokenizer, rle_encode
+from sam3_engine.models.sam3 import ModelLoadError, Sam3Segmenter, rle_encode
+from sam3_engine.text.concepts import TEXT_CONTEXT
 
 THRESHOLD = 0.3
 """The default keep-threshold; tiny-random's init spreads scores around it (see tiny_random_config)."""
@@ -22,25 +21,6 @@ def segmenter():
 @pytest.fixture(scope="module")
 def photos(photos_dir):
     return [ImageOps.exif_transpose(Image.open(photos_dir / name)) for name in ("groceries.jpg", "truck.jpg")]
-
-
-def test_offline_tokenizer_matches_open_clip_ids():
-    from open_clip.tokenizer import SimpleTokenizer
-
-    reference = SimpleTokenizer()
-    tokenizer = offline_clip_tokenizer()
-    for phrase in ("grocery bag", "a white pickup truck", "children's sports bibs!", "café"):
-        assert tokenizer(phrase)["input_ids"] == [49406, *reference.encode(phrase), 49407]
-
-
-def test_the_offline_tokenizer_leaves_no_file_behind(tmp_path, monkeypatch):
-    """Every actor builds one: files written per build filled /tmp (1.5 MB each)."""
-    offline_clip_tokenizer()  # imports done first: importing torch's compiler sets up its own cache folder
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
-    monkeypatch.setattr(tempfile, "tempdir", None)
-    assert tempfile.gettempdir() == str(tmp_path)
-    offline_clip_tokenizer()
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_batched_phrases_equal_the_one_phrase_loop(segmenter, photos):
