@@ -8,6 +8,7 @@ classes and code path, for tests and smoke runs.
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -17,11 +18,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sam3_engine.models.hub import ModelLoadError, check_hub_reachable
+from sam3_engine.models.hub import ModelLoadError, check_hub_reachable, hub_unreachable
 
 TINY_RANDOM = "tiny-random"
 TINY_RANDOM_ARCHITECTURE = "sam3-engine-tiny-clip"
 TINY_RANDOM_SEED = 0
+HUB_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+"""The weights files open_clip looks for in a hub repository named without a file, in its order."""
 PROMPT = "a photo of a {}."
 """CLIP's standard prompt: phrases are embedded as captions, as CLIP was trained."""
 
@@ -37,7 +40,7 @@ def _clip_error(model: str, pretrained: str | None, exc: Exception) -> ModelLoad
     return ModelLoadError(
         f"could not load CLIP {model!r} with pretrained weights {pretrained!r}: {type(exc).__name__}: {exc}\n"
         "  - without network access, download the weights elsewhere and pass the file as clip.pretrained, "
-        "or pre-fill the Hugging Face cache and set HF_HUB_OFFLINE=1;\n"
+        "or pre-fill the Hugging Face cache on every machine (read without the hub when it is unreachable);\n"
         "  - for a smoke run with random weights, set clip.model: tiny-random."
     )
 
@@ -63,7 +66,6 @@ class ClipChoice:
 def choose_clip(model: str, pretrained: str | None, fallback_to_tiny_random: bool) -> ClipChoice:
     """Check that the weights are cached, a local file, or on a reachable hub; fall back only if asked."""
     import open_clip
-    from huggingface_hub import try_to_load_from_cache
 
     if model == TINY_RANDOM or (pretrained and Path(pretrained).is_file()):
         return ClipChoice(model, pretrained)
@@ -73,17 +75,26 @@ def choose_clip(model: str, pretrained: str | None, fallback_to_tiny_random: boo
     if not source:
         raise _clip_error(model, pretrained, ValueError(f"unknown pretrained tag; known: {open_clip.list_pretrained_tags_by_model(model)}"))
     try:
-        repo = source.get("hf_hub", "").rstrip("/")
-        cached = repo and any(
-            isinstance(try_to_load_from_cache(repo, name), str) for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-        )
-        if not cached:
+        if cached_weights(model, pretrained) is None:
             check_hub_reachable()
     except Exception as exc:  # noqa: BLE001 - offline or unreachable
         if not fallback_to_tiny_random:
             raise _clip_error(model, pretrained, exc) from exc
         return ClipChoice(TINY_RANDOM, None, fallback_reason=f"CLIP {model}/{pretrained} is not reachable ({type(exc).__name__})")
     return ClipChoice(model, pretrained)
+
+
+def cached_weights(model: str, pretrained: str | None) -> str | None:
+    """The local path of a pretrained tag's hub weights when they are in the Hugging Face cache, the safetensors
+    file first as open_clip takes it; None when they are not (or the tag's weights are not on the hub)."""
+    import open_clip
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, filename = posixpath.split((open_clip.get_pretrained_cfg(model, pretrained or "") or {}).get("hf_hub", ""))
+    if not repo:
+        return None
+    names = (filename.rsplit(".", 1)[0] + ".safetensors", filename) if filename else HUB_WEIGHTS
+    return next((path for name in names if isinstance(path := try_to_load_from_cache(repo, name), str)), None)
 
 
 def input_size(choice: ClipChoice) -> int:
@@ -131,8 +142,14 @@ class ClipEmbedder:
             model = open_clip.create_model(TINY_RANDOM_ARCHITECTURE, pretrained=None, device=device)
             return cls(model, open_clip.get_tokenizer(TINY_RANDOM_ARCHITECTURE), choice, device)
         precision = "fp16" if device.startswith("cuda") else "fp32"
+        weights, preprocessing = choice.pretrained, None
+        cached = cached_weights(choice.model, choice.pretrained)
+        if cached and hub_unreachable():  # the file itself: open_clip's download would retry the hub for minutes first
+            weights, preprocessing = cached, open_clip.get_pretrained_cfg(choice.model, choice.pretrained)
         try:
-            model = open_clip.create_model(choice.model, pretrained=choice.pretrained, device=device, precision=precision)
+            model = open_clip.create_model(
+                choice.model, pretrained=weights, device=device, precision=precision, force_preprocess_cfg=preprocessing
+            )
         except Exception as exc:  # noqa: BLE001 - gated, missing, offline: one actionable error
             raise _clip_error(choice.model, choice.pretrained, exc) from exc
         return cls(model, open_clip.get_tokenizer(choice.model), choice, device)

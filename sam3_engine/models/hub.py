@@ -30,6 +30,21 @@ def check_hub_reachable(timeout: float = 3.0) -> None:
         raise ConnectionError(f"cannot reach {constants.ENDPOINT}: {exc}") from exc
 
 
+def cache_only(name: str) -> bool:
+    """Whether to load checkpoint ``name`` from the local Hugging Face cache alone (``local_files_only``): the hub
+    cannot be reached now. Otherwise the hub client retries every file five times with backoff before it falls back to
+    the cache: five minutes for SAM 3's files, in every actor of a cluster without internet access."""
+    return name != TINY_RANDOM and not Path(name).is_dir() and hub_unreachable()
+
+
+def hub_unreachable() -> bool:
+    try:
+        check_hub_reachable()
+    except ConnectionError:
+        return True
+    return False
+
+
 @dataclass(frozen=True)
 class HubChoice:
     """Which checkpoint a run uses, decided once on the driver before any worker loads it."""

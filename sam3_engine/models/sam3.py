@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from sam3_engine.models.hub import TINY_RANDOM, HubChoice, ModelLoadError, choose_checkpoint
+from sam3_engine.models.hub import TINY_RANDOM, HubChoice, ModelLoadError, cache_only, choose_checkpoint
 from sam3_engine.text.clip_tokenizer import offline_clip_tokenizer
 from sam3_engine.text.concepts import TEXT_CONTEXT
 
@@ -164,7 +164,7 @@ def _load_error(name: str, revision: str | None, exc: Exception) -> ModelLoadErr
         "  - facebook/sam3 is gated: request access on its Hugging Face page, accept the licence, then run "
         "`huggingface-cli login` (or set HF_TOKEN) on every machine that runs the model;\n"
         "  - without network access, copy a checkpoint saved with save_pretrained and pass its directory "
-        "(--model /path/to/sam3), or pre-fill the Hugging Face cache and set HF_HUB_OFFLINE=1;\n"
+        "(--model /path/to/sam3), or pre-fill the Hugging Face cache on every machine (read without the hub when it is unreachable);\n"
         "  - for a smoke run with random weights, use --model tiny-random."
     )
 
@@ -186,7 +186,7 @@ def load_image_processor(choice: ModelChoice):
         size = tiny_random_config().vision_config.backbone_config.image_size
         return Sam3ImageProcessor(size={"height": size, "width": size})
     try:
-        return Sam3ImageProcessor.from_pretrained(choice.name, revision=choice.revision)
+        return Sam3ImageProcessor.from_pretrained(choice.name, revision=choice.revision, local_files_only=cache_only(choice.name))
     except Exception as exc:  # noqa: BLE001
         raise _load_error(choice.name, choice.revision, exc) from exc
 
@@ -308,9 +308,12 @@ class Sam3Segmenter:
                 image_processor=load_image_processor(ModelChoice(TINY_RANDOM, None)), tokenizer=offline_clip_tokenizer(TEXT_CONTEXT)
             )
             return cls(model.to(device=device, dtype=torch_dtype), processor, TINY_RANDOM, None, random_weights=True)
+        local = cache_only(name)
         try:
-            model = Sam3Model.from_pretrained(name, revision=revision, dtype=torch_dtype, attn_implementation="sdpa")
-            processor = Sam3Processor.from_pretrained(name, revision=revision)
+            model = Sam3Model.from_pretrained(
+                name, revision=revision, dtype=torch_dtype, attn_implementation="sdpa", local_files_only=local
+            )
+            processor = Sam3Processor.from_pretrained(name, revision=revision, local_files_only=local)
         except Exception as exc:  # noqa: BLE001 - gated, missing, offline: all become one actionable error
             raise _load_error(name, revision, exc) from exc
         return cls(model.to(device), processor, name, revision, random_weights=False)

@@ -27,7 +27,7 @@ import yaml
 from PIL import Image
 from scipy import ndimage
 
-from sam3_engine.models.hub import HubChoice, ModelLoadError, choose_checkpoint
+from sam3_engine.models.hub import HubChoice, ModelLoadError, cache_only, choose_checkpoint
 
 TINY_RANDOM_SEED = 0
 TINY_RANDOM_INIT_RANGE = 0.2
@@ -64,7 +64,8 @@ def _load_error(name: str, revision: str | None, exc: Exception) -> ModelLoadErr
     return ModelLoadError(
         f"could not load the VLM {name!r}" + (f" at revision {revision!r}" if revision else "") + f": {type(exc).__name__}: {exc}\n"
         "  - without network access, copy a checkpoint saved with save_pretrained and pass its directory "
-        "(verify_vlm.model: /path/to/SmolVLM), or pre-fill the Hugging Face cache and set HF_HUB_OFFLINE=1;\n"
+        "(verify_vlm.model: /path/to/SmolVLM), or pre-fill the Hugging Face cache on every machine "
+        "(read without the hub when it is unreachable);\n"
         "  - for a smoke run with random weights, set verify_vlm.model: tiny-random."
     )
 
@@ -129,7 +130,7 @@ def load_processor(choice: VlmChoice):
     from transformers import Idefics3Processor
 
     try:
-        return Idefics3Processor.from_pretrained(choice.name, revision=choice.revision)
+        return Idefics3Processor.from_pretrained(choice.name, revision=choice.revision, local_files_only=cache_only(choice.name))
     except Exception as exc:  # noqa: BLE001
         raise _load_error(choice.name, choice.revision, exc) from exc
 
@@ -289,7 +290,9 @@ class VlmJudge:
             model = Idefics3ForConditionalGeneration(tiny_random_config(processor))
             return cls(model.to(device=device, dtype=torch_dtype), processor, choice)
         try:
-            model = Idefics3ForConditionalGeneration.from_pretrained(choice.name, revision=choice.revision, dtype=torch_dtype)
+            model = Idefics3ForConditionalGeneration.from_pretrained(
+                choice.name, revision=choice.revision, dtype=torch_dtype, local_files_only=cache_only(choice.name)
+            )
         except Exception as exc:  # noqa: BLE001 - missing, offline, not an Idefics3 checkpoint: one actionable error
             raise _load_error(choice.name, choice.revision, exc) from exc
         return cls(model.to(device), load_processor(choice), choice)
