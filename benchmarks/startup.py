@@ -1,4 +1,4 @@
-"""What a process pays before its first unit: the run driver, an ingest pool worker, a model actor.
+"""What a process pays before its first unit: the run driver, pool workers, model actors.
 
 Every driver, every pool worker and every model actor is a fresh Python process, so this cost is
 paid once per process of every run (and by every test that starts one). Each case runs in a new
@@ -20,8 +20,16 @@ CASES = {
     "ingest pool worker (stage modules, its stage unpickled)": (
         "from sam3_engine.engine.stage import stage_names, stage_class; stage_names(); stage_class('ingest')"
     ),
+    "mine pool worker (its stage, a phrase counted, singularised and parsed)": (
+        "from sam3_engine.engine.stage import stage_names, stage_class; stage_names(); stage_class('mine'); "
+        "from sam3_engine.text.concepts import token_count, singular, noun_phrases; "
+        "token_count('a red dog'); singular('dogs'); noun_phrases('a red dog on the grass')"
+    ),
     "model actor (CLIP and SAM 3 wrappers: torch, open_clip, transformers)": (
         "import sam3_engine.stages, sam3_engine.models.clip, sam3_engine.models.sam3"
+    ),
+    "SAM 3 actor, tiny-random (model and processor built on CPU)": (
+        "from sam3_engine.models.sam3 import Sam3Segmenter; Sam3Segmenter.load('tiny-random', device='cpu')"
     ),
 }
 
