@@ -134,7 +134,8 @@ def test_unreachable_weights_give_an_actionable_error_or_a_loud_fallback(monkeyp
     with pytest.raises(ModelLoadError) as error:
         choose_vlm("HuggingFaceTB/SmolVLM-256M-Instruct", None, False)
     message = str(error.value)
-    for hint in ("HuggingFaceTB/SmolVLM-256M-Instruct", "save_pretrained", "pre-fill the Hugging Face cache", "verify_vlm.model: tiny-random"):
+    hints = ("HuggingFaceTB/SmolVLM-256M-Instruct", "save_pretrained", "pre-fill the Hugging Face cache", "verify_vlm.model: tiny-random")
+    for hint in hints:
         assert hint in message
     with pytest.raises(ModelLoadError, match="could not load the VLM"):
         VlmJudge.load(VlmChoice("HuggingFaceTB/SmolVLM-256M-Instruct", "main"))
