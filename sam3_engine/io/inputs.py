@@ -178,17 +178,17 @@ def _entry(url: str, record: dict, where: str) -> InputEntry:
 
 
 def _read_manifest(url: str, storage_config: StorageConfig) -> list[InputEntry]:
-    fs, path = storage.filesystem(url, storage_config)
-    if not fs.exists(path):
-        raise InputError(f"manifest {url!r} does not exist")
-    lower = path.lower()
+    try:
+        data = storage.read_bytes(url, storage_config)
+    except FileNotFoundError:
+        raise InputError(f"manifest {url!r} does not exist") from None
+    lower = url.lower()
     if lower.endswith(".parquet"):
-        table = pq.read_table(pa.BufferReader(storage.read_bytes(url, storage_config)))
+        table = pq.read_table(pa.BufferReader(data))
         if "uri" not in table.column_names:
             raise InputError(f"manifest {url!r} has no `uri` column (columns: {table.column_names})")
         return [_entry(url, row, f"{url}#row={i + 1}") for i, row in enumerate(table.to_pylist())]
-    with fs.open(path, "rb") as f:
-        text = io.TextIOWrapper(f, encoding="utf-8", errors="replace").read()
+    text = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors="replace").read()
     if lower.endswith(".csv"):
         return _read_csv(url, text)
     entries = []

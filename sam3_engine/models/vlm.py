@@ -123,14 +123,16 @@ def tiny_random_config(processor):
     return config
 
 
-def load_processor(choice: VlmChoice):
-    """The checkpoint's processor alone (tokenizer and image settings, no weights): for CPU preparation workers."""
+def load_processor(choice: VlmChoice, local_files_only: bool | None = None):
+    """The checkpoint's processor alone (tokenizer and image settings, no weights): for CPU preparation workers.
+    ``local_files_only`` None: from the cache alone if the hub cannot be reached now (``cache_only``)."""
     if choice.random_weights:
         return tiny_random_processor()
     from transformers import Idefics3Processor
 
     try:
-        return Idefics3Processor.from_pretrained(choice.name, revision=choice.revision, local_files_only=cache_only(choice.name))
+        local = cache_only(choice.name) if local_files_only is None else local_files_only
+        return Idefics3Processor.from_pretrained(choice.name, revision=choice.revision, local_files_only=local)
     except Exception as exc:  # noqa: BLE001
         raise _load_error(choice.name, choice.revision, exc) from exc
 
@@ -289,13 +291,14 @@ class VlmJudge:
             torch.manual_seed(TINY_RANDOM_SEED)
             model = Idefics3ForConditionalGeneration(tiny_random_config(processor))
             return cls(model.to(device=device, dtype=torch_dtype), processor, choice)
+        local = cache_only(choice.name)
         try:
             model = Idefics3ForConditionalGeneration.from_pretrained(
-                choice.name, revision=choice.revision, dtype=torch_dtype, local_files_only=cache_only(choice.name)
+                choice.name, revision=choice.revision, dtype=torch_dtype, local_files_only=local
             )
         except Exception as exc:  # noqa: BLE001 - missing, offline, not an Idefics3 checkpoint: one actionable error
             raise _load_error(choice.name, choice.revision, exc) from exc
-        return cls(model.to(device), load_processor(choice), choice)
+        return cls(model.to(device), load_processor(choice, local), choice)
 
     def _answer_ids(self, spellings: tuple[str, ...]) -> list[int]:
         """The first token of each spelling of an answer, once each."""
