@@ -64,18 +64,19 @@ class ClipChoice:
 
 
 def choose_clip(model: str, pretrained: str | None, fallback_to_tiny_random: bool) -> ClipChoice:
-    """Check that the weights are cached, a local file, or on a reachable hub; fall back only if asked."""
+    """Check that the weights (and a Hugging Face tokenizer, for models that use one) are cached, a local file, or on a
+    reachable hub; fall back only if asked."""
     import open_clip
 
-    if model == TINY_RANDOM or (pretrained and Path(pretrained).is_file()):
+    if model == TINY_RANDOM:
         return ClipChoice(model, pretrained)
-    if model not in open_clip.list_models():
+    local_file = bool(pretrained) and Path(pretrained).is_file()
+    if not local_file and model not in open_clip.list_models():
         raise _clip_error(model, pretrained, ValueError(f"unknown architecture; open_clip knows e.g. {open_clip.list_models()[:5]}"))
-    source = open_clip.get_pretrained_cfg(model, pretrained or "")
-    if not source:
+    if not local_file and not open_clip.get_pretrained_cfg(model, pretrained or ""):
         raise _clip_error(model, pretrained, ValueError(f"unknown pretrained tag; known: {open_clip.list_pretrained_tags_by_model(model)}"))
     try:
-        if cached_weights(model, pretrained) is None:
+        if not (local_file or cached_weights(model, pretrained)) or not tokenizer_cached(model):
             check_hub_reachable()
     except Exception as exc:  # noqa: BLE001 - offline or unreachable
         if not fallback_to_tiny_random:
@@ -95,6 +96,30 @@ def cached_weights(model: str, pretrained: str | None) -> str | None:
         return None
     names = (filename.rsplit(".", 1)[0] + ".safetensors", filename) if filename else HUB_WEIGHTS
     return next((path for name in names if isinstance(path := try_to_load_from_cache(repo, name), str)), None)
+
+
+def hub_tokenizer(model: str) -> str | None:
+    """The hub repository of the model's Hugging Face tokenizer (SigLIP, the multilingual CLIPs); None for CLIP's own BPE."""
+    import open_clip
+
+    return ((open_clip.get_model_config(model) or {}).get("text_cfg") or {}).get("hf_tokenizer_name") or None
+
+
+def tokenizer_cached(model: str) -> bool:
+    """Whether the model needs nothing from the hub to tokenize: CLIP's BPE ships with open_clip, a Hugging Face
+    tokenizer must be in the cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = hub_tokenizer(model)
+    return repo is None or isinstance(try_to_load_from_cache(repo, "tokenizer_config.json"), str)
+
+
+def load_tokenizer(model: str, offline: bool):
+    """open_clip's tokenizer for ``model``; a Hugging Face one from the cache alone when the hub is ``offline`` (the
+    hub client would retry each file for minutes first)."""
+    import open_clip
+
+    return open_clip.get_tokenizer(model, **({"local_files_only": True} if offline and hub_tokenizer(model) else {}))
 
 
 def input_size(choice: ClipChoice) -> int:
@@ -143,16 +168,18 @@ class ClipEmbedder:
             return cls(model, open_clip.get_tokenizer(TINY_RANDOM_ARCHITECTURE), choice, device)
         precision = "fp16" if device.startswith("cuda") else "fp32"
         weights, preprocessing = choice.pretrained, None
+        offline = hub_unreachable()
         cached = cached_weights(choice.model, choice.pretrained)
-        if cached and hub_unreachable():  # the file itself: open_clip's download would retry the hub for minutes first
+        if cached and offline:  # the file itself: open_clip's download would retry the hub for minutes first
             weights, preprocessing = cached, open_clip.get_pretrained_cfg(choice.model, choice.pretrained)
         try:
             model = open_clip.create_model(
                 choice.model, pretrained=weights, device=device, precision=precision, force_preprocess_cfg=preprocessing
             )
+            tokenizer = load_tokenizer(choice.model, offline)
         except Exception as exc:  # noqa: BLE001 - gated, missing, offline: one actionable error
             raise _clip_error(choice.model, choice.pretrained, exc) from exc
-        return cls(model, open_clip.get_tokenizer(choice.model), choice, device)
+        return cls(model, tokenizer, choice, device)
 
     @torch.inference_mode()
     def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
