@@ -9,6 +9,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -24,29 +26,100 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
-def quickstart(tmp_path_factory):
+def quickstart(request, tmp_path_factory):
     """The README's quickstart run by the CLI from a scratch working directory, printing for an 80-column terminal, as on
     a fresh machine (no Ray cluster to join): (run directory, the finished process). Shared and read-only: a test that
-    changes the run works on a copy. Under pytest-xdist the first worker to ask runs it, the others wait and share it."""
-    if "PYTEST_XDIST_WORKER" not in os.environ:
-        return _run_quickstart(tmp_path_factory.mktemp("user"))
-    shared = tmp_path_factory.getbasetemp().parent  # this session's folder, which every worker's folder is in
-    with FileLock(shared / "quickstart.lock"):
-        record = shared / "quickstart.json"
-        if not record.exists():
-            run_dir, done = _run_quickstart(shared / "quickstart-user")
-            fields = {"run_dir": str(run_dir), "args": done.args, "stdout": done.stdout, "stderr": done.stderr}
-            record.write_text(json.dumps(fields))
-        fields = json.loads(record.read_text())
-    return Path(fields["run_dir"]), subprocess.CompletedProcess(fields["args"], 0, fields["stdout"], fields["stderr"])
+    changes the run works on a copy. Under pytest-xdist the controller runs it while the workers run other tests."""
+    workerinput = getattr(request.config, "workerinput", None)
+    if workerinput is None:
+        return _finished_quickstart(_run_quickstart(tmp_path_factory.mktemp("user")))
+    folder = Path(workerinput[QUICKSTART_FOLDER])
+    with FileLock(folder / "quickstart.lock"):  # held by the controller until the run has ended
+        fields = json.loads((folder / "quickstart.json").read_text())
+    return _finished_quickstart(fields)
 
 
-def _run_quickstart(cwd: Path) -> tuple[Path, subprocess.CompletedProcess]:
-    cwd.mkdir(exist_ok=True)
-    command = [sys.executable, "-m", "sam3_engine", "run", str(EXAMPLES / "quickstart.yaml")]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env={**without_ray_address(), "COLUMNS": "80"})
-    assert done.returncode == 0, done.stderr
-    return cwd / "runs" / "quickstart", done
+QUICKSTART_FOLDER = "sam3_engine_quickstart"
+"""The key of ``workerinput`` naming the folder of the quickstart the xdist controller runs."""
+
+
+def _quickstart_command() -> list[str]:
+    return [sys.executable, "-m", "sam3_engine", "run", str(EXAMPLES / "quickstart.yaml")]
+
+
+def _quickstart_env() -> dict[str, str]:
+    return {**without_ray_address(), "COLUMNS": "80"}
+
+
+def _run_quickstart(cwd: Path) -> dict:
+    done = subprocess.run(_quickstart_command(), capture_output=True, text=True, cwd=cwd, env=_quickstart_env())
+    return {"cwd": str(cwd), "returncode": done.returncode, "stdout": done.stdout, "stderr": done.stderr}
+
+
+def _finished_quickstart(fields: dict) -> tuple[Path, subprocess.CompletedProcess]:
+    assert fields["returncode"] == 0, fields["stderr"]
+    done = subprocess.CompletedProcess(_quickstart_command(), 0, fields["stdout"], fields["stderr"])
+    return Path(fields["cwd"]) / "runs" / "quickstart", done
+
+
+class _BackgroundQuickstart:
+    """The quickstart run by the xdist controller from the session's start: the workers run other tests meanwhile, where
+    one of them would otherwise run it (a minute) while every other worker that needs it sat waiting. The controller
+    holds the run's lock until its record is written; a worker that needs the run waits on that lock."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.lock = FileLock(folder / "quickstart.lock", thread_local=False)  # released by the thread that waits on the run
+        self.lock.acquire()
+        cwd = folder / "user"
+        cwd.mkdir()
+        self.process = subprocess.Popen(
+            _quickstart_command(),
+            cwd=cwd,
+            env=_quickstart_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        self.waiter = threading.Thread(target=self._record, args=(cwd,), name="quickstart", daemon=True)
+        self.waiter.start()
+
+    def _record(self, cwd: Path) -> None:
+        try:
+            stdout, stderr = self.process.communicate()
+            fields = {"cwd": str(cwd), "returncode": self.process.returncode, "stdout": stdout, "stderr": stderr}
+            (self.folder / "quickstart.json").write_text(json.dumps(fields))
+        finally:
+            self.lock.release()
+
+    def stop(self) -> None:
+        """Stop a run no test waited for (a session of other tests), the way a user stops one: SIGTERM."""
+        if self.process.poll() is None:
+            self.process.terminate()
+        self.waiter.join(60)
+
+
+_BACKGROUND_QUICKSTART = pytest.StashKey[_BackgroundQuickstart]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session):
+    if session.config.pluginmanager.has_plugin("dsession"):  # the xdist controller, before it starts its workers
+        folder = Path(tempfile.mkdtemp(prefix="sam3-engine-tests-"))
+        session.config.stash[_BACKGROUND_QUICKSTART] = _BackgroundQuickstart(folder)
+
+
+def pytest_configure_node(node):
+    """xdist: tell each worker where the controller's quickstart is."""
+    node.workerinput[QUICKSTART_FOLDER] = str(node.config.stash[_BACKGROUND_QUICKSTART].folder)
+
+
+def pytest_sessionfinish(session):
+    background = session.config.stash.get(_BACKGROUND_QUICKSTART, None)
+    if background is not None:
+        background.stop()
+        shutil.rmtree(background.folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
