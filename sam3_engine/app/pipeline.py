@@ -27,8 +27,8 @@ from sam3_engine.engine import storage
 from sam3_engine.engine.catalog import connect
 from sam3_engine.engine.config import ConfigError, RunConfig
 from sam3_engine.engine.lock import RunLock, RunLockedError
-from sam3_engine.engine.runner import Executor, ProcessExecutor, StageReport, UnitRunner
-from sam3_engine.engine.stage import BuildContext, Stage, stage_class
+from sam3_engine.engine.runner import Executor, ProcessExecutor, StageReport, UnitRunner, start_fork_server
+from sam3_engine.engine.stage import BuildContext, Stage, stage_class, stage_modules
 from sam3_engine.engine.store import TableStore
 from sam3_engine.io.inputs import InputError
 from sam3_engine.models.hub import ModelLoadError
@@ -120,6 +120,14 @@ def _release_ray() -> None:
     ray_executor = sys.modules.get("sam3_engine.engine.ray_executor")
     if ray_executor is not None:
         ray_executor.release_ray()
+
+
+def _start_process_pool(config: RunConfig) -> None:
+    """Start the process pools' fork server with the run's CPU stages, when they run on local processes: it imports
+    them while this process checks the models and plans the first stage."""
+    pool_stages = [cls for cls in map(stage_class, config.stages) if not cls.uses_model]
+    if pool_stages and not config.ray.cpu_stages_on_ray():
+        start_fork_server(stage_modules(pool_stages))
 
 
 def _executor(stage: Stage, config: RunConfig) -> Executor:
@@ -246,6 +254,7 @@ def run_pipeline(
     ``announce`` receives the run's notices (such as a model fallback) before any work starts.
     """
     _check_input(config)
+    _start_process_pool(config)
     created = _make_run_directory(config)
     lock = RunLock(config.output, config.storage).acquire(wait_for_lock, on_wait)
     try:

@@ -10,25 +10,25 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import select
 import signal
-import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from multiprocessing import forkserver
 from typing import Protocol
 
 import pyarrow as pa
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from sam3_engine.engine.stage import STATS_KEY, Derivation, Stage, WorkerContext, WorkUnit, start_worker
+from sam3_engine.engine.stage import STATS_KEY, Derivation, Stage, WorkerContext, WorkUnit, stage_modules, start_worker
 from sam3_engine.engine.store import LedgerEntry, TableStore
 from sam3_engine.schemas.tables import UNITS
 
-PR_SET_PDEATHSIG = 1
-"""prctl option (linux/prctl.h): the signal a process gets when its parent dies."""
 KILL_AFTER_COMMITS_ENV = "SAM3_ENGINE_KILL_AFTER_COMMITS"
 """Fault injection for tests: SIGKILL the driver right after this many Delta commits."""
 CRASH_ON_ENV = "SAM3_ENGINE_CRASH_WORKER_ON"
@@ -57,27 +57,45 @@ def crash_if_asked(unit: WorkUnit) -> None:
         os._exit(70)
 
 
-def die_with_parent(parent: int) -> None:
-    """Pool worker initializer: on Linux, the worker is killed when the driver dies (even by kill -9).
+def start_fork_server(modules: Iterable[str]) -> None:
+    """Start the process pools' fork server unless it runs. It imports the engine and ``modules`` while the driver goes on
+    (checks, planning), so the first pool's workers need not wait for them; a started server keeps what it has."""
+    multiprocessing.get_context("forkserver").set_forkserver_preload(list(dict.fromkeys([__name__, *modules])))
+    forkserver.ensure_running()
 
-    Without it, the idle workers of a killed run linger as orphans, holding memory. A worker whose
-    driver died before the signal was asked for exits at once.
+
+def die_with_driver(driver: int) -> None:
+    """Pool worker initializer: the worker exits when the driver does, even when the driver is killed with kill -9.
+
+    Without it, the idle workers of a killed run linger as orphans, holding memory. A worker's parent is the pool's
+    fork server, which outlives the driver while any of its workers runs, so each worker watches the driver itself:
+    a thread waits on the driver's pidfd (Linux) and exits the process when it becomes readable. A worker whose
+    driver died before it started exits at once.
     """
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:
+    if not hasattr(os, "pidfd_open"):
+        return
+    try:
+        driver_fd = os.pidfd_open(driver)
+    except ProcessLookupError:
         os._exit(0)
+    threading.Thread(target=_exit_when_ended, args=(driver_fd,), name="die-with-driver", daemon=True).start()
+
+
+def _exit_when_ended(pidfd: int) -> None:
+    select.select([pidfd], [], [])
+    os._exit(0)
 
 
 _worker_stage: Stage | None = None
 """A pool worker's stage, set up once by the pool's initializer and kept for every unit the worker runs."""
 
 
-def _start_pool_worker(parent: int, stage: Stage, context: WorkerContext) -> None:
+def _start_pool_worker(driver: int, environment: dict[str, str], stage: Stage, context: WorkerContext) -> None:
+    """A worker forked by the fork server has the server's environment: it takes the driver's, as a spawned one would."""
     global _worker_stage
-    die_with_parent(parent)
+    die_with_driver(driver)
+    os.environ.clear()
+    os.environ.update(environment)
     _worker_stage = start_worker(stage, context)
 
 
@@ -293,7 +311,12 @@ class UnitRunner:
 
 
 class ProcessExecutor:
-    """A pool of local worker processes, at most two units in flight per worker."""
+    """A pool of local worker processes, at most two units in flight per worker.
+
+    Workers are forked from a fork server (a fresh process, not the driver with its threads and open tables) that
+    has imported the engine and the stages' modules once (``start_fork_server``; the pipeline starts it with every
+    CPU stage of the run): a worker starts in milliseconds instead of importing them again, for every stage.
+    """
 
     def __init__(self, workers: int):
         self.workers = max(1, workers)
@@ -309,11 +332,12 @@ class ProcessExecutor:
 
     def _pool(self, stage: Stage, context: WorkerContext, workers: int | None = None) -> ProcessPoolExecutor:
         """Workers that each receive the stage once and set it up before their first unit."""
+        start_fork_server(stage_modules([type(stage)]))
         return ProcessPoolExecutor(
             workers or self.workers,
-            mp_context=multiprocessing.get_context("spawn"),
+            mp_context=multiprocessing.get_context("forkserver"),
             initializer=_start_pool_worker,
-            initargs=(os.getpid(), stage, context),
+            initargs=(os.getpid(), dict(os.environ), stage, context),
         )
 
     def _run_pool(self, stage: Stage, context: WorkerContext, pending: Pending, committed) -> list[WorkUnit]:

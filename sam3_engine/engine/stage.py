@@ -156,6 +156,11 @@ def start_worker(stage: Stage, context: WorkerContext, setup: bool = True) -> St
     return stage
 
 
+def stage_modules(stages: Iterable[type[Stage]]) -> list[str]:
+    """The modules a worker of these stage classes needs: each one's own and its ``worker_imports``."""
+    return list(dict.fromkeys(module for stage in stages for module in (stage.__module__, *stage.worker_imports)))
+
+
 class Stage(ABC):
     name: ClassVar[str]
     order: ClassVar[int]
@@ -196,6 +201,9 @@ class Stage(ABC):
     """Model actors the stage asks for (default: one per GPU, or one CPU actor)."""
     gpus_per_actor: float | None = None
     """GPUs per model actor (default: 1 when the cluster has GPUs, else 0)."""
+    worker_imports: ClassVar[tuple[str, ...]] = ()
+    """Modules beyond its own that the stage imports in ``setup`` or ``process`` (where they are lazy, to keep the CLI
+    fast): a process pool's fork server imports them once, and each worker starts without importing them again."""
 
     context: WorkerContext | None = None
     """Set by the engine in every process that runs the stage's ``prepare`` or ``process``."""

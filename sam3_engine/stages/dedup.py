@@ -102,6 +102,7 @@ class DedupStage(Stage):
     reasons = REASONS
     outputs = (IMAGE_HASHES, REJECTS)
     derived = (NEAR_DUPLICATES,)
+    worker_imports = ("imagehash",)
 
     @classmethod
     def build(cls, context: BuildContext) -> DedupStage:

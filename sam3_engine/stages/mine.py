@@ -146,6 +146,7 @@ class MineStage(Stage):
     reasons = REASONS
     outputs = (CANDIDATES, REJECTS)
     derived = (CONCEPTS,)
+    worker_imports = ("inflect", "textblob.en", "transformers.models.clip.tokenization_clip", "transformers.convert_slow_tokenizer")
 
     @classmethod
     def build(cls, context: BuildContext) -> MineStage:

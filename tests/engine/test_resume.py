@@ -206,7 +206,7 @@ def _alive(pid: int) -> bool:
         return f.read().split(")")[-1].split()[0] != "Z"
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pidfd_open is Linux's")
 def test_a_killed_driver_leaves_no_pool_workers_behind(tmp_path):
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)

@@ -1,5 +1,8 @@
 """The unit runner's rules: derived tables, units committed together, the ledger read once."""
 
+import subprocess
+import sys
+
 import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
@@ -137,3 +140,57 @@ def test_the_plan_is_drawn_as_workers_have_room_never_held_whole(tmp_path, monke
     again = UnitRunner(store, "attempt-2").run(_CountsItsDraws(), ProcessExecutor(1))
     assert again.units_skipped == 40 and again.units_committed == 0
     assert len(_drawn) == 40, "a finished stage's plan is read once, for its ids"
+
+
+class _WritesItsWorkersEnvironment(_RowsPerItem):
+    """One unit whose reject row says what its worker's environment holds."""
+
+    name = "seen"
+
+    def plan(self, store):
+        return [WorkUnit("seen:0", (0,))]
+
+    def process(self, unit, prepared=None):
+        import os
+
+        detail = os.environ.get("SAM3_ENGINE_TEST_SEEN", "unset")
+        row = {"input_id": unit.unit_id, "stage": self.name, "uri": None, "image_id": None, "reason": "seen", "detail": detail}
+        return {REJECTS.name: rows_table(REJECTS, [row], unit.unit_id)}
+
+
+def test_pool_workers_see_the_drivers_environment_as_it_is_when_the_pool_starts(tmp_path, monkeypatch):
+    """Workers are forked from a fork server that has the environment of the moment the process's first pool started
+    it: each pool's workers must still see the driver's environment as it is now, as spawned ones would."""
+    seen = []
+    for value in ("first", "second"):
+        monkeypatch.setenv("SAM3_ENGINE_TEST_SEEN", value)
+        store = TableStore(str(tmp_path / value))
+        UnitRunner(store, "attempt").run(_WritesItsWorkersEnvironment(), ProcessExecutor(1))
+        seen += store.read(REJECTS.name).column("detail").to_pylist()
+    assert seen == ["first", "second"]
+
+
+PRELOADED = """
+import sys
+from sam3_engine.engine.runner import ProcessExecutor, start_fork_server
+from sam3_engine.engine.stage import WorkerContext
+from sam3_engine.stages.splits import SplitsConfig, SplitsStage
+
+def imported(name):
+    return name in sys.modules
+
+if __name__ == "__main__":
+    start_fork_server(["inflect"])
+    with ProcessExecutor(1)._pool(SplitsStage(SplitsConfig()), WorkerContext(".", None)) as pool:
+        print(pool.submit(imported, "inflect").result(), "inflect" in sys.modules)
+"""
+
+
+def test_pool_workers_start_with_the_modules_their_fork_server_preloaded(tmp_path):
+    """A fresh driver: the fork server it starts imports the modules it is given (here one splits never imports), so
+    a worker has it without importing it, and the driver never imports it at all."""
+    script = tmp_path / "driver.py"
+    script.write_text(PRELOADED)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "False"]
