@@ -168,8 +168,9 @@ class ClipEmbedder:
             return cls(model, open_clip.get_tokenizer(TINY_RANDOM_ARCHITECTURE), choice, device)
         precision = "fp16" if device.startswith("cuda") else "fp32"
         weights, preprocessing = choice.pretrained, None
-        offline = hub_unreachable()
         cached = cached_weights(choice.model, choice.pretrained)
+        # Probe the hub only when its answer changes what is read: a local weights file with CLIP's own BPE needs no hub.
+        offline = bool(cached or hub_tokenizer(choice.model)) and hub_unreachable()
         if cached and offline:  # the file itself: open_clip's download would retry the hub for minutes first
             weights, preprocessing = cached, open_clip.get_pretrained_cfg(choice.model, choice.pretrained)
         try:

@@ -5,11 +5,12 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageOps
 
 from sam3_engine.app.pipeline import run_pipeline
 from sam3_engine.engine.config import load_config
-from sam3_engine.models.clip import ClipEmbedder, choose_clip
+from sam3_engine.models.clip import TINY_RANDOM_ARCHITECTURE, ClipEmbedder, choose_clip
 from sam3_engine.models.sam3 import ModelLoadError
 from sam3_engine.text.concepts import Ontology
 from tests.conftest import EXAMPLES
@@ -40,6 +41,19 @@ def test_tiny_random_clip_is_deterministic_and_unit_length(embedder, photos_dir)
     assert np.array_equal(a, b) and a.shape == (1, 32)
     phrases = embedder.embed_phrases(["truck", "pickup truck"])
     assert np.allclose(np.linalg.norm(phrases, axis=1), 1.0, atol=1e-5) and np.allclose(np.linalg.norm(a), 1.0, atol=1e-5)
+
+
+def test_clip_weights_from_a_local_file_load_without_asking_the_hub(embedder, tmp_path, monkeypatch, photos_dir):
+    """A weights file and CLIP's own tokenizer need nothing from the hub: no actor waits on a hub probe."""
+    weights = tmp_path / "tiny-clip.pt"
+    torch.save(embedder.model.state_dict(), weights)
+    probes = []
+    monkeypatch.setattr("sam3_engine.models.clip.hub_unreachable", lambda: probes.append("probe") or True)
+    choice = choose_clip(TINY_RANDOM_ARCHITECTURE, str(weights), False)
+    loaded = ClipEmbedder.load(choice, "cpu")
+    image = ImageOps.exif_transpose(Image.open(photos_dir / "truck.jpg"))
+    assert not choice.random_weights and probes == []
+    assert np.allclose(loaded.embed_images([image]), embedder.embed_images([image]), atol=1e-6)
 
 
 def test_unreachable_clip_weights_fail_with_advice_unless_fallback(monkeypatch):
