@@ -254,7 +254,6 @@ def run_pipeline(
     ``announce`` receives the run's notices (such as a model fallback) before any work starts.
     """
     _check_input(config)
-    _start_process_pool(config)
     created = _make_run_directory(config)
     lock = RunLock(config.output, config.storage).acquire(wait_for_lock, on_wait)
     try:
@@ -266,6 +265,7 @@ def run_pipeline(
 
 def _run_locked(config: RunConfig, lock: RunLock, progress, announce, created: bool) -> RunResult:
     clock = time.monotonic()
+    _start_process_pool(config)  # after the lock: a refused run starts nothing
     meta = _read_run_metadata(config)
     try:
         stages = build_stages(config, meta["run_id"])

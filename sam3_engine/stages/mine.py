@@ -34,7 +34,17 @@ from sam3_engine.engine.stage import (
     rows_table,
 )
 from sam3_engine.schemas.tables import CANDIDATES, CONCEPTS, IMAGES, REJECTS
-from sam3_engine.text.concepts import TEXT_CONTEXT, Ontology, concept_id, load_ontology, noun_phrases, pair_id, phrase_lines, token_count
+from sam3_engine.text.concepts import (
+    LAZY_IMPORTS,
+    TEXT_CONTEXT,
+    Ontology,
+    concept_id,
+    load_ontology,
+    noun_phrases,
+    pair_id,
+    phrase_lines,
+    token_count,
+)
 
 VERSION = 3
 """Bump when a change to this module changes the rows it writes: every unit then re-runs."""
@@ -146,7 +156,7 @@ class MineStage(Stage):
     reasons = REASONS
     outputs = (CANDIDATES, REJECTS)
     derived = (CONCEPTS,)
-    worker_imports = ("inflect", "textblob.en", "transformers.models.clip.tokenization_clip", "transformers.convert_slow_tokenizer")
+    worker_imports = LAZY_IMPORTS
 
     @classmethod
     def build(cls, context: BuildContext) -> MineStage:

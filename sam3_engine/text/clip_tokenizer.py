@@ -15,6 +15,8 @@ BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 MERGES = 49152 - 256 - 2
 """Merges CLIP's vocabulary uses: 49,408 tokens are 256 bytes, their 256 word-final forms, the merges and 2 specials."""
 START, END = "<start_of_text>", "<end_of_text>"
+LAZY_IMPORTS = ("transformers.models.clip.tokenization_clip", "transformers.convert_slow_tokenizer")
+"""What ``offline_clip_tokenizer`` imports on first use (about 2 s), for process pools to import once before forking."""
 
 
 def bpe_file() -> Path:

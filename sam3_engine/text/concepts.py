@@ -21,6 +21,8 @@ from importlib import resources
 import pyarrow as pa
 import yaml
 
+from sam3_engine.text import clip_tokenizer
+
 TEXT_CONTEXT = 32
 """SAM 3's text context in tokens, start and end tokens included."""
 MAX_WORDS = TEXT_CONTEXT - 2
@@ -55,6 +57,10 @@ def _clean(text: str) -> str:
     return " ".join(words)
 
 
+LAZY_IMPORTS = ("inflect", "textblob.en", *clip_tokenizer.LAZY_IMPORTS)
+"""The modules this one imports on first use (seconds, not needed to start the CLI), for process pools to import once."""
+
+
 @cache
 def _inflect():
     import inflect
@@ -82,9 +88,7 @@ def pair_id(image_id: str, concept: str) -> str:
 
 @cache
 def _tokenizer():
-    from sam3_engine.text.clip_tokenizer import offline_clip_tokenizer
-
-    return offline_clip_tokenizer(TEXT_CONTEXT)
+    return clip_tokenizer.offline_clip_tokenizer(TEXT_CONTEXT)
 
 
 def token_count(phrase: str) -> int:

@@ -10,7 +10,17 @@ import pytest
 from sam3_engine.app.pipeline import run_pipeline
 from sam3_engine.engine.config import ConfigError, load_config
 from sam3_engine.engine.runner import KILL_AFTER_COMMITS_ENV
-from sam3_engine.engine.stage import Stage, WorkUnit, content_defined_chunks, fingerprint, registered, rows_table, stage_names
+from sam3_engine.engine.stage import (
+    Stage,
+    WorkUnit,
+    content_defined_chunks,
+    fingerprint,
+    registered,
+    rows_table,
+    stage_class,
+    stage_modules,
+    stage_names,
+)
 from sam3_engine.schemas.tables import Column, TableSpec
 from tests.conftest import REPO
 from tests.helpers import ingest, rows
@@ -105,3 +115,12 @@ def test_a_registered_stage_killed_mid_run_resumes_to_the_same_rows(synthetic_di
     assert rows(killed, "SELECT count(*) AS n FROM units WHERE stage = 'toy'") == rows(
         reference, "SELECT count(*) AS n FROM units WHERE stage = 'toy'"
     )
+
+
+def test_every_stage_names_worker_modules_that_import():
+    """The fork server skips a preload that fails to import, so a renamed module would only make workers slow: catch it here."""
+    modules = stage_modules(map(stage_class, stage_names()))
+    assert "inflect" in modules and "sam3_engine.stages.mine" in modules
+    script = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)"
+    done = subprocess.run([sys.executable, "-c", script, *modules], capture_output=True, text=True, cwd=REPO, timeout=240)
+    assert done.returncode == 0, done.stderr
