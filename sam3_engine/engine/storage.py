@@ -69,7 +69,7 @@ def read_table(url: str, storage: StorageConfig):
 
     A blank CSV cell is a missing value (null) in every column, strings included: a file mixing rows
     of different kinds (pair labels and mask labels) leaves the other kind's cells blank.
-    Arrow parses the file's bytes from memory (``read_bytes``).
+    Arrow parses the file from its own memory (``arrow_buffer``).
     """
     import pyarrow as pa
     import pyarrow.csv
@@ -86,21 +86,32 @@ def read_table(url: str, storage: StorageConfig):
     suffix = next((s for s in readers if url.lower().endswith(s)), None)
     if suffix is None:
         raise ValueError(f"{url}: expected a .parquet, .csv or .jsonl file")
-    return readers[suffix](pa.BufferReader(read_bytes(url, storage)))
+    return readers[suffix](pa.BufferReader(arrow_buffer(read_bytes(url, storage))))
 
 
 def read_bytes(url: str, storage: StorageConfig) -> bytes:
-    """A whole file's bytes, for Arrow to parse from memory.
-
-    Arrow reads a Python file object (what fsspec opens) from its own IO threads, which call back into
-    Python; one still reading when the interpreter exits aborts the process ("terminate called without
-    an active exception") after the command has finished.
-    """
+    """A whole file's bytes. For Arrow to parse, copy them with ``arrow_buffer``, never hand it the file object fsspec
+    opens: Arrow reads that from its own IO threads, which call back into Python."""
     fs, path = filesystem(url, storage)
     if not fs.exists(path):
         raise FileNotFoundError(f"no file at {url}")
     with fs.open(path, "rb") as f:
         return f.read()
+
+
+def arrow_buffer(data: bytes):
+    """A copy of ``data`` in Arrow's memory pool, for Arrow to parse.
+
+    Arrow's readers can release their input on one of Arrow's threads after the read has returned (the CSV reader
+    does). Releasing a buffer over Python bytes takes the GIL, and a thread that does so while the interpreter exits
+    aborts the finished command ("terminate called without an active exception", seen in calibrate); releasing
+    Arrow's own memory does not involve Python.
+    """
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    sink.write(data)
+    return sink.getvalue()
 
 
 def absolute_url(url: str) -> str:

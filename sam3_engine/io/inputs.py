@@ -184,7 +184,7 @@ def _read_manifest(url: str, storage_config: StorageConfig) -> list[InputEntry]:
         raise InputError(f"manifest {url!r} does not exist") from None
     lower = url.lower()
     if lower.endswith(".parquet"):
-        table = pq.read_table(pa.BufferReader(data))
+        table = pq.read_table(pa.BufferReader(storage.arrow_buffer(data)))
         if "uri" not in table.column_names:
             raise InputError(f"manifest {url!r} has no `uri` column (columns: {table.column_names})")
         return [_entry(url, row, f"{url}#row={i + 1}") for i, row in enumerate(table.to_pylist())]

@@ -1,5 +1,7 @@
 """Small table and text files read through storage: what Arrow is given to parse."""
 
+import json
+
 import pyarrow as pa
 import pyarrow.csv
 import pyarrow.json
@@ -12,30 +14,35 @@ from sam3_engine.engine.config import StorageConfig
 
 @pytest.fixture()
 def arrow_sources(monkeypatch):
-    """The source each Arrow reader is handed, recorded before it parses."""
+    """The source each Arrow reader is handed and the bytes Arrow's memory pool held then, recorded before it parses."""
     seen = []
     for module, name in ((pyarrow.csv, "read_csv"), (pyarrow.json, "read_json"), (pyarrow.parquet, "read_table")):
         original = getattr(module, name)
 
         def recording(source, *args, _original=original, **kwargs):
-            seen.append(source)
+            seen.append((source, pa.total_allocated_bytes()))
             return _original(source, *args, **kwargs)
 
         monkeypatch.setattr(module, name, recording)
     return seen
 
 
-def test_table_files_are_parsed_from_memory(tmp_path, arrow_sources):
-    """A Python file object handed to Arrow is read from Arrow's IO threads; one still reading at exit aborts the
-    process after the command has finished ("terminate called without an active exception", seen in calibrate)."""
-    expected = pa.table({"pair_id": ["p1", "p2"], "present": [True, None]})
-    (tmp_path / "labels.csv").write_text("pair_id,present\np1,true\np2,\n")
-    (tmp_path / "labels.jsonl").write_text('{"pair_id": "p1", "present": true}\n{"pair_id": "p2", "present": null}\n')
-    pyarrow.parquet.write_table(expected, tmp_path / "labels.parquet")
+def test_table_files_are_parsed_from_a_copy_in_arrows_memory(tmp_path, arrow_sources):
+    """Arrow must be handed neither a Python file object (read from Arrow's IO threads) nor a buffer over Python bytes
+    (its CSV reader drops its input on one of its threads after returning, which then takes the GIL). Either, still
+    alive at exit, aborts the finished command ("terminate called without an active exception", seen in calibrate)."""
+    ids = [f"pair-{i:06d}" for i in range(20_000)]
+    expected = pa.table({"pair_id": ids, "present": [i % 3 == 0 if i % 7 else None for i in range(len(ids))]})
+    pyarrow.csv.write_csv(expected, tmp_path / "labels.csv")
+    (tmp_path / "labels.jsonl").write_text("".join(json.dumps(row) + "\n" for row in expected.to_pylist()))
+    pyarrow.parquet.write_table(expected, tmp_path / "labels.parquet", compression="none")
     for name in ("labels.csv", "labels.jsonl", "labels.parquet"):
+        held = pa.total_allocated_bytes()
         assert storage.read_table(str(tmp_path / name), StorageConfig()).equals(expected), name
+        source, pool_bytes = arrow_sources[-1]
+        assert isinstance(source, pa.BufferReader), name
+        assert pool_bytes - held >= (tmp_path / name).stat().st_size, f"{name} was not copied into Arrow's memory"
     assert len(arrow_sources) == 3
-    assert all(isinstance(source, pa.BufferReader) for source in arrow_sources)
 
 
 def test_a_missing_table_file_is_named(tmp_path):
