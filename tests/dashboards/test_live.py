@@ -150,7 +150,9 @@ def test_the_overview_follows_the_run_as_tables_get_commits(quickstart, tmp_path
 def test_the_cli_serves_on_127_0_0_1_and_says_where(quickstart):
     run_dir, _ = quickstart
     command = [sys.executable, "-m", "sam3_engine", "dashboard", str(run_dir), "--port", "0"]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    # As a terminal's foreground job: SIGINT at its default (a shell's background job, like this test's when the suite is
+    # started with `&`, inherits it ignored, and the server then stops on Ctrl-C with 0).
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = process.stderr.readline()
         address = re.search(r"at http://127\.0\.0\.1:(\d+)/", line)
