@@ -14,13 +14,17 @@ from sam3_engine.engine.config import StorageConfig
 
 @pytest.fixture()
 def arrow_sources(monkeypatch):
-    """The source each Arrow reader is handed and the bytes Arrow's memory pool held then, recorded before it parses."""
+    """The source each Arrow reader is handed and, for an in-memory reader, the buffer it reads: recorded before it parses."""
     seen = []
     for module, name in ((pyarrow.csv, "read_csv"), (pyarrow.json, "read_json"), (pyarrow.parquet, "read_table")):
         original = getattr(module, name)
 
         def recording(source, *args, _original=original, **kwargs):
-            seen.append((source, pa.total_allocated_bytes()))
+            memory = None
+            if isinstance(source, pa.BufferReader):
+                memory = source.read_buffer().parent  # a slice of the buffer the reader reads
+                source.seek(0)
+            seen.append((source, memory))
             return _original(source, *args, **kwargs)
 
         monkeypatch.setattr(module, name, recording)
@@ -37,11 +41,12 @@ def test_table_files_are_parsed_from_a_copy_in_arrows_memory(tmp_path, arrow_sou
     (tmp_path / "labels.jsonl").write_text("".join(json.dumps(row) + "\n" for row in expected.to_pylist()))
     pyarrow.parquet.write_table(expected, tmp_path / "labels.parquet", compression="none")
     for name in ("labels.csv", "labels.jsonl", "labels.parquet"):
-        held = pa.total_allocated_bytes()
         assert storage.read_table(str(tmp_path / name), StorageConfig()).equals(expected), name
-        source, pool_bytes = arrow_sources[-1]
+        source, memory = arrow_sources[-1]
         assert isinstance(source, pa.BufferReader), name
-        assert pool_bytes - held >= (tmp_path / name).stat().st_size, f"{name} was not copied into Arrow's memory"
+        assert memory.size == (tmp_path / name).stat().st_size, name
+        # Python bytes are immutable, so a buffer over them is too; the copy Arrow allocated is its own, writable.
+        assert memory.is_mutable, f"{name} was not copied into Arrow's memory"
     assert len(arrow_sources) == 3
 
 
