@@ -3,7 +3,7 @@
 The device machine (issue 17's measurement) runs CPython 3.12 with torch, numpy, pyarrow, an older
 transformers and most of the scientific stack, but without Ray, deltalake, duckdb, pycocotools,
 pydantic or the engine's own entry points, and it reaches no package index. A call carries at most
-64 MiB, and the wheels the engine needs there are about 250 MB. So ``pack`` fetches them here for that
+64 MiB, and the 30 wheels the engine needs there are 206 MB. So ``pack`` fetches them here for that
 machine's platform, at the versions installed here (what the tests ran), installs each with
 ``pip --target``, trims what a local run never loads (Ray's Java jars, its dashboard's web page and
 the libraries built on it), strips symbols no dynamic linking needs, packs each package with xz,
@@ -67,6 +67,11 @@ PACKAGES = (
     "jaraco-functools",
     "textblob",
     "nltk",
+    # Small ones whose minimum versions the packages above state (pydantic-core, Ray, transformers): the
+    # device's own may be older, and these come first on PYTHONPATH.
+    "typing-extensions",
+    "packaging",
+    "regex",
 )
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 TRIMMED = ("ray/jars", "ray/dashboard/client/build", "ray/rllib", "ray/serve", "ray/tune", "ray/train", "ray/llm")
