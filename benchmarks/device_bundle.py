@@ -108,19 +108,19 @@ def strip_symbols(folder: Path) -> int:
     return saved
 
 
-def pack_one(wheel: Path, tags: list[str], work: Path) -> Path:
-    """One wheel installed, trimmed, stripped and packed: its archive."""
+def pack_one(wheel: Path, tags: list[str], work: Path) -> tuple[Path, int]:
+    """One wheel installed, trimmed, stripped and packed: its archive, and the bytes of symbols stripped."""
     site = work / "site" / wheel.name
     pip("install", "--no-deps", "--no-compile", *tags, "--target", str(site), str(wheel))
     for part in TRIMMED:
         shutil.rmtree(site / part, ignore_errors=True)
     shutil.rmtree(site / "bin", ignore_errors=True)  # console scripts with this machine's interpreter in them
-    strip_symbols(site)
+    stripped = strip_symbols(site)
     archive = work / "archives" / (wheel.name.split("-")[0] + ".tar.xz")
     archive.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(["tar", "-C", str(site), "-I", "xz -9 -T0", "-cf", str(archive), "."], check=True)
     shutil.rmtree(site)
-    return archive
+    return archive, stripped
 
 
 def deal(archives: list[Path], limit: int) -> list[list[Path]]:
@@ -148,7 +148,8 @@ def pack(python: str, out: Path) -> None:
         pip("download", "--no-deps", *tags, "-d", str(wheels), *pins)
         # The engine's own metadata: its stages are found through an entry point, whichever copy of the code runs.
         pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(REPO))
-        archives = [pack_one(wheel, tags, work) for wheel in sorted(wheels.glob("*.whl"))]
+        packed = [pack_one(wheel, tags, work) for wheel in sorted(wheels.glob("*.whl"))]
+        archives = [archive for archive, _ in packed]
         shutil.rmtree(out, ignore_errors=True)
         parts = deal(archives, PART_MIB * 2**20)
         for number, part in enumerate(parts, 1):
@@ -160,7 +161,8 @@ def pack(python: str, out: Path) -> None:
             (folder / MANIFEST).write_text(json.dumps({**manifest, "pins": pins}, indent=1))
             size = sum(a.stat().st_size for a in folder.iterdir()) / 2**20
             print(f"{folder}: {size:.1f} MiB, {', '.join(a.name.removesuffix('.tar.xz') for a in part)}")
-    print(f"bundle {bundle} for CPython {python}: {len(parts)} part(s), one device call each")
+    stripped = sum(saved for _, saved in packed) / 2**20
+    print(f"bundle {bundle} for CPython {python}: {len(parts)} part(s), one device call each; {stripped:.0f} MiB of symbols stripped")
 
 
 def unpack(parts: list[Path], site: Path) -> int:
