@@ -157,8 +157,15 @@ def pack(python: str, out: Path) -> None:
             folder.mkdir(parents=True)
             for archive in part:
                 shutil.move(archive, folder / archive.name)
-            manifest = {"bundle": bundle, "python": python, "part": number, "parts": len(parts), "archives": [a.name for a in part]}
-            (folder / MANIFEST).write_text(json.dumps({**manifest, "pins": pins}, indent=1))
+            manifest = {
+                "bundle": bundle,
+                "python": python,
+                "part": number,
+                "parts": len(parts),
+                "archives": [a.name for a in part],
+                "pins": pins,
+            }
+            (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
             size = sum(a.stat().st_size for a in folder.iterdir()) / 2**20
             print(f"{folder}: {size:.1f} MiB, {', '.join(a.name.removesuffix('.tar.xz') for a in part)}")
     stripped = sum(saved for _, saved in packed) / 2**20
@@ -177,13 +184,12 @@ def unpack(parts: list[Path], site: Path) -> int:
             with tarfile.open(part / name) as archive:
                 archive.extractall(site, filter="tar")
         (arrived / f"{manifest['bundle']}-{manifest['part']}.json").write_text(json.dumps(manifest))
-    bundle = json.loads((parts[-1] / MANIFEST).read_text())
-    have = {int(p.stem.split("-")[1]) for p in arrived.glob(f"{bundle['bundle']}-*.json")}
-    missing = sorted(set(range(1, bundle["parts"] + 1)) - have)
+    have = {int(p.stem.split("-")[1]) for p in arrived.glob(f"{manifest['bundle']}-*.json")}
+    missing = sorted(set(range(1, manifest["parts"] + 1)) - have)
     if missing:
-        print(f"device_bundle: part(s) {', '.join(map(str, missing))} of {bundle['parts']} missing: carry and unpack them next")
+        print(f"device_bundle: part(s) {', '.join(map(str, missing))} of {manifest['parts']} missing: carry and unpack them next")
         return INCOMPLETE
-    print(f"device_bundle: all {bundle['parts']} part(s) of bundle {bundle['bundle']} in {site}")
+    print(f"device_bundle: all {manifest['parts']} part(s) of bundle {manifest['bundle']} in {site}")
     return 0
 
 
