@@ -62,3 +62,22 @@ def test_every_split_reason_is_documented():
     assert all(f"'{code}'" in sql for code in literal) and all(f"'{code.rsplit('_', 1)[0]}_' || kind" in sql for code in composed)
     for code in literal | composed:
         assert f"`{code}`" in README, code
+
+
+def test_every_command_is_documented_with_a_usage_line():
+    """Found from the CLI itself, so a new command or sub-command without a README example fails here."""
+    import typer.main
+
+    from sam3_engine.app.cli import app
+
+    def commands(group, prefix):
+        for name, command in group.commands.items():
+            if hasattr(command, "commands"):
+                yield from commands(command, f"{prefix}{name} ")
+            else:
+                yield f"{prefix}{name}"
+
+    found = list(commands(typer.main.get_command(app), ""))
+    assert {"run", "query", "labeling push", "labeling pull"} <= set(found)
+    for command in found:
+        assert f"sam3-engine {command} " in README, command
