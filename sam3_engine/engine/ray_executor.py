@@ -44,23 +44,35 @@ _owned: dict[str, int] = {}
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to ``address`` (or RAY_ADDRESS) when given, else start a local Ray; reuse a live session.
 
-    ``ray.init`` replaces the driver's SIGTERM handler with one that exits mid-call (a native abort);
-    the handler the caller had (the CLI's: stop the run cleanly) is put back.
+    ``ray.init`` replaces the driver's SIGTERM handler with ``sys.exit`` for as long as it runs; the
+    handler the caller had (the CLI's: stop the run cleanly) is put back, and a SIGTERM that came
+    during ``ray.init`` is handed to it. The reaper starts first, so that Ray processes started before
+    such a stop are killed when the driver exits.
     """
     if ray.is_initialized():
         return
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main_thread else None
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        _owned["session"] = -1
-    else:
-        # A private local Ray on loopback: never join some other cluster that happens to run here.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
-        _owned["session"] = _start_reaper()
-    if main_thread and previous is not None:
+    pipe = -1 if address else _start_reaper()
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            # A private local Ray on loopback: never join some other cluster that happens to run here.
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
+    except SystemExit as exc:
+        if exc.code != signal.SIGTERM or not callable(previous):
+            raise
+        # The reaper's pipe stays open: it closes as the driver exits, and what Ray had started is reaped then.
+        ray.shutdown()
         signal.signal(signal.SIGTERM, previous)
+        previous(signal.SIGTERM, None)
+        raise
+    finally:
+        if main_thread and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    _owned["session"] = pipe
 
 
 def release_ray() -> None:

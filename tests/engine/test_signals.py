@@ -75,6 +75,38 @@ def test_sigterm_marks_the_run_interrupted_and_shuts_ray_down(tmp_path):
     assert not (output / "run.lock").read_text(), "the run lock was not released"
 
 
+def test_sigterm_while_ray_starts_marks_the_run_interrupted_and_leaves_no_ray_process_behind(tmp_path):
+    """``ray.init`` sets a SIGTERM handler of its own (``sys.exit``) while it starts the local node: the signal is sent
+    as soon as the node's first process (the GCS) runs, and every process the driver started is noted until it exits."""
+    output = tmp_path / "run"
+    driver = _start(output)
+    tree: dict[int, psutil.Process] = {}
+    signalled = False
+    while driver.poll() is None:
+        try:
+            tree.update((p.pid, p) for p in psutil.Process(driver.pid).children(recursive=True) if p.pid not in tree)
+        except psutil.Error:
+            continue  # the driver is exiting
+        if not signalled and any(_name(p) == "gcs_server" for p in tree.values()):
+            driver.send_signal(signal.SIGTERM)
+            signalled = True
+        time.sleep(0.02)
+    _, err = driver.communicate()
+    assert signalled, "Ray's GCS never appeared among the driver's processes"
+    assert driver.returncode == 143, err[-3000:]
+    assert "interrupted by SIGTERM" in err and "Traceback" not in err and "SystemExit" not in err
+    assert not _gone(list(tree.values()), within=30), "Ray processes outlived a run stopped while Ray started"
+    assert rows(output, "SELECT status FROM runs") == [{"status": "interrupted"}]
+    assert not (output / "run.lock").read_text(), "the run lock was not released"
+
+
+def _name(process: psutil.Process) -> str:
+    try:
+        return process.name()
+    except psutil.Error:
+        return ""
+
+
 def test_a_killed_driver_leaves_no_ray_process_behind(tmp_path):
     driver = _start(tmp_path / "run")
     tree = _descendants_once_the_model_actor_runs(driver)
