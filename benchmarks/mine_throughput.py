@@ -1,6 +1,5 @@
 """Concept mining at scale: a synthetic captioned corpus through ingest, mine, embed, retrieve and negatives.
 
-    pip install -e '.[bench]'
     python benchmarks/mine_throughput.py --images 10000                      # tiny-random CLIP
     python benchmarks/mine_throughput.py --images 1000 --clip ViT-B-32       # full-size ViT-B-32, random weights
 

@@ -1,6 +1,5 @@
 """Proof at size: a synthetic captioned corpus through every stage with the tiny models, on local disk.
 
-    pip install -e '.[bench]'
     python benchmarks/scale.py --images 1000 5000          # each size in its own run directory
     python benchmarks/scale.py --images 2000 --stages ingest,mine --cpu-stages ray   # CPU stages as Ray tasks
 

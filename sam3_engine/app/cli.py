@@ -338,8 +338,8 @@ def calibrate(
     out.print(verdicts)
     if write is not None:
         console.print(
-            f"wrote {len(report['thresholds'])} threshold(s) to {write}: merge its verify "
-            "section into the config and run `--stages verify` (no model runs)"
+            f"wrote {len(report['thresholds'])} threshold(s) to {write}: merge its {report['config_section']} "
+            f"section into the config and run `--stages {report['config_section']}` (no model runs)"
         )
 
 

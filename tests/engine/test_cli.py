@@ -258,6 +258,11 @@ def test_calibrate_fits_thresholds_to_labels(quickstart, tmp_path):
     assert thresholds["min_area_fraction"] == pytest.approx(area["threshold"])
     verdicts = {v["verdict"]: v for v in report["verdicts"]}
     assert verdicts["verdict=accept"]["labelled"] == len(masks)
+    vlm_written = tmp_path / "vlm-thresholds.yaml"
+    vlm = cli("calibrate", str(run_dir), "--labels", str(labels), "--verifier", "vlm", "-t", "0.5", "-w", str(vlm_written))
+    assert vlm.returncode == 0, vlm.stderr
+    assert list(yaml.safe_load(vlm_written.read_text())) == ["verify_vlm"]
+    assert "merge its verify_vlm section into the config and run `--stages verify_vlm`" in " ".join(vlm.stderr.split())
     stored = cli("import-labels", str(run_dir), "--labels", str(labels), "--verifier", "labeller-1")
     assert stored.returncode == 0 and f"{len(labelled)} pair and {len(masks)} mask labels stored; 0 labels name no pair" in stored.stderr
     counts = json.loads(
