@@ -163,7 +163,8 @@ def query(
             help=(
                 "DuckDB SQL over the run's tables (see `sam3-engine tables`) and the "
                 "macros mask_verdicts(...), pair_verdicts(...) and verified_positives(); or @NAME for a packaged query "
-                "(a report figure: @concept_coverage -p verifier=null, @rejects_by_reason)."
+                "(a report figure: @concept_coverage -p verifier=null, @rejects_by_reason); or @FILE.sql for a file of yours "
+                "(SQL that starts with a -- comment must come this way: on the command line it reads as an option)."
             )
         ),
     ],
@@ -189,7 +190,7 @@ def query(
         _fail('the SQL argument is empty: give a query, e.g. "SELECT * FROM images LIMIT 5"')
     params = dict(_parse_param(p) for p in param or [])
     if sql.startswith("@"):
-        sql = _packaged_query(sql[1:])
+        sql = _query_file(sql[1:]) if sql.endswith(".sql") else _packaged_query(sql[1:])
     storage_config = StorageConfig(endpoint_url=endpoint_url)
     _run_dir(run_dir, storage_config)
     limit = max_rows if max_rows is not None or format != "table" else 100
@@ -200,6 +201,13 @@ def query(
         _fail(f"{type(exc).__name__}: {exc}")
     if more:
         console.print(f"{printed} rows shown; the result has more (--max-rows)", highlight=False)
+
+
+def _query_file(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(f"cannot read the query file {path}: {getattr(exc, 'strerror', None) or exc}")
 
 
 def _packaged_query(name: str) -> str:

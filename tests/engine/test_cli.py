@@ -151,6 +151,19 @@ def test_query_max_rows_defaults_to_100_for_a_table_and_everything_for_csv_and_j
     assert cli("query", str(bare_run), "SELECT 1 AS a, 2 AS a", "-f", "csv").stdout == "a,a\n1,2\n"  # two columns of one name
 
 
+def test_query_reads_sql_from_a_file_even_one_that_starts_with_a_comment(bare_run, tmp_path):
+    query = tmp_path / "numbers.sql"
+    query.write_text("-- the numbers below a bound\nSELECT * FROM range($n)\n")
+    from_file = cli("query", str(bare_run), f"@{query}", "-f", "csv", "-p", "n=3")
+    assert from_file.stdout.splitlines() == ["range", "0", "1", "2"], from_file.stderr
+    absent = tmp_path / "none.sql"
+    missing = cli("query", str(bare_run), f"@{absent}")
+    assert missing.returncode == 2 and missing.stderr == f"error: cannot read the query file {absent}: No such file or directory\n"
+    (tmp_path / "binary.sql").write_bytes(b"\xff\xfe\x00")
+    binary = cli("query", str(bare_run), f"@{tmp_path / 'binary.sql'}")
+    assert binary.returncode == 2 and len(binary.stderr.splitlines()) == 1 and "cannot read the query file" in binary.stderr
+
+
 def test_query_input_problems_are_one_line_errors(bare_run, s3_server, tmp_path):
     for sql in ("", "   "):
         empty = cli("query", str(bare_run), sql)
