@@ -64,9 +64,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     except SystemExit as exc:
         if exc.code != signal.SIGTERM or not callable(previous):
             raise
-        # The reaper's pipe stays open: it closes as the driver exits, and what Ray had started is reaped then.
-        ray.shutdown()
+        # The caller's handler first (a second SIGTERM while Ray shuts down reaches it too). The reaper's pipe stays
+        # open: it closes as the driver exits, and what Ray had started is reaped then.
         signal.signal(signal.SIGTERM, previous)
+        ray.shutdown()
         previous(signal.SIGTERM, None)
         raise
     finally:
