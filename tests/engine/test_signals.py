@@ -87,7 +87,7 @@ def test_sigterm_while_ray_starts_marks_the_run_interrupted_and_leaves_no_ray_pr
             tree.update((p.pid, p) for p in psutil.Process(driver.pid).children(recursive=True) if p.pid not in tree)
         except psutil.Error:
             continue  # the driver is exiting
-        if not signalled and any(_name(p) == "gcs_server" for p in tree.values()):
+        if not signalled and any("gcs_server" in " ".join(_cmdline(p)) for p in tree.values()):
             driver.send_signal(signal.SIGTERM)
             signalled = True
         time.sleep(0.02)
@@ -98,13 +98,6 @@ def test_sigterm_while_ray_starts_marks_the_run_interrupted_and_leaves_no_ray_pr
     assert not _gone(list(tree.values()), within=30), "Ray processes outlived a run stopped while Ray started"
     assert rows(output, "SELECT status FROM runs") == [{"status": "interrupted"}]
     assert not (output / "run.lock").read_text(), "the run lock was not released"
-
-
-def _name(process: psutil.Process) -> str:
-    try:
-        return process.name()
-    except psutil.Error:
-        return ""
 
 
 def test_a_killed_driver_leaves_no_ray_process_behind(tmp_path):
