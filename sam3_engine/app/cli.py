@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -29,8 +30,9 @@ if TYPE_CHECKING:
 app = typer.Typer(
     help="SAM 3 data engine: build verified segmentation datasets from a pile of images.", no_args_is_help=True, add_completion=False
 )
-console = Console(stderr=True)
-out = Console()
+# Markup off: paths, phrases and selection names are printed as written ("runs/[draft]" is not a style); styles come from Text.
+console = Console(stderr=True, markup=False)
+out = Console(markup=False)
 
 
 def _announce_wait(holder: dict) -> None:
@@ -41,7 +43,7 @@ def _announce_wait(holder: dict) -> None:
 
 
 def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(Text.assemble(("error:", "bold red"), f" {message}"), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -70,7 +72,9 @@ def run(
     stop_on_signals()
     try:
         resolved = load_config(config, overrides)
-        console.print(f"run directory: [bold]{resolved.output}[/]  stages: {', '.join(resolved.stages)}", highlight=False)
+        console.print(
+            Text.assemble("run directory: ", (resolved.output, "bold"), f"  stages: {', '.join(resolved.stages)}"), highlight=False
+        )
         if quiet:
             result = run_pipeline(resolved, announce=_announce, wait_for_lock=wait, on_wait=_announce_wait)
         else:
@@ -92,17 +96,21 @@ def run(
 
 def _announce(notices: list[str]) -> None:
     for notice in notices:
-        console.print(f"[bold yellow on red] WARNING [/] [bold]{notice}[/]", highlight=False)
+        console.print(Text.assemble((" WARNING ", "bold yellow on red"), " ", (notice, "bold")), highlight=False)
 
 
 def _print_summary(result: RunResult) -> None:
     """What the run did, one row per counter, so that no count is cut in an 80-column terminal (``runs.summary_json`` keeps the
     machine-readable copy). A nested count is ``key=value`` and wraps only between entries; a list has a line per item."""
-    console.print(f"[bold]run {result.run_id}[/] (attempt {result.attempt_id[:8]}) in {result.seconds:.1f} s", highlight=False)
+    console.print(
+        Text.assemble((f"run {result.run_id}", "bold"), f" (attempt {result.attempt_id[:8]}) in {result.seconds:.1f} s"), highlight=False
+    )
     for report in result.stages:
         removed = f", {report.units_removed} removed" if report.units_removed else ""
         units = f"units {report.units_committed} done, {report.units_skipped} skipped{removed} of {report.units_total}"
-        console.print(f"[bold]{report.name}[/]: {report.items_total} inputs in {report.seconds:.1f} s; {units}", highlight=False)
+        console.print(
+            Text.assemble((report.name, "bold"), f": {report.items_total} inputs in {report.seconds:.1f} s; {units}"), highlight=False
+        )
         grid = Table.grid(padding=(0, 2))
         grid.add_column(no_wrap=True)
         grid.add_column(overflow="fold")
@@ -121,7 +129,9 @@ def _print_summary(result: RunResult) -> None:
                 highlight=False,
             )
     _announce(result.notices)
-    console.print(f'query it: sam3-engine query {result.output} "SELECT * FROM images LIMIT 5"', highlight=False, soft_wrap=True)
+    console.print(
+        f'query it: sam3-engine query {shlex.quote(result.output)} "SELECT * FROM images LIMIT 5"', highlight=False, soft_wrap=True
+    )
 
 
 def _summary_value(value: Any) -> str:
@@ -647,7 +657,9 @@ def evaluate(
     mismatched = {kind: n for kind, n in result["mismatches"].items() if n}
     if mismatched:
         console.print(
-            f"[bold yellow]warning:[/] evaluated despite bad references (--allow-mismatch): {mismatched}", highlight=False, soft_wrap=True
+            Text.assemble(("warning:", "bold yellow"), f" evaluated despite bad references (--allow-mismatch): {mismatched}"),
+            highlight=False,
+            soft_wrap=True,
         )
     out.print_json(json.dumps(result))
 

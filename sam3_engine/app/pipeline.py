@@ -30,6 +30,7 @@ from sam3_engine.engine.lock import RunLock, RunLockedError
 from sam3_engine.engine.runner import Executor, ProcessExecutor, StageReport, UnitRunner, start_fork_server
 from sam3_engine.engine.stage import BuildContext, Stage, stage_class, stage_modules
 from sam3_engine.engine.store import TableStore
+from sam3_engine.io import inputs
 from sam3_engine.io.inputs import InputError
 from sam3_engine.models.hub import ModelLoadError
 from sam3_engine.schemas.tables import RUNS
@@ -201,15 +202,16 @@ def _runs_row(meta: dict, attempt_id: str, config: RunConfig, started: datetime,
 
 def _check_input(config: RunConfig) -> None:
     """A missing input fails before the run directory is made (a glob is checked when it is listed)."""
-    if "ingest" not in config.stages or not config.input or any(c in config.input for c in "*?["):
+    if "ingest" not in config.stages or not config.input:
         return
     fs, path = storage.filesystem(config.input, config.storage)
-    if not fs.exists(path):
+    if not fs.exists(path) and not inputs.is_glob(path):
         raise InputError(f"input {config.input!r} does not exist")
 
 
 def _make_run_directory(config: RunConfig) -> bool:
     """Create the run directory; True if it did not exist. A file or an unwritable path is a config error."""
+    storage.check_table_path(config.output)
     fs, root = storage.filesystem(config.output, config.storage)
     try:
         if fs.isfile(root):

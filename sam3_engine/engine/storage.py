@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
 
-from sam3_engine.engine.config import StorageConfig
+from sam3_engine.engine.config import ConfigError, StorageConfig
 
 
 def protocol_of(url: str) -> str:
@@ -119,6 +120,17 @@ def absolute_url(url: str) -> str:
     if protocol_of(url) == "file":
         return os.path.abspath(url.removeprefix("file://"))
     return url.rstrip("/")
+
+
+UNSTORABLE_IN_TABLE_PATH = re.compile(r"[\[\]^|\\]|%[0-9A-Fa-f]{2}")
+"""What Delta Lake cannot read back in a table's path: it parses the path as a URL (it panics on a bracket) and decodes escapes."""
+
+
+def check_table_path(url: str) -> None:
+    """A run directory Delta Lake cannot store tables under is a config error before anything is written."""
+    found = UNSTORABLE_IN_TABLE_PATH.search(url.split("://", 1)[-1])
+    if found:
+        raise ConfigError(f"output {url!r}: Delta Lake cannot store tables under a path with {found.group()!r} in it; choose another name")
 
 
 def join(base: str, *parts: str) -> str:

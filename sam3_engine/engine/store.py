@@ -12,6 +12,7 @@ import re
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -66,9 +67,12 @@ class TableStore:
         return TABLES[name].empty() if table is None else table.to_pyarrow_dataset()
 
     def files(self, name: str) -> list[str]:
-        """The Parquet files of a table's latest commit (none when never written)."""
+        """The Parquet files of a table's latest commit (none when never written).
+
+        Delta Lake gives them percent-encoded (a space as ``%20``, ``é`` as ``%C3%A9``); the filesystem wants the names.
+        """
         table = self.open(name)
-        return [] if table is None else table.file_uris()
+        return [] if table is None else [unquote(uri) for uri in table.file_uris()]
 
     def read_images(self, name: str, image_ids: list[str], columns: list[str]) -> pa.Table:
         """The rows of ``name`` about these images (a unit's), with the filter pushed down to the files."""

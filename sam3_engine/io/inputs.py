@@ -75,13 +75,18 @@ def _qualified(fs, path: str) -> str:
 
 def _list_files(url: str, storage_config: StorageConfig) -> list[InputEntry]:
     fs, path = storage.filesystem(url, storage_config)
-    if any(ch in path for ch in "*?["):
-        return _file_entries(fs, fs.glob(path, detail=True), path.split("*", 1)[0].rsplit("/", 1)[0], descend=False)
     if fs.isdir(path):
         return _file_entries(fs, fs.find(path, detail=True), path, descend=True)
     if fs.exists(path):
         return _file_entries(fs, {path: fs.info(path)}, posixpath.dirname(path), descend=False)
+    if is_glob(path):
+        return _file_entries(fs, fs.glob(path, detail=True), path.split("*", 1)[0].rsplit("/", 1)[0], descend=False)
     raise InputError(f"input {url!r} does not exist")
+
+
+def is_glob(path: str) -> bool:
+    """A pattern, unless a file or folder of that very name exists (``photos [draft]/`` is a folder): callers ask that first."""
+    return any(ch in path for ch in "*?[")
 
 
 def _file_entries(fs, found: dict, root: str, descend: bool) -> list[InputEntry]:

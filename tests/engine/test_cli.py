@@ -1,6 +1,7 @@
 import json
 import os
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -187,6 +188,29 @@ def test_run_without_a_config_file(tmp_path, photos_dir):
     runs = json.loads(cli("query", str(tmp_path / "out"), "SELECT run_id, status, summary_json FROM runs", "-f", "json").stdout)
     assert runs[0]["run_id"] == meta["run_id"] and runs[0]["status"] == "finished"
     assert json.loads(runs[0]["summary_json"])["stages"][0]["counts"]["images"] == 3
+
+
+def test_paths_with_spaces_accents_and_brackets_run_and_are_printed_as_written(tmp_path, photos_dir):
+    photos = tmp_path / "photos [draft]"  # an existing folder, not a glob
+    shutil.copytree(photos_dir, photos)
+    output = tmp_path / "runs" / "été #2 draft"  # Delta Lake percent-encodes these in its file list
+    done = cli("run", "--input", str(photos), "--output", str(output), "--stages", "ingest", "-q")
+    assert done.returncode == 0, done.stderr
+    assert f"{len(list(photos.iterdir()))} inputs = {len(list(photos.iterdir()))} images" in done.stderr
+    assert f"query it: sam3-engine query {shlex.quote(str(output))} " in done.stderr
+    counted = cli("query", str(output), "SELECT count(*) AS n FROM images", "-f", "json")
+    assert json.loads(counted.stdout) == [{"n": len(list(photos.iterdir()))}], counted.stderr
+    unstorable = tmp_path / "runs" / "a[1]"
+    done = cli("run", "--input", str(photos), "--output", str(unstorable), "--stages", "ingest", "-q")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        f"error: output {str(unstorable)!r}: Delta Lake cannot store tables under a path with '[' in it; choose another name"
+    )
+    assert not unstorable.exists()
+    markup = tmp_path / "[/x] [bold]"
+    done = cli("report", str(markup))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert str(markup) in done.stderr
 
 
 def test_bad_config_is_reported_not_raised(tmp_path, photos_dir):
