@@ -18,8 +18,18 @@ from typing import Any, ClassVar
 import pyarrow as pa
 
 from sam3_engine.engine.catalog import connect, named_query
-from sam3_engine.engine.config import VERDICT_THRESHOLDS
-from sam3_engine.engine.stage import Derivation, WorkUnit, arrow_rows, fingerprint, plan_units, reject_reasons
+from sam3_engine.engine.config import VERDICT_THRESHOLDS, ConfigError
+from sam3_engine.engine.stage import (
+    BuildContext,
+    Derivation,
+    WorkUnit,
+    arrow_rows,
+    fingerprint,
+    plan_units,
+    reject_reasons,
+    stage_class,
+    stage_names,
+)
 from sam3_engine.engine.store import TableStore
 from sam3_engine.schemas.tables import MASK_VERIFICATIONS, PAIR_VERIFICATIONS, TableSpec
 from sam3_engine.stages.image_model import ImageModelStage
@@ -53,6 +63,22 @@ class VerifierStage(ImageModelStage):
     pair_scores: ClassVar[TableSpec]
     mask_scores: ClassVar[TableSpec]
     config: Any
+
+    @classmethod
+    def check_verifier_name(cls, context: BuildContext) -> None:
+        """A verifier's name is its own: verdicts are replaced per name, and splits counts each name as one source (or as
+        people, for ``splits.human_verifiers``), so a shared name would overwrite another's verdicts or pass for a person."""
+        name = getattr(context.config, cls.name).verifier
+        for other in stage_names():
+            if other != cls.name and issubclass(stage_class(other), VerifierStage) and getattr(context.config, other).verifier == name:
+                raise ConfigError(
+                    f"{cls.name}.verifier: {name!r} is also {other}.verifier; each verifier needs a name of its own, "
+                    "or its verdicts replace the other's"
+                )
+        if name in context.config.splits.human_verifiers:
+            raise ConfigError(
+                f"{cls.name}.verifier: {name!r} is one of splits.human_verifiers; a machine's verdicts would count as people's"
+            )
 
     @property
     def ledger(self) -> str:

@@ -107,6 +107,7 @@ class VerifyStage(VerifierStage):
 
     @classmethod
     def build(cls, context: BuildContext) -> VerifyStage:
+        cls.check_verifier_name(context)
         config = context.config
         from sam3_engine.models.clip import choose_clip
 

@@ -126,6 +126,7 @@ class VlmVerifyStage(VerifierStage):
     def build(cls, context: BuildContext) -> VlmVerifyStage:
         from sam3_engine.models.vlm import choose_vlm
 
+        cls.check_verifier_name(context)
         config = context.config.verify_vlm
         return cls(config, choose_vlm(config.model, config.revision, config.fallback_to_tiny_random), context.config.storage)
 

@@ -165,6 +165,19 @@ def test_crossed_thresholds_and_unknown_keys_are_config_errors():
         load_config(None, {"verify_vlm.verifier": "vlm'; DROP TABLE pairs; --"})
 
 
+def test_a_verifier_name_taken_by_another_verifier_or_by_people_is_refused_before_any_work(own_judged):
+    run_dir, _ = own_judged
+    before = rows(run_dir, "SELECT verifier, verifier_version, count(*) AS n FROM mask_verifications GROUP BY ALL ORDER BY ALL")
+    with pytest.raises(ConfigError, match="verify_vlm.verifier: 'sam3-clip' is also verify.verifier"):
+        _run(run_dir, "verify_vlm,splits", **{"verify_vlm.verifier": "sam3-clip"})
+    with pytest.raises(ConfigError, match="verify.verifier: 'vlm' is also verify_vlm.verifier"):
+        _run(run_dir, "verify", **{"verify.verifier": "vlm"})
+    with pytest.raises(ConfigError, match="verify_vlm.verifier: 'label-studio' is one of splits.human_verifiers"):
+        _run(run_dir, "verify_vlm", **{"verify_vlm.verifier": "label-studio"})
+    after = rows(run_dir, "SELECT verifier, verifier_version, count(*) AS n FROM mask_verifications GROUP BY ALL ORDER BY ALL")
+    assert after == before and {r["verifier"] for r in after} == {"sam3-clip", "vlm"}
+
+
 def test_an_image_gone_before_verification_is_a_reject_and_the_run_reconciles(ray_cluster, photos_dir, tmp_path):
     run_dir = tmp_path / "run"
     _construct(photos_dir, tmp_path / "photo", run_dir)
