@@ -20,7 +20,15 @@ import uuid
 from dataclasses import dataclass, field, replace
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, NodeDiedError, ObjectLostError, RayActorError, WorkerCrashedError
+from ray.exceptions import (
+    ActorDiedError,
+    ActorUnavailableError,
+    NodeDiedError,
+    ObjectLostError,
+    RayActorError,
+    RayTaskError,
+    WorkerCrashedError,
+)
 
 from sam3_engine.engine.runner import Pending, crash_if_asked, isolate
 from sam3_engine.engine.stage import Stage, WorkerContext, WorkUnit, start_worker
@@ -117,6 +125,15 @@ def _kill_node_if_asked() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+class SetupFailed(Exception):
+    """A model actor could not set its stage up (load its model). Every actor would fail alike, so the stage stops with
+    the setup's own error instead of redoing each unit and rejecting each image as a crash."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(error)
+        self.error = error
+
+
 class _ModelWorker:
     """One model actor: its stage is set up (the model loaded) once, here, and kept for every unit."""
 
@@ -125,9 +142,15 @@ class _ModelWorker:
             import torch
 
             torch.set_num_threads(torch_threads)
-        self.stage = start_worker(stage, context)
+        self.setup_error: Exception | None = None
+        try:
+            self.stage = start_worker(stage, context)
+        except Exception as exc:  # noqa: BLE001 - raised with the first unit, where the driver sees it (an actor that dies is redone)
+            self.setup_error = exc
 
     def process(self, unit: WorkUnit, prepared):
+        if self.setup_error is not None:
+            raise SetupFailed(self.setup_error)
         crash_if_asked(unit)
         tables = self.stage.process(unit, prepared)
         if KILL_NODE_ONCE_ENV in os.environ:
@@ -233,6 +256,10 @@ def drive(stage: Stage, pending: Pending, committed, lanes: _Lanes) -> int:
                 load[lane] -= 1
                 try:
                     results.append((unit, ray.get(ref)))
+                except RayTaskError as exc:
+                    if isinstance(exc.cause, SetupFailed):
+                        raise exc.cause.error from None
+                    raise
                 except _DEATHS:
                     crashes += lanes.lost(lane)
                     strikes[unit.unit_id] = strikes.get(unit.unit_id, 0) + 1

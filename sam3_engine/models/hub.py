@@ -65,6 +65,18 @@ class HubChoice:
 
 Choice = TypeVar("Choice", bound=HubChoice)
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+"""What ``save_pretrained`` writes the weights as: one file, or an index of shards."""
+
+
+def _missing_checkpoint_files(directory: Path) -> str | None:
+    """What a local checkpoint lacks, checked before any work: a model actor would otherwise fail on every machine."""
+    if not (directory / "config.json").is_file():
+        return "config.json"
+    if not any((directory / name).is_file() for name in WEIGHT_FILES):
+        return "weights (" + ", ".join(WEIGHT_FILES) + ")"
+    return None
+
 
 def choose_checkpoint(
     choice: type[Choice],
@@ -74,7 +86,14 @@ def choose_checkpoint(
     load_error: Callable[[str, str | None, Exception], ModelLoadError],
 ) -> Choice:
     """Check that the checkpoint is reachable (its config.json, not its weights); fall back to tiny-random only if asked."""
-    if name == TINY_RANDOM or Path(name).is_dir():
+    if name == TINY_RANDOM:
+        return choice(name, revision)
+    if Path(name).is_dir():
+        missing = _missing_checkpoint_files(Path(name))
+        if missing:
+            raise load_error(
+                name, revision, FileNotFoundError(f"the directory has no {missing}: not a checkpoint saved with save_pretrained")
+            )
         return choice(name, revision)
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 

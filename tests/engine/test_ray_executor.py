@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+from dataclasses import replace
 
 import pytest
 import ray
@@ -13,6 +14,7 @@ from sam3_engine.engine.config import load_config
 from sam3_engine.engine.ray_executor import KILL_ACTOR_ONCE_ENV, RayExecutor
 from sam3_engine.engine.runner import CRASH_ON_ENV, ProcessExecutor, UnitRunner
 from sam3_engine.engine.store import TableStore
+from sam3_engine.models.hub import ModelLoadError
 from sam3_engine.stages.propose import OOM_ABOVE_ENV
 from tests.helpers import ingest, rows, run_command
 
@@ -125,6 +127,21 @@ def test_an_image_that_kills_its_actor_is_rejected_alone(ray_cluster, images_run
     others = {t: [r for r in reference[t] if r["image_id"] != crashed_image] for t in ("pairs", "masks")}
     _assert_same_rows_up_to_float_noise({**_snapshot(run_dir), "rejects": []}, {**others, "rejects": []})
     assert report.worker_crashes >= 2
+
+
+def test_a_model_that_fails_to_load_on_its_actor_stops_the_stage_with_its_own_error(ray_cluster, images_run, tmp_path):
+    """Checked on the driver, the checkpoint broke before the actors loaded it: one error, not a crash per image."""
+    run_dir = _copy(images_run, tmp_path)
+    broken = tmp_path / "broken-checkpoint"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    config = load_config(None, {"output": str(run_dir), "stages": "propose", "model.name": "tiny-random", "propose.phrases": ["car"]})
+    (stage,) = build_stages(config, "test-run")
+    stage.choice = replace(stage.choice, name=str(broken))
+    with pytest.raises(ModelLoadError, match="broken-checkpoint"):
+        UnitRunner(TableStore(str(run_dir)), "attempt", None).run(stage, RayExecutor(actors=1))
+    assert rows(run_dir, "SELECT count(*) AS n FROM rejects WHERE stage = 'propose'") == [{"n": 0}]
+    assert rows(run_dir, "SELECT count(*) AS n FROM pairs") == [{"n": 0}]
 
 
 def _assert_same_rows_up_to_float_noise(got, expected):

@@ -6,7 +6,8 @@ import torch
 from PIL import Image, ImageOps
 from pycocotools import mask as mask_utils
 
-from sam3_engine.models.sam3 import ModelLoadError, Sam3Segmenter, rle_encode
+from sam3_engine.models.sam3 import ModelLoadError, Sam3Segmenter, choose_model, rle_encode
+from sam3_engine.models.vlm import choose_vlm
 from sam3_engine.text.concepts import TEXT_CONTEXT
 
 THRESHOLD = 0.3
@@ -66,11 +67,23 @@ def test_long_phrases_are_truncated_and_flagged(segmenter):
 def test_save_pretrained_directory_round_trip(segmenter, photos, tmp_path):
     segmenter.model.save_pretrained(tmp_path)
     segmenter.processor.save_pretrained(tmp_path)
+    assert choose_model(str(tmp_path), None, False).name == str(tmp_path)
     loaded = Sam3Segmenter.load(str(tmp_path))
     assert not loaded.random_weights and loaded.model_id == str(tmp_path)
     a = segmenter.predict(photos[:1], [["bag"]], threshold=THRESHOLD)[0][0]
     b = loaded.predict(photos[:1], [["bag"]], threshold=THRESHOLD)[0][0]
     assert abs(a.presence_score - b.presence_score) < 1e-6 and len(a.instances) == len(b.instances) > 0
+
+
+@pytest.mark.parametrize("choose", [choose_model, choose_vlm])
+def test_a_local_directory_that_is_not_a_checkpoint_is_refused_before_any_work(choose, tmp_path):
+    with pytest.raises(ModelLoadError, match="the directory has no config.json"):
+        choose(str(tmp_path), None, True)  # a mistake, not an unreachable hub: no fallback
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match=r"the directory has no weights \(model.safetensors, "):
+        choose(str(tmp_path), None, False)
+    (tmp_path / "model.safetensors.index.json").write_text("{}")
+    assert choose(str(tmp_path), None, False).name == str(tmp_path)
 
 
 def test_gated_or_unreachable_weights_give_an_actionable_error(monkeypatch):
