@@ -42,8 +42,12 @@ def _announce_wait(holder: dict) -> None:
     console.print(f"waiting for the run directory: it is in use by {describe_holder(holder)}", highlight=False, soft_wrap=True)
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _error(message: str) -> None:
     console.print(Text.assemble(("error:", "bold red"), f" {message}"), highlight=False, soft_wrap=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    _error(message)
     raise typer.Exit(code)
 
 
@@ -207,6 +211,8 @@ def query(
     try:
         with catalog.stream(run_dir, sql, params, storage_config) as reader:
             printed, more = _print_rows(reader, format, limit)
+    except catalog.RunUnreadable as exc:
+        _fail(str(exc))
     except Exception as exc:  # noqa: BLE001 - DuckDB's message is the useful part
         _fail(f"{type(exc).__name__}: {exc}")
     if more:
@@ -271,6 +277,18 @@ def _run_dir(run_dir: str, storage_config: StorageConfig) -> None:
         _fail(f"cannot read {run_dir}: {type(exc).__name__}: {exc}")
     if not found:
         _fail(f"{run_dir} is not a run directory (it has no run.json)")
+
+
+def _check_verifier(run_dir: str, storage_config: StorageConfig, verifier: str | None) -> None:
+    """Read the run's tables once (a damaged run is one line, not a page of errors) and check a ``--verifier`` is the run's:
+    an unknown one would show every verdict column empty."""
+    con = catalog.connect(run_dir, storage_config)
+    try:
+        known = [row[0] for row in con.execute(catalog.named_query("verifiers")).fetchall()]
+    finally:
+        con.close()
+    if verifier is not None and verifier not in known:
+        _fail(f"{run_dir} has no verifier {verifier!r}; its verifiers: {', '.join(known) or 'none yet (run verify)'}")
 
 
 @app.command()
@@ -725,8 +743,10 @@ def report(
 
     storage_config = StorageConfig(endpoint_url=endpoint_url)
     _run_dir(run_dir, storage_config)
+    _check_verifier(run_dir, storage_config, verifier)
     if compare_with is not None:
         _run_dir(compare_with, storage_config)
+        _check_verifier(compare_with, storage_config, verifier)
     try:
         data = write_report(run_dir, str(out), storage_config, verifier, min_positives, compare_with, gallery_concepts, gallery)
     except OSError as exc:
@@ -750,8 +770,11 @@ def dashboard(
     """Serve the coverage report live, the mask gallery fetched page by page; for runs too large for one file."""
     from sam3_engine.dashboards.live import Dashboard, listen, server
 
+    if not host.strip():
+        _fail("--host is empty: give an address (127.0.0.1 for this machine alone, 0.0.0.0 for every network)")
     storage_config = StorageConfig(endpoint_url=endpoint_url)
     _run_dir(run_dir, storage_config)
+    _check_verifier(run_dir, storage_config, verifier)
     try:
         sock = listen(host, port)
     except OSError as exc:
@@ -787,4 +810,8 @@ def validate(config: Annotated[Path, typer.Argument(help="YAML run configuration
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except catalog.RunUnreadable as exc:  # any command on a damaged run directory
+        _error(str(exc))
+        sys.exit(2)

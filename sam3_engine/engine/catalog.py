@@ -28,6 +28,10 @@ STREAM_BATCH_ROWS = 10_000
 """Rows per batch of a streamed result: small enough for wide rows (masks' RLE), large enough to be cheap per row."""
 
 
+class RunUnreadable(Exception):
+    """A table of the run cannot be read (a damaged or half-copied run directory): one line for the person, not a traceback."""
+
+
 def connect(run: str | TableStore, storage_config: StorageConfig | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with one view per table of ``run`` (a run URL or its store)."""
     discover()  # the tables of every installed stage, a plugin's too
@@ -37,12 +41,17 @@ def connect(run: str | TableStore, storage_config: StorageConfig | None = None) 
     if storage.protocol_of(store.run_url) != "file":
         con.register_filesystem(storage.filesystem(store.run_url, store.storage_config)[0])
     for name in TABLES:
-        files = store.files(name)
-        if files:  # DuckDB's own reader: filters and projections reach the Parquet pages, not just the files
-            listed = ", ".join(_quoted(path) for path in files)  # a view binds no parameters: the paths are quoted
-            con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{listed}], union_by_name = true)")
-        else:
-            con.register(name, TABLES[name].empty())
+        try:
+            files = store.files(name)
+            if files:  # DuckDB's own reader: filters and projections reach the Parquet pages, not just the files
+                listed = ", ".join(_quoted(path) for path in files)  # a view binds no parameters: the paths are quoted
+                con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{listed}], union_by_name = true)")
+            else:
+                con.register(name, TABLES[name].empty())
+        except Exception as exc:  # noqa: BLE001 - deltalake, DuckDB and fsspec each raise their own kinds
+            con.close()
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise RunUnreadable(f"cannot read table {name} of {store.run_url}: {type(exc).__name__}: {detail}") from exc
     con.create_function(
         "rle_uncovered_fraction",
         _uncovered_fractions,

@@ -175,6 +175,35 @@ def test_the_cli_refuses_bad_options_in_a_line(quickstart, args):
     assert done.returncode == 2 and "Invalid value" in done.stderr
 
 
+def test_a_damaged_run_an_unknown_verifier_and_an_empty_host_are_one_line_errors(quickstart, tmp_path):
+    run_dir, _ = quickstart
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run_dir, damaged)
+    for part in (damaged / "tables" / "images").glob("*.parquet"):
+        part.unlink()  # a half-copied run: the commit log names files that are gone
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "sam3_engine", *args], capture_output=True, text=True, timeout=120)
+
+    for done in (
+        cli("report", str(damaged), "--out", str(tmp_path / "r.html")),
+        cli("dashboard", str(damaged), "--port", "0"),
+        cli("query", str(damaged), "SELECT 1"),
+    ):
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.strip().startswith(f"error: cannot read table images of {damaged}: IOException: "), done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r.html").exists()
+    verifiers = ", ".join(r["verifier"] for r in rows(run_dir, "SELECT DISTINCT verifier FROM pair_verifications ORDER BY 1"))
+    assert verifiers
+    for command in (["report", str(run_dir), "--out", str(tmp_path / "r.html")], ["dashboard", str(run_dir), "--port", "0"]):
+        done = cli(*command, "--verifier", "nosuch")
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip() == f"error: {run_dir} has no verifier 'nosuch'; its verifiers: {verifiers}"
+    done = cli("dashboard", str(run_dir), "--host", "", "--port", "0")
+    assert done.returncode == 2 and done.stderr.startswith("error: --host is empty"), done.stderr
+
+
 def test_the_dashboard_of_a_run_on_s3_draws_its_photos_from_s3(quickstart, s3_server, tmp_path):
     run_dir, _ = quickstart
     copy = tmp_path / "run"
