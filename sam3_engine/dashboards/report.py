@@ -110,6 +110,8 @@ class ReportData:
     """Images hashed by the dedup stage, near-duplicate groups and their images, the largest group (``near_duplicate_summary``)."""
     duplicate_groups: list[dict[str, Any]] = field(default_factory=list)
     """The near-duplicate groups, largest first (``near_duplicate_groups``)."""
+    verifiers: list[str] = field(default_factory=list)
+    """Whose verdicts the verdict columns count: ``--verifier``'s, or every verifier's in the run."""
 
 
 def gather(
@@ -126,6 +128,7 @@ def gather(
     con = connect(store)
     try:
         coverage = con.sql(named_query("concept_coverage"), params={"verifier": verifier}).to_arrow_table().to_pylist()
+        verifiers = [verifier] if verifier else [row[0] for row in con.execute(named_query("verifiers")).fetchall()]
         rejects = con.sql(named_query("rejects_by_reason")).to_arrow_table().to_pylist()
         goal = {"min_positives": min_positives}
         (ontology,) = con.sql(named_query("ontology_summary"), params=goal).to_arrow_table().to_pylist()
@@ -162,6 +165,7 @@ def gather(
         gallery=render_gallery(build_tiles(sample, storage_config)),
         near_duplicates=near_duplicates,
         duplicate_groups=duplicate_groups,
+        verifiers=verifiers,
     )
 
 
@@ -393,6 +397,20 @@ def _ontology_section(data: ReportData, shown: int = 50) -> str:
     )
 
 
+def _verifiers_paragraph(verifiers: list[str]) -> str:
+    """Say whose verdicts the counts are: with several verifiers, a pair has a verdict from each, and is counted once per verifier."""
+    if not verifiers:
+        return ""
+    names = " and ".join(f"<code>{html.escape(name)}</code>" for name in verifiers)
+    if len(verifiers) == 1:
+        return f'<p id="verifiers">Verdicts of {names}.</p>'
+    return (
+        f'<p id="verifiers">Verdicts of {names}: each pair and mask has a verdict from each of the {len(verifiers)} verifiers, '
+        "so the verdict columns and the presence chart count it once per verifier, and the means average them "
+        "(<code>--verifier NAME</code> shows one). Pairs, masks, Gold and Silver count each pair once.</p>"
+    )
+
+
 def render(data: ReportData, plotly_src: str | None = None, concept_link: Callable[[dict[str, Any]], str] | None = None) -> str:
     """The report as one HTML document with Plotly inlined, so that it opens with no network.
 
@@ -409,7 +427,9 @@ def render(data: ReportData, plotly_src: str | None = None, concept_link: Callab
         f"<p>Built {datetime.now(UTC):%Y-%m-%d %H:%M} UTC from the run's tables. {len(data.coverage)} concepts asked.</p>",
         f'<section id="missing"><h2>Not yet in this run</h2><ul>{missing}</ul></section>' if missing else "",
         '<section id="figures">' + _long_tail(data.coverage) + _presence(data.coverage) + "</section>" if data.coverage else "",
-        '<section><h2>Coverage per concept</h2><input id="filter" placeholder="filter by concept or parent">',
+        "<section><h2>Coverage per concept</h2>",
+        _verifiers_paragraph(data.verifiers),
+        '<input id="filter" placeholder="filter by concept or parent">',
         _ORIGIN_FILTER,
         _table(data.coverage, COVERAGE_COLUMNS, "coverage", concept_link),
         "</section>",

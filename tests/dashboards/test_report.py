@@ -76,6 +76,10 @@ def test_the_report_of_the_quickstart_shows_the_runs_numbers_offline(quickstart,
     assert len(shown) == len(expected) > 10
     assert shown == [{k: str(v) for k, v in row.items()} for row in expected]
     assert f"{len(expected)} concepts" in done.stderr
+    verifiers = [r["verifier"] for r in rows(run_dir, "SELECT DISTINCT verifier FROM pair_verifications ORDER BY 1")]
+    assert len(verifiers) == 2  # the quickstart's CLIP and VLM: every pair has two verdicts, and the page says so
+    names = " and ".join(f"<code>{name}</code>" for name in verifiers)
+    assert f'<p id="verifiers">Verdicts of {names}: each pair and mask has a verdict from each of the 2 verifiers' in page
     units = rows(run_dir, "SELECT stage, count(*) AS units, sum(num_inputs) AS inputs FROM units GROUP BY stage ORDER BY stage")
     health = sorted(
         ({k: row[k] for k in ("stage", "units", "inputs")} for row in _cells(page, "run-health").rows), key=lambda r: r["stage"]
