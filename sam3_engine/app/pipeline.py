@@ -200,6 +200,13 @@ def _runs_row(meta: dict, attempt_id: str, config: RunConfig, started: datetime,
     )
 
 
+def _nothing_found(stage: Stage, config: RunConfig) -> str:
+    """The warning of a run whose first stage found nothing: an empty input for ingest, earlier stages not run for the rest."""
+    if stage.name == "ingest":
+        return f"stage ingest found no inputs in {config.input} (an empty folder, or a glob matching nothing): nothing to do"
+    return f"stage {stage.name} found nothing to work on: the stages before it have not written its inputs yet; run them first"
+
+
 def _check_input(config: RunConfig) -> None:
     """A missing input fails before the run directory is made (a glob is checked when it is listed)."""
     if "ingest" not in config.stages or not config.input:
@@ -301,9 +308,8 @@ def _run_locked(config: RunConfig, lock: RunLock, progress, announce, created: b
                     f"stage {stage.name}: {report.items_total} inputs but {accounted} rows in its result and rejects tables"
                 )
             reports.append(report)
-            if len(reports) == 1 and not report.items_total:
-                where = f" in {config.input}" if stage.name == "ingest" else ""
-                found.append(f"stage {stage.name} found no inputs{where} (an empty folder, or a glob matching nothing): nothing to do")
+            if len(reports) == 1 and not report.items_total and stage.outputs:  # a stage of derived tables alone (splits) has no units
+                found.append(_nothing_found(stage, config))
     except BaseException as exc:
         summary = {"stages": [asdict(r) for r in reports]}
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"

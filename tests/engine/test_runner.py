@@ -7,11 +7,13 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
-from sam3_engine.engine.config import StorageConfig
+from sam3_engine.app.pipeline import run_pipeline
+from sam3_engine.engine.config import StorageConfig, load_config
 from sam3_engine.engine.runner import ProcessExecutor, UnitRunner
 from sam3_engine.engine.stage import Derivation, Stage, WorkUnit, fingerprint, rows_table
 from sam3_engine.engine.store import TableStore
 from sam3_engine.schemas.tables import REJECTS, SPLITS, UNITS
+from tests.helpers import ingest
 
 
 class _DerivesIntoItsOwnLedger(Stage):
@@ -194,3 +196,16 @@ def test_pool_workers_start_with_the_modules_their_fork_server_preloaded(tmp_pat
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True", "False"]
+
+
+def test_a_first_stage_with_nothing_to_do_says_why_and_a_derived_only_stage_says_nothing(tmp_path):
+    """An empty folder for ingest; stages not run yet for the others; splits (derived tables alone) has no units to find."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run_dir = tmp_path / "run"
+    assert ingest(empty, run_dir).notices == [
+        f"stage ingest found no inputs in {empty} (an empty folder, or a glob matching nothing): nothing to do"
+    ]
+    (notice,) = run_pipeline(load_config(None, {"output": str(run_dir), "stages": "dedup"})).notices
+    assert notice == "stage dedup found nothing to work on: the stages before it have not written its inputs yet; run them first"
+    assert run_pipeline(load_config(None, {"output": str(run_dir), "stages": "splits"})).notices == []
