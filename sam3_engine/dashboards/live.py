@@ -85,11 +85,11 @@ class Dashboard:
             return self._overview
 
     def gallery_page(self, concept_id: str, page: int) -> str | None:
-        """Page ``page`` (from 0) of a concept's gallery; None when the concept has no pair with masks in the run."""
+        """Page ``page`` (from 0) of a concept's gallery; None when it has no pair with masks there (none at all, or past the end)."""
         rows = self._query(concept_id, page * self.page_size, self.page_size)
-        if not rows and page == 0:
+        if not rows:
             return None
-        total = rows[0]["pairs_with_masks"] if rows else 0
+        total = rows[0]["pairs_with_masks"]
         by_pair: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
         for row in rows:
             by_pair.setdefault(row["pair_id"], []).append(row)
@@ -108,7 +108,7 @@ class Dashboard:
             for pair_id, pair_rows in by_pair.items()
             for label, chosen in verdict_groups(pair_rows)
         ]
-        phrase = rows[0]["phrase"] if rows else concept_id
+        phrase = rows[0]["phrase"]
         pages = max(1, -(-total // self.page_size))
         return _page(f"Mask gallery: {phrase}", render_gallery(tiles) + _pager(concept_id, page, pages, total))
 
@@ -152,7 +152,7 @@ def create_app(dashboard: Dashboard) -> FastAPI:
     def gallery(concept_id: str, page: Annotated[int, Query(ge=0)] = 0) -> HTMLResponse:
         body = dashboard.gallery_page(concept_id, page)
         if body is None:
-            raise HTTPException(404, "no pair of this concept has masks in the run")
+            raise HTTPException(404, "no pair of this concept has masks in the run" + (f" on page {page + 1}" if page else ""))
         return HTMLResponse(body, headers=_HEADERS)
 
     @app.get("/tile/{concept_id}/{pair_id}.jpg")

@@ -78,7 +78,7 @@ def test_a_gallery_page_shows_the_pages_pairs_drawn_and_pages_through_the_rest(q
             assert ("next" in body.decode()) == (page + 1 < top["n"])
         assert len(set(seen)) == top["n"]  # every pair with masks once, over the pages
         status, _, body = _get(f"{base}/gallery/{top['concept_id']}?page={top['n']}")
-        assert status == 200 and "<img" not in body.decode()  # past the end: an empty page, not an error
+        assert status == 404 and f"no pair of this concept has masks in the run on page {top['n'] + 1}" in body.decode()
 
 
 def test_values_from_the_url_are_bound_and_validated(quickstart):
