@@ -41,6 +41,8 @@ HNSW_EF_SEARCH = 256
 it finds 99.9% of neighbours 4 bits away and 92.9% of those 10 bits away (BENCHMARKS.md)."""
 IVF_PROBES = 16
 """Inverted lists a CLIP query visits: among a million random unit vectors it finds 98.5% of neighbours at cosine 0.95."""
+MIN_SET_BITS = 16
+"""A pHash with fewer bits set (or fewer unset) is a plain image's: photos, even dim or noisy ones, have 32 set."""
 QUERY_BATCH = 65_536
 """Queries per index search: bounds the memory of results."""
 
@@ -73,6 +75,14 @@ def perceptual_hashes(image: Image.Image) -> tuple[int, int, list[int]]:
         for x, y in CORNERS
     ]
     return _bits(imagehash.phash(grey)), _bits(imagehash.phash(ImageOps.mirror(grey))), [_bits(imagehash.phash(c)) for c in crops]
+
+
+def informative(hashes: np.ndarray) -> np.ndarray:
+    """Which pHashes say something about their image. pHash sets a bit per DCT coefficient above the median of 64, so a
+    photo's hash has 32 bits set; on a plain image (one colour, a smooth gradient) the coefficients tie at the median and
+    only a few bits are set, the same few for every plain image: such hashes link nothing."""
+    bits = np.unpackbits(_codes(hashes), axis=1).sum(axis=1) if len(hashes) else np.zeros(0, np.int64)
+    return (bits >= MIN_SET_BITS) & (bits <= 64 - MIN_SET_BITS)
 
 
 def _codes(values: np.ndarray) -> np.ndarray:
@@ -145,12 +155,18 @@ def phash_edges(phash: np.ndarray, mirrored: np.ndarray, crops: np.ndarray, max_
     if count < 2:
         return Edges.none()
     exact = count <= exact_up_to
-    entry_owner = np.tile(np.arange(count), 2)
-    entry_kind = np.repeat(np.array([0, MIRRORED], np.uint8), count)
-    queries = _codes(np.concatenate([phash, np.asarray(crops, np.int64).T.ravel()]))
-    query_owner = np.tile(np.arange(count), 5)
-    query_kind = np.repeat(np.array([0, CROP], np.uint8), [count, 4 * count])
-    index = phash_index(_codes(np.concatenate([phash, mirrored])), exact)
+    entries = np.concatenate([phash, mirrored]).astype(np.int64)
+    usable = informative(entries)  # a plain image's (or corner's) hash would link it to every other plain one
+    entry_owner = np.tile(np.arange(count), 2)[usable]
+    entry_kind = np.repeat(np.array([0, MIRRORED], np.uint8), count)[usable]
+    asked = np.concatenate([phash, np.asarray(crops, np.int64).T.ravel()]).astype(np.int64)
+    usable_query = informative(asked)
+    queries = _codes(asked[usable_query])
+    query_owner = np.tile(np.arange(count), 5)[usable_query]
+    query_kind = np.repeat(np.array([0, CROP], np.uint8), [count, 4 * count])[usable_query]
+    if not len(queries) or not len(entry_owner):
+        return Edges.none()
+    index = phash_index(_codes(entries[usable]), exact)
     found = []
     for start in range(0, len(queries), QUERY_BATCH):
         rows, labels, distances = phash_search(

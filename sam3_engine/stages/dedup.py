@@ -38,8 +38,9 @@ from sam3_engine.io.inputs import load_image
 from sam3_engine.metrics.near_duplicates import Edges, clip_edges, connected_groups, perceptual_hashes, phash_edges
 from sam3_engine.schemas.tables import IMAGE_HASHES, IMAGES, NEAR_DUPLICATES, REJECTS
 
-VERSION = 1
-"""Bump when a change to this module changes the rows it writes: every unit then re-runs."""
+VERSION = 2
+"""Bump when a change to this module changes the rows it writes: every unit then re-runs.
+2: a plain image's pHash (one colour, a smooth gradient: ``near_duplicates.informative``) links it to nothing."""
 
 RANDOM_CLIP = "tiny-random"
 """``image_embeddings.model`` of a random-weight CLIP (``models.clip.TINY_RANDOM``, not imported: it loads torch)."""

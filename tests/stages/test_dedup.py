@@ -22,7 +22,7 @@ from sam3_engine.app.pipeline import run_pipeline
 from sam3_engine.dashboards.report import ReportData, gather, render
 from sam3_engine.engine.config import load_config
 from sam3_engine.engine.store import TableStore
-from sam3_engine.metrics.near_duplicates import CLIP, clip_edges, connected_groups, perceptual_hashes, phash_edges
+from sam3_engine.metrics.near_duplicates import CLIP, clip_edges, connected_groups, informative, perceptual_hashes, phash_edges
 from sam3_engine.schemas.tables import IMAGE_EMBEDDINGS, PAIR_VERIFICATIONS
 from tests.helpers import rows
 
@@ -265,3 +265,19 @@ def test_the_report_and_the_query_command_show_the_groups(planted_run):
     page = render(ReportData("run", [], [], near_duplicates=data.near_duplicates, duplicate_groups=[hostile]))
     assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<b>phash</b>" not in page
     assert "dedup stage has not run" in render(ReportData("run", [], []))
+
+
+def test_plain_images_link_to_nothing_and_a_photo_still_finds_its_copy(photos_dir):
+    """One colour or a smooth gradient ties pHash's coefficients: every such image gets the same few bits set."""
+    ramp = np.tile(np.linspace(0, 255, 640, dtype=np.uint8), (480, 1))
+    plain = [Image.new("RGB", (640, 480), colour) for colour in ((0, 0, 0), (255, 255, 255), (200, 0, 0))]
+    plain += [Image.fromarray(ramp), Image.fromarray(np.ascontiguousarray(ramp[:, ::-1])), Image.fromarray(np.ascontiguousarray(ramp.T))]
+    photo = ImageOps.exif_transpose(Image.open(photos_dir / "truck.jpg"))
+    copy = photo.resize((photo.width // 2, photo.height // 2))
+    images = [*plain, photo, copy]
+    hashes = [perceptual_hashes(image) for image in images]
+    phash, mirrored, crops = (np.array([h[i] for h in hashes], np.int64) for i in range(3))
+    assert not informative(phash[: len(plain)]).any() and informative(phash[len(plain) :]).all()
+    for exact_up_to in (1000, 0):  # every pair, and faiss's HNSW graph
+        edges = phash_edges(phash, mirrored, crops, 10, 10, exact_up_to)
+        assert sorted(zip(edges.first.tolist(), edges.second.tolist(), strict=True)) == [(len(plain), len(plain) + 1)]
