@@ -40,14 +40,20 @@ def bitmap_to_brush(bitmap: np.ndarray) -> list[int]:
 
 def brush_to_bitmap(rle: list[int], height: int, width: int) -> np.ndarray:
     """Label Studio's brush RLE as an H x W bool array; a MaskError when it is not a mask of that size, or is empty."""
-    from label_studio_sdk.converter.brush import decode_rle
+    from label_studio_sdk.converter.brush import InputStream, bytes2bit, decode_rle
 
+    try:  # the header's count of values first: decoding allocates that many bytes, whatever the code's length
+        declared = InputStream(bytes2bit(list(rle[:4]))).read(32) if len(rle) >= 4 else None
+    except Exception as exc:  # noqa: BLE001 - the decoder raises whatever a malformed code makes it hit
+        raise MaskError("undecodable mask", type(exc).__name__) from None
+    if declared is None:
+        raise MaskError("undecodable mask", "shorter than its header")
+    if declared != height * width * 4:
+        raise MaskError("mask not the image's size", f"{declared // 4} pixels on an image of {height} x {width} = {height * width}")
     try:
         flat = decode_rle(list(rle))
     except Exception as exc:  # noqa: BLE001 - the decoder raises whatever a malformed code makes it hit
         raise MaskError("undecodable mask", type(exc).__name__) from None
-    if flat.size != height * width * 4:
-        raise MaskError("mask not the image's size", f"{flat.size // 4} pixels on an image of {height} x {width} = {height * width}")
     bitmap = flat.reshape(height, width, 4)[:, :, 3] > 0
     if not bitmap.any():
         raise MaskError("empty mask")

@@ -1,5 +1,7 @@
 """Masks cross to Label Studio's brush code and back bit for bit, and a bad one is refused in a line."""
 
+import tracemalloc
+
 import numpy as np
 import pytest
 
@@ -32,3 +34,15 @@ def test_odd_shapes_round_trip_and_bad_masks_are_refused():
         brush_to_bitmap(bitmap_to_brush(np.zeros((4, 5), bool)), 4, 5)
     with pytest.raises(MaskError, match="undecodable"):
         brush_to_bitmap([255, 255, 255], 4, 5)
+
+
+def test_a_brush_code_declaring_a_huge_mask_is_refused_before_it_is_decoded():
+    brush = bitmap_to_brush(np.ones((4, 5), bool))
+    huge = [0x40, 0, 0, 0, *brush[4:]]  # the header's count of values: 2**30, a GiB to decode
+    tracemalloc.start()
+    try:
+        with pytest.raises(MaskError, match="mask not the image's size .268435456 pixels"):
+            brush_to_bitmap(huge, 4, 5)
+        assert tracemalloc.get_traced_memory()[1] < 10 * 2**20  # refused on its header: nothing of its size was allocated
+    finally:
+        tracemalloc.stop()
