@@ -487,6 +487,7 @@ class Sam3Segmenter:
                     )[:, 0]
                     high, low = logits > STABILITY_OFFSET, logits > -STABILITY_OFFSET
                     stability = (high.flatten(1).sum(1).float() / low.flatten(1).sum(1).clamp(min=1).float()).cpu()
+                    covers = (logits > 0).flatten(1).any(1).tolist()  # a mask of no pixel at the image's size is no instance
                     instances = tuple(
                         Instance(
                             query=query,
@@ -498,6 +499,7 @@ class Sam3Segmenter:
                             reprompt_iou=reprompt.get((row, query)),
                         )
                         for j, (query, rle) in enumerate(zip(keep.tolist(), rle_encode(logits > 0), strict=True))
+                        if covers[j]
                     )
                 foreground = foregrounds[rows.index(row)] if row in rows else None
                 predictions.append(PairPrediction(float(presence[row]), float(scores[row].max()), instances, foreground))

@@ -43,8 +43,9 @@ from sam3_engine.text.concepts import concept_id, normal_form, pair_id, phrase_l
 if TYPE_CHECKING:  # torch and transformers load where a model runs, not in every process that lists stages
     from sam3_engine.models.sam3 import ModelChoice, PairPrediction, Sam3Segmenter
 
-VERSION = 3
-"""Bump when a change to this module changes the rows it writes: every unit then re-runs."""
+VERSION = 4
+"""Bump when a change to this module changes the rows it writes: every unit then re-runs.
+4: a detection whose mask covers no pixel at the image's size (a tiny image) is not kept as an instance."""
 
 
 class ProposeConfig(ConfigSection):

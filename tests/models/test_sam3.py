@@ -56,6 +56,14 @@ def test_masks_are_at_the_oriented_original_resolution(segmenter, photos):
     assert all(0.0 <= i.stability <= 1.0 for i in pair.instances)
 
 
+def test_a_detection_whose_mask_covers_no_pixel_is_not_an_instance(segmenter):
+    """At 1 x 1 pixels many masks vanish when upsampled: such a detection has no mask to export or verify."""
+    (prediction,) = segmenter.predict([Image.new("RGB", (1, 1), (120, 30, 30))], [["red"]], threshold=0.0)[0]
+    queries = segmenter.model.config.detr_decoder_config.num_queries
+    assert 0 < len(prediction.instances) < queries  # every query passes threshold 0; those with an empty mask were dropped
+    assert all(mask_utils.area(instance.rle) == 1 for instance in prediction.instances)
+
+
 def test_long_phrases_are_truncated_and_flagged(segmenter):
     long_phrase = " ".join(["very"] * 60) + " long truck"
     with pytest.warns(UserWarning, match="truncated"):
