@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sam3_engine.engine import storage
 from sam3_engine.engine.config import StorageConfig
@@ -300,6 +300,9 @@ def load_image(uri: str, storage_config: StorageConfig) -> Image.Image:
     """An ingested image, decoded, turned upright by its EXIF orientation, as RGB: what the models see."""
     fs, path = storage.filesystem(uri, storage_config)
     with fs.open(path, "rb") as f:
-        image = Image.open(f)
+        try:
+            image = Image.open(f)
+        except UnidentifiedImageError:  # Pillow names the file object ("<...LocalFileOpener object at 0x7f...>"), not the file
+            raise UnidentifiedImageError(f"cannot identify image file {uri}") from None
         image.load()
     return ImageOps.exif_transpose(image).convert("RGB")

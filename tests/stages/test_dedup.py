@@ -239,6 +239,7 @@ def test_an_image_gone_before_hashing_is_a_reject_and_a_rerun_adds_no_rows(plant
     assert report.items_total == 18 and report.counts["reject_reasons"] == {"image_unreadable": 1}  # the run's reconciliation passed
     (reject,) = rows(tmp_path / "run", "SELECT * FROM rejects WHERE stage = 'dedup'")
     assert reject["reason"] == "image_unreadable" and reject["uri"].endswith("truck.mirrored.jpg") and reject["image_id"]
+    assert reject["detail"] == f"UnidentifiedImageError: cannot identify image file {reject['uri']}"  # the file, not an object's address
     assert report.counts["images"] == 17 and report.counts["groups"] == 3
     count = "SELECT (SELECT count(*) FROM image_hashes) AS hashes, (SELECT count(DISTINCT image_id) FROM near_duplicates) AS grouped"
     assert rows(tmp_path / "run", count) == [{"hashes": 17, "grouped": 17}]
