@@ -451,8 +451,8 @@ def select_for_review(
 
     storage_config = StorageConfig(endpoint_url=endpoint_url)
     _run_dir(run_dir, storage_config)
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        _fail(f"--name must be letters, digits, '_', '.' or '-', not {name!r}")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+        _fail(f"--name must be 1 to 64 letters, digits, '_', '.' or '-', not {name!r}")
 
     try:
         weights = parse_strategies(strategy)

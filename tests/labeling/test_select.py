@@ -120,7 +120,7 @@ def test_bad_strategies_and_missing_embeddings_are_one_line_errors(run):
     shutil.rmtree(run / "tables" / "image_embeddings")
     with pytest.raises(SelectionError, match="run the embed stage"):
         select(TableStore(str(run)), "x", 4, {"diversity": 1.0})
-    for args in (["-s", "bogus"], ["--name", "a b'; DROP"], ["-s", "diversity"]):
+    for args in (["-s", "bogus"], ["--name", "a b'; DROP"], ["--name", "x" * 65], ["-s", "diversity"]):
         done = subprocess.run([sys.executable, "-m", "sam3_engine", "select", str(run), "-n", "4", *args], capture_output=True, text=True)
         assert done.returncode == 2 and done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert rows(run, "SELECT count(*) AS n FROM selections") == [{"n": 0}]  # nothing half-written
