@@ -230,20 +230,28 @@ def _table(
     return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
+def _plotly_text(text: str) -> str:
+    """Text for a Plotly label: Plotly reads labels as a little HTML, and of the entities decodes ``&lt;``, ``&gt;`` and ``&amp;``
+    (and numeric ones), not ``&quot;``: so the markup characters are escaped and quotes are left as they are."""
+    return html.escape(text, quote=False)
+
+
 def _long_tail(coverage: list[dict[str, Any]]) -> str:
     """Concepts ranked by verified positives (log scale): where the long tail starts."""
     ranked = sorted(coverage, key=lambda row: (-row["verified_positives"], row["phrase"]))
+    without = sum(1 for row in ranked if not row["verified_positives"])
+    off_scale = f"<br><sub>{without} of {len(ranked)} concepts have none, below the log scale</sub>" if without else ""
     figure = go.Figure(
         go.Scatter(
             x=list(range(1, len(ranked) + 1)),
             y=[row["verified_positives"] for row in ranked],
-            text=[html.escape(row["phrase"]) for row in ranked],
+            text=[_plotly_text(row["phrase"]) for row in ranked],
             mode="lines+markers",
             hovertemplate="%{text}: %{y} verified positives<extra></extra>",
         )
     )
     figure.update_layout(
-        title="Concepts ranked by verified positives (Gold and Silver)",
+        title="Concepts ranked by verified positives (Gold and Silver)" + off_scale,
         xaxis_title="concept rank",
         yaxis_title="verified positives",
         yaxis_type="log",
@@ -256,7 +264,7 @@ def _long_tail(coverage: list[dict[str, Any]]) -> str:
 def _presence(coverage: list[dict[str, Any]], top: int = 30) -> str:
     """Pairs by presence verdict for the most asked concepts."""
     shown = sorted(coverage, key=lambda row: (-row["pairs"], row["phrase"]))[:top]
-    phrases = [html.escape(row["phrase"]) for row in shown]
+    phrases = [_plotly_text(row["phrase"]) for row in shown]
     verdicts = ("present", "uncertain", "absent")
     figure = go.Figure([go.Bar(name=verdict, x=phrases, y=[row[f"{verdict}_pairs"] for row in shown]) for verdict in verdicts])
     figure.update_layout(barmode="stack", title=f"Pairs by presence verdict (the {top} most asked concepts)", height=380)

@@ -132,6 +132,8 @@ def test_hostile_phrases_stay_text_in_the_report(browser, hostile_run, tmp_path)
     _plots_drawn(browser, 4)
     assert _no_dialog(browser)
     assert set(HOSTILE) <= set(_visible_rows(browser))  # shown as the text they are
+    labels = browser.execute_script("return Array.from(document.querySelectorAll('#presence text')).map(t => t.textContent)")
+    assert set(HOSTILE) <= set(labels)  # in the chart too, quotes and all (not &quot;)
     assert browser.execute_script("return document.querySelectorAll('img[src=\"x\"]').length") == 0
     assert _console_errors(browser) == []
 

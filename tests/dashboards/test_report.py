@@ -76,6 +76,8 @@ def test_the_report_of_the_quickstart_shows_the_runs_numbers_offline(quickstart,
     assert len(shown) == len(expected) > 10
     assert shown == [{k: str(v) for k, v in row.items()} for row in expected]
     assert f"{len(expected)} concepts" in done.stderr
+    (none,) = rows(run_dir, f"SELECT count(*) FILTER (verified_positives = 0) AS n FROM ({coverage})")
+    assert 0 < none["n"] and f"{none['n']} of {len(expected)} concepts have none, below the log scale" in page
     verifiers = [r["verifier"] for r in rows(run_dir, "SELECT DISTINCT verifier FROM pair_verifications ORDER BY 1")]
     assert len(verifiers) == 2  # the quickstart's CLIP and VLM: every pair has two verdicts, and the page says so
     names = " and ".join(f"<code>{name}</code>" for name in verifiers)
