@@ -112,6 +112,8 @@ class ReportData:
     """The near-duplicate groups, largest first (``near_duplicate_groups``)."""
     verifiers: list[str] = field(default_factory=list)
     """Whose verdicts the verdict columns count: ``--verifier``'s, or every verifier's in the run."""
+    dedup_ran: bool = False
+    """The dedup stage ran (on no image, if ``near_duplicates`` counts none)."""
 
 
 def gather(
@@ -124,9 +126,10 @@ def gather(
 ) -> ReportData:
     """The report's figures, from the run's tables; tables a stage has not written yet read as empty."""
     store = TableStore(run_url, storage_config)
-    missing = {table: stage for table, stage in NEEDED.items() if store.open(table) is None}
     con = connect(store)
     try:
+        ran = {name for (name,) in con.execute(named_query("stages_run")).fetchall()}
+        missing = {table: stage for table, stage in NEEDED.items() if stage not in ran and store.open(table) is None}
         coverage = con.sql(named_query("concept_coverage"), params={"verifier": verifier}).to_arrow_table().to_pylist()
         verifiers = [verifier] if verifier else [row[0] for row in con.execute(named_query("verifiers")).fetchall()]
         rejects = con.sql(named_query("rejects_by_reason")).to_arrow_table().to_pylist()
@@ -166,6 +169,7 @@ def gather(
         near_duplicates=near_duplicates,
         duplicate_groups=duplicate_groups,
         verifiers=verifiers,
+        dedup_ran="dedup" in ran,
     )
 
 
@@ -360,6 +364,8 @@ DUPLICATE_GROUPS_SHOWN = 20
 def _near_duplicates_section(data: ReportData) -> str:
     """How many near-duplicate groups the splits dealt whole, and the largest of them."""
     counts = data.near_duplicates
+    if not counts.get("images") and data.dedup_ran:
+        return '<section id="near-duplicates"><h2>Near-duplicates</h2><p>The dedup stage has hashed no image yet.</p></section>'
     if not counts.get("images"):
         return (
             '<section id="near-duplicates"><h2>Near-duplicates</h2><p>The dedup stage has not run: splits are dealt per image, '

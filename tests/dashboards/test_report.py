@@ -10,9 +10,11 @@ import pyarrow as pa
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from sam3_engine.app.pipeline import run_pipeline
 from sam3_engine.dashboards.gallery import build_tiles, draw_masks, render_gallery
 from sam3_engine.dashboards.report import COVERAGE_COLUMNS, ReportData, gather, render
 from sam3_engine.engine.catalog import connect, named_query
+from sam3_engine.engine.config import load_config
 from sam3_engine.engine.store import TableStore
 from sam3_engine.schemas.tables import CANDIDATES, CONCEPTS, SPLITS
 from tests.helpers import ingest, rows
@@ -144,6 +146,16 @@ def test_a_run_with_stages_still_to_run_says_what_is_missing(photos_dir, tmp_pat
     page = render(data)
     assert "Not yet in this run" in page and "run the <code>mine</code> stage" in page
     assert 'id="long-tail"' not in page and _cells(page, "coverage").rows == []
+
+
+def test_stages_that_ran_on_nothing_are_not_reported_as_not_run(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run_pipeline(load_config(None, {"input": str(empty), "output": str(tmp_path / "run"), "stages": "ingest,mine,dedup"}))
+    data = gather(str(tmp_path / "run"))
+    assert data.missing == {"pairs": "propose", "pair_verifications": "verify", "mask_verifications": "verify", "splits": "splits"}
+    page = render(data)
+    assert "The dedup stage has hashed no image yet." in page and "has not run" not in page
 
 
 def _constructed_ontology_run(run_dir, positives=None):
