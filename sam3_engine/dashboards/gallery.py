@@ -39,12 +39,26 @@ class Tile:
     full: str | None
 
 
+SMALLEST_SHOWN = 64
+"""A picture's longest side is enlarged (in whole pixels, kept sharp) to at least this, and its shortest side padded to
+an eighth of it: a 1 x 1 or 10000 x 10 image would otherwise be a dot or a line in the gallery."""
+
+
 def jpeg(image: Image.Image, side: int) -> bytes:
-    """The image scaled to fit a ``side`` square, as a small JPEG."""
-    copy = image.copy()
+    """The image scaled to fit a ``side`` square (small ones enlarged, thin ones padded), as a small JPEG."""
+    copy = image.convert("RGB")
     copy.thumbnail((side, side))
+    smallest = min(side, SMALLEST_SHOWN)
+    if max(copy.size) < smallest:
+        factor = -(-smallest // max(copy.size))
+        copy = copy.resize((copy.width * factor, copy.height * factor), Image.Resampling.NEAREST)
+    least = max(1, smallest // 8)
+    if min(copy.size) < least:
+        padded = Image.new("RGB", (max(copy.width, least), max(copy.height, least)), (238, 238, 238))
+        padded.paste(copy, ((padded.width - copy.width) // 2, (padded.height - copy.height) // 2))
+        copy = padded
     buffer = io.BytesIO()
-    copy.convert("RGB").save(buffer, "JPEG", quality=70)
+    copy.save(buffer, "JPEG", quality=70)
     return buffer.getvalue()
 
 

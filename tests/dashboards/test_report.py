@@ -1,5 +1,6 @@
 """The coverage report: the run's own numbers, in one offline HTML file, with untrusted text escaped."""
 
+import io
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from sam3_engine.app.pipeline import run_pipeline
-from sam3_engine.dashboards.gallery import build_tiles, draw_masks, render_gallery
+from sam3_engine.dashboards.gallery import build_tiles, draw_masks, jpeg, render_gallery
 from sam3_engine.dashboards.report import COVERAGE_COLUMNS, ReportData, gather, render
 from sam3_engine.engine.catalog import connect, named_query
 from sam3_engine.engine.config import load_config
@@ -277,6 +278,18 @@ def test_draw_masks_colours_the_mask_and_leaves_the_rest():
     drawn = np.asarray(draw_masks(image, [{"height": 30, "width": 40, "rle_counts": counts}]))
     assert (drawn[0, 0] == (10, 10, 10)).all()  # outside the mask: untouched
     assert (drawn[15, 20] != (10, 10, 10)).any() and (drawn[5, 20] != drawn[15, 20]).any()  # filled inside, outlined at the edge
+
+
+def test_tiny_and_thin_images_make_pictures_a_person_can_see():
+    def size(image, side):
+        return Image.open(io.BytesIO(jpeg(image, side))).size
+
+    assert size(Image.new("RGB", (1, 1), (200, 0, 0)), 256) == (64, 64)  # enlarged whole pixels, not a dot
+    assert size(Image.new("RGB", (10000, 10), (0, 200, 0)), 256) == (256, 8)  # padded to an eighth of 64, not a line
+    assert size(Image.new("RGB", (800, 600)), 256) == (256, 192)  # a photo: scaled to fit, as before
+    assert size(Image.new("RGB", (300, 200)), 1024) == (300, 200)  # never enlarged past its own size when large enough
+    picture = np.asarray(Image.open(io.BytesIO(jpeg(Image.new("RGB", (1, 1), (200, 0, 0)), 256))))
+    assert abs(int(picture[32, 32, 0]) - 200) < 8 and picture[32, 32, 1] < 8  # the pixel's own colour, filling the picture
 
 
 def test_duckdb_never_draws_its_progress_bar_into_the_output(tmp_path):
