@@ -2,9 +2,10 @@
 
 A tool's reader (Label Studio's export, CVAT's annotation file) turns each task's latest answer into an
 ``Answer``: per phrase, the bitmaps painted and whether it was ticked absent. ``store_answers`` matches the
-painted bitmaps with the engine's masks bit for bit (kept), takes the rest as drawn, replaces the
-selection's rows in one commit per table, and stores every answer of the tool as its verdicts through
-``import-labels``: so pulling twice changes nothing, and an edit in the tool is updated by the next pull.
+painted bitmaps with the engine's masks bit for bit (kept), takes the rest as drawn, replaces the tool's rows
+of the selection (another tool's stay) in one commit per table, and stores every answer of the tool as its
+verdicts through ``import-labels``: so pulling twice changes nothing, and an edit in the tool is updated by
+the next pull.
 """
 
 from __future__ import annotations
@@ -74,12 +75,15 @@ def store_answers(
     rows: list[dict[str, Any]],
     answers: dict[str, Answer],
     skipped,
-    in_tool: set[str],
+    in_tool: dict[str, set[str]],
 ) -> PullResult:
-    """Store ``answers`` (by image id) for the selection's pairs (``rows``); pairs with no answer stay pending.
+    """Store ``answers`` (by image id) as the tool's rows for the selection's pairs; pairs with no answer stay pending.
 
-    ``in_tool``: the images the tool still has. An image it no longer has (a task deleted there) keeps the answers
-    an earlier pull stored: nothing imported is lost to a deletion in the tool.
+    Only this tool's rows of the selection are replaced: another tool's answers to the same selection stay, and a pair
+    both answered keeps the answer stored first (``human_labels`` holds one per pair), counted as skipped.
+    ``in_tool``: the tool's tasks (ids) per image now. An image with no answer now whose earlier answer came from a task
+    the tool no longer has (deleted there, perhaps pushed again as a new task) keeps that answer: nothing imported is
+    lost to a deletion in the tool.
     """
     from sam3_engine.app.labels import import_labels
 
@@ -89,12 +93,20 @@ def store_answers(
         pair_of[(row["image_id"], row["phrase"])] = row
         if row["mask_id"] is not None:
             engine_masks[row["pair_id"]][row["mask_id"]] = row
+    other_labels, other_masks = _stored(store, "selection = $selection AND tool <> $tool", {"selection": selection, "tool": tool})
+    answered_elsewhere = {label["pair_id"] for label in other_labels}
     labels, drawn = [], []
     for image_id, answer in answers.items():
         for phrase in set(answer.painted) | answer.absent:
             pair = pair_of.get((image_id, phrase))
             if pair is None:
                 skipped["unknown phrase"] += 1
+                continue
+            if phrase in answer.painted and phrase in answer.absent:
+                skipped["phrase both painted and ticked absent"] += 1
+                continue
+            if pair["pair_id"] in answered_elsewhere:
+                skipped["pair answered in another tool, that answer kept"] += 1
                 continue
             bitmaps = answer.painted.get(phrase, [])
             kept, new = _match(bitmaps, engine_masks[pair["pair_id"]])
@@ -136,21 +148,23 @@ def store_answers(
                 )
     labels = [{name: row[name] for name in HUMAN_LABELS.schema.names} for row in labels]
     drawn = [{name: row[name] for name in HUMAN_MASKS.schema.names} for row in drawn]
-    gone = {row["image_id"] for row in rows} - in_tool
+    unanswered = sorted({row["image_id"] for row in rows} - set(answers))
+    params = {"selection": selection, "tool": tool, "images": unanswered}
+    earlier_labels, earlier_masks = _stored(store, "selection = $selection AND tool = $tool AND list_contains($images, image_id)", params)
+    gone = {label["image_id"] for label in earlier_labels if label["task_id"] not in in_tool.get(label["image_id"], set())}
+    labels += [label for label in earlier_labels if label["image_id"] in gone]
+    drawn += [mask for mask in earlier_masks if mask["image_id"] in gone]
     if gone:
-        kept_labels, kept_masks = _earlier(store, selection, tool, gone)
-        labels += kept_labels
-        drawn += kept_masks
-        skipped["images gone from the tool, earlier answers kept"] += len(gone)
-    store.replace(HUMAN_MASKS, selection, pa.Table.from_pylist(drawn, HUMAN_MASKS.schema))
-    store.replace(HUMAN_LABELS, selection, pa.Table.from_pylist(labels, HUMAN_LABELS.schema))
+        skipped["tasks gone from the tool, earlier answers kept"] += len(gone)
+    store.replace(HUMAN_MASKS, selection, pa.Table.from_pylist(drawn + other_masks, HUMAN_MASKS.schema))
+    store.replace(HUMAN_LABELS, selection, pa.Table.from_pylist(labels + other_labels, HUMAN_LABELS.schema))
     con = connect(store)
     try:  # every answer of the tool, all selections: the verifier's whole set of labels
         every_answer = con.sql(named_query("human_labels_as_labels"), params={"tool": tool}).to_arrow_table()
     finally:
         con.close()
     import_labels(store, every_answer, tool)
-    pending = len({row["pair_id"] for row in rows} - {label["pair_id"] for label in labels})
+    pending = len({row["pair_id"] for row in rows} - {label["pair_id"] for label in labels + other_labels})
     return PullResult(project, len(labels), len(drawn), pending, dict(skipped))
 
 
@@ -167,14 +181,12 @@ def _match(bitmaps: list[np.ndarray], engine: dict[str, dict[str, Any]]) -> tupl
     return sorted(kept), new
 
 
-def _earlier(store: TableStore, selection: str, tool: str, images: set[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The rows an earlier pull stored for these images of the selection (none when it never did)."""
+def _stored(store: TableStore, where: str, params: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The ``human_labels`` and ``human_masks`` rows an earlier pull stored that match ``where``."""
     con = connect(store)
     try:
-        params = {"selection": selection, "tool": tool, "images": sorted(images)}
-        where = "WHERE selection = $selection AND tool = $tool AND list_contains($images, image_id)"
-        labels = con.sql(f"SELECT * FROM human_labels {where}", params=params).to_arrow_table().to_pylist()
-        masks = con.sql(f"SELECT * FROM human_masks {where}", params=params).to_arrow_table().to_pylist()
+        labels = con.sql(f"SELECT * FROM human_labels WHERE {where}", params=params).to_arrow_table().to_pylist()
+        masks = con.sql(f"SELECT * FROM human_masks WHERE {where}", params=params).to_arrow_table().to_pylist()
     finally:
         con.close()
     return labels, masks

@@ -141,7 +141,9 @@ def read_export(store: TableStore, selection: str, export_path: str) -> PullResu
             absent=absent,
             painted=dict(painted),
         )
-    in_tool = {os.path.splitext(image.get("name", ""))[0] for image in root.iter("image")}
+    in_tool: dict[str, set[str]] = defaultdict(set)
+    for image in root.iter("image"):
+        in_tool[os.path.splitext(image.get("name", ""))[0]].add(image.get("id", ""))
     return store_answers(store, selection, TOOL, Path(export_path).name, rows, answers, skipped, in_tool)
 
 
