@@ -4,7 +4,8 @@
 engine), ``annotations.xml`` in "CVAT for images 1.1" with one mask label per phrase, an ``absent`` tag
 label (attribute ``phrase``), a ``reviewed`` tag label and the engine's masks as pre-annotations (source
 ``auto``), and ``labels.json`` for creating the task. An image counts as answered once a person touched
-it: a shape or tag that is not ``auto`` (``reviewed`` accepts the pre-annotations as they are).
+it: a shape or tag that is not ``auto`` and is read (one skipped, say of an unknown label, is no touch);
+``reviewed`` accepts the pre-annotations as they are, a phrase without a mask then being absent.
 
 ``read_export``: CVAT's "CVAT for images 1.1" export (the zip, or its annotations.xml), each mask decoded
 from CVAT's box-relative RLE (``cvat_sdk.masks``) and stored as ``labeling pull`` stores any tool's
@@ -17,7 +18,8 @@ import json
 import os
 import xml.etree.ElementTree as ElementTree
 import zipfile
-from collections import defaultdict
+import zlib
+from collections import Counter, defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,13 +37,22 @@ ABSENT_LABEL = "absent"
 """A tag label with a ``phrase`` attribute: the annotator tags the phrases the image does not show."""
 REVIEWED_LABEL = "reviewed"
 """A tag label: the annotator tags an image whose pre-annotations they accept exactly as they are."""
+BUNDLE_PREFIX = "sam3-engine "
+"""The bundle's task name is this and the selection: a later push knows its own bundle by it."""
 
 
 def write_bundle(store: TableStore, selection: str, out_dir: str) -> dict[str, int]:
-    """Write the selection as a CVAT task bundle in ``out_dir``; returns the images and masks written."""
+    """Write the selection as a CVAT task bundle in ``out_dir``; returns the images and masks written.
+
+    ``out_dir`` is new, empty, or an earlier bundle of this selection, whose images not in this bundle are removed (the
+    folder then holds exactly what ``annotations.xml`` lists); any other folder is refused, nothing written.
+    """
     rows = selection_rows(store, selection)
     out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise LabelingError(f"--out {out_dir} is a file: give a folder")
+    if out.is_dir() and any(out.iterdir()) and _bundle_of(out) != selection:
+        raise LabelingError(f"--out {out_dir} is not empty and not a bundle of selection {selection!r}: give a new or empty folder")
     by_image: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         by_image[row["image_id"]].append(row)
@@ -51,7 +62,7 @@ def write_bundle(store: TableStore, selection: str, out_dir: str) -> dict[str, i
     root = ElementTree.Element("annotations")
     ElementTree.SubElement(root, "version").text = "1.1"
     meta = ElementTree.SubElement(ElementTree.SubElement(root, "meta"), "task")
-    ElementTree.SubElement(meta, "name").text = f"sam3-engine {selection}"
+    ElementTree.SubElement(meta, "name").text = f"{BUNDLE_PREFIX}{selection}"
     labels = ElementTree.SubElement(meta, "labels")
     for phrase in phrases:
         _label(labels, phrase, "mask")
@@ -60,12 +71,15 @@ def write_bundle(store: TableStore, selection: str, out_dir: str) -> dict[str, i
     for key, value in (("name", "phrase"), ("mutable", "False"), ("input_type", "select"), ("values", "\n".join(phrases))):
         ElementTree.SubElement(attribute, key).text = value
     _label(labels, REVIEWED_LABEL, "tag")
-    masks = 0
+    masks, images = 0, {}
     for index, (image_id, image_rows) in enumerate(by_image.items()):
         first = image_rows[0]
         name = f"{image_id}{os.path.splitext(first['uri'])[1].lower() or '.jpg'}"
         fs, path = storage.filesystem(first["uri"], store.storage_config)
-        (out / "images" / name).write_bytes(fs.cat_file(path))
+        try:
+            images[name] = fs.cat_file(path)
+        except OSError as exc:
+            raise LabelingError(f"cannot read image {first['uri']}: {exc}") from None
         image = ElementTree.SubElement(
             root, "image", id=str(index), name=name, width=str(first["image_width"]), height=str(first["image_height"])
         )
@@ -77,12 +91,30 @@ def write_bundle(store: TableStore, selection: str, out_dir: str) -> dict[str, i
                 continue
             ElementTree.SubElement(image, "mask", label=row["phrase"], source="auto", occluded="0", z_order="0", **_cvat_rle(bitmap))
             masks += 1
-    ElementTree.ElementTree(root).write(out / "annotations.xml", encoding="utf-8", xml_declaration=True)
+    attribute_spec = {"name": "phrase", "mutable": False, "input_type": "select", "values": phrases}
     spec = [{"name": phrase, "type": "mask"} for phrase in phrases]
-    spec.append({"name": ABSENT_LABEL, "type": "tag", "attributes": [{"name": "phrase", "input_type": "select", "values": phrases}]})
+    spec.append({"name": ABSENT_LABEL, "type": "tag", "attributes": [attribute_spec]})
     spec.append({"name": REVIEWED_LABEL, "type": "tag"})
-    (out / "labels.json").write_text(json.dumps(spec, indent=1, ensure_ascii=False))
+    try:
+        (out / "images").mkdir(parents=True, exist_ok=True)
+        ElementTree.ElementTree(root).write(out / "annotations.xml", encoding="utf-8", xml_declaration=True)  # first: the folder is ours
+        for stale in set(os.listdir(out / "images")) - set(images):
+            (out / "images" / stale).unlink()
+        for name, data in images.items():
+            (out / "images" / name).write_bytes(data)
+        (out / "labels.json").write_text(json.dumps(spec, indent=1, ensure_ascii=False))
+    except OSError as exc:
+        raise LabelingError(f"--out {out_dir}: {exc.strerror or exc}: {exc.filename or out_dir}") from None
     return {"images": len(by_image), "masks": masks}
+
+
+def _bundle_of(folder: Path) -> str | None:
+    """The selection whose bundle ``folder`` holds, or None when it holds none."""
+    try:
+        name = ElementTree.parse(folder / "annotations.xml").getroot().findtext("meta/task/name") or ""
+    except (OSError, ElementTree.ParseError):
+        return None
+    return name.removeprefix(BUNDLE_PREFIX) if name.startswith(BUNDLE_PREFIX) else None
 
 
 def _label(parent: ElementTree.Element, name: str, kind: str) -> ElementTree.Element:
@@ -105,46 +137,87 @@ def read_export(store: TableStore, selection: str, export_path: str) -> PullResu
     rows = selection_rows(store, selection)
     root = _annotations(export_path)
     sizes = {row["image_id"]: (row["image_height"], row["image_width"]) for row in rows}
+    phrases: dict[str, set[str]] = defaultdict(set)
+    for row in rows:
+        phrases[row["image_id"]].add(row["phrase"])
+    listed = Counter(_image_id(image) for image in root.iter("image"))
+    twice = sorted(image_id for image_id, n in listed.items() if n > 1)
+    if twice:
+        raise LabelingError(f"{export_path} lists image {twice[0]!r} {listed[twice[0]]} times: export the task again")
     when = datetime.fromtimestamp(os.path.getmtime(export_path), UTC)
     answers, skipped = {}, defaultdict(int)
+    in_tool: dict[str, set[str]] = defaultdict(set)
     for image in root.iter("image"):
-        image_id = os.path.splitext(image.get("name", ""))[0]
+        image_id = _image_id(image)
         if image_id not in sizes:
             skipped["image not in the selection"] += 1
             continue
-        size = sizes[image_id]
-        if (int(image.get("height", -1)), int(image.get("width", -1))) != size:
+        try:
+            size = (int(image.get("height", "")), int(image.get("width", "")))
+        except ValueError:
+            skipped[f"image size not a number: {image.get('name')}"] += 1
+            continue
+        if size != sizes[image_id]:
             skipped["image not the engine's size"] += 1
             continue
-        if all(shape.get("source") == "auto" for shape in [*image.iter("mask"), *image.iter("tag")]):
+        in_tool[image_id].add(image.get("id", ""))
+        answer = _answer(image, size, phrases[image_id], skipped)
+        if answer is None:
             continue  # nobody touched it: the engine's own pre-annotations, not an answer (a person tags "reviewed" to accept them)
-        painted: dict[str, list[np.ndarray]] = defaultdict(list)
-        absent: set[str] = set()
-        for tag in image.iter("tag"):
-            if tag.get("label") == ABSENT_LABEL:
-                absent |= {a.text or "" for a in tag.iter("attribute") if a.get("name") == "phrase"}
-        for mask in image.iter("mask"):
-            try:
-                bitmap = _decode(mask, size)
-            except MaskError as exc:
-                skipped[exc.reason] += 1
-                continue
-            painted[mask.get("label", "")].append(bitmap)
-        if not painted and not absent:
-            continue
         answers[image_id] = Answer(
             task_id=image.get("id", ""),
             annotation_id=f"{Path(export_path).name}#{image.get('id', '')}",
             annotator="",
             labelled_at=when,
             lead_time_s=None,
-            absent=absent,
-            painted=dict(painted),
+            absent=answer[0],
+            painted=answer[1],
         )
-    in_tool: dict[str, set[str]] = defaultdict(set)
-    for image in root.iter("image"):
-        in_tool[os.path.splitext(image.get("name", ""))[0]].add(image.get("id", ""))
     return store_answers(store, selection, TOOL, Path(export_path).name, rows, answers, skipped, in_tool)
+
+
+def _image_id(image: ElementTree.Element) -> str:
+    """The engine's image id of an <image>: its file name without folder or extension (CVAT may keep the upload's folder)."""
+    return os.path.splitext(image.get("name", "").replace("\\", "/").rsplit("/", 1)[-1])[0]
+
+
+def _answer(
+    image: ElementTree.Element, size: tuple[int, int], phrases: set[str], skipped
+) -> tuple[set[str], dict[str, list[np.ndarray]]] | None:
+    """The image's answer (phrases tagged absent, bitmaps per phrase), or None when no person touched it.
+
+    Only what is read counts as a touch: a shape skipped (unknown label, bad mask, unsupported type) does not make the
+    engine's masks the person's answer. ``reviewed`` accepts the pre-annotations: a phrase without a mask is absent.
+    """
+    painted: dict[str, list[np.ndarray]] = defaultdict(list)
+    absent: set[str] = set()
+    touched = reviewed = False
+    for shape in image:
+        manual = shape.get("source") != "auto"
+        label = shape.get("label", "")
+        if shape.tag == "tag" and label == REVIEWED_LABEL:
+            touched = reviewed = True
+        elif shape.tag == "tag" and label == ABSENT_LABEL:
+            said = {attribute.text or "" for attribute in shape.iter("attribute") if attribute.get("name") == "phrase"}
+            skipped["unknown phrase"] += len(said - phrases)
+            absent |= said & phrases
+            touched |= manual and bool(said & phrases)
+        elif shape.tag == "mask" and label in phrases:
+            try:
+                painted[label].append(_decode(shape, size))
+            except MaskError as exc:
+                skipped[exc.reason] += 1
+                continue
+            touched |= manual
+        elif shape.tag in ("mask", "tag"):
+            skipped["unknown phrase"] += 1
+        else:
+            skipped[f"shape type not supported: {shape.tag}"] += 1
+    if not touched:
+        return None
+    if reviewed:
+        absent |= phrases - set(painted)
+    return absent, dict(painted)
 
 
 def _annotations(export_path: str) -> ElementTree.Element:
@@ -155,8 +228,10 @@ def _annotations(export_path: str) -> ElementTree.Element:
         return ElementTree.parse(export_path).getroot()
     except KeyError:
         raise LabelingError(f"{export_path} has no annotations.xml: export the task as 'CVAT for images 1.1'") from None
-    except (OSError, ElementTree.ParseError) as exc:
+    except (OSError, ElementTree.ParseError, zipfile.BadZipFile, zlib.error, EOFError) as exc:
         raise LabelingError(f"cannot read {export_path}: {exc}") from None
+    except (RuntimeError, NotImplementedError) as exc:  # an encrypted member, a compression zipfile does not know
+        raise LabelingError(f"cannot read {export_path}: {exc}: export it again from CVAT, without a password") from None
 
 
 def _decode(mask: ElementTree.Element, size: tuple[int, int]) -> np.ndarray:
@@ -167,6 +242,8 @@ def _decode(mask: ElementTree.Element, size: tuple[int, int]) -> np.ndarray:
         runs = [int(v) for v in mask.get("rle", "").split(",") if v.strip()]
     except ValueError:
         raise MaskError("undecodable mask", "rle, left, top, width and height must be integers") from None
+    if any(run < 0 for run in runs):
+        raise MaskError("undecodable mask", "a negative run length")
     if left < 0 or top < 0 or box_width <= 0 or box_height <= 0 or left + box_width > width or top + box_height > height:
         raise MaskError("mask not the image's size", f"box {left},{top} {box_width}x{box_height} on {width}x{height}")
     if sum(runs) != box_width * box_height:

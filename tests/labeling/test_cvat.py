@@ -1,5 +1,7 @@
 """The CVAT round trip as files: the bundle CVAT imports, an export as CVAT writes it, masks bit for bit."""
 
+import copy
+import json
 import os
 import shutil
 import subprocess
@@ -9,6 +11,7 @@ import zipfile
 
 import numpy as np
 import pytest
+from cvat_sdk.api_client import models
 
 from sam3_engine.app.pipeline import run_pipeline
 from sam3_engine.engine.catalog import named_query
@@ -33,9 +36,9 @@ def bundle(quickstart, tmp_path):
     return run, tmp_path / "bundle"
 
 
-def _export(tree: ElementTree.ElementTree, path):
+def _export(tree: ElementTree.ElementTree, path, compression=zipfile.ZIP_STORED):
     """What CVAT's 'CVAT for images 1.1' export is: a zip holding annotations.xml."""
-    with zipfile.ZipFile(path, "w") as archive:
+    with zipfile.ZipFile(path, "w", compression) as archive:
         archive.writestr("annotations.xml", ElementTree.tostring(tree.getroot(), encoding="unicode"))
     return path
 
@@ -54,6 +57,17 @@ def test_the_bundle_holds_every_image_and_the_engines_masks_bit_for_bit(bundle):
     labels = {label.findtext("name"): label.findtext("type") for label in tree.getroot().iter("label")}
     assert labels.pop("absent") == labels.pop("reviewed") == "tag" and set(labels.values()) == {"mask"}
     assert {m.get("source") for image in images.values() for m in image.iter("mask")} == {"auto"}
+    for label in json.loads((folder / "labels.json").read_text()):  # what CVAT's API takes
+        models.PatchedLabelRequest(**label)
+
+    (folder / "images" / "from-an-earlier-push.jpg").write_bytes(b"stale")
+    again = _cli("labeling", "push", str(run), "--selection", "round-1", "--to", "cvat", "--out", str(folder))
+    assert again.returncode == 0 and sorted(os.listdir(folder / "images")) == sorted(image.get("name") for image in images.values())
+    (folder.parent / "afile").write_text("")
+    for out, message in ((folder.parent, "not a bundle of selection 'round-1'"), (folder.parent / "afile", "--out ")):
+        refused = _cli("labeling", "push", str(run), "--selection", "round-1", "--to", "cvat", "--out", str(out))
+        assert refused.returncode == 2 and message in refused.stderr and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert ElementTree.parse(folder / "annotations.xml").getroot().findtext("meta/task/name") == "sam3-engine round-1"
 
 
 def test_an_export_comes_back_as_answers_and_gold_with_the_persons_masks(bundle, tmp_path):
@@ -132,20 +146,70 @@ def test_an_export_comes_back_as_answers_and_gold_with_the_persons_masks(bundle,
 def test_bad_exports_are_skipped_by_reason_or_refused_in_a_line(bundle, tmp_path):
     run, folder = bundle
     tree = ElementTree.parse(folder / "annotations.xml")
-    image = next(tree.getroot().iter("image"))
-    for mask in image.findall("mask"):
-        image.remove(mask)
-    width = int(image.get("width"))
+    by_labels = sorted(tree.getroot().iter("image"), key=lambda i: -len({m.get("label") for m in i.findall("mask")}))
+    reviewed, first, badsize = by_labels[:3]  # the first with the most phrases painted by the engine
+    phrases = {r["image_id"]: r["phrases"] for r in rows(run, "SELECT image_id, list(phrase) AS phrases FROM selections GROUP BY ALL")}
+    width = int(first.get("width"))
     manual = {"source": "manual", "top": "0", "width": "2", "height": "2"}
-    ElementTree.SubElement(image, "mask", label="a phrase renamed in CVAT", rle="0, 4", left="0", **manual)
-    ElementTree.SubElement(image, "mask", label="x", rle="0, 4", left=str(width - 1), **manual)
-    ElementTree.SubElement(image, "mask", label="x", rle="1, 9", left="0", **manual)
+    known = phrases[first.get("name").rsplit(".", 1)[0]][0]  # the engine's masks stay: skipped shapes are no touch
+    ElementTree.SubElement(first, "mask", label="a phrase renamed in CVAT", rle="0, 4", left="0", **manual)
+    ElementTree.SubElement(first, "mask", label=known, rle="0, 4", left=str(width - 1), **manual)
+    ElementTree.SubElement(first, "mask", label=known, rle="1, 9", left="0", **manual)
+    ElementTree.SubElement(first, "mask", label=known, rle="-50, 54", left="0", **manual)
+    ElementTree.SubElement(first, "polygon", label=known, source="manual", points="0,0;5,0;5,5")
+    ElementTree.SubElement(first, "box", label=known, source="manual", xtl="0", ytl="0", xbr="5", ybr="5")
+    badsize.set("width", "abc")
+    ElementTree.SubElement(badsize, "tag", label="absent", source="manual")
+    reviewed_id = reviewed.get("name").rsplit(".", 1)[0]
+    reviewed.set("name", "images/" + reviewed.get("name"))  # CVAT keeps the folder of an upload
+    deleted = reviewed.find("mask").get("label")  # the person deletes a phrase's masks, then accepts the rest as they are
+    for mask in [m for m in reviewed.findall("mask") if m.get("label") == deleted]:
+        reviewed.remove(mask)
+    ElementTree.SubElement(reviewed, "tag", label="reviewed", source="manual")
+    masked = {m.get("label") for m in reviewed.findall("mask")}
+    painted = sorted(masked)[0]  # ... and tags absent a phrase still painted: a conflict
+    tag = ElementTree.SubElement(reviewed, "tag", label="absent", source="manual")
+    ElementTree.SubElement(tag, "attribute", name="phrase").text = painted
     done = _cli("labeling", "pull", str(run), "--selection", "round-1", "--from", "cvat", "--in", str(_export(tree, tmp_path / "e.zip")))
     assert done.returncode == 0, done.stderr
-    for reason in ("skipped 1 (unknown phrase)", "skipped 1 (mask not the image's size)", "skipped 1 (undecodable mask)"):
-        assert reason in done.stderr
-    assert rows(run, "SELECT count(*) AS n FROM human_labels") == [{"n": 0}]
+    for reason in (
+        "skipped 1 (unknown phrase)",
+        "skipped 1 (mask not the image's size)",
+        "skipped 2 (undecodable mask)",
+        "skipped 1 (shape type not supported: polygon)",
+        "skipped 1 (shape type not supported: box)",
+        f"skipped 1 (image size not a number: {badsize.get('name')})",
+    ):
+        assert reason in done.stderr, done.stderr
+    assert len(masked) >= 2 and "skipped 1 (phrase both painted and ticked absent)" in done.stderr
+    stored = {(r["image_id"], r["phrase"]): r["present"] for r in rows(run, "SELECT image_id, phrase, present FROM human_labels")}
+    assert {image for image, _ in stored} == {reviewed_id}
+    assert stored[(reviewed_id, deleted)] is False  # accepted as it is: no mask, so absent
+    assert {p: stored[(reviewed_id, p)] for p in phrases[reviewed_id] if p != painted} == {
+        p: p in masked for p in phrases[reviewed_id] if p != painted
+    }
+    assert (reviewed_id, painted) not in stored
+
     with zipfile.ZipFile(tmp_path / "empty.zip", "w") as archive:
         archive.writestr("readme.txt", "no annotations here")
-    done = _cli("labeling", "pull", str(run), "--selection", "round-1", "--from", "cvat", "--in", str(tmp_path / "empty.zip"))
-    assert done.returncode == 2 and "has no annotations.xml" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    twice = ElementTree.parse(folder / "annotations.xml")
+    twice.getroot().append(copy.deepcopy(next(twice.getroot().iter("image"))))
+    corrupt = bytearray(_export(twice, tmp_path / "corrupt.zip", zipfile.ZIP_DEFLATED).read_bytes())
+    start = corrupt.index(b"annotations.xml") + len("annotations.xml")
+    corrupt[start + 10 : start + 40] = b"\xff" * 30  # the member's compressed data
+    (tmp_path / "corrupt.zip").write_bytes(corrupt)
+    encrypted = bytearray(_export(tree, tmp_path / "encrypted.zip").read_bytes())
+    for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # the "encrypted" flag, as a password-protected zip has
+        encrypted[encrypted.index(signature) + offset] |= 1
+    (tmp_path / "encrypted.zip").write_bytes(encrypted)
+    for export, message in (
+        ("empty.zip", "has no annotations.xml"),
+        ("twice.zip", "2 times"),
+        ("corrupt.zip", "cannot read"),
+        ("encrypted.zip", "without a password"),
+    ):
+        if export == "twice.zip":
+            _export(twice, tmp_path / export)
+        done = _cli("labeling", "pull", str(run), "--selection", "round-1", "--from", "cvat", "--in", str(tmp_path / export))
+        assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert len(rows(run, "SELECT * FROM human_labels")) == len(stored)  # a refused export changes nothing
