@@ -4,8 +4,8 @@
 (taken from the task's data, so a phrase never reaches the labelling config's XML) and the engine's masks
 as a prediction; the engine's ids ride in the task's data. Tasks already in the project are not made twice.
 ``pull``: the project's JSON export, each task's latest annotation decoded bit for bit, written to
-``human_labels`` and ``human_masks`` (replacing the selection's rows: pulling again changes nothing, an
-edited annotation is updated), then stored as the ``label-studio`` verifier's verdicts so that ``splits``
+``human_labels`` and ``human_masks`` (replacing this tool's rows of the selection: pulling again changes
+nothing, an edited annotation is updated), then stored as the ``label-studio`` verifier's verdicts so that ``splits``
 and ``calibrate`` see them.
 """
 
