@@ -591,26 +591,42 @@ def loop_report(
     if not rounds:
         console.print(f"no selections in {run_dir}: make one with sam3-engine select", highlight=False, soft_wrap=True)
         return
-    headers = ("round", "pairs", "answered", "pending", "present P/R", "absent P/R", "mask P/R", "gold")
-    table = Table(*headers, title="Rounds (pairs selected per round)", title_justify="left")
+    # In 80 columns: numbers never shrink (no "0.9…"), a long round or concept name wraps instead; P/R in percent.
+    table = _wrapping_table("Rounds (pairs selected per round)", ["round"], ["pairs", "answered", "pending"])
+    for name in ("present\nP/R %", "absent\nP/R %", "mask\nP/R %", "gold"):
+        table.add_column(name, justify="right", no_wrap=True)
     for row in rounds:
         table.add_row(
             Text(row["selection"]),
             str(row["selected"]),
             str(row["answered"]),
             str(row["pending"]),
-            f"{_share(row['present_precision'])}/{_share(row['present_recall'])}",
-            f"{_share(row['absent_precision'])}/{_share(row['absent_recall'])}",
-            f"{_share(row['accept_precision'])}/{_share(row['accept_recall'])}",
+            f"{_percent(row['present_precision'])}/{_percent(row['present_recall'])}",
+            f"{_percent(row['absent_precision'])}/{_percent(row['absent_recall'])}",
+            f"{_percent(row['accept_precision'])}/{_percent(row['accept_recall'])}",
             str(row["gold_pairs"]),
         )
     out.print(table)
     if gold and top:
-        gained = Table("round", "concept", "gold +", "gold -", title="Gold gained from people", title_justify="left")
+        gained = _wrapping_table("Gold gained from people", ["round", "concept"], ["gold +", "gold -"])
         for row in gold[:top]:
             gained.add_row(Text(row["selection"]), Text(row["phrase"]), str(row["gold_positives"]), str(row["gold_negatives"]))
         out.print(gained)
-    console.print("P/R: precision/recall of the machines' verdicts against people's answers", highlight=False)
+    console.print("P/R %: precision/recall of the machines' verdicts against people's answers", highlight=False)
+
+
+def _wrapping_table(title: str, names: list[str], numbers: list[str]) -> Table:
+    """A table whose name columns wrap and whose number columns keep their width."""
+    table = Table(title=title, title_justify="left")
+    for name in names:
+        table.add_column(name, overflow="fold", ratio=1)
+    for name in numbers:
+        table.add_column(name, justify="right", no_wrap=True)
+    return table
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}"
 
 
 @app.command("eval")
@@ -711,10 +727,6 @@ def export_split(
         _fail(str(exc))
     written = f"{report.pairs} pairs ({report.positives} positive, {report.negatives} negative) and {report.masks} masks"
     console.print(f"{written} -> {', '.join(report.files)}", highlight=False, soft_wrap=True)
-
-
-def _share(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
 
 
 def _number(value: float | None) -> str:

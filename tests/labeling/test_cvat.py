@@ -140,7 +140,7 @@ def test_an_export_comes_back_as_answers_and_gold_with_the_persons_masks(bundle,
     assert loop["accept_precision"] == (sum(judged[m] for m in accepted) / len(accepted) if accepted else None)
     report = _cli("loop-report", str(run))
     assert report.returncode == 0 and "round-1" in report.stdout and multi["phrase"] in report.stdout
-    assert max(len(line) for line in report.stdout.splitlines()) <= 80
+    assert max(len(line) for line in report.stdout.splitlines()) <= 80 and "…" not in report.stdout  # wrapped, never cut
 
 
 def test_bad_exports_are_skipped_by_reason_or_refused_in_a_line(bundle, tmp_path):
