@@ -469,6 +469,14 @@ def select_for_review(
             )
     except (SelectionError, RunLockedError, OSError) as exc:
         _fail(str(exc))
+    if not chosen.rows.num_rows:
+        console.print(
+            f"selection {name}: nothing to select, so nothing stored: no proposed pair is left that no person has answered "
+            "and no other selection has out for review (pull the answers of earlier rounds, or propose on more images)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
     leading = ", ".join(f"{k} {v}" for k, v in sorted(chosen.by_strategy.items(), key=lambda kv: -kv[1]))
     console.print(
         f"selection {name}: {chosen.rows.num_rows} pairs on {chosen.images} images, of {chosen.candidates} candidates"

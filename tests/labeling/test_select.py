@@ -124,3 +124,15 @@ def test_bad_strategies_and_missing_embeddings_are_one_line_errors(run):
         done = subprocess.run([sys.executable, "-m", "sam3_engine", "select", str(run), "-n", "4", *args], capture_output=True, text=True)
         assert done.returncode == 2 and done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert rows(run, "SELECT count(*) AS n FROM selections") == [{"n": 0}]  # nothing half-written
+
+
+def test_nothing_left_to_select_says_so_in_a_line(run):
+    def cli(name):
+        command = [sys.executable, "-m", "sam3_engine", "select", str(run), "-n", "100000", "--max-pairs-per-image", "100000"]
+        return subprocess.run([*command, "--name", name], capture_output=True, text=True)
+
+    everything = cli("everything")
+    assert everything.returncode == 0 and rows(run, "SELECT count(*) AS n FROM selections")[0]["n"] > 0, everything.stderr
+    nothing = cli("nothing-left")
+    assert nothing.returncode == 0 and nothing.stderr.startswith("selection nothing-left: nothing to select, so nothing stored: ")
+    assert rows(run, "SELECT count(*) AS n FROM selections WHERE selection = 'nothing-left'") == [{"n": 0}]
