@@ -600,9 +600,8 @@ def loop_report(
         console.print(f"no selections in {run_dir}: make one with sam3-engine select", highlight=False, soft_wrap=True)
         return
     # In 80 columns: numbers never shrink (no "0.9…"), a long round or concept name wraps instead; P/R in percent.
-    table = _wrapping_table("Rounds (pairs selected per round)", ["round"], ["pairs", "answered", "pending"])
-    for name in ("present\nP/R %", "absent\nP/R %", "mask\nP/R %", "gold"):
-        table.add_column(name, justify="right", no_wrap=True)
+    numbers = ["pairs", "answered", "pending", "present\nP/R %", "absent\nP/R %", "mask\nP/R %", "gold"]
+    table = _wrapping_table("Rounds (pairs selected per round)", ["round"], numbers)
     for row in rounds:
         table.add_row(
             Text(row["selection"]),

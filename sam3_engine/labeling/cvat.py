@@ -75,11 +75,7 @@ def write_bundle(store: TableStore, selection: str, out_dir: str) -> dict[str, i
     for index, (image_id, image_rows) in enumerate(by_image.items()):
         first = image_rows[0]
         name = f"{image_id}{os.path.splitext(first['uri'])[1].lower() or '.jpg'}"
-        fs, path = storage.filesystem(first["uri"], store.storage_config)
-        try:
-            images[name] = fs.cat_file(path)
-        except OSError as exc:
-            raise LabelingError(f"cannot read image {first['uri']}: {exc}") from None
+        images[name] = first["uri"]
         image = ElementTree.SubElement(
             root, "image", id=str(index), name=name, width=str(first["image_width"]), height=str(first["image_height"])
         )
@@ -100,12 +96,20 @@ def write_bundle(store: TableStore, selection: str, out_dir: str) -> dict[str, i
         ElementTree.ElementTree(root).write(out / "annotations.xml", encoding="utf-8", xml_declaration=True)  # first: the folder is ours
         for stale in set(os.listdir(out / "images")) - set(images):
             (out / "images" / stale).unlink()
-        for name, data in images.items():
-            (out / "images" / name).write_bytes(data)
+        for name, uri in images.items():  # one image in memory at a time, whatever the selection's size
+            (out / "images" / name).write_bytes(_image_bytes(store, uri))
         (out / "labels.json").write_text(json.dumps(spec, indent=1, ensure_ascii=False))
     except OSError as exc:
         raise LabelingError(f"--out {out_dir}: {exc.strerror or exc}: {exc.filename or out_dir}") from None
     return {"images": len(by_image), "masks": masks}
+
+
+def _image_bytes(store: TableStore, uri: str) -> bytes:
+    fs, path = storage.filesystem(uri, store.storage_config)
+    try:
+        return fs.cat_file(path)
+    except OSError as exc:
+        raise LabelingError(f"cannot read image {uri}: {exc}") from None
 
 
 def _bundle_of(folder: Path) -> str | None:
