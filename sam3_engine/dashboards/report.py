@@ -260,7 +260,7 @@ def _long_tail(coverage: list[dict[str, Any]]) -> str:
         yaxis_title="verified positives",
         yaxis_type="log",
         height=360,
-        margin={"t": 50, "b": 40},
+        margin={"t": 80 if off_scale else 50, "b": 40},  # room for the second title line above the plot
     )
     return figure.to_html(full_html=False, include_plotlyjs=False, div_id="long-tail")
 
