@@ -1,15 +1,15 @@
 """The round trip through CVAT, as files: CVAT runs only under Docker, so the engine writes what it imports and reads its export.
 
 ``write_bundle``: a folder with the selection's images (named by image id, so a name maps back to the
-engine), ``annotations.xml`` in "CVAT for images 1.1" with one mask label per phrase, an ``absent`` tag
+engine), ``annotations.xml`` in "CVAT for images 1.1" with one label per phrase (masks or polygons), an ``absent`` tag
 label (attribute ``phrase``), a ``reviewed`` tag label and the engine's masks as pre-annotations (source
 ``auto``), and ``labels.json`` for creating the task. An image counts as answered once a person touched
 it: a shape or tag that is not ``auto`` and is read (one skipped, say of an unknown label, is no touch);
 ``reviewed`` accepts the pre-annotations as they are, a phrase without a mask then being absent.
 
 ``read_export``: CVAT's "CVAT for images 1.1" export (the zip, or its annotations.xml), each mask decoded
-from CVAT's box-relative RLE (``cvat_sdk.masks``) and stored as ``labeling pull`` stores any tool's
-answers. Masks cross as bitmaps, bit for bit.
+from CVAT's box-relative RLE (``cvat_sdk.masks``) and each polygon rasterised, then stored as ``labeling pull``
+stores any tool's answers. Masks cross as bitmaps, bit for bit.
 """
 
 from __future__ import annotations
@@ -30,13 +30,15 @@ from cvat_sdk.masks import decode_mask, encode_mask
 from sam3_engine.engine import storage
 from sam3_engine.engine.store import TableStore
 from sam3_engine.labeling.answers import Answer, LabelingError, PullResult, selection_rows, store_answers
-from sam3_engine.labeling.masks import MaskError, coco_to_bitmap
+from sam3_engine.labeling.masks import MaskError, coco_to_bitmap, polygon_to_bitmap
 
 TOOL = "cvat"
 ABSENT_LABEL = "absent"
 """A tag label with a ``phrase`` attribute: the annotator tags the phrases the image does not show."""
 REVIEWED_LABEL = "reviewed"
 """A tag label: the annotator tags an image whose pre-annotations they accept exactly as they are."""
+PHRASE_LABEL_TYPE = "any"
+"""A phrase's label takes any shape: people paint masks or draw polygons (CVAT's SAM tool gives either); others are skipped."""
 BUNDLE_PREFIX = "sam3-engine "
 """The bundle's task name is this and the selection: a later push knows its own bundle by it."""
 
@@ -65,7 +67,7 @@ def write_bundle(store: TableStore, selection: str, out_dir: str) -> dict[str, i
     ElementTree.SubElement(meta, "name").text = f"{BUNDLE_PREFIX}{selection}"
     labels = ElementTree.SubElement(meta, "labels")
     for phrase in phrases:
-        _label(labels, phrase, "mask")
+        _label(labels, phrase, PHRASE_LABEL_TYPE)
     absent = _label(labels, ABSENT_LABEL, "tag")
     attribute = ElementTree.SubElement(ElementTree.SubElement(absent, "attributes"), "attribute")
     for key, value in (("name", "phrase"), ("mutable", "False"), ("input_type", "select"), ("values", "\n".join(phrases))):
@@ -88,7 +90,7 @@ def write_bundle(store: TableStore, selection: str, out_dir: str) -> dict[str, i
             ElementTree.SubElement(image, "mask", label=row["phrase"], source="auto", occluded="0", z_order="0", **_cvat_rle(bitmap))
             masks += 1
     attribute_spec = {"name": "phrase", "mutable": False, "input_type": "select", "values": phrases}
-    spec = [{"name": phrase, "type": "mask"} for phrase in phrases]
+    spec = [{"name": phrase, "type": PHRASE_LABEL_TYPE} for phrase in phrases]
     spec.append({"name": ABSENT_LABEL, "type": "tag", "attributes": [attribute_spec]})
     spec.append({"name": REVIEWED_LABEL, "type": "tag"})
     try:
@@ -206,14 +208,14 @@ def _answer(
             skipped["unknown phrase"] += len(said - phrases)
             absent |= said & phrases
             touched |= manual and bool(said & phrases)
-        elif shape.tag == "mask" and label in phrases:
+        elif shape.tag in ("mask", "polygon") and label in phrases:
             try:
-                painted[label].append(_decode(shape, size))
+                painted[label].append(_decode(shape, size) if shape.tag == "mask" else _polygon(shape, size))
             except MaskError as exc:
                 skipped[exc.reason] += 1
                 continue
             touched |= manual
-        elif shape.tag in ("mask", "tag"):
+        elif shape.tag in ("mask", "polygon", "tag"):
             skipped["unknown phrase"] += 1
         else:
             skipped[f"shape type not supported: {shape.tag}"] += 1
@@ -256,3 +258,12 @@ def _decode(mask: ElementTree.Element, size: tuple[int, int]) -> np.ndarray:
     if not bitmap.any():
         raise MaskError("empty mask")
     return bitmap
+
+
+def _polygon(polygon: ElementTree.Element, size: tuple[int, int]) -> np.ndarray:
+    """A CVAT 1.1 polygon element (``points="x1,y1;x2,y2;..."``, in pixels) as an image-sized bitmap."""
+    try:
+        points = [tuple(float(v) for v in point.split(",")) for point in polygon.get("points", "").split(";") if point.strip()]
+    except ValueError:
+        raise MaskError("undecodable polygon", "points must be x,y pairs of numbers separated by ';'") from None
+    return polygon_to_bitmap(points, *size)

@@ -26,7 +26,7 @@ import numpy as np
 from sam3_engine.engine import storage
 from sam3_engine.engine.store import TableStore
 from sam3_engine.labeling.answers import Answer, LabelingError, PullResult, selection_rows, store_answers
-from sam3_engine.labeling.masks import MaskError, bitmap_to_brush, brush_to_bitmap, coco_to_bitmap
+from sam3_engine.labeling.masks import MaskError, bitmap_to_brush, brush_to_bitmap, coco_to_bitmap, polygon_to_bitmap
 
 TOOL = "label-studio"
 TOKEN_ENV = "LABEL_STUDIO_API_KEY"
@@ -34,12 +34,13 @@ TOKEN_ENV = "LABEL_STUDIO_API_KEY"
 
 LABEL_CONFIG = """<View>
   <Image name="image" value="$image" zoom="true"/>
-  <Header value="Paint every instance of each phrase (keep, fix or delete the engine's masks); tick the phrases the image does not show."/>
+  <Header value="Paint or outline every instance of each phrase (keep, fix or delete the engine's masks); tick the phrases not shown."/>
   <BrushLabels name="mask" toName="image" value="$phrase_labels"/>
+  <PolygonLabels name="outline" toName="image" value="$phrase_labels"/>
   <Choices name="absent" toName="image" choice="multiple" showInline="true" value="$phrase_labels"/>
 </View>"""
 """Labels and choices come from each task's ``phrase_labels``: the config is the same for every selection and no
-phrase is ever written into XML."""
+phrase is ever written into XML. People paint masks (brush) or outline instances (polygon); a polygon becomes a mask when pulled."""
 
 
 @dataclass
@@ -270,15 +271,15 @@ def _read_results(results: list[Any], size: tuple[int, int], skipped) -> tuple[s
                 skipped["malformed result"] += 1
                 continue
             absent |= set(choices)
-        elif kind == "brushlabels":
-            labels = value.get("brushlabels")
+        elif kind in ("brushlabels", "polygonlabels"):
+            labels = value.get(kind)
             labels = [labels] if isinstance(labels, str) else labels
             phrase = labels[0] if isinstance(labels, list) and labels and isinstance(labels[0], str) else None
             if (result.get("original_height"), result.get("original_width")) != size:
                 skipped["mask not the image's size"] += 1
                 continue
             try:
-                bitmap = brush_to_bitmap(value.get("rle") or [], *size)
+                bitmap = brush_to_bitmap(value.get("rle") or [], *size) if kind == "brushlabels" else _polygon(value, size)
             except MaskError as exc:
                 skipped[exc.reason] += 1
                 continue
@@ -286,3 +287,15 @@ def _read_results(results: list[Any], size: tuple[int, int], skipped) -> tuple[s
         else:
             skipped[f"result type not supported: {kind}"] += 1
     return absent, dict(painted)
+
+
+def _polygon(value: dict[str, Any], size: tuple[int, int]) -> np.ndarray:
+    """A polygon result's points (percent of the image's width and height) as an image-sized bitmap."""
+    height, width = size
+    points = value.get("points")
+    if not isinstance(points, list) or not all(isinstance(point, list | tuple) and len(point) == 2 for point in points):
+        raise MaskError("undecodable polygon", "points must be [x, y] pairs")
+    try:
+        return polygon_to_bitmap([(float(x) * width / 100, float(y) * height / 100) for x, y in points], height, width)
+    except (TypeError, ValueError):
+        raise MaskError("undecodable polygon", "points must be numbers") from None

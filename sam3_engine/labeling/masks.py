@@ -3,10 +3,14 @@
 The engine stores COCO RLE (column-major counts, ``pycocotools``). Label Studio's brush RLE is a
 different code: a bit-packed run-length code over the row-major H x W x 4 RGBA array, which
 ``label_studio_sdk.converter.brush`` encodes and decodes. A mask crosses from one to the other as a
-bitmap, and comes back bit for bit.
+bitmap, and comes back bit for bit. A polygon a person draws becomes a bitmap the way COCO rasterises
+polygons (``pycocotools``, as CVAT's and Label Studio's own mask exports do).
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -55,6 +59,22 @@ def brush_to_bitmap(rle: list[int], height: int, width: int) -> np.ndarray:
     except Exception as exc:  # noqa: BLE001 - the decoder raises whatever a malformed code makes it hit
         raise MaskError("undecodable mask", type(exc).__name__) from None
     bitmap = flat.reshape(height, width, 4)[:, :, 3] > 0
+    if not bitmap.any():
+        raise MaskError("empty mask")
+    return bitmap
+
+
+def polygon_to_bitmap(points: Sequence[Sequence[float]], height: int, width: int) -> np.ndarray:
+    """A polygon's (x, y) vertices in pixels as an H x W bool array, clipped to the image; a MaskError when it is not a
+    polygon (fewer than 3 vertices, a coordinate that is not a finite number) or covers no pixel of the image."""
+    try:
+        flat = [float(value) for point in points for value in point]
+        well_formed = all(len(point) == 2 for point in points)
+    except (TypeError, ValueError):
+        raise MaskError("undecodable polygon", "vertices must be pairs of numbers") from None
+    if not well_formed or len(flat) < 6 or not all(math.isfinite(value) for value in flat):
+        raise MaskError("undecodable polygon", f"{len(points)} vertices; a polygon needs at least 3 pairs of finite numbers")
+    bitmap = mask_utils.decode(mask_utils.frPyObjects([flat], height, width))[:, :, 0].astype(bool)
     if not bitmap.any():
         raise MaskError("empty mask")
     return bitmap

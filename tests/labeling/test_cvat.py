@@ -17,7 +17,7 @@ from sam3_engine.app.pipeline import run_pipeline
 from sam3_engine.engine.catalog import named_query
 from sam3_engine.engine.config import load_config
 from sam3_engine.labeling.cvat import _cvat_rle, _decode
-from sam3_engine.labeling.masks import bitmap_to_coco, coco_to_bitmap
+from sam3_engine.labeling.masks import bitmap_to_coco, coco_to_bitmap, polygon_to_bitmap
 from tests.helpers import rows
 
 
@@ -55,10 +55,11 @@ def test_the_bundle_holds_every_image_and_the_engines_masks_bit_for_bit(bundle):
     nonempty = sorted((r["phrase"], r["rle_counts"]) for r in engine if coco_to_bitmap(r["rle_counts"], r["height"], r["width"]).any())
     assert sent == nonempty
     labels = {label.findtext("name"): label.findtext("type") for label in tree.getroot().iter("label")}
-    assert labels.pop("absent") == labels.pop("reviewed") == "tag" and set(labels.values()) == {"mask"}
+    assert labels.pop("absent") == labels.pop("reviewed") == "tag" and set(labels.values()) == {"any"}  # masks or polygons
     assert {m.get("source") for image in images.values() for m in image.iter("mask")} == {"auto"}
     for label in json.loads((folder / "labels.json").read_text()):  # what CVAT's API takes
         models.PatchedLabelRequest(**label)
+        models.LabelType(label["type"])
 
     (folder / "images" / "from-an-earlier-push.jpg").write_bytes(b"stale")
     again = _cli("labeling", "push", str(run), "--selection", "round-1", "--to", "cvat", "--out", str(folder))
@@ -86,6 +87,9 @@ def test_an_export_comes_back_as_answers_and_gold_with_the_persons_masks(bundle,
     drawn[40:90, 60:200] = True
     drawn[95, 210] = True
     ElementTree.SubElement(image, "mask", label=multi["phrase"], source="manual", occluded="0", z_order="0", **_cvat_rle(drawn))
+    outline = [(300.5, 20.0), (360.0, 20.0), (330.0, 70.25)]  # ... outlines one with the polygon tool
+    points = ";".join(f"{x},{y}" for x, y in outline)
+    ElementTree.SubElement(image, "polygon", label=multi["phrase"], source="manual", occluded="0", z_order="0", points=points)
     other = next(m.get("label") for m in image.findall("mask") if m.get("label") != multi["phrase"])
     for mask in [m for m in image.findall("mask") if m.get("label") == other]:
         image.remove(mask)
@@ -99,9 +103,11 @@ def test_an_export_comes_back_as_answers_and_gold_with_the_persons_masks(bundle,
     sql = "SELECT mask_id, rle_counts FROM masks WHERE pair_id = $p"
     engine = {r["mask_id"]: r["rle_counts"] for r in rows(run, sql, {"p": multi["pair_id"]})}
     assert labels[multi["phrase"]]["present"] and [engine[m] for m in labels[multi["phrase"]]["kept_mask_ids"]] == [kept]
-    assert labels[other]["present"] is False and labels[multi["phrase"]]["drawn_masks"] == 1
-    (human,) = rows(run, "SELECT * FROM human_masks")
-    assert human["tool"] == "cvat" and np.array_equal(coco_to_bitmap(human["rle_counts"], *size), drawn)  # bit for bit
+    assert labels[other]["present"] is False and labels[multi["phrase"]]["drawn_masks"] == 2
+    people = rows(run, "SELECT * FROM human_masks ORDER BY area DESC")
+    assert [human["tool"] for human in people] == ["cvat", "cvat"]
+    assert np.array_equal(coco_to_bitmap(people[0]["rle_counts"], *size), drawn)  # bit for bit
+    assert np.array_equal(coco_to_bitmap(people[1]["rle_counts"], *size), polygon_to_bitmap(outline, *size))
     before = rows(run, "SELECT * FROM human_labels ORDER BY pair_id")
     assert _cli("labeling", "pull", str(run), "--selection", "round-1", "--from", "cvat", "--in", str(export)).returncode == 0
     assert rows(run, "SELECT * FROM human_labels ORDER BY pair_id") == before  # the same export twice: the same rows
@@ -156,7 +162,9 @@ def test_bad_exports_are_skipped_by_reason_or_refused_in_a_line(bundle, tmp_path
     ElementTree.SubElement(first, "mask", label=known, rle="0, 4", left=str(width - 1), **manual)
     ElementTree.SubElement(first, "mask", label=known, rle="1, 9", left="0", **manual)
     ElementTree.SubElement(first, "mask", label=known, rle="-50, 54", left="0", **manual)
-    ElementTree.SubElement(first, "polygon", label=known, source="manual", points="0,0;5,0;5,5")
+    ElementTree.SubElement(first, "polygon", label=known, source="manual", points="0,0;5,0")
+    ElementTree.SubElement(first, "polygon", label=known, source="manual", points="0,0;5,zero;5,5")
+    ElementTree.SubElement(first, "polygon", label=known, source="manual", points=f"{width + 1},0;{width + 9},0;{width + 5},5")
     ElementTree.SubElement(first, "box", label=known, source="manual", xtl="0", ytl="0", xbr="5", ybr="5")
     badsize.set("width", "abc")
     ElementTree.SubElement(badsize, "tag", label="absent", source="manual")
@@ -176,7 +184,8 @@ def test_bad_exports_are_skipped_by_reason_or_refused_in_a_line(bundle, tmp_path
         "skipped 1 (unknown phrase)",
         "skipped 1 (mask not the image's size)",
         "skipped 2 (undecodable mask)",
-        "skipped 1 (shape type not supported: polygon)",
+        "skipped 2 (undecodable polygon)",
+        "skipped 1 (empty mask)",
         "skipped 1 (shape type not supported: box)",
         f"skipped 1 (image size not a number: {badsize.get('name')})",
     ):

@@ -18,7 +18,7 @@ from sam3_engine.engine.catalog import connect, named_query
 from sam3_engine.engine.config import load_config
 from sam3_engine.engine.store import TableStore
 from sam3_engine.labeling.label_studio import LABEL_CONFIG, project_title
-from sam3_engine.labeling.masks import bitmap_to_brush, brush_to_bitmap, coco_to_bitmap
+from sam3_engine.labeling.masks import bitmap_to_brush, brush_to_bitmap, coco_to_bitmap, polygon_to_bitmap
 from tests.helpers import rewrite, rows
 
 
@@ -65,6 +65,19 @@ def _brush(bitmap, phrase, result_id):
     }
 
 
+def _polygon(points, phrase, result_id, size):
+    height, width = size
+    return {
+        "id": result_id,
+        "from_name": "outline",
+        "to_name": "image",
+        "type": "polygonlabels",
+        "original_width": width,
+        "original_height": height,
+        "value": {"points": points, "closed": True, "polygonlabels": [phrase]},
+    }
+
+
 def test_push_pull_and_splits_make_the_answered_pairs_gold_with_the_persons_masks(pushed):
     run, url, token, files_root = pushed
     again = _cli("labeling", "push", str(run), "--selection", "round-1", "--url", url, "--files-root", str(files_root), token=token)
@@ -93,7 +106,9 @@ def test_push_pull_and_splits_make_the_answered_pairs_gold_with_the_persons_mask
     drawn[100:300, 200:650] = True
     drawn[310, 700] = True  # a lone pixel: any loss in the codec would show
     absent = {"id": "absent-1", "from_name": "absent", "to_name": "image", "type": "choices", "value": {"choices": [other]}}
-    answer = client.annotations.create(task.id, result=[kept, _brush(drawn, multi["phrase"], "drawn-1"), absent], lead_time=42.5)
+    outline = [[60.0, 60.0], [90.0, 60.0], [75.5, 95.0]]  # percent of the width and height, as the polygon tool writes them
+    polygon = _polygon(outline, multi["phrase"], "outline-1", drawn.shape)
+    answer = client.annotations.create(task.id, result=[kept, _brush(drawn, multi["phrase"], "drawn-1"), polygon, absent], lead_time=42.5)
 
     done = _cli("labeling", "pull", str(run), "--selection", "round-1", "--url", url, token=token)
     assert done.returncode == 0, done.stderr
@@ -103,20 +118,23 @@ def test_push_pull_and_splits_make_the_answered_pairs_gold_with_the_persons_mask
     assert sorted(labels[multi["phrase"]]["dropped_mask_ids"]) == sorted(set(masks) - {kept["id"]})
     assert labels[other]["present"] is False and labels[multi["phrase"]]["lead_time_s"] == 42.5
     assert labels[other]["annotation_id"] == str(answer.id)
-    (human_mask,) = rows(run, "SELECT * FROM human_masks")
+    human_mask, outlined = rows(run, "SELECT * FROM human_masks ORDER BY area DESC")
     assert np.array_equal(coco_to_bitmap(human_mask["rle_counts"], *drawn.shape), drawn)  # bit for bit
-    assert human_mask["area"] == int(drawn.sum()) and human_mask["pair_id"] == multi["pair_id"]
+    assert human_mask["area"] == int(drawn.sum()) and human_mask["pair_id"] == outlined["pair_id"] == multi["pair_id"]
+    height, width = drawn.shape
+    in_pixels = [(x * width / 100, y * height / 100) for x, y in outline]
+    assert np.array_equal(coco_to_bitmap(outlined["rle_counts"], height, width), polygon_to_bitmap(in_pixels, height, width))
 
     before = rows(run, "SELECT * FROM human_labels ORDER BY pair_id")
     assert _cli("labeling", "pull", str(run), "--selection", "round-1", "--url", url, token=token).returncode == 0
     assert rows(run, "SELECT * FROM human_labels ORDER BY pair_id") == before  # pulling twice: the same rows
-    assert rows(run, "SELECT count(*) AS n FROM human_masks") == [{"n": 1}]
+    assert rows(run, "SELECT count(*) AS n FROM human_masks") == [{"n": 2}]
     bundle = run.parent / "cvat"  # the same selection out to CVAT too: pulling its untouched export keeps Label Studio's answers
     assert _cli("labeling", "push", str(run), "--selection", "round-1", "--to", "cvat", "--out", str(bundle)).returncode == 0
     done = _cli("labeling", "pull", str(run), "--selection", "round-1", "--from", "cvat", "--in", str(bundle / "annotations.xml"))
     assert done.returncode == 0 and "0 pairs answered" in done.stderr, done.stderr
     assert rows(run, "SELECT * FROM human_labels ORDER BY pair_id") == before
-    assert rows(run, "SELECT count(*) AS n FROM human_masks") == [{"n": 1}]
+    assert rows(run, "SELECT count(*) AS n FROM human_masks") == [{"n": 2}]
 
     run_pipeline(load_config(None, {"output": str(run), "stages": "splits"}))
     tiers = {r["pair_id"]: r for r in rows(run, "SELECT pair_id, tier, kind, sources FROM splits")}
@@ -132,7 +150,8 @@ def test_push_pull_and_splits_make_the_answered_pairs_gold_with_the_persons_mask
         exported = dict(con.sql(sql, params={"split": split, "p": multi["pair_id"]}).fetchall())
     finally:
         con.close()
-    assert exported == {kept["id"]: masks[kept["id"]]["rle_counts"], human_mask["mask_id"]: human_mask["rle_counts"]}
+    person = {kept["id"]: masks[kept["id"]]["rle_counts"]} | {m["mask_id"]: m["rle_counts"] for m in (human_mask, outlined)}
+    assert exported == person
 
     client.annotations.update(answer.id, result=[kept, absent])  # the person changes their mind in the tool
     assert _cli("labeling", "pull", str(run), "--selection", "round-1", "--url", url, token=token).returncode == 0
@@ -178,6 +197,7 @@ def test_a_refused_token_a_down_server_and_a_bad_mask_are_one_line_answers(pushe
         {"id": "one", "from_name": "absent", "to_name": "image", "type": "choices", "value": {"choices": second}},  # a string
         {"id": "box", "from_name": "box", "to_name": "image", "type": "rectanglelabels", "value": {"x": 1, "y": 1, "width": 5}},
         {"id": "list", "from_name": "mask", "to_name": "image", "type": "brushlabels", "value": [first]},
+        _polygon([[1, 1], [5, 5]], first, "line", (size["height"], size["width"])),
     ]
     client.tasks.delete(str(task.id))  # as an import of the task with its annotation: the server then stores any result as is
     client.projects.import_tasks(project.id, request=[{"data": task.data, "annotations": [{"result": results}]}])
@@ -188,6 +208,7 @@ def test_a_refused_token_a_down_server_and_a_bad_mask_are_one_line_answers(pushe
         "unknown phrase",
         "phrase both painted and ticked absent",
         "result type not supported: rectanglelabels",
+        "undecodable polygon",
         "malformed result",
     ):
         assert f"skipped 1 ({reason})" in done.stderr, done.stderr

@@ -4,8 +4,9 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from PIL import Image, ImageDraw
 
-from sam3_engine.labeling.masks import MaskError, bitmap_to_brush, bitmap_to_coco, brush_to_bitmap, coco_to_bitmap
+from sam3_engine.labeling.masks import MaskError, bitmap_to_brush, bitmap_to_coco, brush_to_bitmap, coco_to_bitmap, polygon_to_bitmap
 from tests.helpers import rows
 
 
@@ -46,3 +47,35 @@ def test_a_brush_code_declaring_a_huge_mask_is_refused_before_it_is_decoded():
         assert tracemalloc.get_traced_memory()[1] < 10 * 2**20  # refused on its header: nothing of its size was allocated
     finally:
         tracemalloc.stop()
+
+
+def test_a_polygon_becomes_the_pixels_it_encloses_clipped_to_the_image():
+    square = polygon_to_bitmap([(2, 3), (6, 3), (6, 7), (2, 7)], 10, 12)
+    expected = np.zeros((10, 12), bool)
+    expected[3:7, 2:6] = True
+    assert np.array_equal(square, expected)
+    star = [(60, 5), (72, 40), (110, 40), (80, 62), (92, 98), (60, 76), (28, 98), (40, 62), (10, 40), (48, 40)]
+    drawn = Image.new("1", (120, 100))
+    ImageDraw.Draw(drawn).polygon(star, fill=1)  # an independent rasteriser: the two differ only in pixels on the outline
+    bitmap, reference = polygon_to_bitmap(star, 100, 120), np.asarray(drawn, bool)
+    perimeter = sum(np.hypot(x1 - x0, y1 - y0) for (x0, y0), (x1, y1) in zip(star, star[1:] + star[:1], strict=True))
+    assert bitmap.sum() > 2000 and (bitmap ^ reference).sum() < perimeter
+    beyond = polygon_to_bitmap([(-5, -5), (50, -5), (50, 50), (-5, 50)], 10, 12)
+    assert beyond.all()
+
+
+@pytest.mark.parametrize(
+    ("points", "reason"),
+    [
+        ([(1, 1), (5, 5)], "undecodable polygon"),
+        ([(1, 1), (5, 5), (1, float("nan"))], "undecodable polygon"),
+        ([(1, 1), (5, "x"), (1, 5)], "undecodable polygon"),
+        ([(1, 1, 2), (5, 5), (1, 5)], "undecodable polygon"),
+        ([(50, 50), (60, 50), (60, 60)], "empty mask"),
+        ([(1, 1), (5, 5), (9, 9)], "empty mask"),
+    ],
+)
+def test_what_is_not_a_polygon_on_the_image_is_refused_by_reason(points, reason):
+    with pytest.raises(MaskError) as refused:
+        polygon_to_bitmap(points, 10, 12)
+    assert refused.value.reason == reason
