@@ -42,6 +42,12 @@ def _announce_wait(holder: dict) -> None:
     console.print(f"waiting for the run directory: it is in use by {describe_holder(holder)}", highlight=False, soft_wrap=True)
 
 
+def _announce_push_wait(holder: dict) -> None:
+    from sam3_engine.engine.lock import describe_holder
+
+    console.print(f"waiting: this selection is being pushed to the same tool by {describe_holder(holder)}", highlight=False, soft_wrap=True)
+
+
 def _error(message: str) -> None:
     console.print(Text.assemble(("error:", "bold red"), f" {message}"), highlight=False, soft_wrap=True)
 
@@ -507,28 +513,29 @@ def labeling_push(
 ) -> None:
     """Send a selection out: a Label Studio project (one task per image, the engine's masks as pre-annotations) or a CVAT bundle."""
     from sam3_engine.engine.store import TableStore
-    from sam3_engine.labeling.answers import LabelingError
+    from sam3_engine.labeling.answers import LabelingError, push_lock
 
     storage_config = StorageConfig(endpoint_url=endpoint_url)
     _run_dir(run_dir, storage_config)
+    if to not in ("label-studio", "cvat"):
+        _fail(f"--to {to!r}: the tools are label-studio and cvat")
+    if to == "label-studio" and url is None:
+        _fail("--to label-studio needs --url")
+    if to == "cvat" and out is None:
+        _fail("--to cvat needs --out DIR")
     store = TableStore(run_dir, storage_config)
-    try:
-        if to == "label-studio":
-            from sam3_engine.labeling.label_studio import push
+    try:  # a second push of the selection to the tool waits for the first, then finds its project and tasks
+        with push_lock(store, to, selection).acquire(wait=True, on_wait=_announce_push_wait):
+            if to == "label-studio":
+                from sam3_engine.labeling.label_studio import push
 
-            if url is None:
-                _fail("--to label-studio needs --url")
-            pushed = push(store, selection, url, files_root)
-            done = f"project {pushed.project_id}, {pushed.created} tasks created, {pushed.already_there} already there"
-        elif to == "cvat":
-            from sam3_engine.labeling.cvat import write_bundle
+                pushed = push(store, selection, url, files_root)
+                done = f"project {pushed.project_id}, {pushed.created} tasks created, {pushed.already_there} already there"
+            else:
+                from sam3_engine.labeling.cvat import write_bundle
 
-            if out is None:
-                _fail("--to cvat needs --out DIR")
-            written = write_bundle(store, selection, str(out))
-            done = f"{written['images']} images and {written['masks']} masks in {out} (annotations.xml: CVAT for images 1.1)"
-        else:
-            _fail(f"--to {to!r}: the tools are label-studio and cvat")
+                written = write_bundle(store, selection, str(out))
+                done = f"{written['images']} images and {written['masks']} masks in {out} (annotations.xml: CVAT for images 1.1)"
     except (LabelingError, OSError) as exc:
         _fail(str(exc))
     console.print(f"selection {selection}: {done}", highlight=False, soft_wrap=True)

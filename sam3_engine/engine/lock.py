@@ -9,6 +9,9 @@ refuses (or waits). The arbiter is the storage itself:
   whose heartbeat is older than ``stale_after`` seconds, or whose holder process is gone from this
   host, is taken over with a conditional overwrite (``If-Match`` its ETag), so of two processes
   taking over a stale lock only one wins.
+
+The same lock, under another name in the run directory, keeps apart two processes doing one smaller thing
+(``labeling push`` of one selection to one tool) without holding the whole run.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ class RunLock:
         command: str = "run",
         stale_after: float = 120.0,
         poll_seconds: float = 2.0,
+        name: str = LOCK_NAME,
     ):
         self.run_url = storage.absolute_url(run_url)
         self.storage_config = storage_config or StorageConfig()
@@ -76,7 +80,7 @@ class RunLock:
         self.poll_seconds = poll_seconds
         self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "command": command, "since": _now()}
         self._fs, root = storage.filesystem(self.run_url, self.storage_config)
-        self._path = storage.join(root, LOCK_NAME)
+        self._path = storage.join(root, name)
         protocol = storage.protocol_of(self.run_url)
         self._local = protocol == "file"
         # Other stores (gs://, ...) have no conditional write here: the run goes on unlocked, with a notice.

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from sam3_engine.engine.catalog import connect, named_query
+from sam3_engine.engine.lock import RunLock
 from sam3_engine.engine.store import TableStore
 from sam3_engine.labeling.masks import bitmap_to_coco, box_of
 from sam3_engine.schemas.tables import HUMAN_LABELS, HUMAN_MASKS
@@ -53,6 +54,17 @@ class PullResult:
     """Pairs of the selection with no answer yet."""
     skipped: dict[str, int] = field(default_factory=dict)
     """Results that could not be read, by reason (a renamed phrase, a mask of the wrong size...)."""
+
+
+def push_lock(store: TableStore, tool: str, selection: str) -> RunLock:
+    """The lock a push of ``selection`` to ``tool`` holds: two pushes at once would each find no project and make one.
+
+    A push only reads the run, so it does not take the run lock (a long run would block it); it takes this one, named
+    in the run directory by a hash of the tool and selection.
+    """
+    key = hashlib.sha256(f"{tool}\n{selection}".encode()).hexdigest()[:16]
+    command = f"labeling push --to {tool} --selection {selection}"
+    return RunLock(store.run_url, store.storage_config, command=command, name=f"locks/push-{key}.lock")
 
 
 def selection_rows(store: TableStore, selection: str) -> list[dict[str, Any]]:

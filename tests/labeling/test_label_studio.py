@@ -17,6 +17,7 @@ from sam3_engine.app.pipeline import run_pipeline
 from sam3_engine.engine.catalog import connect, named_query
 from sam3_engine.engine.config import load_config
 from sam3_engine.engine.store import TableStore
+from sam3_engine.labeling.answers import push_lock
 from sam3_engine.labeling.label_studio import LABEL_CONFIG, project_title
 from sam3_engine.labeling.masks import bitmap_to_brush, brush_to_bitmap, coco_to_bitmap, polygon_to_bitmap
 from tests.helpers import rewrite, rows
@@ -263,11 +264,27 @@ def test_long_selection_names_get_projects_of_their_own_and_a_failed_push_leaves
         description=f"sam3-engine selection {second} of {store.run_url}",
         label_config=LABEL_CONFIG,
     )
-    ids = []
-    for name in (first, second):
-        done = _cli("labeling", "push", str(run), "--selection", name, "--url", url, "--files-root", str(files_root), token=token)
-        assert done.returncode == 0 and " 0 already there" in done.stderr, done.stderr
-        ids.append(done.stderr.split("project ")[1].split(",")[0])
+    projects = len(list(client.projects.list()))
+    held = push_lock(store, "label-studio", first).acquire()  # another push of this selection is under way
+    push = ["labeling", "push", str(run), "--selection", first, "--url", url, "--files-root", str(files_root)]
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "sam3_engine", *push],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "LABEL_STUDIO_API_KEY": token},
+    )
+    try:
+        said = waiting.stderr.readline()  # blocks until the push says it waits
+        assert "waiting: this selection is being pushed to the same tool by pid" in said, said
+        assert len(list(client.projects.list())) == projects  # it made no second project meanwhile
+    finally:
+        held.release()
+    rest = waiting.communicate(timeout=300)[1]
+    assert waiting.returncode == 0 and " 0 already there" in rest, rest  # the first push made the project and its tasks
+    ids = [rest.split("project ")[1].split(",")[0]]
+    done = _cli("labeling", "push", str(run), "--selection", second, "--url", url, "--files-root", str(files_root), token=token)
+    assert done.returncode == 0 and " 0 already there" in done.stderr, done.stderr
+    ids.append(done.stderr.split("project ")[1].split(",")[0])
     assert ids[0] != ids[1] and ids[1] == str(legacy.id)
     (title,) = [p.title for p in client.projects.list() if str(p.id) == ids[0]]
     assert title == project_title(store, first) and title.startswith(long[:36]) and len(title) <= 50
