@@ -78,6 +78,9 @@ class PairPrediction:
     foreground: dict | None = None
     """SAM 3's semantic segmentation of the phrase (sigmoid > 0.5) as COCO RLE at the image's resolution:
     where the concept is, instance or not. None where the mask decoder did not run (no kept instance)."""
+    empty_masks: int = 0
+    """Detections above the threshold whose mask covers no pixel at the image's size (a tiny image): not instances,
+    counted so that the run summary can say how many were dropped."""
 
 
 @dataclass(frozen=True)
@@ -481,6 +484,7 @@ class Sam3Segmenter:
             predictions = []
             for row, keep in enumerate(keeps):
                 instances: tuple[Instance, ...] = ()
+                empty = 0
                 if len(keep):
                     logits = F.interpolate(
                         pred_masks[rows.index(row), keep.to(self.device)][:, None].float(), size=size, mode="bilinear", align_corners=False
@@ -501,8 +505,9 @@ class Sam3Segmenter:
                         for j, (query, rle) in enumerate(zip(keep.tolist(), rle_encode(logits > 0), strict=True))
                         if covers[j]
                     )
+                    empty = len(covers) - len(instances)
                 foreground = foregrounds[rows.index(row)] if row in rows else None
-                predictions.append(PairPrediction(float(presence[row]), float(scores[row].max()), instances, foreground))
+                predictions.append(PairPrediction(float(presence[row]), float(scores[row].max()), instances, foreground, empty))
             return predictions
 
         return finish

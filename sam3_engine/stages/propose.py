@@ -225,7 +225,7 @@ class ProposeStage(ImageModelStage):
         distinct = sorted({p for ref in prepared.refs for p in ref.phrases})
         truncated = dict(zip(distinct, segmenter.tokenize(distinct).truncated if distinct else (), strict=True))
         pairs, masks, rejects = [], [], list(prepared.rejects)
-        stats = {"images": float(len(prepared.refs)), "oom_retries": 0.0, "batch_splits": 0.0}
+        stats = {"images": float(len(prepared.refs)), "oom_retries": 0.0, "batch_splits": 0.0, "empty_masks_dropped": 0.0}
         started = time.perf_counter()
         indices = list(range(len(prepared.refs)))
         for start in range(0, len(indices), self.config.image_batch):
@@ -236,6 +236,7 @@ class ProposeStage(ImageModelStage):
                     rejects.append(image_reject(self.name, ref, *outcome))
                     continue
                 for phrase, prediction in zip(ref.phrases, outcome, strict=True):
+                    stats["empty_masks_dropped"] += prediction.empty_masks
                     pair = self._pair_row(ref, prepared.sizes[i], phrase, truncated[phrase], prediction)
                     pairs.append(pair)
                     masks.extend(self._mask_rows(pair, prepared.sizes[i], prediction))
@@ -350,9 +351,9 @@ class ProposeStage(ImageModelStage):
             "(SELECT count(*) FROM pairs WHERE instance_count > 0), (SELECT count(*) FROM masks)"
         ).fetchone()
         reasons = reject_reasons(con, self)
-        oom_retries, batch_splits, peak_rss, peak_gpu = con.execute(
-            "SELECT coalesce(sum(stats['oom_retries']), 0), "
-            "coalesce(sum(stats['batch_splits']), 0), max(stats['peak_rss_mib']), max(stats['peak_gpu_mib']) "
+        oom_retries, batch_splits, empty_masks, peak_rss, peak_gpu = con.execute(
+            "SELECT coalesce(sum(stats['oom_retries']), 0), coalesce(sum(stats['batch_splits']), 0), "
+            "coalesce(sum(stats['empty_masks_dropped']), 0), max(stats['peak_rss_mib']), max(stats['peak_gpu_mib']) "
             "FROM units WHERE stage = $stage",
             {"stage": self.name},
         ).fetchone()
@@ -370,6 +371,7 @@ class ProposeStage(ImageModelStage):
             "reject_reasons": reasons,
             "oom_retries": int(oom_retries),
             "batch_splits": int(batch_splits),
+            "empty_masks_dropped": int(empty_masks),
             "peak_worker_rss_mib": None if peak_rss is None else round(peak_rss),
             "peak_worker_gpu_mib": None if peak_gpu is None else round(peak_gpu),
             "model": self.choice.name,

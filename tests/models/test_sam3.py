@@ -61,6 +61,7 @@ def test_a_detection_whose_mask_covers_no_pixel_is_not_an_instance(segmenter):
     (prediction,) = segmenter.predict([Image.new("RGB", (1, 1), (120, 30, 30))], [["red"]], threshold=0.0)[0]
     queries = segmenter.model.config.detr_decoder_config.num_queries
     assert 0 < len(prediction.instances) < queries  # every query passes threshold 0; those with an empty mask were dropped
+    assert prediction.empty_masks == queries - len(prediction.instances)  # ... and counted
     assert all(mask_utils.area(instance.rle) == 1 for instance in prediction.instances)
 
 

@@ -120,6 +120,21 @@ def test_an_image_gone_at_proposal_time_is_rejected(ray_cluster, photos_dir, tmp
     assert result.stages[0].counts["pairs"] == 3
 
 
+def test_detections_whose_mask_vanishes_on_a_tiny_image_are_dropped_and_counted(ray_cluster, photos_dir, tmp_path):
+    """At threshold 0 every query of every pair is a detection: each becomes a mask row or is counted as dropped."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (1, 1), (120, 30, 30)).save(folder / "dot.png")
+    (folder / "truck.jpg").write_bytes((photos_dir / "truck.jpg").read_bytes())
+    result = _run(folder, tmp_path / "run", **{"propose.threshold": 0.0})
+    counts = result.stages[-1].counts
+    queries = 5  # tiny-random's DETR decoder
+    assert counts["pairs"] == 2 * 3 and counts["masks"] + counts["empty_masks_dropped"] == counts["pairs"] * queries
+    assert counts["empty_masks_dropped"] > 0 and rows(tmp_path / "run", "SELECT min(area) AS a FROM masks") == [{"a": 1}]
+    stats = rows(tmp_path / "run", "SELECT sum(stats['empty_masks_dropped']) AS n FROM units WHERE stage = 'propose'")
+    assert stats == [{"n": counts["empty_masks_dropped"]}]
+
+
 def test_phrases_from_a_vocabulary_file(tmp_path):
     vocabulary = tmp_path / "vocab.txt"
     vocabulary.write_text("# animals\ncat\n\ndog\nCat\n")
