@@ -39,6 +39,8 @@ REVIEWED_LABEL = "reviewed"
 """A tag label: the annotator tags an image whose pre-annotations they accept exactly as they are."""
 PHRASE_LABEL_TYPE = "any"
 """A phrase's label takes any shape: people paint masks or draw polygons (CVAT's SAM tool gives either); others are skipped."""
+PARTIAL_ANNOTATIONS = "annotations.xml.partial"
+"""The annotations of a bundle being written: renamed ``annotations.xml`` once every image and label is in place."""
 BUNDLE_PREFIX = "sam3-engine "
 """The bundle's task name is this and the selection: a later push knows its own bundle by it."""
 
@@ -47,7 +49,9 @@ def write_bundle(store: TableStore, selection: str, out_dir: str) -> dict[str, i
     """Write the selection as a CVAT task bundle in ``out_dir``; returns the images and masks written.
 
     ``out_dir`` is new, empty, or an earlier bundle of this selection, whose images not in this bundle are removed (the
-    folder then holds exactly what ``annotations.xml`` lists); any other folder is refused, nothing written.
+    folder then holds exactly what ``annotations.xml`` lists); any other folder is refused, nothing written. The
+    annotations are written under a partial name first and take their own name last, so a push that fails part-way
+    (an image gone) leaves no ``annotations.xml`` for CVAT to import beside missing images; pushing again finishes it.
     """
     rows = selection_rows(store, selection)
     out = Path(out_dir)
@@ -95,32 +99,37 @@ def write_bundle(store: TableStore, selection: str, out_dir: str) -> dict[str, i
     spec.append({"name": REVIEWED_LABEL, "type": "tag"})
     try:
         (out / "images").mkdir(parents=True, exist_ok=True)
-        ElementTree.ElementTree(root).write(out / "annotations.xml", encoding="utf-8", xml_declaration=True)  # first: the folder is ours
+        partial = out / PARTIAL_ANNOTATIONS
+        ElementTree.ElementTree(root).write(partial, encoding="utf-8", xml_declaration=True)  # first: the folder is ours
+        (out / "annotations.xml").unlink(missing_ok=True)
         for stale in set(os.listdir(out / "images")) - set(images):
             (out / "images" / stale).unlink()
         for name, uri in images.items():  # one image in memory at a time, whatever the selection's size
-            (out / "images" / name).write_bytes(_image_bytes(store, uri))
+            (out / "images" / name).write_bytes(_image_bytes(store, uri, out_dir))
         (out / "labels.json").write_text(json.dumps(spec, indent=1, ensure_ascii=False))
+        partial.replace(out / "annotations.xml")
     except OSError as exc:
         raise LabelingError(f"--out {out_dir}: {exc.strerror or exc}: {exc.filename or out_dir}") from None
     return {"images": len(by_image), "masks": masks}
 
 
-def _image_bytes(store: TableStore, uri: str) -> bytes:
+def _image_bytes(store: TableStore, uri: str, out_dir: str) -> bytes:
     fs, path = storage.filesystem(uri, store.storage_config)
     try:
         return fs.cat_file(path)
     except OSError as exc:
-        raise LabelingError(f"cannot read image {uri}: {exc}") from None
+        raise LabelingError(f"cannot read image {uri}: {exc}; the bundle in {out_dir} is unfinished (no annotations.xml)") from None
 
 
 def _bundle_of(folder: Path) -> str | None:
-    """The selection whose bundle ``folder`` holds, or None when it holds none."""
-    try:
-        name = ElementTree.parse(folder / "annotations.xml").getroot().findtext("meta/task/name") or ""
-    except (OSError, ElementTree.ParseError):
-        return None
-    return name.removeprefix(BUNDLE_PREFIX) if name.startswith(BUNDLE_PREFIX) else None
+    """The selection whose bundle ``folder`` holds, finished or not, or None when it holds none."""
+    for file_name in ("annotations.xml", PARTIAL_ANNOTATIONS):
+        try:
+            name = ElementTree.parse(folder / file_name).getroot().findtext("meta/task/name") or ""
+        except (OSError, ElementTree.ParseError):
+            continue
+        return name.removeprefix(BUNDLE_PREFIX) if name.startswith(BUNDLE_PREFIX) else None
+    return None
 
 
 def _label(parent: ElementTree.Element, name: str, kind: str) -> ElementTree.Element:

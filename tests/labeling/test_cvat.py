@@ -18,7 +18,7 @@ from sam3_engine.engine.catalog import named_query
 from sam3_engine.engine.config import load_config
 from sam3_engine.labeling.cvat import _cvat_rle, _decode
 from sam3_engine.labeling.masks import bitmap_to_coco, coco_to_bitmap, polygon_to_bitmap
-from tests.helpers import rows
+from tests.helpers import rewrite, rows
 
 
 def _cli(*args):
@@ -69,6 +69,22 @@ def test_the_bundle_holds_every_image_and_the_engines_masks_bit_for_bit(bundle):
         refused = _cli("labeling", "push", str(run), "--selection", "round-1", "--to", "cvat", "--out", str(out))
         assert refused.returncode == 2 and message in refused.stderr and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     assert ElementTree.parse(folder / "annotations.xml").getroot().findtext("meta/task/name") == "sam3-engine round-1"
+
+
+def test_a_push_that_fails_part_way_leaves_no_annotations_to_import_and_pushing_again_finishes(bundle, tmp_path):
+    run, folder = bundle
+    whole = (folder / "annotations.xml").read_bytes()
+    selected = rows(run, "SELECT DISTINCT i.image_id, i.uri FROM images i JOIN selections s USING (image_id) ORDER BY i.image_id")
+    last = selected[-1]  # written last: every other image is in place when it fails
+    rewrite(run, "images", "uri", "image_id", {last["image_id"]: str(tmp_path / "gone.jpg")})
+    failed = _cli("labeling", "push", str(run), "--selection", "round-1", "--to", "cvat", "--out", str(folder))
+    assert failed.returncode == 2 and "gone.jpg" in failed.stderr and "unfinished (no annotations.xml)" in failed.stderr
+    assert len(failed.stderr.strip().splitlines()) == 1, failed.stderr
+    assert not (folder / "annotations.xml").exists()  # nothing for CVAT to import beside a missing image
+    rewrite(run, "images", "uri", "image_id", {last["image_id"]: last["uri"]})
+    again = _cli("labeling", "push", str(run), "--selection", "round-1", "--to", "cvat", "--out", str(folder))
+    assert again.returncode == 0, again.stderr  # the unfinished bundle is this selection's: pushing again finishes it
+    assert (folder / "annotations.xml").read_bytes() == whole and sorted(os.listdir(folder)) == ["annotations.xml", "images", "labels.json"]
 
 
 def test_an_export_comes_back_as_answers_and_gold_with_the_persons_masks(bundle, tmp_path):
