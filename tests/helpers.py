@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable
+from html.parser import HTMLParser
 
 import pyarrow as pa
 
@@ -48,3 +49,44 @@ def rewrite(run_dir, name: str, column: str, key: str, values: dict) -> None:
     changed = [values.get(k, v) for k, v in zip(table[key].to_pylist(), table[column].to_pylist(), strict=True)]
     table = table.set_column(table.schema.get_field_index(column), column, pa.array(changed, table.schema.field(column).type))
     store.overwrite(TABLES[name], pa.RecordBatchReader.from_batches(table.schema, table.to_batches()))
+
+
+class _Cells(HTMLParser):
+    """The text of every cell of one table, by row and column key, and every script's source attribute."""
+
+    def __init__(self, table_id: str):
+        super().__init__()
+        self.table_id, self.inside, self.body, self.column = table_id, False, False, None
+        self.rows: list[dict[str, str]] = []
+        self.script_sources: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "script" and "src" in attrs:
+            self.script_sources.append(attrs["src"])
+        if tag == "table":
+            self.inside = attrs.get("id") == self.table_id
+        elif self.inside and tag == "tbody":
+            self.body = True
+        elif self.inside and self.body and tag == "tr":
+            self.rows.append({})
+        elif self.inside and tag == "td":
+            self.column = attrs["data-column"]
+            self.rows[-1][self.column] = ""
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self.inside = self.body = False
+        elif tag == "td":
+            self.column = None
+
+    def handle_data(self, data):
+        if self.inside and self.column:
+            self.rows[-1][self.column] += data
+
+
+def table_cells(page: str, table_id: str) -> _Cells:
+    """The cells of the report's table ``table_id`` (``.rows``: per row, column key to text) and the page's script sources."""
+    parser = _Cells(table_id)
+    parser.feed(page)
+    return parser

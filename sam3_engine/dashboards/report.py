@@ -23,6 +23,10 @@ from sam3_engine.dashboards.gallery import build_tiles, render_gallery
 from sam3_engine.engine.catalog import connect, named_query
 from sam3_engine.engine.config import StorageConfig
 from sam3_engine.engine.store import TableStore
+from sam3_engine.stages.splits import SplitsConfig
+
+PEOPLE = SplitsConfig.model_fields["human_verifiers"].default
+"""Verifiers that are people, as ``splits`` counts them by default: the loop section measures the machines against them."""
 
 NEEDED = {
     "candidates": "mine",
@@ -114,6 +118,10 @@ class ReportData:
     """Whose verdicts the verdict columns count: ``--verifier``'s, or every verifier's in the run."""
     dedup_ran: bool = False
     """The dedup stage ran (on no image, if ``near_duplicates`` counts none)."""
+    loop_rounds: list[dict[str, Any]] = field(default_factory=list)
+    """Per selection round: selected, answered, machines against people, Gold gained (``loop_rounds``)."""
+    loop_gold: list[dict[str, Any]] = field(default_factory=list)
+    """Gold gained from people per round and concept (``loop_gold``)."""
 
 
 def gather(
@@ -146,6 +154,10 @@ def gather(
         (near_duplicates,) = con.sql(named_query("near_duplicate_summary")).to_arrow_table().to_pylist()
         duplicate_groups = con.sql(named_query("near_duplicate_groups") + " LIMIT $shown", params={"shown": DUPLICATE_GROUPS_SHOWN})
         duplicate_groups = duplicate_groups.to_arrow_table().to_pylist()
+        people = {"human_verifiers": list(PEOPLE)}
+        loop_rounds = con.sql(named_query("loop_rounds"), params=people).to_arrow_table().to_pylist()
+        loop_gold = con.sql(named_query("loop_gold") + " LIMIT $shown", params={**people, "shown": LOOP_GOLD_SHOWN})
+        loop_gold = loop_gold.to_arrow_table().to_pylist()
         sample_params = {"concepts": gallery_concepts, "per_concept": gallery_per_concept, "verifier": verifier}
         sample = con.sql(named_query("gallery_sample"), params=sample_params).to_arrow_table().to_pylist() if gallery_per_concept else []
     finally:
@@ -170,6 +182,8 @@ def gather(
         duplicate_groups=duplicate_groups,
         verifiers=verifiers,
         dedup_ran="dedup" in ran,
+        loop_rounds=loop_rounds,
+        loop_gold=loop_gold,
     )
 
 
@@ -411,6 +425,75 @@ def _ontology_section(data: ReportData, shown: int = 50) -> str:
     )
 
 
+LOOP_GOLD_SHOWN = 50
+"""The (round, concept) rows of Gold gained from people that the report lists."""
+
+LOOP_AGREEMENT = (
+    ("present_precision", "present: precision"),
+    ("present_recall", "present: recall"),
+    ("absent_precision", "absent: precision"),
+    ("accept_precision", "mask accept: precision"),
+)
+"""The machines' agreement with people per round, as lines: does a round's answer make the machines look better or worse?"""
+
+
+def _loop_section(data: ReportData) -> str:
+    """The active-learning loop per round (``loop-report``'s tables): what went to people, what came back, what it gained."""
+    if not data.loop_rounds:
+        return ""
+    rounds = [_plotly_text(row["selection"]) for row in data.loop_rounds]
+    answered = [row["answered"] for row in data.loop_rounds]
+    progress = go.Figure(
+        [  # answered and pending stack to the pairs selected; Gold stands beside them
+            go.Bar(name="answered", x=rounds, y=answered, offsetgroup="selected"),
+            go.Bar(name="pending", x=rounds, y=[row["pending"] for row in data.loop_rounds], base=answered, offsetgroup="selected"),
+            go.Bar(name="Gold pairs from people", x=rounds, y=[row["gold_pairs"] for row in data.loop_rounds], offsetgroup="gold"),
+        ]
+    )
+    progress.update_layout(
+        barmode="group", title="Pairs selected per round: answered, pending, made Gold", xaxis_title="round (selection)", height=320
+    )
+    agreement = go.Figure(
+        [go.Scatter(name=title, x=rounds, y=[row[key] for row in data.loop_rounds], mode="lines+markers") for key, title in LOOP_AGREEMENT]
+    )
+    agreement.update_layout(
+        title="Machine verifiers against people's answers",
+        xaxis_title="round (selection)",
+        yaxis_title="share",
+        yaxis_range=[0, 1.05],
+        height=320,
+    )
+    columns = (
+        ("selection", "round"),
+        ("created_at", "selected at"),
+        ("selected", "selected"),
+        ("answered", "answered"),
+        ("pending", "pending"),
+        ("drawn_masks", "masks drawn"),
+        ("present_precision", "present: precision"),
+        ("present_recall", "present: recall"),
+        ("absent_precision", "absent: precision"),
+        ("absent_recall", "absent: recall"),
+        ("accept_precision", "mask accept: precision"),
+        ("accept_recall", "mask accept: recall"),
+        ("gold_pairs", "Gold pairs"),
+        ("gold_concepts", "Gold concepts"),
+    )
+    gold = (("selection", "round"), ("phrase", "concept"), ("gold_positives", "Gold +"), ("gold_negatives", "Gold -"))
+    people = ", ".join(f"<code>{html.escape(name)}</code>" for name in PEOPLE)
+    sent = f"{len(data.loop_rounds)} round{'' if len(data.loop_rounds) == 1 else 's'}"
+    return (
+        '<section id="loop"><h2>Active learning</h2>'
+        f"<p>{sent} sent to people. The machine verifiers are measured against the answers of the verifiers that are people, "
+        f"{people}; <code>sam3-engine loop-report</code> prints the same tables.</p>"
+        f"{progress.to_html(full_html=False, include_plotlyjs=False, div_id='loop-pairs')}"
+        f"{agreement.to_html(full_html=False, include_plotlyjs=False, div_id='loop-agreement')}"
+        f"{_table(data.loop_rounds, columns, 'loop-rounds')}"
+        f"<h3>Gold gained from people, per round and concept (the first {LOOP_GOLD_SHOWN})</h3>"
+        f"{_table(data.loop_gold, gold, 'loop-gold')}</section>"
+    )
+
+
 def _verifiers_paragraph(verifiers: list[str]) -> str:
     """Say whose verdicts the counts are: with several verifiers, a pair has a verdict from each, and is counted once per verifier."""
     if not verifiers:
@@ -451,6 +534,7 @@ def render(data: ReportData, plotly_src: str | None = None, concept_link: Callab
         _ontology_section(data),
         _distributions_section(data),
         _verification_section(data),
+        _loop_section(data),
         data.gallery,
         _negatives_paragraph(data.negatives),
         _near_duplicates_section(data),
@@ -506,7 +590,8 @@ STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; font-size: 13px; margin: 0.5em 0 1.5em; }
 th, td { border: 1px solid #ddd; padding: 3px 6px; text-align: right; }
-td[data-column="phrase"], td[data-column="parent"], td[data-column="stage"], td[data-column="reason"] { text-align: left; }
+td[data-column="phrase"], td[data-column="parent"], td[data-column="stage"], td[data-column="reason"],
+td[data-column="selection"] { text-align: left; }
 th { background: #f4f4f4; cursor: pointer; position: sticky; top: 0; }
 #filter { padding: 4px; width: 20em; }
 .gallery-row { margin-bottom: 1em; }

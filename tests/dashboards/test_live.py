@@ -19,8 +19,7 @@ from PIL import Image
 from sam3_engine.engine.catalog import named_query
 from sam3_engine.engine.config import StorageConfig
 from tests.dashboards.conftest import HOSTILE, serving
-from tests.dashboards.test_report import _cells
-from tests.helpers import rewrite, rows
+from tests.helpers import rewrite, rows, table_cells
 
 
 def _get(url: str) -> tuple[int, dict[str, str], bytes]:
@@ -43,13 +42,13 @@ def test_the_overview_shows_the_runs_coverage_and_links_each_concept_to_its_gall
         status, headers, body = _get(base + "/")
         page = body.decode()
         assert status == 200 and "default-src 'none'" in headers["content-security-policy"]
-        shown = _cells(page, "coverage").rows
+        shown = table_cells(page, "coverage").rows
         assert len(shown) == len(coverage) > 0
         linked = [unquote(concept) for concept in re.findall(r'<td data-column="phrase"><a href="/gallery/([^"]+)">', page)]
         assert sorted(linked) == sorted(coverage)  # every concept links to its own gallery
         for concept_id, row in zip(linked, shown, strict=True):
             assert row["phrase"] == coverage[concept_id]["phrase"] and int(row["pairs"]) == coverage[concept_id]["pairs"]
-        assert _cells(page, "coverage").script_sources == ["/assets/plotly.min.js"]  # served once, not inlined in every page
+        assert table_cells(page, "coverage").script_sources == ["/assets/plotly.min.js"]  # served once, not inlined in every page
         status, headers, script = _get(base + "/assets/plotly.min.js")
         assert status == 200 and b"plotly" in script[:2000].lower() and "max-age" in headers["cache-control"]
 
@@ -102,7 +101,7 @@ def test_hostile_phrases_are_escaped_in_overview_and_gallery(hostile_run):
         overview = _get(base + "/")[2].decode()
         for concept_id, phrase in renamed.items():
             assert phrase not in overview
-            assert phrase in [row["phrase"] for row in _cells(overview, "coverage").rows]
+            assert phrase in [row["phrase"] for row in table_cells(overview, "coverage").rows]
             gallery = _get(f"{base}/gallery/{concept_id}")[2].decode()
             assert phrase not in gallery and phrase.replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;") in gallery
         assert not set(HOSTILE) - set(renamed.values())
@@ -144,7 +143,7 @@ def test_the_overview_follows_the_run_as_tables_get_commits(quickstart, tmp_path
         rewrite(copy, "candidates", "phrase", "concept_id", {concept["concept_id"]: "renamed while served"})
         after = _get(base + "/")[2].decode()
     assert "renamed while served" not in before
-    assert "renamed while served" in [row["phrase"] for row in _cells(after, "coverage").rows]
+    assert "renamed while served" in [row["phrase"] for row in table_cells(after, "coverage").rows]
 
 
 def test_the_cli_serves_on_127_0_0_1_and_says_where(quickstart):
@@ -221,7 +220,7 @@ def test_the_dashboard_of_a_run_on_s3_draws_its_photos_from_s3(quickstart, s3_se
     (top,) = rows(run_dir, "SELECT concept_id, count(*) AS n FROM pairs WHERE instance_count > 0 GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 1")
     with serving("s3://dashboard/runs/quickstart", storage_config=StorageConfig(endpoint_url=s3_server)) as base:
         overview = _get(base + "/")[2].decode()
-        assert len(_cells(overview, "coverage").rows) == len(rows(run_dir, "SELECT DISTINCT concept_id FROM candidates"))
+        assert len(table_cells(overview, "coverage").rows) == len(rows(run_dir, "SELECT DISTINCT concept_id FROM candidates"))
         status, _, page = _get(f"{base}/gallery/{top['concept_id']}")
         tiles = re.findall(r'<img src="(/tile/[^"]+)"', page.decode())
         assert status == 200 and tiles

@@ -4,7 +4,6 @@ import io
 import json
 import subprocess
 import sys
-from html.parser import HTMLParser
 
 import numpy as np
 import pyarrow as pa
@@ -18,47 +17,7 @@ from sam3_engine.engine.catalog import connect, named_query
 from sam3_engine.engine.config import load_config
 from sam3_engine.engine.store import TableStore
 from sam3_engine.schemas.tables import CANDIDATES, CONCEPTS, SPLITS
-from tests.helpers import ingest, rows
-
-
-class _Cells(HTMLParser):
-    """The text of every cell of one table, by row and column key, and every script's source attribute."""
-
-    def __init__(self, table_id: str):
-        super().__init__()
-        self.table_id, self.inside, self.body, self.column = table_id, False, False, None
-        self.rows: list[dict[str, str]] = []
-        self.script_sources: list[str] = []
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag == "script" and "src" in attrs:
-            self.script_sources.append(attrs["src"])
-        if tag == "table":
-            self.inside = attrs.get("id") == self.table_id
-        elif self.inside and tag == "tbody":
-            self.body = True
-        elif self.inside and self.body and tag == "tr":
-            self.rows.append({})
-        elif self.inside and tag == "td":
-            self.column = attrs["data-column"]
-            self.rows[-1][self.column] = ""
-
-    def handle_endtag(self, tag):
-        if tag == "table":
-            self.inside = self.body = False
-        elif tag == "td":
-            self.column = None
-
-    def handle_data(self, data):
-        if self.inside and self.column:
-            self.rows[-1][self.column] += data
-
-
-def _cells(page: str, table_id: str) -> _Cells:
-    parser = _Cells(table_id)
-    parser.feed(page)
-    return parser
+from tests.helpers import ingest, rows, table_cells
 
 
 def test_the_report_of_the_quickstart_shows_the_runs_numbers_offline(quickstart, tmp_path):
@@ -67,7 +26,7 @@ def test_the_report_of_the_quickstart_shows_the_runs_numbers_offline(quickstart,
     done = subprocess.run([sys.executable, "-m", "sam3_engine", "report", str(run_dir), "-o", str(out)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     page = out.read_text()
-    parsed = _cells(page, "coverage")
+    parsed = table_cells(page, "coverage")
     assert parsed.script_sources == []  # Plotly is inlined: nothing to fetch
     assert 'id="long-tail"' in page and 'id="presence"' in page and "Not yet in this run" not in page
     coverage = named_query("concept_coverage").replace("$verifier", "NULL")
@@ -87,14 +46,14 @@ def test_the_report_of_the_quickstart_shows_the_runs_numbers_offline(quickstart,
     assert f'<p id="verifiers">Verdicts of {names}: each pair and mask has a verdict from each of the 2 verifiers' in page
     units = rows(run_dir, "SELECT stage, count(*) AS units, sum(num_inputs) AS inputs FROM units GROUP BY stage ORDER BY stage")
     health = sorted(
-        ({k: row[k] for k in ("stage", "units", "inputs")} for row in _cells(page, "run-health").rows), key=lambda r: r["stage"]
+        ({k: row[k] for k in ("stage", "units", "inputs")} for row in table_cells(page, "run-health").rows), key=lambda r: r["stage"]
     )
     assert health == [{k: str(v) for k, v in row.items()} for row in units] and len(units) >= 8
     (kept,) = rows(
         run_dir, "SELECT count(*) FILTER (tier <> 'excluded') AS n, count(*) FILTER (kind = 'negative') AS negatives FROM splits"
     )
     assert f'<p id="negatives">{kept["n"]} pairs kept (Gold and Silver): {kept["negatives"] / kept["n"]:.1%} negatives' in page
-    reasons = {(row["verdict"], row["reason"]): row["masks"] for row in _cells(page, "mask-reasons").rows}
+    reasons = {(row["verdict"], row["reason"]): row["masks"] for row in table_cells(page, "mask-reasons").rows}
     counted = rows(
         run_dir,
         "SELECT verdict, r AS reason, count(*) AS n FROM (SELECT verdict, unnest(reasons) AS r FROM mask_verifications) GROUP BY ALL",
@@ -103,7 +62,7 @@ def test_the_report_of_the_quickstart_shows_the_runs_numbers_offline(quickstart,
     fired = rows(
         run_dir, "SELECT count(*) AS n FROM pairs JOIN candidates USING (pair_id) WHERE origin = 'hard_negative' AND instance_count > 0"
     )
-    assert len(_cells(page, "fired").rows) == min(fired[0]["n"], 100) and f"Hard negatives SAM 3 fired on ({fired[0]['n']})" in page
+    assert len(table_cells(page, "fired").rows) == min(fired[0]["n"], 100) and f"Hard negatives SAM 3 fired on ({fired[0]['n']})" in page
     for figure in ("concepts-per-image", "instances-per-pair", "mask-area-log10", "presence-histogram"):
         assert f'id="{figure}"' in page, figure
 
@@ -128,9 +87,9 @@ def test_untrusted_phrases_are_text_in_tables_and_plots():
     for text in hostile[:2]:
         assert text not in page
     assert "<b>ingest</b>" not in page and "run<script>" not in page
-    parsed = _cells(page, "coverage")
+    parsed = table_cells(page, "coverage")
     assert [row["phrase"] for row in parsed.rows] == hostile  # shown as the text it is
-    assert [row["reason"] for row in _cells(page, "rejects").rows] == [hostile[1]]
+    assert [row["reason"] for row in table_cells(page, "rejects").rows] == [hostile[1]]
 
 
 def test_a_run_with_stages_still_to_run_says_what_is_missing(photos_dir, tmp_path):
@@ -146,7 +105,7 @@ def test_a_run_with_stages_still_to_run_says_what_is_missing(photos_dir, tmp_pat
     }
     page = render(data)
     assert "Not yet in this run" in page and "run the <code>mine</code> stage" in page
-    assert 'id="long-tail"' not in page and _cells(page, "coverage").rows == []
+    assert 'id="long-tail"' not in page and table_cells(page, "coverage").rows == []
 
 
 def test_stages_that_ran_on_nothing_are_not_reported_as_not_run(tmp_path):
@@ -211,7 +170,7 @@ def test_ontology_coverage_rolls_positives_up_the_parent_chain(tmp_path):
     assert [(row["phrase"], row["verified_positives"]) for row in data.thin] == [("poodle", 1), ("cat", 0)]
     page = render(data)
     assert "2 of 6 concepts of the ontology reach 2 verified positive pairs; the run asked about 4 of them" in page
-    assert [row["branch"] for row in _cells(page, "branches").rows] == ["animal", "dog", "vehicle"]
+    assert [row["branch"] for row in table_cells(page, "branches").rows] == ["animal", "dog", "vehicle"]
 
 
 def test_run_against_run_shows_the_concepts_that_gained_or_lost_positives(tmp_path):
@@ -237,7 +196,7 @@ def test_run_against_run_shows_the_concepts_that_gained_or_lost_positives(tmp_pa
     assert "Verified positives 4 before, 6 now: 2 concepts gained, 1 lost." in page
     changes = {
         row["phrase"]: (row["positives_before"], row["positives_after"], row["positives_change"])
-        for row in _cells(page, "coverage-change").rows
+        for row in table_cells(page, "coverage-change").rows
     }
     assert changes == {"dog": ("1", "3", "2"), "car": ("0", "2", "2"), "cat": ("2", "0", "-2")}
 

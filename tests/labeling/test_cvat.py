@@ -18,7 +18,7 @@ from sam3_engine.engine.catalog import named_query
 from sam3_engine.engine.config import load_config
 from sam3_engine.labeling.cvat import _cvat_rle, _decode
 from sam3_engine.labeling.masks import bitmap_to_coco, coco_to_bitmap, polygon_to_bitmap
-from tests.helpers import rewrite, rows
+from tests.helpers import rewrite, rows, table_cells
 
 
 def _cli(*args):
@@ -163,6 +163,18 @@ def test_an_export_comes_back_as_answers_and_gold_with_the_persons_masks(bundle,
     report = _cli("loop-report", str(run))
     assert report.returncode == 0 and "round-1" in report.stdout and multi["phrase"] in report.stdout
     assert max(len(line) for line in report.stdout.splitlines()) <= 80 and "…" not in report.stdout  # wrapped, never cut
+
+    page = tmp_path / "report.html"  # the HTML report's loop section shows the same numbers
+    assert _cli("report", str(run), "--out", str(page), "--gallery", "0").returncode == 0
+    (shown,) = table_cells(page.read_text(), "loop-rounds").rows
+    numbers = ("selected", "answered", "pending", "drawn_masks", "gold_pairs", "gold_concepts")
+    assert shown["selection"] == "round-1" and {key: int(shown[key]) for key in numbers} == {key: loop[key] for key in numbers}
+    assert shown["present_precision"] == ("" if expected is None else f"{expected:.3f}")
+    gold_rows = rows(run, named_query("loop_gold"), {"human_verifiers": humans})
+    assert {(r["phrase"], int(r["gold_positives"])) for r in table_cells(page.read_text(), "loop-gold").rows} == {
+        (r["phrase"], r["gold_positives"]) for r in gold_rows
+    }
+    assert 'id="loop-pairs"' in page.read_text() and 'id="loop-agreement"' in page.read_text()
 
 
 def test_bad_exports_are_skipped_by_reason_or_refused_in_a_line(bundle, tmp_path):
