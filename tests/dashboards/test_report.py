@@ -83,13 +83,18 @@ def test_untrusted_phrases_are_text_in_tables_and_plots():
     hostile = ["<script>alert(1)</script>", '"><img src=x onerror=alert(1)>', "a & b"]
     numbers = {key: 1 for key, _ in COVERAGE_COLUMNS if key not in ("phrase", "parent")}
     coverage = [{**numbers, "phrase": phrase, "parent": phrase, "verified_positives": 1, "pairs": 1} for phrase in hostile]
-    page = render(ReportData("run<script>", coverage, [{"stage": "<b>ingest</b>", "reason": hostile[1], "rejects": 2}], {}))
+    data = ReportData("run<script>", coverage, [{"stage": "<b>ingest</b>", "reason": hostile[1], "rejects": 2}], {})
+    agreement = {f"{kind}_{measure}": None for kind in ("present", "absent", "accept") for measure in ("precision", "recall")}
+    data.loop_rounds = [{"selection": "round-1", "answered": 1, "pending": 0, "gold_pairs": 1, "selected": 1, **agreement}]
+    data.loop_gold = [{"selection": "round-1", "phrase": phrase, "gold_positives": 1, "gold_negatives": 0} for phrase in hostile]
+    page = render(data)
     for text in hostile[:2]:
         assert text not in page
     assert "<b>ingest</b>" not in page and "run<script>" not in page
     parsed = table_cells(page, "coverage")
     assert [row["phrase"] for row in parsed.rows] == hostile  # shown as the text it is
     assert [row["reason"] for row in table_cells(page, "rejects").rows] == [hostile[1]]
+    assert [row["phrase"] for row in table_cells(page, "loop-gold").rows] == hostile
 
 
 def test_a_run_with_stages_still_to_run_says_what_is_missing(photos_dir, tmp_path):
