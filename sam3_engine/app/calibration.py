@@ -12,6 +12,7 @@ section its thresholds belong to.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -141,7 +142,10 @@ def normalised_labels(labels: pa.Table) -> pa.Table:
         column = labels.column(name) if name in known else pa.nulls(labels.num_rows, type_)
         if type_ == pa.bool_() and column.type != pa.bool_():
             column = pa.array([_truth(v) for v in column.to_pylist()], pa.bool_())
-        columns[name] = column.cast(type_)
+        try:
+            columns[name] = column.cast(type_)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            raise ValueError(f"labels column {name} holds {column.type}, not {type_}: ids are text") from None
     return pa.table(columns)
 
 
@@ -155,8 +159,15 @@ def label_counts(labels: pa.Table) -> dict[str, int]:
 
 
 def _truth(value: Any) -> bool | None:
+    """A yes/no cell as a boolean. Numbers count too: pandas writes a 1/0 column with blank cells as floats (1.0, NaN)."""
     if value is None or isinstance(value, bool):
         return value
+    if isinstance(value, int | float):
+        if math.isnan(value):
+            return None
+        if value in (0, 1):
+            return bool(value)
+        raise ValueError(f"label value {value!r} is not a yes/no")
     text = str(value).strip().lower()
     if text in ("1", "true", "yes", "y", "t"):
         return True

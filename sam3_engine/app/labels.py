@@ -18,13 +18,20 @@ import pyarrow as pa
 
 from sam3_engine.app.calibration import label_counts, normalised_labels
 from sam3_engine.engine.catalog import connect, named_query
-from sam3_engine.engine.stage import fingerprint
+from sam3_engine.engine.stage import fingerprint, stage_class, stage_names
 from sam3_engine.engine.store import TableStore
 from sam3_engine.schemas.tables import MASK_VERIFICATIONS, PAIR_VERIFICATIONS, UNITS, validate
+from sam3_engine.stages.verifier import VerifierStage
 
 
 def import_labels(store: TableStore, labels: pa.Table, verifier: str) -> dict[str, int]:
     """Write ``labels`` as ``verifier``'s verdicts; returns the labels matched and not matched."""
+    machine = _machine_ledgers(store, verifier)
+    if machine:
+        raise ValueError(
+            f"--verifier {verifier!r} is a machine verifier of this run (stage {machine[0].split('.')[0]} wrote its verdicts): "
+            "importing would replace them; give people's labels a name of their own, such as human"
+        )
     labels = normalised_labels(labels)
     for key in ("pair_id", "mask_id"):
         repeated = sorted(i for i, n in Counter(labels.column(key).drop_null().to_pylist()).items() if n > 1)
@@ -51,3 +58,11 @@ def import_labels(store: TableStore, labels: pa.Table, verifier: str) -> dict[st
     )
     given = label_counts(labels)
     return {"pairs": written_pairs, "masks": written_masks, "unmatched": given["pairs"] + given["masks"] - written_pairs - written_masks}
+
+
+def _machine_ledgers(store: TableStore, verifier: str) -> list[str]:
+    """The ledgers of verifier stages that wrote verdicts under ``verifier``: verdicts are replaced per name, so an import
+    under a machine's name would silently take the place of its verdicts (and re-running the stage would not restore them)."""
+    ledgers = store.ledger()
+    candidates = (f"{name}.{verifier}" for name in stage_names() if issubclass(stage_class(name), VerifierStage))
+    return [ledger for ledger in candidates if ledger in ledgers]

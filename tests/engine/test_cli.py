@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -306,6 +308,22 @@ def test_calibrate_fits_thresholds_to_labels(quickstart, tmp_path):
         cli("query", str(run_dir), "SELECT count(*) AS n FROM pair_verifications WHERE verifier = 'labeller-1'", "-f", "json").stdout
     )
     assert counts == [{"n": len(labelled)}]
+    # the README's mixed layout as pandas writes it: 1/0 columns with blank cells become floats (1.0, NaN)
+    as_floats = tmp_path / "floats.parquet"
+    mixed = [{"pair_id": r["pair_id"], "present": float(r["present"]), "mask_id": None, "good": float("nan")} for r in labelled]
+    mixed += [{"pair_id": None, "present": float("nan"), "mask_id": r["mask_id"], "good": float(r["good"])} for r in masks]
+    pq.write_table(pa.Table.from_pylist(mixed), as_floats)
+    stored = cli("import-labels", str(run_dir), "--labels", str(as_floats), "--verifier", "labeller-2")
+    assert stored.returncode == 0 and f"{len(labelled)} pair and {len(masks)} mask labels stored" in stored.stderr, stored.stderr
+    same = "SELECT verifier, list(presence ORDER BY pair_id) AS said FROM pair_verifications WHERE verifier LIKE 'labeller-%' GROUP BY 1"
+    first, second = json.loads(cli("query", str(run_dir), same + " ORDER BY 1", "-f", "json").stdout)
+    assert first["said"] == second["said"]
+    verdicts = "SELECT verifier, count(*) AS n FROM mask_verifications GROUP BY 1 ORDER BY 1"
+    before = cli("query", str(run_dir), verdicts, "-f", "json").stdout
+    for machine in ("sam3-clip", "vlm"):  # people's labels under a machine's name would replace its verdicts
+        refused = cli("import-labels", str(run_dir), "--labels", str(labels), "--verifier", machine)
+        assert refused.returncode == 2 and "is a machine verifier of this run" in refused.stderr and len(refused.stderr.splitlines()) == 1
+    assert cli("query", str(run_dir), verdicts, "-f", "json").stdout == before
     bad = tmp_path / "bad.csv"
     bad.write_text("image,label\nx,1\n")
     refused = cli("calibrate", str(run_dir), "--labels", str(bad))
