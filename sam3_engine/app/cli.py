@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 import shlex
 import signal
@@ -248,6 +249,10 @@ def _print_rows(reader, format: str, limit: int | None) -> tuple[int, bool]:
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(reader.schema.names)
     else:
+        names = reader.schema.names
+        shared = sorted({name for name in names if names.count(name) > 1})
+        if shared:  # a JSON object has one value per key: one of the columns would be lost
+            raise ValueError(f"columns share the name {shared[0]!r}: give each its own with AS for --format json")
         sys.stdout.write("[")
     for batch in reader:
         if limit is not None and batch.num_rows > limit - printed:
@@ -258,7 +263,7 @@ def _print_rows(reader, format: str, limit: int | None) -> tuple[int, bool]:
             elif format == "csv":
                 writer.writerow([json.dumps(v, default=str) if isinstance(v, list | dict) else v for v in row])
             else:
-                record = json.dumps(dict(zip(reader.schema.names, row, strict=True)), default=str, ensure_ascii=False)
+                record = json.dumps(_json_safe(dict(zip(names, row, strict=True))), default=str, ensure_ascii=False, allow_nan=False)
                 sys.stdout.write(("," if printed else "") + "\n" + record)
             printed += 1
         if more:
@@ -268,6 +273,17 @@ def _print_rows(reader, format: str, limit: int | None) -> tuple[int, bool]:
     elif format == "json":
         sys.stdout.write("\n]\n" if printed else "]\n")
     return printed, more
+
+
+def _json_safe(value: Any) -> Any:
+    """JSON has no NaN or infinity (strict parsers refuse the tokens Python would write): such a float is null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(item) for item in value]
+    return value
 
 
 def _run_dir(run_dir: str, storage_config: StorageConfig) -> None:

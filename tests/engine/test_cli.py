@@ -86,6 +86,12 @@ def test_query_formats_and_bound_parameters(quickstart):
     assert "1800" in as_table.stdout and "534" not in as_table.stdout
     hostile = cli("query", str(run_dir), "SELECT count(*) AS n FROM images WHERE uri = $u", "-f", "json", "-p", "u=x' OR '1'='1")
     assert json.loads(hostile.stdout) == [{"n": 0}]
+    odd = "SELECT 'nan'::DOUBLE AS x, [1.5, 'inf'::DOUBLE] AS y, {'z': '-inf'::DOUBLE} AS z"
+    strict = json.loads(cli("query", str(run_dir), odd, "-f", "json").stdout, parse_constant=lambda token: pytest.fail(token))
+    assert strict == [{"x": None, "y": [1.5, None], "z": {"z": None}}]  # JSON has no NaN or infinity
+    both = cli("query", str(run_dir), "SELECT m.height, p.height FROM masks m JOIN pairs p USING (pair_id) LIMIT 1", "-f", "json")
+    assert both.returncode == 2 and both.stdout == "" and "columns share the name 'height'" in both.stderr  # not one of them lost
+    assert len(both.stderr.splitlines()) == 1
 
 
 def test_query_errors_and_empty_tables(quickstart):
