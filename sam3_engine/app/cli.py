@@ -857,3 +857,24 @@ def main() -> None:
     except catalog.RunUnreadable as exc:  # any command on a damaged run directory
         _error(str(exc))
         sys.exit(2)
+    except Exception as exc:
+        message = _storage_error(exc)
+        if message is None:
+            raise
+        _error(message)
+        sys.exit(2)
+
+
+def _storage_error(exc: Exception) -> str | None:
+    """S3's refusals that reach a command outside the run directory's checks (an --out, --labels or --pred on s3://), in a line.
+
+    Only when botocore is loaded: an error cannot be one of its own otherwise, and ``--help`` does not pay for importing it.
+    """
+    errors = sys.modules.get("botocore.exceptions")
+    if errors is None:
+        return None
+    if isinstance(exc, errors.NoCredentialsError):
+        return "no AWS credentials for s3:// (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
+    if isinstance(exc, errors.BotoCoreError | errors.ClientError):
+        return f"S3: {type(exc).__name__}: {' '.join(str(exc).split())}"
+    return None

@@ -47,9 +47,9 @@ def _batches(con, sql: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from batch.to_pylist()
 
 
-def _write_json(fs, path: str, sections: dict[str, Iterable[Any]]) -> None:
+def _write_json(target: _Target, path: str, sections: dict[str, Iterable[Any]]) -> None:
     """A JSON object of lists, written item by item."""
-    with _output(fs, path, "w") as f:
+    with target.open(path, "w") as f:
         f.write("{")
         for index, (key, items) in enumerate(sections.items()):
             f.write(("," if index else "") + json.dumps(key) + ": [")
@@ -68,7 +68,7 @@ def _source_paths(out: str, count: int) -> list[str]:
     """One file per source when pairs have several (SA-Co Gold ships ``_a``, ``_b``, ``_c``)."""
     if count <= 1:
         return [out]
-    stem, dot, suffix = out.rpartition(".") if out.endswith(".json") else (out, "", "")
+    stem, dot, suffix = out.rpartition(".") if out.lower().endswith(".json") else (out, "", "")
     return [f"{stem}_{SOURCE_LETTERS[i]}{dot}{suffix}" for i in range(count)]
 
 
@@ -92,8 +92,16 @@ def export(store: TableStore, split: str, tier: str, format: str, out: str, stor
         fs, path = storage.filesystem(out, storage_config)
         if fs.isdir(path):  # checked up front: with several sources the files are OUT_a, OUT_b, ..., which would land beside the folder
             raise ExportError(f"cannot write --out {out}: Is a directory")
+        for source_path in _source_paths(out, sources) if format == "saco" else ():
+            if fs.isdir(storage.filesystem(source_path, storage_config)[1]):
+                raise ExportError(f"cannot write {source_path}, a file of --out {out} (one per source): Is a directory")
         writer = {"saco": _saco, "coco": _coco, "parquet": _parquet}[format]
-        return writer(con, fs, out, params, sources)
+        target = _Target(fs)
+        try:
+            return writer(con, target, out, params, sources)
+        except BaseException:  # a write that failed (a full disk) or was interrupted: no half-written export is left
+            target.discard()
+            raise
     finally:
         con.close()
 
@@ -110,18 +118,39 @@ def _empty_split(con, split: str, tier: str) -> str:
     return f"split {split!r} has no {kind}pairs; splits with {kind}pairs: {found}"
 
 
-@contextmanager
-def _output(fs, path: str, mode: str):
-    """``path`` opened for writing, or an ExportError naming it (a directory, a path under a file, no permission, no such folder)."""
-    try:
-        f = fs.open(path, mode)
-    except OSError as exc:
-        raise ExportError(f"cannot write --out {path}: {exc.strerror or exc}") from exc
-    with f:
-        yield f
+@dataclass
+class _Target:
+    """Where the export writes: every file it opened, so that a failed export removes them all (an SA-Co export has one per source)."""
+
+    fs: Any
+    opened: list[str] = field(default_factory=list)
+
+    @contextmanager
+    def open(self, path: str, mode: str):
+        """``path`` opened for writing; any failure, opening (a directory, no permission, no such folder) or writing (a full
+        disk), is an ExportError naming it."""
+        try:
+            f = self.fs.open(path, mode)
+        except OSError as exc:
+            raise ExportError(f"cannot write --out {path}: {exc.strerror or exc}") from exc
+        self.opened.append(path)
+        try:
+            with f:
+                yield f
+        except OSError as exc:
+            raise ExportError(f"cannot write --out {path}: {exc.strerror or exc}") from exc
+
+    def discard(self) -> None:
+        """Remove the files opened; only files: ``--out /dev/full`` is a device, which the export did not make."""
+        for path in self.opened:
+            try:
+                if self.fs.isfile(path):
+                    self.fs.rm(path)
+            except OSError:
+                pass  # already gone: nothing of it is left either way
 
 
-def _saco(con, fs, out: str, params: dict[str, Any], sources: int) -> ExportReport:
+def _saco(con, target: _Target, out: str, params: dict[str, Any], sources: int) -> ExportReport:
     report = ExportReport()
     for index, path in enumerate(_source_paths(out, sources), start=1):
         selection = {**params, "source": index}
@@ -165,14 +194,14 @@ def _saco(con, fs, out: str, params: dict[str, Any], sources: int) -> ExportRepo
                     "mask_id": row["mask_id"],
                 }
 
-        _write_json(fs, path, {"images": images(), "annotations": masks(), "categories": [{"id": 1, "name": "object"}]})
+        _write_json(target, path, {"images": images(), "annotations": masks(), "categories": [{"id": 1, "name": "object"}]})
         report.files.append(path)
         report.pairs, report.positives, report.masks = counts["pairs"], counts["positives"], counts["masks"]
     report.negatives = report.pairs - report.positives
     return report
 
 
-def _coco(con, fs, out: str, params: dict[str, Any], sources: int) -> ExportReport:
+def _coco(con, target: _Target, out: str, params: dict[str, Any], sources: int) -> ExportReport:
     """COCO instances: images are photos, categories are concepts; negatives as LVIS's ``neg_category_ids``."""
     selection = {**params, "source": 1}
     pairs = con.sql("SELECT * FROM export_pairs($split, $tiers, $source)", params=selection).to_arrow_table().to_pylist()
@@ -212,15 +241,15 @@ def _coco(con, fs, out: str, params: dict[str, Any], sources: int) -> ExportRepo
             }
 
     categories = [{"id": number, "name": phrase, "concept_id": concept_id} for (concept_id, phrase), number in concepts.items()]
-    _write_json(fs, out, {"images": photos.values(), "annotations": masks(), "categories": categories})
+    _write_json(target, out, {"images": photos.values(), "annotations": masks(), "categories": categories})
     return report
 
 
-def _parquet(con, fs, out: str, params: dict[str, Any], sources: int) -> ExportReport:
+def _parquet(con, target: _Target, out: str, params: dict[str, Any], sources: int) -> ExportReport:
     """One row per pair, its accepted masks as a list (those of its first source)."""
     report = ExportReport(files=[out])
     reader = con.sql(named_query("export_parquet"), params={**params, "source": 1}).to_arrow_reader()
-    with _output(fs, out, "wb") as f, pq.ParquetWriter(f, reader.schema) as writer:
+    with target.open(out, "wb") as f, pq.ParquetWriter(f, reader.schema) as writer:
         for batch in reader:
             writer.write_batch(batch)
             report.pairs += batch.num_rows

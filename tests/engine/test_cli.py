@@ -94,6 +94,26 @@ def test_query_formats_and_bound_parameters(quickstart):
     assert len(both.stderr.splitlines()) == 1
 
 
+def test_s3_paths_beside_a_local_run_without_credentials_or_endpoint_are_one_line_errors(quickstart, tmp_path):
+    run_dir, _ = quickstart
+    bare = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
+    no_credentials = {**bare, "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_CONFIG_FILE": str(tmp_path / "none")}
+    no_credentials["AWS_EC2_METADATA_DISABLED"] = "true"
+    for args in (
+        ("export", str(run_dir), "--split", "train", "--format", "coco", "--out", "s3://bucket/x.json"),
+        ("calibrate", str(run_dir), "--labels", "s3://bucket/labels.csv"),
+        ("import-labels", str(run_dir), "--labels", "s3://bucket/labels.csv"),
+        ("eval", "--pred", "s3://bucket/p.json", "--gt", "s3://bucket/g.json"),
+    ):
+        done = cli(*args, env=no_credentials)
+        assert done.returncode == 2 and done.stderr.startswith("error: no AWS credentials for s3://"), (args, done.stderr)
+        assert len(done.stderr.splitlines()) == 1
+    elsewhere = {**no_credentials, "AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret"}
+    out = ("--out", "s3://bucket/x.json", "--endpoint-url", "http://127.0.0.1:9")  # nothing listens on port 9
+    done = cli("export", str(run_dir), "--split", "train", "--format", "coco", *out, env=elsewhere)
+    assert done.returncode == 2 and done.stderr.startswith("error: S3: EndpointConnectionError") and len(done.stderr.splitlines()) == 1
+
+
 def test_query_errors_and_empty_tables(quickstart):
     run_dir, _ = quickstart
     bad = cli("query", str(run_dir), "SELECT nope FROM images")

@@ -2,8 +2,10 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -238,6 +240,21 @@ def test_an_unwritable_out_is_a_one_line_error_naming_it(split_run, tmp_path, fm
     command = [sys.executable, "-m", "sam3_engine", "export", str(run_dir), "--split", "train", "--format", fmt, "--out", str(tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip() == f"error: cannot write --out {tmp_path}: Is a directory"
+
+
+def test_a_failed_write_leaves_no_half_export_and_the_source_files_are_checked_first(split_run, tmp_path):
+    run_dir, _, _ = split_run
+    storage_config = load_config(None, {}).storage
+    for fmt in ("coco", "parquet"):  # the disk fills up while the file is written
+        with pytest.raises(ExportError, match="^cannot write --out /dev/full: No space left on device$"):
+            export(TableStore(str(run_dir)), "train", "all", fmt, "/dev/full", storage_config)
+        assert Path("/dev/full").is_char_device()  # a device the export did not make is left alone
+    (tmp_path / "out_b.json").mkdir()  # saco writes out_a.json and out_b.json (car has two sources)
+    with pytest.raises(ExportError, match=r"cannot write .*out_b\.json, a file of --out .*out\.json \(one per source\): Is a directory"):
+        export(TableStore(str(run_dir)), "train", "all", "saco", str(tmp_path / "out.json"), storage_config)
+    assert sorted(os.listdir(tmp_path)) == ["out_b.json"]  # refused before out_a.json was written
+    written = export(TableStore(str(run_dir)), "train", "all", "saco", str(tmp_path / "upper.JSON"), storage_config)
+    assert [Path(f).name for f in written.files] == ["upper_a.JSON", "upper_b.JSON"]
 
 
 def test_the_run_evaluated_against_its_own_split(split_run, tmp_path):
