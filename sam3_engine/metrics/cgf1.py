@@ -37,6 +37,8 @@ RLE_MAX_GROUPS = 7
 """Characters one run of a compressed RLE may take (35 bits)."""
 RLE_CHUNK = 1 << 20
 """Characters of RLE counts read at once."""
+BOX_SLACK = 1e-6
+"""How far past 1 a normalised box may end (x / width + w / width rounds)."""
 
 
 class EvaluationError(ValueError):
@@ -109,7 +111,11 @@ class Mismatches:
 
 
 class GroundTruth:
-    """One ground-truth file: its pairs' regions (RLE or boxes) in COCOeval's order, crowd excluded."""
+    """One ground-truth file: its pairs' regions (RLE or boxes) in COCOeval's order, crowd excluded.
+
+    Its boxes are normalised (fractions of the image, as SA-Co writes them) when every one ends within [0, 1], else in pixels (COCO);
+    a prediction's box taken from its mask, or drawn as a mask, is read in the same units.
+    """
 
     def __init__(self, data: dict[str, Any], name: str, iou_type: str, mismatches: Mismatches):
         if not isinstance(data, dict):
@@ -119,20 +125,33 @@ class GroundTruth:
                 raise EvaluationError(f"{name}: no `{key}` list")
         segm = iou_type == "segm"
         image_keys = ("id", "is_instance_exhaustive", *(("height", "width") if segm else ()))
+        first_index: dict[Any, int] = {}
         for index, image in enumerate(data["images"]):
-            _require(image, image_keys, f"{name}: images[{index}]")
+            where = f"{name}: images[{index}]"
+            _require(image, image_keys, where)
+            _require_ids(image, ("id",), where)
+            for key in image_keys[2:]:  # masks are drawn at this size
+                if not (isinstance(image[key], int) and not isinstance(image[key], bool) and image[key] > 0):
+                    raise EvaluationError(f"{where}: `{key}` must be a positive integer, not {json.dumps(image[key])[:40]}")
+            if first_index.setdefault(image["id"], index) != index:  # a repeated pair would be evaluated twice
+                raise EvaluationError(f"{where}: `id` {image['id']!r} repeats images[{first_index[image['id']]}] (one entry per pair)")
         for index, category in enumerate(data["categories"]):
             _require(category, ("id",), f"{name}: categories[{index}]")
+            _require_ids(category, ("id",), f"{name}: categories[{index}]")
         images = {image["id"]: image for image in data["images"]}
         masks = []
         for index, annotation in enumerate(data["annotations"]):
             where = f"{name}: annotations[{index}]"
             _require(annotation, ("id", "image_id", "category_id", "segmentation" if segm else "bbox"), where)
+            _require_ids(annotation, ("id", "image_id", "category_id"), where)
             image = images.get(annotation["image_id"])
             if image is None:
                 mismatches.add("annotations_unknown_pair", name, f"id {annotation['id']!r} names image {annotation['image_id']!r}")
             elif segm:
                 masks.append(MaskRef(annotation, annotation["segmentation"], image, where, f"annotation id {annotation['id']!r}"))
+        boxes = [annotation["bbox"] for annotation in data["annotations"] if "bbox" in annotation]
+        self.normalised = bool(boxes) and max(max(x + w, y + h) for x, y, w, h in boxes) <= 1 + BOX_SLACK
+        """Whether the file's boxes are fractions of the image."""
         self.undecodable = _undecodable(masks, name, mismatches)
         """id() of the annotations whose RLE does not decode: they match nothing (pycocotools must never see them)."""
         with contextlib.redirect_stdout(io.StringIO()):
@@ -142,7 +161,7 @@ class GroundTruth:
         self.name = name
         self.iou_type = iou_type
         self.images = images
-        self.category_ids = sorted(self.coco.getCatIds())
+        self.category_ids = sorted(self.coco.getCatIds(), key=lambda c: (isinstance(c, str), c))  # numbers, then strings
 
     def not_exhaustive(self) -> set[Any]:
         return {image["id"] for image in self.coco.dataset["images"] if not image["is_instance_exhaustive"]}
@@ -157,12 +176,31 @@ class GroundTruth:
         """Regions of one pair's predictions scoring >= 0.5, in COCOeval's order (None for an undecodable mask); categories unknown to
         this file are dropped."""
         kept = [p for category in self.category_ids for p in predictions if p["category_id"] == category]
-        return [None if id(p) in undecodable else self._region(_as_result(p)) for p in kept if p["score"] >= SCORE_THRESHOLD]
+        return [None if id(p) in undecodable else self._predicted_region(p) for p in kept if p["score"] >= SCORE_THRESHOLD]
 
     def _region(self, annotation: dict[str, Any]):
         if self.iou_type == "bbox":
             return annotation["bbox"]
         return self.coco.annToRLE(annotation)
+
+    def _predicted_region(self, prediction: dict[str, Any]):
+        """As pycocotools' loadRes reads a prediction (a missing box comes from the mask; a box alone is drawn as a polygon), but in
+        this file's box units: a mask's box is in pixels, SA-Co's boxes are fractions of the image."""
+        if self.iou_type == "bbox":
+            return prediction["bbox"] if "bbox" in prediction else self._mask_box(prediction["segmentation"])
+        if "segmentation" in prediction:
+            return self.coco.annToRLE(prediction)
+        x, y, w, h = prediction["bbox"]
+        if self.normalised:
+            image = self.images[prediction["image_id"]]
+            x, y, w, h = x * image["width"], y * image["height"], w * image["width"], h * image["height"]
+        return self.coco.annToRLE({**prediction, "segmentation": [[x, y, x, y + h, x + w, y + h, x + w, y]]})
+
+    def _mask_box(self, rle: dict[str, Any]) -> list[float]:
+        """The box of an RLE (compressed, or uncompressed: counts a list of runs) in this file's units."""
+        height, width = rle["size"]
+        box = mask_utils.toBbox(mask_utils.frPyObjects(rle, height, width) if isinstance(rle["counts"], list) else rle)
+        return (box / [width, height, width, height] if self.normalised else box).tolist()
 
 
 def _kind(value: Any) -> str:
@@ -178,6 +216,24 @@ def _require(item: Any, keys: tuple[str, ...], where: str) -> None:
             raise EvaluationError(f"{where} has no `{key}`")
     if "bbox" in item and not (isinstance(item["bbox"], list) and len(item["bbox"]) == 4 and all(map(_is_number, item["bbox"]))):
         raise EvaluationError(f"{where}: `bbox` must be [x, y, width, height], not {json.dumps(item['bbox'])[:60]}")
+
+
+def _require_ids(item: dict[str, Any], keys: tuple[str, ...], where: str) -> None:
+    """Ids are looked up as keys: a list or an object is an error naming it, not a TypeError (unhashable) further on."""
+    for key in keys:
+        if not (_is_number(item[key]) or isinstance(item[key], str)):
+            raise EvaluationError(f"{where}: `{key}` must be a number or a string, not {json.dumps(item[key])[:40]}")
+
+
+def _check_polygons(polygons: list, where: str) -> None:
+    """pycocotools reads a polygon of 4 numbers as a box and fails on any other short, empty or non-numeric one."""
+    if not polygons:
+        raise EvaluationError(f"{where}: `segmentation` is an empty list of polygons")
+    for index, polygon in enumerate(polygons):
+        if not (isinstance(polygon, list) and len(polygon) >= 6 and len(polygon) % 2 == 0 and all(map(_is_number, polygon))):
+            raise EvaluationError(
+                f"{where}: `segmentation` polygon {index} must be x, y numbers of 3 points or more, not {json.dumps(polygon)[:60]}"
+            )
 
 
 def _is_number(value: Any) -> bool:
@@ -198,12 +254,13 @@ class MaskRef(NamedTuple):
 def _undecodable(masks: list[MaskRef], name: str, mismatches: Mismatches) -> set[int]:
     """The id() of the owners whose RLE does not decode; those and RLEs of another size than their image's are recorded.
 
-    An RLE of another size is kept: pycocotools scores it as the official evaluator does (IoU -1, it matches nothing). Polygons are
-    drawn at their image's size: always usable.
+    An RLE of another size is kept: pycocotools scores it as the official evaluator does (IoU -1, it matches nothing); its size is
+    checked where the image has one. Polygons are drawn at their image's size: usable once well formed.
     """
     rles = []
     for mask in masks:
         if isinstance(mask.segmentation, list):
+            _check_polygons(mask.segmentation, mask.where)
             continue
         size = mask.segmentation.get("size") if isinstance(mask.segmentation, dict) else None
         if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size) and "counts" in mask.segmentation):
@@ -211,11 +268,11 @@ def _undecodable(masks: list[MaskRef], name: str, mismatches: Mismatches) -> set
         rles.append((mask, size))
     undecodable = set()
     for (mask, size), pixels in zip(rles, _rle_pixels([mask.segmentation["counts"] for mask, _ in rles]), strict=True):
-        expected = [mask.image["height"], mask.image["width"]]
+        expected = [mask.image.get("height"), mask.image.get("width")]
         if pixels != size[0] * size[1]:
             mismatches.add("rle_undecodable", name, f"{mask.example}: size {size}")
             undecodable.add(id(mask.owner))
-        elif size != expected:
+        elif None not in expected and size != expected:
             mismatches.add("rle_wrong_size", name, f"{mask.example}: size {size}, image {expected}")
     return undecodable
 
@@ -275,17 +332,6 @@ def _string_pixels(strings: list[str]) -> list[int | None]:
     bad |= np.bincount(run_owner, weights=runs < 0, minlength=count) > 0
     totals = np.bincount(run_owner, weights=runs, minlength=count)
     return [None if wrong else int(total) for wrong, total in zip(bad, totals, strict=True)]
-
-
-def _as_result(prediction: dict[str, Any]) -> dict[str, Any]:
-    """A prediction as pycocotools' loadRes reads it: a box alone becomes a polygon; a missing box comes from the mask."""
-    result = dict(prediction)
-    if "segmentation" not in result and result.get("bbox"):
-        x, y, w, h = result["bbox"]
-        result["segmentation"] = [[x, y, x, y + h, x + w, y + h, x + w, y]]
-    if not result.get("bbox") and "segmentation" in result and isinstance(result["segmentation"], dict):
-        result["bbox"] = mask_utils.toBbox(result["segmentation"]).tolist()
-    return result
 
 
 def match(predicted: list, truth: list, iou_type: str) -> PairOutcome:
@@ -350,7 +396,10 @@ def evaluate(
     excluded = set().union(*(f.not_exhaustive() for f in files[1:])) if len(files) > 1 else set()
     first = files[0]
     pairs = [image["id"] for image in first.coco.dataset["images"] if image["is_instance_exhaustive"] and image["id"] not in excluded]
-    outcomes = [_best([match(f.predicted(by_pair.get(pair, []), undecodable), f.regions(pair), iou_type) for f in files]) for pair in pairs]
+    outcomes = [  # a file without the pair has no ground truth for it: only the files that have it compete
+        _best([match(f.predicted(by_pair.get(pair, []), undecodable), f.regions(pair), iou_type) for f in files if pair in f.images])
+        for pair in pairs
+    ]
     return {**summarize(outcomes, iou_type), "mismatches": mismatches.counts()}
 
 
@@ -370,8 +419,7 @@ def _predictions_by_pair(
         _require(prediction, ("image_id", "category_id", "score"), where)
         if not _is_number(prediction["score"]):
             raise EvaluationError(f"{where}: `score` must be a number, not {json.dumps(prediction['score'])[:40]}")
-        if not isinstance(prediction["image_id"], int | str) or isinstance(prediction["image_id"], bool):
-            raise EvaluationError(f"{where}: `image_id` must be a number or a string, not {json.dumps(prediction['image_id'])[:40]}")
+        _require_ids(prediction, ("image_id", "category_id"), where)
         if segm and "segmentation" not in prediction and "bbox" not in prediction:
             raise EvaluationError(f"{where} has neither `segmentation` nor `bbox`")
         if not segm and "bbox" not in prediction and not isinstance(prediction.get("segmentation"), dict):
@@ -382,7 +430,7 @@ def _predictions_by_pair(
             continue
         if prediction["category_id"] not in categories:
             mismatches.add("predictions_unknown_category", name, f"[{index}] category_id {prediction['category_id']!r}")
-        if segm and "segmentation" in prediction:
+        if "segmentation" in prediction and (segm or "bbox" not in prediction):  # read before pycocotools: see _undecodable
             masks.append(MaskRef(prediction, prediction["segmentation"], image, where, f"[{index}]"))
         by_pair.setdefault(prediction["image_id"], []).append(prediction)
     return by_pair, _undecodable(masks, name, mismatches)
@@ -465,3 +513,5 @@ def load_json(path: str, read_text) -> Any:
         return json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise EvaluationError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    except UnicodeDecodeError as exc:  # a Parquet or image file given for a JSON one
+        raise EvaluationError(f"{path}: not valid JSON (not UTF-8 text: byte {exc.object[exc.start]:#04x} at offset {exc.start})") from exc

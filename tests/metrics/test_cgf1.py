@@ -151,6 +151,14 @@ def _without(data, section, key):
     return copy
 
 
+@pytest.mark.parametrize("iou_type", ["segm", "bbox"])
+def test_a_pair_missing_from_a_later_ground_truth_file_is_scored_on_the_files_that_have_it(iou_type):
+    gt_a = _gt({1: [(A, 0)], 2: [(B, 0)]})
+    gt_b = _gt({1: [(A, 0)]})
+    result = evaluate([_pred(1, A), _pred(2, B)], [gt_a, gt_b], iou_type=iou_type, allow_mismatch=True)
+    assert result["pairs"] == 2 and result["image_level"]["IL_TP"] == 2 and result["pmF1"] == pytest.approx(100 * _f1(2, 0, 0))
+
+
 def test_malformed_ground_truth_and_predictions_name_the_file_and_key():
     gt = _gt({1: [(A, 0)], 2: []})
     for section, key, where in (
@@ -359,3 +367,148 @@ def test_the_eval_command_prints_the_metrics_of_several_files(tmp_path):
     )
     assert strings.returncode == 2 and strings.stderr.startswith(f"error: {tmp_path / 'scores.json'}[0]: `score` must be a number")
     assert "Traceback" not in strings.stderr and len(strings.stderr.splitlines()) == 1
+
+
+def _normalised(gt):
+    """``gt`` with its boxes as SA-Co writes them: fractions of the image."""
+    copy = json.loads(json.dumps(gt))
+    for annotation in copy["annotations"]:
+        annotation["bbox"] = [value / SIZE for value in annotation["bbox"]]
+    return copy
+
+
+def _uncompressed(top, left, height, width):
+    """``_rle``'s mask as an uncompressed RLE: counts a list of runs, column by column, from a run of 0s."""
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[top : top + height, left : left + width] = 1
+    flat = mask.flatten(order="F")
+    edges = np.flatnonzero(np.diff(flat)) + 1
+    return {"size": [SIZE, SIZE], "counts": np.diff(np.concatenate(([0], edges, [flat.size]))).tolist()}
+
+
+PERFECT_BOXES = [(1, A), (2, B), (2, C)]
+PERFECT = _gt({1: [(A, 0)], 2: [(B, 0), (C, 0)], 3: []})
+"""Two positive pairs, three masks, one negative pair: predicting them exactly scores this."""
+PERFECT_CGF1 = 100 * _f1(3, 0, 0) * _mcc(2, 0, 1, 0)
+
+
+@pytest.mark.parametrize("iou_type", ["segm", "bbox"])
+@pytest.mark.parametrize("keys", [("segmentation", "bbox"), ("segmentation",), ("bbox",)])
+@pytest.mark.parametrize("normalised", [True, False], ids=["saco-boxes", "pixel-boxes"])
+def test_the_ground_truth_as_predictions_scores_perfectly_whatever_regions_they_carry(iou_type, keys, normalised):
+    """A box taken from a mask, or a box drawn as a mask, is in the file's units: fractions of the image (SA-Co) or pixels (COCO)."""
+    gt = _normalised(PERFECT) if normalised else PERFECT
+    predictions = [{"image_id": a["image_id"], "category_id": 1, "score": 1.0, **{key: a[key] for key in keys}} for a in gt["annotations"]]
+    result = evaluate(predictions, [gt], iou_type)
+    assert result["cgF1"] == pytest.approx(PERFECT_CGF1, abs=1e-9) and result["image_level"]["IL_FP"] == 0
+
+
+@pytest.mark.parametrize("iou_type", ["segm", "bbox"])
+def test_an_uncompressed_rle_without_a_box_scores_as_its_compressed_mask(iou_type):
+    uncompressed = [{"image_id": pair, "category_id": 1, "score": 1.0, "segmentation": _uncompressed(*box)} for pair, box in PERFECT_BOXES]
+    assert uncompressed[0]["segmentation"]["counts"][:2] == [2 * SIZE + 2, 6]  # two empty columns and two rows, then 6 pixels of A
+    assert evaluate(uncompressed, [_normalised(PERFECT)], iou_type)["cgF1"] == pytest.approx(PERFECT_CGF1, abs=1e-9)
+
+
+def _prediction_with(**changes):
+    return [{**_pred(1, A), **changes}]
+
+
+def _gt_with(section, index, **changes):
+    gt = json.loads(json.dumps(PERFECT))
+    gt[section][index].update(changes)
+    return gt
+
+
+def _gt_with_a_repeated_image():
+    gt = json.loads(json.dumps(PERFECT))
+    gt["images"].append(dict(gt["images"][1]))  # a copy of pair 2's entry: evaluated twice, were it allowed
+    return gt
+
+
+MALFORMED = {
+    "pred polygon of one point": (_prediction_with(segmentation=[[1, 2]]), PERFECT, "pred.json[0]: `segmentation` polygon 0 must be"),
+    "pred polygon of strings": (_prediction_with(segmentation=[["a"] * 6]), PERFECT, "pred.json[0]: `segmentation` polygon 0 must be"),
+    "pred no polygon": (_prediction_with(segmentation=[]), PERFECT, "pred.json[0]: `segmentation` is an empty list of polygons"),
+    "pred list category": (_prediction_with(category_id=[1]), PERFECT, "pred.json[0]: `category_id` must be a number or a string, not [1]"),
+    "gt polygon of one point": ([], _gt_with("annotations", 1, segmentation=[[1, 2]]), "gt.json: annotations[1]: `segmentation` polygon 0"),
+    "gt odd polygon": (
+        [],
+        _gt_with("annotations", 1, segmentation=[[1, 2, 3, 4, 5, 6, 7]]),
+        "gt.json: annotations[1]: `segmentation` polygon 0",
+    ),
+    "gt no polygon": (
+        [],
+        _gt_with("annotations", 2, segmentation=[]),
+        "gt.json: annotations[2]: `segmentation` is an empty list of polygons",
+    ),
+    "gt list image id": ([], _gt_with("images", 1, id=[2]), "gt.json: images[1]: `id` must be a number or a string, not [2]"),
+    "gt list image_id": (
+        [],
+        _gt_with("annotations", 0, image_id=[1]),
+        "gt.json: annotations[0]: `image_id` must be a number or a string, not [1]",
+    ),
+    "gt object category_id": (
+        [],
+        _gt_with("annotations", 0, category_id={}),
+        "gt.json: annotations[0]: `category_id` must be a number or a string",
+    ),
+    "gt list category id": ([], _gt_with("categories", 0, id=[1]), "gt.json: categories[0]: `id` must be a number or a string, not [1]"),
+    "gt string height": ([], _gt_with("images", 0, height="20"), 'gt.json: images[0]: `height` must be a positive integer, not "20"'),
+    "gt repeated image": ([], _gt_with_a_repeated_image(), "gt.json: images[3]: `id` 2 repeats images[1] (one entry per pair)"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_items_are_errors_naming_the_file_item_and_key(case):
+    predictions, gt, message = MALFORMED[case]
+    with pytest.raises(EvaluationError, match="^" + re.escape(message)):
+        evaluate(predictions, [gt], names=["gt.json"], prediction_name="pred.json")
+
+
+def _eval_command(pred, gt):
+    return subprocess.run(
+        [sys.executable, "-m", "sam3_engine", "eval", "--pred", str(pred), "--gt", str(gt)], capture_output=True, text=True
+    )
+
+
+@pytest.mark.parametrize(
+    "gt_bytes,message",
+    [
+        (b"PAR1\x15\x04\x15\x9c\x01\x15\xa4\x01L\x15\x06\x15\x00", "not valid JSON (not UTF-8 text: byte 0x9c at offset 7)"),
+        (json.dumps(_gt_with_a_repeated_image()).encode(), "images[3]: `id` 2 repeats images[1] (one entry per pair)"),
+    ],
+    ids=["parquet", "repeated-image"],
+)
+def test_the_eval_command_refuses_a_bad_ground_truth_in_one_line(tmp_path, gt_bytes, message):
+    (tmp_path / "gt.json").write_bytes(gt_bytes)
+    (tmp_path / "pred.json").write_text(json.dumps([_pred(1, A)]))
+    done = _eval_command(tmp_path / "pred.json", tmp_path / "gt.json")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == f"error: {tmp_path / 'gt.json'}: {message}\n"
+
+
+def test_boxes_taken_from_masks_in_a_pixel_box_file_score_as_the_official_evaluation(official, tmp_path):
+    """In pixels, a box from a mask is pycocotools' own: nothing changes against the official evaluator."""
+    import contextlib
+    import io
+
+    predictions, truths = _random_case(np.random.default_rng(8), 1)
+    predictions = [{k: v for k, v in p.items() if k != "bbox"} for p in predictions]
+    (tmp_path / "gt.json").write_text(json.dumps(truths[0]))
+    (tmp_path / "pred.json").write_text(json.dumps(predictions))
+    with contextlib.redirect_stdout(io.StringIO()):
+        expected = official.CGF1Evaluator(str(tmp_path / "gt.json"), iou_type="bbox").evaluate(str(tmp_path / "pred.json"))
+    ours = evaluate(predictions, truths, "bbox")["official"]
+    for key, value in expected.items():
+        assert ours[key] == pytest.approx(value, abs=1e-9), key
+
+
+def test_a_box_is_taken_only_from_a_mask_that_decodes():
+    """Under bbox too, an RLE read for its box is checked first: pycocotools' decoder trusts its counts."""
+    endless = {**_pred(1, A), "segmentation": _broken(_rle(*A), "o" * 6 + "1")}
+    endless.pop("bbox")
+    with pytest.raises(EvaluationError, match=re.escape("pred.json: 1 RLE mask(s) whose counts do not decode")):
+        evaluate([endless], [_normalised(PERFECT)], "bbox", prediction_name="pred.json")
+    result = evaluate([endless], [_normalised(PERFECT)], "bbox", allow_mismatch=True)
+    assert result["mismatches"]["rle_undecodable"] == 1 and result["image_level"]["IL_TP"] == 1 and result["pmF1"] == 0
