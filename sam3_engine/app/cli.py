@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import yaml
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -362,37 +363,22 @@ def calibrate(
         f"labels: {matched['pairs']} of {given['pairs']} pairs and {matched['masks']} of "
         f"{given['masks']} masks found in the run (verifier {verifier})"
     )
-    signals = Table(
-        "level",
-        "signal",
-        "predicts",
-        "config key",
-        "threshold",
-        "precision",
-        "recall",
-        "labelled",
-        title=f"thresholds at precision >= {target_precision}",
-        title_justify="left",
-    )
-    for f in report["signals"]:
-        signals.add_row(
-            f["level"],
-            f["signal"],
-            f["predicts"],
-            f["config_key"] or "-",
-            _number(f["threshold"]),
-            _number(f["precision"]),
-            _number(f["recall"]),
-            str(f["labelled"]),
+    for level in ("pair", "mask"):  # a table per level, and the config key under its signal: it fits 80 columns
+        signals = _wrapping_table(
+            f"{level} signals: thresholds at precision >= {target_precision}",
+            ["signal (config key)", "predicts"],
+            ["threshold", "precision", "recall", "labelled"],
         )
-    verdicts = Table(
-        "verifier", "level", "verdict", "label", "precision", "recall", "labelled", title="verdicts as they stand", title_justify="left"
-    )
+        for f in (f for f in report["signals"] if f["level"] == level):
+            named = f["signal"] + (f"\n({f['config_key']})" if f["config_key"] else "")
+            numbers = (_number(f["threshold"]), _number(f["precision"]), _number(f["recall"]), str(f["labelled"]))
+            signals.add_row(Text(named), Text(f["predicts"]), *numbers)
+        out.print(signals)
+    verdicts = _wrapping_table("verdicts as they stand", ["verifier", "level", "verdict", "label"], ["precision", "recall", "labelled"])
     for v in report["verdicts"]:
         verdicts.add_row(
             v["verifier"], v["level"], v["verdict"], v["label"], _number(v["precision"]), _number(v["recall"]), str(v["labelled"])
         )
-    out.print(signals)
     out.print(verdicts)
     if write is not None:
         console.print(
@@ -647,9 +633,9 @@ def loop_report(
 
 def _wrapping_table(title: str, names: list[str], numbers: list[str]) -> Table:
     """A table whose name columns wrap and whose number columns keep their width."""
-    table = Table(title=title, title_justify="left")
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)  # no side rules: their width goes to the names
     for name in names:
-        table.add_column(name, overflow="fold", ratio=1)
+        table.add_column(name, overflow="fold")
     for name in numbers:
         table.add_column(name, justify="right", no_wrap=True)
     return table

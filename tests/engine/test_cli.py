@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from sam3_engine.app.cli import _number
 from tests.conftest import REPO
 
 
@@ -323,6 +324,9 @@ def test_calibrate_fits_thresholds_to_labels(quickstart, tmp_path):
     assert thresholds["min_area_fraction"] == pytest.approx(area["threshold"])
     verdicts = {v["verdict"]: v for v in report["verdicts"]}
     assert verdicts["verdict=accept"]["labelled"] == len(masks)
+    table = cli("calibrate", str(run_dir), "--labels", str(labels), "-t", "0.95", env={**os.environ, "COLUMNS": "80"}).stdout
+    assert max(len(line) for line in table.splitlines()) <= 80 and "…" not in table  # wrapped, never cut
+    assert all(f"({f['config_key']})" in table and _number(f["threshold"]) in table for f in report["signals"] if f["config_key"])
     vlm_written = tmp_path / "vlm-thresholds.yaml"
     vlm = cli("calibrate", str(run_dir), "--labels", str(labels), "--verifier", "vlm", "-t", "0.5", "-w", str(vlm_written))
     assert vlm.returncode == 0, vlm.stderr
