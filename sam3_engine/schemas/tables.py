@@ -188,7 +188,8 @@ CONCEPTS = TableSpec(
         Column(
             "sources",
             pa.list_(pa.string()),
-            "Where it came from: ontology sources (lvis, coco, user_ontology) and mining origins (caption, user, vocabulary).",
+            "Where it came from: ontology sources (lvis, coco, user_ontology), mining origins (caption, user, vocabulary) "
+            "and propose.phrases (asked by the config, added to mine's concepts).",
         ),
         _unit_column(),
     ),

@@ -334,16 +334,23 @@ class ProposeStage(ImageModelStage):
         return rows
 
     def derive(self, store, done_units: list[str]) -> list[Derivation]:
-        """The concepts of the config's phrases; mined concepts are the mine stage's to write."""
+        """The concepts of the config's phrases, added to the concepts table (mine's stay: ``concepts_with_asked_phrases``).
+
+        The unit covers mine's concepts derivation too: when mine rebuilds the table (without these phrases), the next
+        propose run adds them again.
+        """
         if not self.phrases:
             return []
-        rows = [
-            {"concept_id": concept_id(p), "phrase": p, "spellings": [], "parent": None, "synonyms": [], "sources": ["propose.phrases"]}
-            for p in self.phrases
-        ]
-        unit_id = fingerprint(f"{self.name}.concepts", {"version": VERSION, "phrases": list(self.phrases)})
-        table = rows_table(CONCEPTS, rows, unit_id)
-        return [Derivation(unit_id, CONCEPTS, pa.RecordBatchReader.from_batches(CONCEPTS.schema, table.to_batches()))]
+        mined = sorted(store.done_units("mine.concepts"))
+        unit_id = fingerprint(f"{self.name}.concepts", {"version": VERSION, "phrases": list(self.phrases), "mine": mined})
+        asked = pa.table({"concept_id": [concept_id(p) for p in self.phrases], "phrase": list(self.phrases)})
+        con = connect(store)
+        try:  # read whole before the table is overwritten with it (the ontology's concepts: thousands of rows, not millions)
+            con.register("asked", asked)
+            table = con.sql(named_query("concepts_with_asked_phrases"), params={"unit_id": unit_id}).to_arrow_table()
+        finally:
+            con.close()
+        return [Derivation(unit_id, CONCEPTS, pa.RecordBatchReader.from_batches(table.schema, table.to_batches()))]
 
     def summarize(self, con) -> dict[str, Any]:
         images, pairs, with_masks, masks = con.execute(

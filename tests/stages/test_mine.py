@@ -220,6 +220,26 @@ def test_propose_asks_each_image_its_mined_concepts(mined_run, ray_cluster, tmp_
     )
 
 
+def test_propose_phrases_are_added_to_the_mined_concepts_not_put_in_their_place(mined_run, ray_cluster, tmp_path):
+    """Both stages derive the concepts table: propose's phrases once replaced mine's whole ontology (1,280 concepts -> 1)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(mined_run[0], run_dir)
+    mined = {r["concept_id"]: r for r in rows(run_dir, "SELECT * FROM concepts")}
+    known = next(r["phrase"] for r in mined.values() if "caption" in r["sources"])
+    settings = {"output": str(run_dir), "stages": "propose", "model.name": "tiny-random", "propose.unit_size": 4}
+    for asked in ([known, "sky"], [known, "blue widget"]):  # asked again with other phrases: the earlier ones are not left marked
+        run_pipeline(load_config(None, {**settings, "propose.phrases": asked}))
+        after = {r["concept_id"]: r for r in rows(run_dir, "SELECT * FROM concepts")}
+        assert set(after) == set(mined) | {concept_id(p) for p in asked}  # every mined concept stays, the new one is added
+        asked_ids = {concept_id(p) for p in asked}
+        for cid, row in after.items():
+            if cid not in mined:
+                assert row["sources"] == ["propose.phrases"], row["phrase"]
+                continue
+            assert sorted(row["sources"]) == sorted({*mined[cid]["sources"], *(["propose.phrases"] if cid in asked_ids else [])})
+            assert (row["phrase"], row["parent"], row["synonyms"]) == (mined[cid]["phrase"], mined[cid]["parent"], mined[cid]["synonyms"])
+
+
 def test_a_long_noun_run_is_mined_in_linear_time_and_gives_its_compound_and_known_tails(builtin):
     """Only tails that fit SAM 3's text context are looked at: 24k words of "car" once took over a minute."""
     found = noun_phrases("car " * 24_000, builtin)
