@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 import sam3_engine
 from sam3_engine.engine import storage
@@ -179,6 +180,19 @@ def _write_run_metadata(config: RunConfig, meta: dict) -> None:
         f.write(config.to_yaml())
 
 
+def _mark_killed(store: TableStore, attempt_id: str) -> None:
+    """Attempts still ``running`` while this one holds the run lock ended without saying so (kill -9, a lost machine):
+    record them as ``killed``, so that ``runs`` never shows a dead attempt as running."""
+    runs = store.read(RUNS.name)
+    dead = runs.filter(pc.equal(runs["status"], "running"))
+    if not dead.num_rows:
+        return
+    said = f"killed: still marked running when attempt {attempt_id} took the run lock (SIGKILL, or its machine was lost)"
+    dead = dead.set_column(dead.schema.get_field_index("status"), "status", pa.array(["killed"] * dead.num_rows))
+    dead = dead.set_column(dead.schema.get_field_index("error"), "error", pa.array([said] * dead.num_rows))
+    store.replace(RUNS, dead["attempt_id"].to_pylist(), dead)
+
+
 def _runs_row(meta: dict, attempt_id: str, config: RunConfig, started: datetime, status: str, summary=None, error=None) -> pa.Table:
     return pa.Table.from_pylist(
         [
@@ -290,6 +304,8 @@ def _run_locked(config: RunConfig, lock: RunLock, progress, announce, created: b
         announce(found)
     store = TableStore(config.output, config.storage)
     attempt_id = uuid.uuid4().hex
+    if lock.supported:
+        _mark_killed(store, attempt_id)
     started = datetime.now(UTC)
     store.replace(RUNS, attempt_id, _runs_row(meta, attempt_id, config, started, "running"))
     runner = UnitRunner(store, attempt_id, progress)

@@ -157,7 +157,9 @@ RUNS = TableSpec(
     columns=(
         Column("attempt_id", pa.string(), "Unique id of this invocation."),
         Column("run_id", pa.string(), "Id of the run directory, stable across restarts."),
-        Column("status", pa.string(), "running, finished or failed."),
+        Column(
+            "status", pa.string(), "running, finished, failed, interrupted, or killed (found still running by a later attempt: SIGKILL)."
+        ),
         Column("started_at", pa.timestamp("us", tz="UTC"), "Start of the attempt."),
         Column("finished_at", pa.timestamp("us", tz="UTC"), "End of the attempt.", nullable=True),
         Column("engine_version", pa.string(), "sam3-data-engine version."),

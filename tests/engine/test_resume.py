@@ -56,8 +56,9 @@ def test_killed_between_any_two_commits_then_resumed_gives_the_same_rows(synthet
     output = resumed.communicate(timeout=120)[0].decode()
     assert resumed.returncode == 0, output
     assert _snapshot(tmp_path / "run") == reference
-    statuses = rows(tmp_path / "run", "SELECT status, count(*) AS n FROM runs GROUP BY status ORDER BY status")
-    assert statuses == [{"status": "finished", "n": 1}, {"status": "running", "n": 1}]
+    attempts = rows(tmp_path / "run", "SELECT attempt_id, status, error FROM runs ORDER BY started_at")
+    assert [a["status"] for a in attempts] == ["killed", "finished"]  # the killed attempt no longer shows as running
+    assert f"when attempt {attempts[1]['attempt_id']} took the run lock" in attempts[0]["error"]
 
 
 @pytest.mark.parametrize("commits", [5, 6, 9, 10, 13])
@@ -111,7 +112,7 @@ def test_killed_again_while_resuming_then_finished_gives_the_same_rows(synthetic
     assert final.returncode == 0, output
     assert _snapshot(run_dir) == reference
     statuses = rows(run_dir, "SELECT status, count(*) AS n FROM runs GROUP BY status ORDER BY status")
-    assert statuses == [{"status": "finished", "n": 1}, {"status": "running", "n": len(kill_points)}]
+    assert statuses == [{"status": "finished", "n": 1}, {"status": "killed", "n": len(kill_points)}]  # each found by the next
 
 
 def test_a_finished_run_restarted_commits_nothing_new(synthetic_dir, tmp_path):
